@@ -1,0 +1,143 @@
+"""An exact denoiser for Gaussian-mixture data, and a distribution distance to score samples.
+
+If ``x_0 ~ sum_k w_k N(mu_k, diag(s_k^2))`` then ``x_t = sqrt(a) x_0 + sqrt(1 - a) eps`` is the
+mixture ``sum_k w_k N(sqrt(a) mu_k, diag(a s_k^2 + 1 - a))``, and the optimal epsilon-prediction is
+``E[eps | x_t] = -sqrt(1 - a) grad log p_t(x_t)
+             = sqrt(1 - a) sum_k r_k(x_t) (x_t - sqrt(a) mu_k) / (a s_k^2 + 1 - a)``
+with ``r_k`` the posterior responsibilities. It is what a perfectly trained network would output,
+so it is the ground truth for tests and benchmarks, and usable directly as an ``eps_fn``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddim_jax.diffusion import PREDICTION_TYPES, x0_eps_to_v
+from ddim_jax.schedules import Schedule, _check_choice
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GaussianMixture:
+    """``means`` ``[K, D]``; ``stds`` ``[K, D]``, ``[K]`` or a scalar; ``weights`` ``[K]`` (normalised).
+
+    ``stds`` is stored as ``[K, D]``, or ``[K, 1]`` when every component is isotropic.
+    """
+
+    means: np.ndarray
+    stds: np.ndarray | float = 0.1
+    weights: np.ndarray | None = None
+
+    def __post_init__(self):
+        means = np.asarray(self.means, np.float32)
+        if means.ndim != 2:
+            raise ValueError(f"means must have shape [K, D]; got {means.shape}")
+        K, D = means.shape
+        stds = np.asarray(self.stds, np.float32)
+        stds = np.broadcast_to(stds.reshape(stds.shape + (1,) * (2 - stds.ndim)) if stds.ndim < 2 else stds, (K, D))
+        if np.all(stds == stds[:, :1]):
+            stds = stds[:, :1]  # isotropic components: [K, 1], so the oracle takes K logs, not K * D
+        if np.any(stds < 0) or not np.all(np.isfinite(stds)):
+            raise ValueError("stds must be finite and >= 0")
+        w = np.full(K, 1.0 / K) if self.weights is None else np.asarray(self.weights, np.float64)
+        if w.shape != (K,) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(f"weights must be {K} non-negative numbers with a positive sum")
+        object.__setattr__(self, "means", means)
+        object.__setattr__(self, "stds", np.ascontiguousarray(stds))
+        object.__setattr__(self, "weights", (w / w.sum()).astype(np.float32))
+
+    @property
+    def dim(self) -> int:
+        return int(self.means.shape[1])
+
+    def sample(self, key, n: int):
+        """``n`` draws from the mixture, ``[n, D]`` float32."""
+        kc, kn = jax.random.split(key)
+        k = jax.random.choice(kc, self.means.shape[0], (n,), p=jnp.asarray(self.weights))
+        return jnp.asarray(self.means)[k] + jnp.asarray(self.stds)[k] * jax.random.normal(kn, (n, self.dim))
+
+    def mean(self):
+        return self.weights @ self.means
+
+    def cov(self):
+        """Covariance of the mixture, ``[D, D]``."""
+        mu = self.mean()
+        d = self.means - mu
+        return (np.einsum("k,kd,ke->de", self.weights, d, d)
+                + np.diag(self.weights @ np.broadcast_to(self.stds, self.means.shape) ** 2))
+
+    def eps(self, x_t, a):
+        """E[eps | x_t] for x_t ``[B, D]`` (or ``[B, ...]`` with prod(...) = D) at alpha-bar ``a`` ``[B]``."""
+        return mixture_posterior(self.means, self.stds, self.weights, x_t, a)[1]
+
+    def x0(self, x_t, a):
+        """E[x_0 | x_t], finite even at a = 0 (where it is the mixture mean)."""
+        return mixture_posterior(self.means, self.stds, self.weights, x_t, a)[0]
+
+    def eps_fn(self, schedule: Schedule, prediction_type: str = "epsilon"):
+        """The oracle as a sampler ``eps_fn(x_t, t)`` for 0-indexed timesteps of ``schedule``, returning
+        the optimal output of a model of the given ``prediction_type`` ('epsilon', 'x0' or 'v')."""
+        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        return jax.tree_util.Partial(_ORACLE_MODELS[prediction_type], self.means, self.stds, self.weights,
+                                     schedule.alphas_cumprod)
+
+
+def mixture_posterior(means, stds, weights, x_t, a):
+    """(E[x_0 | x_t], E[eps | x_t]) for the mixture; ``means`` ``[K, D]``, ``stds`` ``[K, D]`` or ``[K, 1]``.
+
+    Per component k, with ``var_k = a s_k^2 + 1 - a``: ``E[eps | x_t, k] = sqrt(1 - a) (x_t - sqrt(a) mu_k)
+    / var_k`` and ``E[x_0 | x_t, k] = mu_k + sqrt(a) s_k^2 (x_t - sqrt(a) mu_k) / var_k``; both are
+    averaged with the responsibilities ``r_k(x_t)``.
+    """
+    shape = x_t.shape
+    x = x_t.reshape(shape[0], -1).astype(jnp.float32)
+    a = jnp.broadcast_to(jnp.asarray(a, jnp.float32), (shape[0],))[:, None, None]
+    var = a * jnp.square(stds) + (1.0 - a)  # [B, K, D]
+    diff = x[:, None, :] - jnp.sqrt(a) * means  # [B, K, D]
+    logdet = jnp.sum(jnp.log(var), axis=-1) * (diff.shape[-1] // var.shape[-1])
+    logp = -0.5 * (jnp.sum(diff**2 / var, axis=-1) + logdet) + jnp.log(weights)
+    r = jax.nn.softmax(logp, axis=-1)[..., None]  # [B, K, 1]
+    z = diff / var
+    eps = jnp.sqrt(1.0 - a[:, 0]) * jnp.sum(r * z, axis=1)
+    x0 = jnp.sum(r * (means + jnp.sqrt(a) * jnp.square(stds) * z), axis=1)
+    return x0.reshape(shape).astype(x_t.dtype), eps.reshape(shape).astype(x_t.dtype)
+
+
+def _mixture_model(means, stds, weights, alphas_cumprod, x_t, t, *, prediction_type):
+    a = jnp.asarray(alphas_cumprod)[t]
+    x0, eps = mixture_posterior(means, stds, weights, x_t, a)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "x0":
+        return x0
+    return x0_eps_to_v(x0, eps, a)
+
+
+# One function object per prediction type, so equal oracles give equal (cache-hitting) eps_fns.
+_ORACLE_MODELS = {p: functools.partial(_mixture_model, prediction_type=p) for p in PREDICTION_TYPES}
+def energy_distance(x, y):
+    """Energy distance ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` between samples ``[N, ...]`` and ``[M, ...]``.
+
+    Unbiased (U-statistics: self-pairs excluded), so it is 0 in expectation for two samples of the
+    same distribution and can come out slightly negative.
+    """
+    x = jnp.asarray(x, jnp.float32).reshape(x.shape[0], -1)
+    y = jnp.asarray(y, jnp.float32).reshape(y.shape[0], -1)
+    if x.shape[0] < 2 or y.shape[0] < 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"x and y must hold >= 2 samples of the same dimension; got {x.shape} and {y.shape}")
+    center = jnp.mean(jnp.concatenate([x, y]), axis=0)  # centring limits cancellation in |p|^2 + |q|^2 - 2pq
+    x, y = x - center, y - center
+
+    def dist(p, q):
+        d2 = jnp.sum(p**2, 1)[:, None] + jnp.sum(q**2, 1)[None, :] - 2.0 * p @ q.T
+        return jnp.sqrt(jnp.maximum(d2, 0.0))
+
+    def self_mean(p):
+        n = p.shape[0]
+        return jnp.sum(dist(p, p) * (1.0 - jnp.eye(n))) / (n * (n - 1))
+
+    return 2.0 * jnp.mean(dist(x, y)) - self_mean(x) - self_mean(y)
