@@ -95,15 +95,28 @@ def mixture_posterior(means, stds, weights, x_t, a):
     """
     shape = x_t.shape
     x = x_t.reshape(shape[0], -1).astype(jnp.float32)
-    a = jnp.broadcast_to(jnp.asarray(a, jnp.float32), (shape[0],))[:, None, None]
-    var = a * jnp.square(stds) + (1.0 - a)  # [B, K, D]
-    diff = x[:, None, :] - jnp.sqrt(a) * means  # [B, K, D]
-    logdet = jnp.sum(jnp.log(var), axis=-1) * (diff.shape[-1] // var.shape[-1])
-    logp = -0.5 * (jnp.sum(diff**2 / var, axis=-1) + logdet) + jnp.log(weights)
-    r = jax.nn.softmax(logp, axis=-1)[..., None]  # [B, K, 1]
-    z = diff / var
-    eps = jnp.sqrt(1.0 - a[:, 0]) * jnp.sum(r * z, axis=1)
-    x0 = jnp.sum(r * (means + jnp.sqrt(a) * jnp.square(stds) * z), axis=1)
+    D = x.shape[1]
+    a = jnp.broadcast_to(jnp.asarray(a, jnp.float32), (shape[0],))[:, None]  # [B, 1]
+    s2 = jnp.square(stds)
+    if stds.shape[1] == 1:  # isotropic components: distances through matmuls, [B, K] intermediates only
+        s2 = s2[:, 0]
+        var = a * s2 + (1.0 - a)  # [B, K]
+        xm = x @ means.T  # [B, K]
+        sq = jnp.sum(x**2, 1, keepdims=True) - 2.0 * jnp.sqrt(a) * xm + a * jnp.sum(means**2, 1)
+        logp = -0.5 * (sq / var + D * jnp.log(var)) + jnp.log(weights)
+        r = jax.nn.softmax(logp, axis=-1)
+        w, ws = r / var, r * s2 / var
+        eps = jnp.sqrt(1.0 - a) * (x * jnp.sum(w, 1, keepdims=True) - jnp.sqrt(a) * (w @ means))
+        x0 = r @ means + jnp.sqrt(a) * (x * jnp.sum(ws, 1, keepdims=True) - jnp.sqrt(a) * (ws @ means))
+    else:
+        a = a[:, :, None]  # [B, 1, 1]
+        var = a * s2 + (1.0 - a)  # [B, K, D]
+        diff = x[:, None, :] - jnp.sqrt(a) * means  # [B, K, D]
+        logp = -0.5 * jnp.sum(diff**2 / var + jnp.log(var), axis=-1) + jnp.log(weights)
+        r = jax.nn.softmax(logp, axis=-1)[..., None]  # [B, K, 1]
+        z = diff / var
+        eps = jnp.sqrt(1.0 - a[:, 0]) * jnp.sum(r * z, axis=1)
+        x0 = jnp.sum(r * (means + jnp.sqrt(a) * s2 * z), axis=1)
     return x0.reshape(shape).astype(x_t.dtype), eps.reshape(shape).astype(x_t.dtype)
 
 

@@ -117,7 +117,7 @@ def _resolve_timesteps(schedule, num_steps, spacing, timesteps) -> np.ndarray:
 def _check_x(name, x):
     if not hasattr(x, "shape") or len(x.shape) < 1 or x.shape[0] < 1:
         raise ValueError(f"{name} must be an array of shape [batch, ...]; got {getattr(x, 'shape', type(x))}")
-    return jnp.asarray(x)
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
 
 
 def _check_prediction(schedule, tau, prediction_type):
@@ -201,11 +201,12 @@ def ddim_sample(
     for name, v, lo, hi in (("clip_x0", clip_x0, 0.0, np.inf), ("dynamic_threshold", dynamic_threshold, 0.0, 1.0)):
         if v is not None and not (isinstance(v, numbers.Real) and lo < v <= hi):
             raise ValueError(f"{name} must be None or a number in ({lo}, {hi}]; got {v!r}")
-    ts = tau[::-1]
+    ts = np.ascontiguousarray(tau[::-1])
     prev = np.concatenate([ts[1:], [-1]])
+    # Host (numpy) arguments: jit moves them to the device on its fast path.
     return _sample_scan(
-        eps_fn, x_T, jnp.asarray(ts), jnp.asarray(schedule.alpha_bar(ts)), jnp.asarray(schedule.alpha_bar(prev)),
-        jnp.float32(eta), key if stochastic else None, stochastic=stochastic, sigma_hat=bool(sigma_hat),
+        eps_fn, x_T, ts, schedule.alpha_bar(ts), schedule.alpha_bar(prev),
+        np.float32(eta), key if stochastic else None, stochastic=stochastic, sigma_hat=bool(sigma_hat),
         prediction_type=prediction_type, clip_x0=None if clip_x0 is None else float(clip_x0),
         dynamic_threshold=None if dynamic_threshold is None else float(dynamic_threshold),
         return_trajectory=bool(return_trajectory))
@@ -253,8 +254,8 @@ def ddim_encode(
     tau = _resolve_timesteps(schedule, num_steps, spacing, timesteps)
     _check_prediction(schedule, tau, prediction_type)
     prev = np.concatenate([[-1], tau[:-1]])
-    return _encode_scan(eps_fn, x_0, jnp.asarray(tau), jnp.asarray(schedule.alpha_bar(prev)),
-                        jnp.asarray(schedule.alpha_bar(tau)), prediction_type=prediction_type,
+    return _encode_scan(eps_fn, x_0, tau, schedule.alpha_bar(prev), schedule.alpha_bar(tau),
+                        prediction_type=prediction_type,
                         return_trajectory=bool(return_trajectory))
 
 
