@@ -77,6 +77,16 @@ def training_target(x0, noise, a, prediction_type: str = "epsilon"):
     return x0_eps_to_v(x0, noise, a)
 
 
+def per_example_loss(eps_fn, schedule: Schedule, x0, t, noise, *, prediction_type: str = "epsilon"):
+    """``mean((model(x_t, t) - target)^2)`` per example, for given timesteps ``t`` ``[B]`` and ``noise``."""
+    B = x0.shape[0]
+    a = schedule.alpha_bar(t)
+    x_t = q_sample(x0, a, noise)
+    out = eps_fn(x_t, t).astype(jnp.float32)
+    target = training_target(x0.astype(jnp.float32), noise.astype(jnp.float32), a, prediction_type)
+    return jnp.mean(jnp.square(out - target).reshape(B, -1), axis=1)
+
+
 def diffusion_loss(eps_fn, schedule: Schedule, x0, key, *, weights=None, prediction_type: str = "epsilon"):
     """L_gamma of the paper, a scalar: mean over the batch of ``gamma_t * mean((model - target)^2)``.
 
@@ -86,14 +96,9 @@ def diffusion_loss(eps_fn, schedule: Schedule, x0, key, *, weights=None, predict
     """
     T = schedule.num_timesteps
     kt, kn = jax.random.split(key)
-    B = x0.shape[0]
-    t = jax.random.randint(kt, (B,), 0, T, dtype=jnp.int32)
+    t = jax.random.randint(kt, (x0.shape[0],), 0, T, dtype=jnp.int32)
     noise = jax.random.normal(kn, x0.shape, jnp.float32)
-    a = schedule.alpha_bar(t)
-    x_t = q_sample(x0, a, noise)
-    out = eps_fn(x_t, t).astype(jnp.float32)
-    target = training_target(x0.astype(jnp.float32), noise, a, prediction_type)
-    per_example = jnp.mean(jnp.square(out - target).reshape(B, -1), axis=1)
+    per_example = per_example_loss(eps_fn, schedule, x0, t, noise, prediction_type=prediction_type)
     if weights is not None:
         weights = jnp.asarray(weights, jnp.float32)
         if weights.shape != (T,):

@@ -1,0 +1,49 @@
+"""Trains a DDPM/DDIM noise-prediction UNet, data-parallel over every device of every host.
+
+    python train.py                                   # the embedded digits default, into runs/digits
+    python train.py --config=configs/cifar10.py --config.training.batch_size=256 --workdir=runs/c10
+
+A run resumes from the newest checkpoint in its workdir. On a TPU pod, run the same command on
+every host with --multihost.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "digits.py"), "Training config file.")
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples). Default: runs/<config name>.")
+flags.DEFINE_bool("override_config", False, "Continue a run in --workdir even if its saved config differs.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods, SLURM: auto-detected).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a manual multi-process run.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, for a manual multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index, for a manual multi-process run.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    import jax
+
+    if FLAGS.coordinator_address:
+        if jax.config.jax_platforms in (None, "", "cpu") and FLAGS.num_processes:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif FLAGS.multihost:
+        jax.distributed.initialize()
+    from ddim_jax.training import train
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    config_file = flags.FLAGS["config"].config_filename
+    workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(os.path.basename(config_file))[0])
+    try:
+        train(FLAGS.config, workdir, allow_config_change=FLAGS.override_config)
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    app.run(main)
