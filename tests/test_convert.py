@@ -1,0 +1,425 @@
+"""Checkpoint conversion: parity with diffusers' UNet2DModel and with ermongroup/ddim's Model, file handling."""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from ddim_jax import convert as conv
+from ddim_jax.checkpoint_io import load_converted
+from ddim_jax.unet import PRESETS, UNet, count_params, make_eps_fn, param_shapes
+
+CIFAR10_DIFFUSERS = dict(  # google/ddpm-cifar10-32's config.json
+    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
+    downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32,
+    act_fn="silu", center_input_sample=False, mid_block_scale_factor=1, time_embedding_type="positional",
+)
+SMALL_DIFFUSERS = {**CIFAR10_DIFFUSERS, "sample_size": 16, "block_out_channels": (32, 64), "layers_per_block": 1,
+                   "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+                   "up_block_types": ("AttnUpBlock2D", "UpBlock2D"), "num_class_embeds": 5}
+
+
+_call_eps = jax.jit(lambda eps_fn, x, t: eps_fn(x, t))
+
+
+def _jax_eps(kwargs, params, x_nchw, t, y=None):
+    """Our UNet on NCHW numpy input, returned as NCHW numpy."""
+    model = UNet(**kwargs)
+    fn = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
+    y = None if y is None else jnp.asarray(y, jnp.int32)
+    out = fn(params, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)), jnp.asarray(t, jnp.int32), y)
+    return np.asarray(out).transpose(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers
+
+
+def _diffusers_model(config, seed=0):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    torch.set_num_threads(2)
+    model = diffusers.UNet2DModel(**config).eval()
+    with torch.no_grad():  # move every param (GroupNorm scales, zero biases) off its init value
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _diffusers_eps(model, x, t, y=None):
+    import torch
+
+    with torch.no_grad():
+        y = None if y is None else torch.as_tensor(y)
+        return model(torch.as_tensor(x), torch.as_tensor(t), class_labels=y).sample.numpy()
+
+
+def test_diffusers_cifar10_parity():
+    model = _diffusers_model(CIFAR10_DIFFUSERS)
+    kwargs, params = conv.convert_diffusers(model.state_dict(), dict(model.config))
+    assert kwargs == {**PRESETS["cifar10"], "dropout": 0.0}
+    assert count_params(params) == 35_746_307
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    t = np.array([0, 421, 999])
+    ref = _diffusers_eps(model, x, t)
+    out = _jax_eps(kwargs, params, x, t)
+    assert np.abs(ref).max() > 0.5
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
+
+
+def test_diffusers_small_parity_with_class_labels():
+    model = _diffusers_model(SMALL_DIFFUSERS, seed=1)
+    kwargs, params = conv.convert_diffusers(model.state_dict(), dict(model.config))
+    assert kwargs == dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+                          dropout=0.0, resamp_with_conv=True, num_classes=5)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 3, 16, 16)).astype(np.float32)
+    t, y = np.array([0, 1, 500, 999]), np.array([0, 4, 2, 2])
+    np.testing.assert_allclose(_jax_eps(kwargs, params, x, t, y), _diffusers_eps(model, x, t, y), rtol=0, atol=1e-4)
+
+
+def test_diffusers_legacy_attention_key_names():
+    model = _diffusers_model(SMALL_DIFFUSERS, seed=2)
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    legacy = {}
+    for k, v in sd.items():
+        for new, old in ((".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."), (".to_out.0.", ".proj_attn.")):
+            k = k.replace(new, old)
+        legacy[k] = v
+    assert "down_blocks.1.attentions.0.proj_attn.weight" in legacy
+    _, a = conv.convert_diffusers(sd, dict(model.config))
+    _, b = conv.convert_diffusers(legacy, dict(model.config))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("downsample_padding", 1, "downsample_padding=1"),
+    ("attention_head_dim", 8, "attention_head_dim=8"),
+    ("flip_sin_to_cos", True, "flip_sin_to_cos=True"),
+    ("norm_eps", 1e-5, "norm_eps=1e-05"),
+    ("up_block_types", ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), "up_block_types"),
+])
+def test_diffusers_unsupported_config_is_named(field, value, needle):
+    with pytest.raises(conv.ConversionError, match=needle.replace("(", r"\(")):
+        conv.convert_diffusers({}, {**CIFAR10_DIFFUSERS, field: value})
+
+
+# ----------------------------------------------------------------------------------------------
+# ermongroup/ddim Model: key names and shapes written out here, plus a small torch reference forward
+
+
+def ddim_state_dict_shapes(ch, ch_mult, num_res_blocks, attn_levels, in_ch=3, out_ch=3):
+    """{key: shape} of ermongroup/ddim's Model (models/diffusion.py) for this architecture."""
+    shapes, temb = {}, 4 * ch
+
+    def conv(name, cin, cout, k):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin, k, k), (cout,)
+
+    def norm(name, c):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c,), (c,)
+
+    def resblock(name, cin, cout):
+        norm(f"{name}.norm1", cin)
+        conv(f"{name}.conv1", cin, cout, 3)
+        shapes[f"{name}.temb_proj.weight"], shapes[f"{name}.temb_proj.bias"] = (cout, temb), (cout,)
+        norm(f"{name}.norm2", cout)
+        conv(f"{name}.conv2", cout, cout, 3)
+        if cin != cout:
+            conv(f"{name}.nin_shortcut", cin, cout, 1)
+
+    def attn(name, c):
+        norm(f"{name}.norm", c)
+        for sub in ("q", "k", "v", "proj_out"):
+            conv(f"{name}.{sub}", c, c, 1)
+
+    shapes["temb.dense.0.weight"], shapes["temb.dense.0.bias"] = (temb, ch), (temb,)
+    shapes["temb.dense.1.weight"], shapes["temb.dense.1.bias"] = (temb, temb), (temb,)
+    conv("conv_in", in_ch, ch, 3)
+    chans, c = [ch], ch
+    for lv, mult in enumerate(ch_mult):
+        for i in range(num_res_blocks):
+            resblock(f"down.{lv}.block.{i}", c, ch * mult)
+            c = ch * mult
+            chans.append(c)
+            if lv in attn_levels:
+                attn(f"down.{lv}.attn.{i}", c)
+        if lv != len(ch_mult) - 1:
+            conv(f"down.{lv}.downsample.conv", c, c, 3)
+            chans.append(c)
+    resblock("mid.block_1", c, c)
+    attn("mid.attn_1", c)
+    resblock("mid.block_2", c, c)
+    for lv in reversed(range(len(ch_mult))):
+        for i in range(num_res_blocks + 1):
+            resblock(f"up.{lv}.block.{i}", c + chans.pop(), ch * ch_mult[lv])
+            c = ch * ch_mult[lv]
+            if lv in attn_levels:
+                attn(f"up.{lv}.attn.{i}", c)
+        if lv != 0:
+            conv(f"up.{lv}.upsample.conv", c, c, 3)
+    norm("norm_out", c)
+    conv("conv_out", c, out_ch, 3)
+    return shapes
+
+
+def _random_state_dict(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    sd = {}
+    for k, s in shapes.items():
+        fan_in = int(np.prod(s[1:])) if len(s) > 1 else 1
+        scale = 1 / np.sqrt(fan_in) if len(s) > 1 else 0.1
+        base = 1.0 if (k.endswith(".weight") and len(s) == 1) else 0.0  # GroupNorm scales near 1
+        sd[k] = (base + scale * rng.standard_normal(s)).astype(np.float32)
+    return sd
+
+
+def ddim_reference_forward(sd, x, t, ch, ch_mult, num_res_blocks, attn_levels):
+    """ermongroup/ddim Model.forward, written functionally with torch ops over the state dict."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    W = {k: torch.as_tensor(v) for k, v in sd.items()}
+    act = lambda h: h * torch.sigmoid(h)  # noqa: E731
+    gn = lambda h, n: F.group_norm(h, 32, W[f"{n}.weight"], W[f"{n}.bias"], eps=1e-6)  # noqa: E731
+    cv = lambda h, n, pad=1, stride=1: F.conv2d(h, W[f"{n}.weight"], W[f"{n}.bias"], stride, pad)  # noqa: E731
+    lin = lambda h, n: F.linear(h, W[f"{n}.weight"], W[f"{n}.bias"])  # noqa: E731
+
+    def res(h, n, temb):
+        out = cv(act(gn(h, f"{n}.norm1")), f"{n}.conv1")
+        out = out + lin(act(temb), f"{n}.temb_proj")[:, :, None, None]
+        out = cv(act(gn(out, f"{n}.norm2")), f"{n}.conv2")
+        if f"{n}.nin_shortcut.weight" in W:
+            h = cv(h, f"{n}.nin_shortcut", pad=0)
+        return h + out
+
+    def attn(h, n):
+        b, c, hh, ww = h.shape
+        z = gn(h, f"{n}.norm")
+        q, k, v = (cv(z, f"{n}.{s}", pad=0).reshape(b, c, hh * ww) for s in "qkv")
+        w = torch.softmax(torch.einsum("bci,bcj->bij", q, k) * c ** -0.5, dim=2)
+        z = torch.einsum("bij,bcj->bci", w, v).reshape(b, c, hh, ww)
+        return h + cv(z, f"{n}.proj_out", pad=0)
+
+    with torch.no_grad():
+        t = torch.as_tensor(t)
+        half = ch // 2
+        freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(np.log(10000) / (half - 1)))
+        temb = t.float()[:, None] * freqs[None]
+        temb = torch.cat([torch.sin(temb), torch.cos(temb)], dim=1)
+        temb = lin(act(lin(temb, "temb.dense.0")), "temb.dense.1")
+        hs = [cv(torch.as_tensor(x), "conv_in")]
+        for lv in range(len(ch_mult)):
+            for i in range(num_res_blocks):
+                h = res(hs[-1], f"down.{lv}.block.{i}", temb)
+                if lv in attn_levels:
+                    h = attn(h, f"down.{lv}.attn.{i}")
+                hs.append(h)
+            if lv != len(ch_mult) - 1:
+                hs.append(cv(F.pad(hs[-1], (0, 1, 0, 1)), f"down.{lv}.downsample.conv", pad=0, stride=2))
+        h = res(hs[-1], "mid.block_1", temb)
+        h = res(attn(h, "mid.attn_1"), "mid.block_2", temb)
+        for lv in reversed(range(len(ch_mult))):
+            for i in range(num_res_blocks + 1):
+                h = res(torch.cat([h, hs.pop()], dim=1), f"up.{lv}.block.{i}", temb)
+                if lv in attn_levels:
+                    h = attn(h, f"up.{lv}.attn.{i}")
+            if lv != 0:
+                h = cv(F.interpolate(h, scale_factor=2.0, mode="nearest"), f"up.{lv}.upsample.conv")
+        return cv(act(gn(h, "norm_out")), "conv_out").numpy()
+
+
+CIFAR10_DDIM = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_levels=(1,))
+TINY_DDIM = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,))
+
+
+def test_ddim_cifar10_keys_and_shapes():
+    shapes = ddim_state_dict_shapes(**CIFAR10_DDIM)
+    # Spot checks against ermongroup/ddim models/diffusion.py for configs/cifar10.yml.
+    assert shapes["temb.dense.0.weight"] == (512, 128)
+    assert shapes["down.1.block.0.nin_shortcut.weight"] == (256, 128, 1, 1)
+    assert shapes["down.1.attn.1.q.weight"] == (256, 256, 1, 1)
+    assert shapes["down.2.downsample.conv.weight"] == (256, 256, 3, 3)
+    assert "down.3.downsample.conv.weight" not in shapes and "up.0.upsample.conv.weight" not in shapes
+    assert shapes["up.0.block.2.conv1.weight"] == (128, 256, 3, 3)
+    assert shapes["up.1.block.2.nin_shortcut.weight"] == (256, 384, 1, 1)
+    assert shapes["up.1.attn.2.proj_out.weight"] == (256, 256, 1, 1)
+    assert shapes["mid.attn_1.norm.weight"] == (256,)
+    assert sum(int(np.prod(s)) for s in shapes.values()) == 35_746_307
+    kwargs, params = conv.convert_ddim(_random_state_dict(shapes))
+    assert kwargs == PRESETS["cifar10"]  # dropout 0.1 taken from the matching preset
+    assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(
+        lambda s: s.shape, param_shapes(UNet(**kwargs), 32))
+
+
+@pytest.mark.parametrize("arch,size,batch", [(TINY_DDIM, 16, 3), (CIFAR10_DDIM, 32, 2)], ids=["tiny", "cifar10"])
+def test_ddim_parity_with_reference_forward(arch, size, batch):
+    pytest.importorskip("torch")
+    sd = _random_state_dict(ddim_state_dict_shapes(**arch), seed=3)
+    kwargs, params = conv.convert_ddim(sd, image_size=size)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    t = np.array([0, 999, 313][:batch])
+    ref = ddim_reference_forward(sd, x, t, **arch)
+    assert np.abs(ref).max() > 0.5
+    np.testing.assert_allclose(_jax_eps(kwargs, params, x, t), ref, rtol=0, atol=1e-4)
+
+
+def test_ddim_infers_lsun_and_celeba_architectures():
+    for name, mult, size in (("lsun256", (1, 1, 2, 2, 4, 4), 256), ("celeba64", (1, 2, 2, 2, 4), 64)):
+        level = int(np.log2(size // 16))
+        shapes = ddim_state_dict_shapes(128, mult, 2, (level,))
+        sd = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+        kwargs, image_size, _ = conv._ddim_unet_kwargs(sd, None, None)
+        assert (kwargs, image_size) == (PRESETS[name], size)
+
+
+def test_ddim_module_prefix_and_logvar():
+    sd = _random_state_dict(ddim_state_dict_shapes(**TINY_DDIM))
+    _, a = conv.convert_ddim(sd)
+    _, b = conv.convert_ddim({"module." + k: v for k, v in {**sd, "logvar": np.zeros(1000)}.items()})
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_errors_name_the_key_and_shapes():
+    sd = _random_state_dict(ddim_state_dict_shapes(**TINY_DDIM))
+    bad = {**sd, "down.0.block.0.conv2.weight": np.zeros((32, 32, 1, 1), np.float32)}
+    with pytest.raises(conv.ConversionError,
+                       match=r"'down\.0\.block\.0\.conv2\.weight'.*\(32, 32, 1, 1\).*\(32, 32, 3, 3\)"):
+        conv.convert_ddim(bad)
+    missing = dict(sd)
+    del missing["up.1.attn.0.k.bias"]
+    with pytest.raises(conv.ConversionError, match=r"missing key 'up\.1\.attn\.0\.k\.bias'.*\(64,\)"):
+        conv.convert_ddim(missing)
+    with pytest.raises(conv.ConversionError, match=r"unexpected key 'extra\.weight' with shape \(2, 2\)"):
+        conv.convert_ddim({**sd, "extra.weight": np.zeros((2, 2))})
+    with pytest.raises(conv.ConversionError, match="no attention level"):
+        conv.convert_ddim(_random_state_dict(ddim_state_dict_shapes(32, (1, 2), 1, ())))
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and the command line
+
+
+def _write_small_diffusers_dir(path, sd, config, scheduler=None):
+    from safetensors.numpy import save_file
+
+    os.makedirs(path)
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, os.path.join(path, "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"_class_name": "UNet2DModel", **config}, f)
+    if scheduler is not None:
+        with open(os.path.join(path, "scheduler_config.json"), "w") as f:
+            json.dump(scheduler, f)
+
+
+def _diffusers_numpy_state_dict(kwargs, params):
+    """Our params written out under diffusers key names (the inverse of the converter's mapping)."""
+    out = {}
+    for path, v in traverse_util.flatten_dict(params).items():
+        v = np.asarray(v)
+        key = conv._ref_key(path, "diffusers", len(kwargs["ch_mult"]))
+        if path[-1] == "kernel":
+            v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
+            if path[-2] == "nin_shortcut":
+                v = v[:, :, None, None]
+        out[key] = v
+    return out
+
+
+def test_cli_diffusers_safetensors_without_torch(tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    kwargs = {**PRESETS["tiny"], "num_classes": 5}
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
+                                    param_shapes(UNet(**kwargs), 16))
+    config = {k: v for k, v in SMALL_DIFFUSERS.items()}
+    src = tmp_path / "ddpm"
+    sched = {"_class_name": "DDPMScheduler", "beta_start": 0.0002, "beta_end": 0.03, "beta_schedule": "linear",
+             "num_train_timesteps": 500}
+    _write_small_diffusers_dir(src, _diffusers_numpy_state_dict(kwargs, params), config, sched)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
+    dst = tmp_path / "out"
+    assert conv.main([str(src), str(dst)]) == 0
+    cfg, loaded = load_converted(dst)
+    assert cfg["model"] == kwargs and hash(UNet(**cfg["model"])) == hash(UNet(**kwargs))
+    assert cfg["diffusion"] == {"schedule": "linear", "beta_start": 0.0002, "beta_end": 0.03, "num_timesteps": 500}
+    assert (cfg["image_size"], cfg["channels"]) == (16, 3)
+    assert cfg["source"] == {"path": str(src), "format": "diffusers"}
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+    # A torch-format file now fails with one line naming the missing package.
+    (tmp_path / "model.ckpt").write_bytes(b"\0")
+    with pytest.raises(ImportError, match="needs the 'torch' package"):
+        conv.read_state_dict(tmp_path / "model.ckpt")
+
+
+def test_cli_ddim_training_checkpoint_uses_ema(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    shapes = ddim_state_dict_shapes(**TINY_DDIM)
+    model_sd, ema_sd = _random_state_dict(shapes, seed=1), _random_state_dict(shapes, seed=2)
+    states = [{"module." + k: torch.as_tensor(v) for k, v in model_sd.items()}, {"state": {}, "param_groups": []},
+              3, 100, {k: torch.as_tensor(v) for k, v in ema_sd.items()}]
+    torch.save(states, tmp_path / "ckpt.pth")
+    dst = tmp_path / "conv"
+    assert conv.main([str(tmp_path / "ckpt.pth"), str(dst), "--image-size", "16"]) == 0
+    cfg, params = load_converted(dst)
+    assert cfg["source"]["format"] == "ddim" and "EMA" in cfg["source"]["entry"]
+    assert cfg["diffusion"] == conv.DDPM_DIFFUSION and cfg["image_size"] == 16
+    assert cfg["model"]["attn_resolutions"] == (8,)
+    _, want = conv.convert_ddim(ema_sd)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0), params, want)
+    # The existing destination is refused, then replaced with --overwrite.
+    capsys.readouterr()
+    assert conv.main([str(tmp_path / "ckpt.pth"), str(dst)]) == 2
+    assert "destination exists" in capsys.readouterr().err
+    torch.save({k: torch.as_tensor(v) for k, v in model_sd.items()}, tmp_path / "plain.ckpt")
+    assert conv.main([str(tmp_path / "plain.ckpt"), str(dst), "--format", "ddim", "--overwrite"]) == 0
+    cfg, params = load_converted(dst)
+    assert (cfg["image_size"], cfg["model"]["attn_resolutions"]) == (32, (16,))  # 16 px at the attention level
+    assert "entry" not in cfg["source"]
+    _, want = conv.convert_ddim(model_sd)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0), params, want)
+
+
+def test_overwrite_refuses_a_foreign_directory_and_unknown_formats(tmp_path, capsys):
+    pytest.importorskip("torch")
+    import torch
+
+    sd = _random_state_dict(ddim_state_dict_shapes(**TINY_DDIM))
+    torch.save({k: torch.as_tensor(v) for k, v in sd.items()}, tmp_path / "m.pth")
+    other = tmp_path / "mydata"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    assert conv.main([str(tmp_path / "m.pth"), str(other), "--overwrite"]) == 2
+    assert "not a converted checkpoint" in capsys.readouterr().err and (other / "keep.txt").exists()
+    torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "odd.pth")
+    assert conv.main([str(tmp_path / "odd.pth"), str(tmp_path / "o")]) == 2
+    assert "unrecognised checkpoint format" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        conv.main([str(tmp_path / "m.pth"), str(tmp_path / "o"), "--format", "onnx"])
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_cli_diffusers_save_pretrained(tmp_path, safe):
+    model = _diffusers_model(SMALL_DIFFUSERS, seed=6)
+    model.save_pretrained(tmp_path / "unet", safe_serialization=safe)
+    assert (tmp_path / "unet" / ("diffusion_pytorch_model." + ("safetensors" if safe else "bin"))).exists()
+    assert conv.main([str(tmp_path), str(tmp_path / "out")]) == 0  # pipeline layout: SRC/unet/
+    cfg, params = load_converted(tmp_path / "out")
+    assert cfg["diffusion"] == conv.DDPM_DIFFUSION  # no scheduler_config.json: DDPM's defaults
+    kwargs, want = conv.convert_diffusers(model.state_dict(), dict(model.config))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0), params, want)
+    # The loaded checkpoint drives the sampler's eps_fn and reproduces diffusers.
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    t, y = np.array([3, 700]), np.array([1, 4])
+    eps_fn = make_eps_fn(UNet(**cfg["model"]), params, jnp.asarray(y, jnp.int32))
+    out = _call_eps(eps_fn, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t, jnp.int32))
+    np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), _diffusers_eps(model, x, t, y),
+                               rtol=0, atol=1e-4)

@@ -1,0 +1,206 @@
+"""Tests of the Flax UNet: parameter counts, shapes, conditioning, dropout, dtypes and make_eps_fn."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from ddim_jax.unet import (PRESET_IMAGE_SIZE, PRESETS, UNet, count_params, init_params, make_eps_fn,
+                           param_shapes, timestep_embedding)
+
+TINY = PRESETS["tiny"]
+
+
+def _random_params(model, image_size=16, seed=0, scale=0.1):
+    """Gaussian params of the model's shapes (cheaper than model.init, and no zero-initialised layers)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), jnp.float32),
+                                  param_shapes(model, image_size))
+
+
+def _apply(model, params, x, t, y=None, **kw):
+    """Jitted ``model.apply`` (eager Flax is slow on CPU)."""
+    return jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y, **kw))(params, x, t, y)
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    return _random_params(UNet(**TINY))
+
+
+def test_cifar10_param_count_is_ddpm_35_7m():
+    assert count_params(param_shapes(UNet(**PRESETS["cifar10"]), 32)) == 35_746_307
+
+
+def test_init_params_uses_ddpm_init():
+    model = UNet(**TINY)
+    params = init_params(model, jax.random.PRNGKey(0), 16)
+    assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), params) == jax.tree_util.tree_map(
+        lambda s: (s.shape, s.dtype), param_shapes(model, 16))
+    # DDPM zero-initialises (scale 1e-10) the last conv of each block, attention outputs and conv_out.
+    assert float(jnp.abs(params["conv_out"]["kernel"]).max()) < 1e-5
+    assert float(jnp.abs(params["mid_attn_1"]["proj_out"]["kernel"]).max()) < 1e-5
+    assert float(jnp.abs(params["down_0_block_0"]["conv2"]["kernel"]).max()) < 1e-5
+    assert 0.01 < float(jnp.abs(params["conv_in"]["kernel"]).max()) < 1.0
+    assert float(jnp.abs(params["conv_in"]["bias"]).max()) == 0.0
+
+
+def test_default_fields_are_the_cifar10_model():
+    assert UNet() == UNet(**PRESETS["cifar10"])
+
+
+@pytest.mark.parametrize("name", ["cifar10", "celeba64", "lsun256", "tiny"])
+def test_preset_output_shape_and_attention_level(name):
+    model, size = UNet(**PRESETS[name]), PRESET_IMAGE_SIZE[name]
+    x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    t = jax.ShapeDtypeStruct((2,), jnp.int32)
+    params = param_shapes(model, size)
+    out = jax.eval_shape(lambda p, x, t: model.apply({"params": p}, x, t), params, x, t)
+    assert out.shape == (2, size, size, 3) and out.dtype == jnp.float32
+    # Attention sits at the level whose feature map is 16 px (8 px for 'tiny'), plus the middle block.
+    attn_px = PRESETS[name]["attn_resolutions"][0]
+    level = int(math.log2(size // attn_px))
+    attn = sorted({k for k in params if "_attn_" in k})
+    expected = sorted([f"down_{level}_attn_{i}" for i in range(PRESETS[name]["num_res_blocks"])]
+                      + [f"up_{level}_attn_{i}" for i in range(PRESETS[name]["num_res_blocks"] + 1)]
+                      + ["mid_attn_1"])
+    assert attn == expected
+
+
+def test_preset_architectures_match_the_paper():
+    assert PRESETS["cifar10"]["ch_mult"] == (1, 2, 2, 2)
+    assert PRESETS["celeba64"]["ch_mult"] == (1, 2, 2, 2, 4)
+    assert PRESETS["lsun256"]["ch_mult"] == (1, 1, 2, 2, 4, 4)
+    for name in ("cifar10", "celeba64", "lsun256"):
+        p = PRESETS[name]
+        assert (p["ch"], p["num_res_blocks"], p["attn_resolutions"]) == (128, 2, (16,))
+
+
+def test_timestep_embedding_formula():
+    t = jnp.array([0, 7, 999], jnp.int32)
+    emb = np.asarray(timestep_embedding(t, 8))
+    freqs = np.exp(-np.log(10000.0) * np.arange(4) / 3)
+    want = np.concatenate([np.sin(np.outer([0, 7, 999], freqs)), np.cos(np.outer([0, 7, 999], freqs))], 1)
+    np.testing.assert_allclose(emb, want, atol=1e-5)
+
+
+def test_tiny_forward_depends_on_x_and_t(tiny_params):
+    model = UNet(**TINY)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+    apply = jax.jit(lambda x, t: model.apply({"params": tiny_params}, x, t))
+    out = apply(x, jnp.array([0, 999], jnp.int32))
+    assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+    out_same_t = apply(x, jnp.array([999, 999], jnp.int32))
+    assert float(jnp.abs(out[1] - out_same_t[1]).max()) < 1e-6  # samples are independent
+    assert float(jnp.abs(out[0] - out_same_t[0]).max()) > 1e-3  # t matters
+    assert float(jnp.abs(apply(x[::-1], jnp.array([999, 999], jnp.int32))[0] - out_same_t[1]).max()) < 1e-6
+    # A scalar t is broadcast over the batch.
+    np.testing.assert_allclose(apply(x, jnp.int32(999)), out_same_t, atol=1e-6)
+
+
+def test_other_image_sizes_and_out_channels():
+    model = UNet(**{**TINY, "out_ch": 6})
+    params = jax.tree_util.tree_map(jnp.zeros_like, param_shapes(model, 8, channels=1))
+    out = _apply(model, params, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))
+    assert out.shape == (1, 8, 8, 6)
+    with pytest.raises(ValueError, match="divisible by 2"):
+        model.apply({"params": params}, jnp.zeros((1, 9, 9, 1)), jnp.zeros((1,), jnp.int32))
+
+
+def test_class_conditioning():
+    model = UNet(**{**TINY, "num_classes": 10})
+    params = _random_params(model)
+    assert params["class_embed"]["embedding"].shape == (10, 4 * TINY["ch"])
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+    t = jnp.array([10, 10], jnp.int32)
+    a = _apply(model, params, x, t, jnp.array([1, 1], jnp.int32))
+    b = _apply(model, params, x, t, jnp.array([1, 2], jnp.int32))
+    assert float(jnp.abs(a[0] - b[0]).max()) < 1e-6 and float(jnp.abs(a[1] - b[1]).max()) > 1e-3
+    with pytest.raises(ValueError, match="y .* required"):
+        jax.eval_shape(lambda p: model.apply({"params": p}, x, t), params)
+    with pytest.raises(ValueError, match="num_classes=None"):
+        jax.eval_shape(lambda p: UNet(**TINY).apply({"params": p}, x, t, jnp.array([1, 2], jnp.int32)),
+                       param_shapes(UNet(**TINY), 16))
+
+
+def test_dropout_only_when_training():
+    model = UNet(**{**TINY, "dropout": 0.5})
+    params = _random_params(model)
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 16, 16, 3))
+    t = jnp.array([3], jnp.int32)
+    eval_a = _apply(model, params, x, t)
+    eval_b = _apply(model, params, x, t, train=False)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train = jax.jit(lambda p, k: model.apply({"params": p}, x, t, train=True, rngs={"dropout": k}))
+    tr_a, tr_b = train(params, jax.random.PRNGKey(1)), train(params, jax.random.PRNGKey(2))
+    assert float(jnp.abs(tr_a - tr_b).max()) > 1e-3 and float(jnp.abs(tr_a - eval_a).max()) > 1e-3
+    with pytest.raises(Exception, match="dropout"):
+        jax.eval_shape(lambda p: model.apply({"params": p}, x, t, train=True), params)
+
+
+def test_bfloat16_compute_keeps_float32_params(tiny_params):
+    model16 = UNet(**{**TINY, "dtype": jnp.bfloat16})
+    shapes = param_shapes(model16, 16)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(shapes)} == {jnp.dtype(jnp.float32)}
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+    t = jnp.array([5, 900], jnp.int32)
+    ref = _apply(UNet(**TINY), tiny_params, x, t)
+    out = _apply(model16, tiny_params, x, t)
+    assert out.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    assert 0 < rel < 0.05
+
+
+def test_param_names_follow_the_reference_layout(tiny_params):
+    names = set(traverse_util.flatten_dict(tiny_params, sep="/"))
+    for name in ["conv_in/kernel", "temb_dense_0/kernel", "temb_dense_1/bias", "down_0_block_0/conv1/kernel",
+                 "down_0_downsample/conv/kernel", "down_1_block_0/nin_shortcut/kernel", "down_1_attn_0/q/kernel",
+                 "mid_block_1/temb_proj/kernel", "mid_attn_1/proj_out/bias", "up_1_block_1/norm2/scale",
+                 "up_1_upsample/conv/kernel", "up_0_block_0/nin_shortcut/kernel", "norm_out/scale",
+                 "conv_out/kernel"]:
+        assert name in names, name
+
+
+def test_make_eps_fn_traces_once_across_calls(tiny_params):
+    traces = []
+
+    @jax.jit
+    def run(eps_fn, x, t):
+        traces.append(1)
+        return eps_fn(x, t)
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+    t = jnp.array([1, 500], jnp.int32)
+    other = _random_params(UNet(**TINY), seed=5)
+    out1 = run(make_eps_fn(UNet(**TINY), tiny_params), x, t)
+    out2 = run(make_eps_fn(UNet(**TINY), other), x, t)  # a separately built, equal model
+    assert len(traces) == 1
+    np.testing.assert_allclose(out1, _apply(UNet(**TINY), tiny_params, x, t), atol=1e-5)
+    np.testing.assert_allclose(out2, _apply(UNet(**TINY), other, x, t), atol=1e-5)
+    # Params travel as leaves, not as constants baked into the program.
+    assert len(jax.tree_util.tree_leaves(make_eps_fn(UNet(**TINY), tiny_params))) == len(
+        jax.tree_util.tree_leaves(tiny_params))
+    # A different model is a different treedef.
+    run(make_eps_fn(UNet(**{**TINY, "dropout": 0.3}), tiny_params), x, t)
+    assert len(traces) == 2
+
+
+def test_make_eps_fn_with_labels_traces_once():
+    model = UNet(**{**TINY, "num_classes": 4})
+    params = _random_params(model)
+    traces = []
+
+    @jax.jit
+    def run(eps_fn, x, t):
+        traces.append(1)
+        return eps_fn(x, t)
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+    t = jnp.array([1, 500], jnp.int32)
+    a = run(make_eps_fn(model, params, jnp.array([0, 1], jnp.int32)), x, t)
+    b = run(make_eps_fn(model, params, jnp.array([3, 1], jnp.int32)), x, t)
+    assert len(traces) == 1
+    assert float(jnp.abs(a[0] - b[0]).max()) > 1e-3 and float(jnp.abs(a[1] - b[1]).max()) < 1e-6
