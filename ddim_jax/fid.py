@@ -1,0 +1,431 @@
+"""FID and KID (the sample-quality numbers of the paper's Table 1), and the feature extractors behind them.
+
+* Math, in float64 numpy/scipy: :func:`compute_stats`, :func:`fid_from_stats` (Heusel et al. 2017, the
+  pytorch-fid formula with its epsilon fallback for singular products), :func:`kid` (Binkowski et al.
+  2018: unbiased MMD^2 with the cubic polynomial kernel, averaged over random subsets).
+* Reference statistics: :func:`save_stats`/:func:`load_stats` (``.npz`` with ``mu``, ``sigma`` and
+  metadata; pytorch-fid's own ``.npz`` files load too) and :func:`reference_stats`, which computes them
+  from data once and caches them.
+* Feature extractors (``extract(images_uint8_NHWC, batch_size) -> [N, F]``, jitted, with a progress bar):
+  :func:`inception_feature_extractor` (the standard FID Inception, 2048-d, from a local copy of the
+  pytorch-fid weights; see :mod:`ddim_jax.inception`) and :func:`digits_feature_extractor` (64-d
+  penultimate features of a small CNN trained on scikit-learn's 8x8 digits, so the embedded default
+  dataset has FID-like numbers without any download). FIDs are only comparable between runs that use the
+  same extractor; the digits numbers are not on the Inception scale.
+
+Files are cached under :func:`cache_dir`: ``$DDIM_JAX_CACHE``, else ``$XDG_CACHE_HOME/ddim_jax``, else
+``~/.cache/ddim_jax``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddim_jax.data import DIGITS_TRAIN
+
+# ----------------------------------------------------------------------------------------------
+# Cache directory.
+
+
+def cache_dir() -> str:
+    """Where trained extractors and reference statistics are cached (created on demand)."""
+    path = os.environ.get("DDIM_JAX_CACHE")
+    if not path:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = os.path.join(base, "ddim_jax")
+    return os.path.expanduser(path)
+
+
+def _atomic_savez(path: str, **arrays) -> None:
+    """np.savez to ``path`` through a temporary file, so a reader never sees half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# FID / KID math (float64).
+
+
+def compute_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    """``[N, F]`` features -> (mean ``[F]``, covariance ``[F, F]``, unbiased, as pytorch-fid), float64."""
+    f = np.asarray(features, np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"features must be [N, F] with N >= 2; got shape {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def fid_from_stats(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2):
+
+    ``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))``.
+
+    As pytorch-fid: if the matrix square root is not finite (a singular product), ``eps * I`` is added
+    to both covariances and it is taken again; an imaginary part larger than 1e-3 on the diagonal is an
+    error, a smaller one (rounding) is dropped.
+    """
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(s1.shape[0]) * eps
+        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"matrix square root has an imaginary component {np.max(np.abs(covmean.imag)):.3g}")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+
+
+def fid_from_features(features1, features2) -> float:
+    """FID between two ``[N, F]`` feature sets."""
+    return fid_from_stats(*compute_stats(features1), *compute_stats(features2))
+
+
+def kid(features1, features2, subsets: int = 100, subset_size: int = 1000, seed: int = 0,
+        degree: int = 3, coef0: float = 1.0) -> tuple[float, float]:
+    """Kernel Inception Distance (Binkowski et al. 2018): (mean, std) over ``subsets`` random subsets.
+
+    Each subset draws ``m = min(subset_size, N1, N2)`` rows of each set without replacement and takes
+    the unbiased MMD^2 estimate with the polynomial kernel ``k(x, y) = (x.y / F + coef0) ** degree``.
+    Deterministic for a given ``seed``. Unbiased, so it can be slightly negative for equal distributions.
+    """
+    x_all = np.asarray(features1, np.float64)
+    y_all = np.asarray(features2, np.float64)
+    if x_all.ndim != 2 or y_all.ndim != 2 or x_all.shape[1] != y_all.shape[1]:
+        raise ValueError(f"features must be [N, F] with equal F; got {x_all.shape} and {y_all.shape}")
+    m = min(subset_size, len(x_all), len(y_all))
+    if m < 2:
+        raise ValueError("KID needs at least 2 samples in each set")
+    d = x_all.shape[1]
+    rng = np.random.default_rng(seed)
+    mmds = np.empty(subsets)
+    for i in range(subsets):
+        x = x_all[rng.choice(len(x_all), m, replace=False)]
+        y = y_all[rng.choice(len(y_all), m, replace=False)]
+        kxx = (x @ x.T / d + coef0) ** degree
+        kyy = (y @ y.T / d + coef0) ** degree
+        kxy = (x @ y.T / d + coef0) ** degree
+        mmds[i] = ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                   - 2.0 * kxy.mean())
+    return float(mmds.mean()), float(mmds.std())
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference statistics on disk.
+
+
+def save_stats(path: str, mu, sigma, **metadata) -> None:
+    """Write ``mu``, ``sigma`` (float64) and scalar/string metadata (e.g. ``num_images``, ``extractor``)."""
+    meta = {k: np.asarray(v) for k, v in metadata.items()}
+    _atomic_savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **meta)
+
+
+def load_stats(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(mu, sigma, metadata) from a ``.npz`` written by :func:`save_stats` or by pytorch-fid."""
+    with np.load(path) as z:
+        mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+        meta = {k: z[k].item() if z[k].ndim == 0 else z[k] for k in z.files if k not in ("mu", "sigma")}
+    return mu, sigma, meta
+
+
+def reference_stats(name: str, images_fn: Callable[[], np.ndarray], extractor: "FeatureExtractor",
+                    path: str | None = None, batch_size: int = 50, progress: bool = True):
+    """(mu, sigma) of dataset ``name``'s features, computed once from ``images_fn()`` and cached.
+
+    The cache file (default ``<cache dir>/stats/<name>-<extractor>.npz``) records the extractor and the
+    number of images; a file made with another extractor is an error, not silently reused.
+    """
+    path = path or os.path.join(cache_dir(), "stats", f"{name.replace('/', '_')}-{extractor.name}.npz")
+    if os.path.exists(path):
+        mu, sigma, meta = load_stats(path)
+        if meta.get("extractor", extractor.name) != extractor.name:
+            raise ValueError(f"{path!r} holds {meta['extractor']!r} statistics, not {extractor.name!r}")
+        return mu, sigma
+    images = images_fn()
+    mu, sigma = compute_stats(extractor.extract(images, batch_size=batch_size, progress=progress))
+    save_stats(path, mu, sigma, num_images=len(images), extractor=extractor.name, dataset=name)
+    return mu, sigma
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature extractors.
+
+
+class FeatureExtractor:
+    """Images -> features by a jitted ``apply_fn(params, images_in_[0,1]_NHWC_float32)``.
+
+    ``extract`` feeds fixed-size batches (the last one zero-padded), so each input shape compiles once.
+    """
+
+    def __init__(self, name: str, dim: int, apply_fn: Callable, params, channels: int,
+                 image_size: int | None = None):
+        self.name, self.dim, self.params = name, dim, params
+        self.channels, self.image_size = channels, image_size
+        # An already-jitted apply_fn is kept as is, so extractors sharing one reuse its compilations.
+        self._fn = apply_fn if hasattr(apply_fn, "lower") else jax.jit(apply_fn)
+
+    def _prepare(self, batch: np.ndarray) -> np.ndarray:
+        if batch.dtype == np.uint8:
+            x = batch.astype(np.float32) / 255.0
+        elif np.issubdtype(batch.dtype, np.floating):
+            x = batch.astype(np.float32)  # taken to be in [0, 1]
+        else:
+            raise ValueError(f"images must be uint8 (0..255) or float (0..1); got {batch.dtype}")
+        c = x.shape[-1]
+        if c != self.channels:
+            if c == 1:
+                x = np.repeat(x, self.channels, axis=-1)
+            elif self.channels == 1 and c == 3:
+                x = x.mean(axis=-1, keepdims=True)
+            else:
+                raise ValueError(f"{self.name}: cannot use {c}-channel images (wants {self.channels})")
+        return x
+
+    def extract(self, images, batch_size: int = 50, progress: bool = True) -> np.ndarray:
+        """uint8 ``[N, H, W, C]`` (or ``[N, H, W]``) images -> float32 ``[N, dim]`` features."""
+        from tqdm.auto import tqdm
+
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4:
+            raise ValueError(f"images must be [N, H, W, C]; got shape {images.shape}")
+        if self.image_size is not None and images.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(f"{self.name} features need {self.image_size}x{self.image_size} images; "
+                             f"got {images.shape[1]}x{images.shape[2]}")
+        n = len(images)
+        bs = max(1, min(batch_size, n))
+        out = np.empty((n, self.dim), np.float32)
+        pending = None  # (start, count, device result): batch i+1 is dispatched before batch i is read
+        for start in tqdm(range(0, n, bs), desc=f"{self.name} features", unit="batch", disable=not progress):
+            batch = self._prepare(images[start:start + bs])
+            k = len(batch)
+            if k < bs:
+                batch = np.concatenate([batch, np.zeros((bs - k,) + batch.shape[1:], batch.dtype)])
+            result = self._fn(self.params, jnp.asarray(batch))
+            if pending is not None:
+                out[pending[0]:pending[0] + pending[1]] = np.asarray(pending[2])[:pending[1]]
+            pending = (start, k, result)
+        if pending is not None:
+            out[pending[0]:pending[0] + pending[1]] = np.asarray(pending[2])[:pending[1]]
+        return out
+
+
+def inception_feature_extractor(weights: str | dict | None = None) -> FeatureExtractor:
+    """The standard FID extractor: 2048-d pool features of the FID Inception-v3.
+
+    ``weights``: converted params (a dict), or a path to pytorch-fid's
+    ``pt_inception-2015-12-05-6726825d.pth`` (or a converted ``.npz``); default
+    :func:`ddim_jax.inception.default_weights_path`. Any image size and 1 or 3 channels are accepted;
+    images are resized to 299x299 bilinearly, as pytorch-fid does.
+    """
+    from ddim_jax import inception
+
+    params = weights if isinstance(weights, dict) else inception.load_inception_params(weights)
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    return FeatureExtractor("inception", inception.FEATURE_DIM, _inception_apply, params, channels=3)
+
+
+@jax.jit
+def _inception_apply(params, x):
+    from ddim_jax.inception import FIDInceptionV3
+
+    return FIDInceptionV3().apply({"params": params}, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# The digits extractor.
+
+DIGITS_FEATURE_DIM = 64
+_DIGITS_HPARAMS = dict(version=2, seed=0, epochs=30, batch=50, lr=3e-3, weight_decay=1e-4, shift=1)
+
+
+def digits_data(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (uint8 ``[N, 8, 8, 1]``, int32 labels); see :func:`ddim_jax.data.load_digits`."""
+    from ddim_jax.data import load_digits
+
+    return load_digits(split)
+
+
+class _Conv3x3(nn.Module):
+    """3x3 'SAME' convolution written as patches @ kernel: on 8x8 inputs a plain matmul trains several
+    times faster on a CPU than XLA's convolution op."""
+
+    features: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        n, h, w, c = x.shape
+        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        s = self.stride
+        patches = jnp.concatenate([xp[:, i:i + h:s, j:j + w:s, :] for i in range(3) for j in range(3)], -1)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        return patches @ kernel.reshape(9 * c, self.features) + bias
+
+
+class DigitsCNN(nn.Module):
+    """8x8x1 in [0, 1] -> conv 3x3 32 -> conv 3x3 64 stride 2 -> dense 64 (the features) -> 10 logits.
+
+    The feature layer uses swish rather than ReLU: no unit is dead (a ReLU layer left a third of them
+    constant zero), so the feature covariance has full rank and the FID's matrix square root is well posed.
+    """
+
+    @nn.compact
+    def __call__(self, x, features_only: bool = False):
+        x = nn.relu(_Conv3x3(32, 1, name="conv1")(x))
+        x = nn.relu(_Conv3x3(64, 2, name="conv2")(x))
+        h = nn.swish(nn.Dense(DIGITS_FEATURE_DIM, name="features")(x.reshape(x.shape[0], -1)))
+        if features_only:
+            return h
+        return nn.Dense(10, name="logits")(h)
+
+
+def _shift_images(x, key, max_shift: int):
+    """Each image translated by a random integer offset in [-max_shift, max_shift]^2, zeros shifted in."""
+    n, h, w, _ = x.shape
+    pad = jnp.pad(x, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+    offs = jax.random.randint(key, (n, 2), 0, 2 * max_shift + 1)
+    return jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, x.shape[3])))(pad, offs)
+
+
+def train_digits_classifier(seed: int | None = None) -> tuple[dict, float]:
+    """Train the digits CNN (deterministic for a seed; a few seconds on one CPU core).
+
+    Returns (params, accuracy on the 297 held-out digits).
+    """
+    import optax
+
+    hp = dict(_DIGITS_HPARAMS)
+    if seed is not None:
+        hp["seed"] = seed
+    model = DigitsCNN()
+    xtr, ytr = digits_data("train")
+    xte, yte = digits_data("test")
+    xtr = jnp.asarray(xtr, jnp.float32) / 255.0
+    ytr = jnp.asarray(ytr)
+    key = jax.random.PRNGKey(hp["seed"])
+    params = model.init(jax.random.fold_in(key, 0), xtr[:1])["params"]
+    steps_per_epoch = DIGITS_TRAIN // hp["batch"]
+    total = hp["epochs"] * steps_per_epoch
+    tx = optax.adamw(optax.cosine_decay_schedule(hp["lr"], total), weight_decay=hp["weight_decay"])
+    opt_state = tx.init(params)
+
+    def loss_fn(p, x, y):
+        logits = model.apply({"params": p}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def step(carry, i):
+        p, s = carry
+        epoch, j = i // steps_per_epoch, i % steps_per_epoch
+        perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, 1), epoch), DIGITS_TRAIN)
+        idx = jax.lax.dynamic_slice(perm, (j * hp["batch"],), (hp["batch"],))
+        x = _shift_images(xtr[idx], jax.random.fold_in(jax.random.fold_in(key, 2), i), hp["shift"])
+        loss, g = jax.value_and_grad(loss_fn)(p, x, ytr[idx])
+        updates, s = tx.update(g, s, p)
+        return (optax.apply_updates(p, updates), s), loss
+
+    (params, _), _ = jax.jit(lambda c: jax.lax.scan(step, c, jnp.arange(total)))((params, opt_state))
+    logits = model.apply({"params": params}, jnp.asarray(xte, jnp.float32) / 255.0)
+    acc = float(np.mean(np.asarray(jnp.argmax(logits, -1)) == yte))
+    return jax.device_get(params), acc
+
+
+def _digits_cache_path() -> str:
+    tag = hashlib.sha1(json.dumps(_DIGITS_HPARAMS, sort_keys=True).encode()).hexdigest()[:10]
+    return os.path.join(cache_dir(), f"digits_cnn-{tag}.npz")
+
+
+def _flatten(tree, prefix=()):
+    out = {}
+    for k, v in tree.items():
+        if hasattr(v, "items"):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out["/".join(prefix + (k,))] = np.asarray(v)
+    return out
+
+
+def _unflatten(flat):
+    tree: dict = {}
+    for k, v in flat.items():
+        node = tree
+        *parents, leaf = k.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+def load_digits_classifier(cache: bool = True, verbose: bool = True) -> tuple[dict, float]:
+    """(params, held-out accuracy) of the digits CNN: read from the cache, else trained once and cached."""
+    path = _digits_cache_path()
+    if cache and os.path.exists(path):
+        with np.load(path) as z:
+            acc = float(z["__accuracy__"])
+            params = _unflatten({k: z[k] for k in z.files if not k.startswith("__")})
+        return params, acc
+    t0 = time.perf_counter()
+    with jax.default_device(jax.devices("cpu")[0]):  # the same weights whatever accelerator is present
+        params, acc = train_digits_classifier()
+    if verbose:
+        print(f"trained the digits feature CNN in {time.perf_counter() - t0:.1f}s "
+              f"(held-out accuracy {acc:.4f})" + (f"; cached at {path}" if cache else ""))
+    if cache:
+        _atomic_savez(path, __accuracy__=np.float64(acc), **_flatten(params))
+    return params, acc
+
+
+@jax.jit
+def _digits_apply(params, x):
+    return DigitsCNN().apply({"params": params}, x, features_only=True)
+
+
+def digits_classifier_accuracy() -> float:
+    """Held-out (last 297 digits) accuracy of the classifier behind :func:`digits_feature_extractor`."""
+    return load_digits_classifier()[1]
+
+
+def digits_feature_extractor(cache: bool = True) -> FeatureExtractor:
+    """64-d penultimate features of a small CNN trained on scikit-learn's digits: 8x8 images, 1 channel
+    (3-channel images are averaged). The trained weights are cached (:func:`cache_dir`), so it is
+    trained once; ``.test_accuracy`` holds the classifier's held-out accuracy."""
+    params, acc = load_digits_classifier(cache=cache)
+    ext = FeatureExtractor("digits_cnn", DIGITS_FEATURE_DIM, _digits_apply,
+                           jax.tree_util.tree_map(jnp.asarray, params), channels=1, image_size=8)
+    ext.test_accuracy = acc
+    return ext
+
+
+def feature_extractor(name: str, **kwargs) -> FeatureExtractor:
+    """By name: ``"inception"`` (kwargs: ``weights``) or ``"digits"``/``"digits_cnn"``."""
+    if name == "inception":
+        return inception_feature_extractor(**kwargs)
+    if name in ("digits", "digits_cnn"):
+        return digits_feature_extractor(**kwargs)
+    raise ValueError(f"unknown feature extractor {name!r}; use 'inception' or 'digits'")
