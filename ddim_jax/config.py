@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.training = t = ml_collections.ConfigDict()
     t.batch_size = 128  # global, over all devices and hosts
-    t.num_steps = 3000
+    t.num_steps = 4000
     t.lr = 1e-3
     t.warmup_steps = 200
     t.grad_clip = 1.0
