@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from ddim_jax.data import DIGITS_TRAIN
 
@@ -361,34 +362,13 @@ def _digits_cache_path() -> str:
     return os.path.join(cache_dir(), f"digits_cnn-{tag}.npz")
 
 
-def _flatten(tree, prefix=()):
-    out = {}
-    for k, v in tree.items():
-        if hasattr(v, "items"):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out["/".join(prefix + (k,))] = np.asarray(v)
-    return out
-
-
-def _unflatten(flat):
-    tree: dict = {}
-    for k, v in flat.items():
-        node = tree
-        *parents, leaf = k.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
-
-
 def load_digits_classifier(cache: bool = True, verbose: bool = True) -> tuple[dict, float]:
     """(params, held-out accuracy) of the digits CNN: read from the cache, else trained once and cached."""
     path = _digits_cache_path()
     if cache and os.path.exists(path):
         with np.load(path) as z:
             acc = float(z["__accuracy__"])
-            params = _unflatten({k: z[k] for k in z.files if not k.startswith("__")})
+            params = traverse_util.unflatten_dict({k: z[k] for k in z.files if not k.startswith("__")}, sep="/")
         return params, acc
     t0 = time.perf_counter()
     with jax.default_device(jax.devices("cpu")[0]):  # the same weights whatever accelerator is present
@@ -397,7 +377,8 @@ def load_digits_classifier(cache: bool = True, verbose: bool = True) -> tuple[di
         print(f"trained the digits feature CNN in {time.perf_counter() - t0:.1f}s "
               f"(held-out accuracy {acc:.4f})" + (f"; cached at {path}" if cache else ""))
     if cache:
-        _atomic_savez(path, __accuracy__=np.float64(acc), **_flatten(params))
+        _atomic_savez(path, __accuracy__=np.float64(acc),
+                      **{k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()})
     return params, acc
 
 

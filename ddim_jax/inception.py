@@ -28,6 +28,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_FILE
@@ -315,15 +316,7 @@ def load_inception_params(path: str | None = None) -> dict:
             f"FID weights) from {FID_WEIGHTS_URL} and pass its path or set DDIM_JAX_INCEPTION_WEIGHTS")
     if path.endswith(".npz"):
         with np.load(path) as z:
-            flat = {k: z[k] for k in z.files}
-        params: dict = {}
-        for k, v in flat.items():
-            node = params
-            *parents, leaf = k.split("/")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = v
-        return params
+            return traverse_util.unflatten_dict({k: z[k] for k in z.files}, sep="/")
     try:
         import torch
     except ImportError:
