@@ -167,12 +167,12 @@ def make_train_step(config, model, tx, schedule: Schedule, mesh):
 _STEP_CACHE: dict = {}
 
 
-def _cached_train_step(config, mesh, tail: bool = False):
+def _cached_train_step(config, mesh):
     """``make_train_step`` for this config, built once per process (so repeated ``train`` calls,
     e.g. resuming in a notebook or a test, reuse the compiled program)."""
     d = _flatten(config_to_dict(config))
     key = (json.dumps({k: v for k, v in d.items() if k not in RESUMABLE_CHANGES}, sort_keys=True),
-           tuple(dev.id for dev in mesh.devices.flat), tail)
+           tuple(dev.id for dev in mesh.devices.flat))
     if key not in _STEP_CACHE:
         _STEP_CACHE[key] = make_train_step(config, make_model(config), make_optimizer(config),
                                            make_diffusion_schedule(config), mesh)
@@ -412,9 +412,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
     last_log_time, last_log_step = t0, start
     try:
         while step < t_cfg.num_steps:
-            n = min(k, t_cfg.num_steps - step)
-            if n != k:  # the tail of a run whose length is not a multiple of k: one compile more
-                train_step = _cached_train_step(config, mesh, tail=True)
+            n = min(k, t_cfg.num_steps - step)  # a shorter tail compiles once more
             local = np.stack([data_lib.process_batch(source, t_cfg.batch_size, step + i, t_cfg.seed,
                                                      jax.process_index(), jax.process_count()) for i in range(n)])
             images = jax.make_array_from_process_local_data(batch_sharding, local,
