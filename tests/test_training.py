@@ -162,10 +162,10 @@ def test_one_and_eight_devices_give_the_same_losses_and_replicas_agree():
         out[n] = (losses, [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.params)])
     np.testing.assert_allclose(out[1][0], out[8][0], rtol=1e-5)
     for a, b in zip(out[1][1], out[8][1]):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=ATOL)
     print('losses', out[1][0], out[8][0])
     """
-    assert "losses" in run_python(code, devices=8)
+    assert "losses" in run_python(code.replace("ATOL", repr(adam_atol(tiny_config()))), devices=8)
 
 
 def _free_port():
@@ -213,17 +213,21 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
         np.testing.assert_array_equal(a, b)  # identical on both processes
     metrics = lambda d: [json.loads(x)["loss"] for x in open(os.path.join(d, "metrics.jsonl"))]  # noqa: E731
     np.testing.assert_allclose(metrics(two), metrics(one), rtol=1e-6)  # the same losses, step by step
-    # And the same parameters, to float32 round-off. Adam rescales a gradient of any size to a step
-    # of about lr, so where a gradient is itself at round-off level (~1e-12, behind DDPM's
-    # near-zero-initialised convolutions) the all-reduce order decides the step's sign: there the
-    # bound is the total movement Adam allows, sum of the learning rates.
-    c = tiny_config(num_steps=4)
-    adam_bound = sum(c.training.lr * min((k + 1) / c.training.warmup_steps, 1) for k in range(4))
-    exact = [np.allclose(a, r, rtol=1e-4, atol=1e-6) for a, r in zip(p0, ref)]
-    assert np.mean(exact) > 0.95, f"{np.sum(~np.asarray(exact))} of {len(exact)} leaves differ"
+    # And the same parameters, to round-off (see adam_atol).
+    atol = adam_atol(tiny_config())
     for a, r in zip(p0, ref):
-        assert np.abs(a - r).max() <= 2 * adam_bound + 1e-4 * np.abs(r).max()
-    assert any(np.abs(a - b).max() > 0 for a, b in zip(p0, load_init(one)))  # it did train
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=atol)
+    moved = max(np.abs(a - b).max() for a, b in zip(p0, load_init(one)))
+    assert moved > 10 * atol, moved  # it did train, by far more than the tolerance
+
+
+def adam_atol(config):
+    """Tolerance for parameters trained on differently-ordered all-reduces. Adam divides each gradient
+    coordinate by its own running RMS, so where a coordinate's gradient is mostly cancellation
+    (DDPM's near-zero-initialised convolutions make many such), float32 round-off in the reduction
+    order moves the parameter by a visible fraction of the learning rate. A real divergence (other
+    data, a missing pmean) moves most parameters by about lr per step, 20x this bound."""
+    return 0.05 * config.training.lr
 
 
 def load_init(workdir):
