@@ -35,9 +35,10 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
+
+from _machine import git_revision, machine_description  # benchmarks/_machine.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
@@ -50,33 +51,6 @@ CIFAR10_DIFFUSERS = dict(
     downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32,
     act_fn="silu", center_input_sample=False, mid_block_scale_factor=1, time_embedding_type="positional",
 )
-
-
-def git_revision() -> str:
-    """The checkout's commit, with ``+dirty`` when tracked files differ from it."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def machine_description() -> dict:
-    d = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-         "cpus_usable": len(os.sched_getaffinity(0))}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            k, _, v = line.partition(":")
-            if k.strip() in ("Model name", "Thread(s) per core", "Core(s) per socket", "L3 cache", "Hypervisor vendor"):
-                d[k.strip()] = v.strip()
-        d["avx512f"] = " avx512f " in out.replace("\n", " ") + " "
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return d
 
 
 def _ints(s: str) -> list[int]:
