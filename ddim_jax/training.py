@@ -32,10 +32,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddim_jax import data as data_lib
-from ddim_jax.diffusion import per_example_loss
+from ddim_jax.diffusion import PREDICTION_TYPES, per_example_loss
 from ddim_jax.images import save_grid, to_uint8
 from ddim_jax.sampling import ddim_sample
-from ddim_jax.schedules import Schedule, make_schedule
+from ddim_jax.schedules import SCHEDULES, Schedule, make_schedule
 from ddim_jax.unet import UNet, make_eps_fn
 
 log = logging.getLogger("ddim_jax")
@@ -220,6 +220,14 @@ def validate_config(config):
         if t[name] % t.steps_per_dispatch:
             raise ValueError(f"training.{name} ({t[name]}) must be a multiple of training.steps_per_dispatch "
                              f"({t.steps_per_dispatch})")
+    f = config.diffusion
+    if f.schedule not in SCHEDULES:
+        raise ValueError(f"diffusion.schedule must be one of {', '.join(SCHEDULES)}; got {f.schedule!r}")
+    if f.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"diffusion.prediction_type must be one of {', '.join(PREDICTION_TYPES)}; "
+                         f"got {f.prediction_type!r}")
+    if config.data.crop not in ("center", "celeba", "none"):
+        raise ValueError(f"data.crop must be one of center, celeba, none; got {config.data.crop!r}")
     if t.sample_every and t.sample_every % t.steps_per_dispatch:
         raise ValueError(f"training.sample_every ({t.sample_every}) must be 0 or a multiple of "
                          f"training.steps_per_dispatch ({t.steps_per_dispatch})")

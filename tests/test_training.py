@@ -295,9 +295,15 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     ({"batch_size": 6}, None),  # fine on one device
     ({"log_every": 3, "steps_per_dispatch": 2}, r"training.log_every \(3\) must be a multiple"),
     ({"num_steps": -1}, "training.num_steps must be a positive integer"),
+    ({"diffusion.schedule": "cosinus"}, "diffusion.schedule must be one of"),
+    ({"diffusion.prediction_type": "score"}, "diffusion.prediction_type must be one of"),
 ])
 def test_bad_training_configs(override, match):
-    c = tiny_config(**override)
+    c = tiny_config(**{k: v for k, v in override.items() if "." not in k})
+    for k, v in override.items():
+        if "." in k:
+            block, field = k.split(".")
+            c[block][field] = v
     if match is None:
         training.validate_config(c)
     else:
