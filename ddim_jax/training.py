@@ -253,11 +253,14 @@ class Checkpointer:
         self.manager.save(meta["step"], args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                  meta=ocp.args.JsonSave(meta)), force=True)
 
-    def restore_latest(self, abstract_state, *, step: int | None = None, move_aside: bool = True):
+    def restore_latest(self, abstract_state, *, step: int | None = None, move_aside: bool = True,
+                       architecture: dict | None = None):
         """(state, meta) from the newest readable checkpoint (or the given ``step``), or None.
 
         Unreadable checkpoints are skipped with a warning and, with ``move_aside``, moved to
         ``workdir/corrupt_checkpoints/`` so that a later save of the same step cannot collide with them.
+        ``architecture`` (see :func:`architecture_of`) is compared with the one recorded in each
+        checkpoint's metadata before any array is read: a mismatch is a ValueError, not corruption.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         if step is not None:
@@ -266,9 +269,16 @@ class Checkpointer:
             steps = [step]
         for step in steps:
             try:
+                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+                saved = architecture_of(meta["config"])
+                if architecture is not None and saved != architecture:
+                    raise _ArchitectureMismatch(f"checkpoint {step} in {self.dir} holds a model of another "
+                                                f"architecture ({_diff_keys(saved, architecture)})")
                 out = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
                 return out.state, out.meta
+            except _ArchitectureMismatch as e:
+                raise ValueError(str(e)) from None
             except Exception as e:  # noqa: BLE001 -- any failure to read means: try the previous one
                 self.last_error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
                 aside = os.path.join(os.path.dirname(self.dir), "corrupt_checkpoints", str(step))
@@ -288,6 +298,22 @@ class Checkpointer:
 
     def close(self):
         self.manager.close()
+
+
+class _ArchitectureMismatch(Exception):
+    pass
+
+
+def architecture_of(config) -> dict:
+    """What fixes the shapes of the train state: the model block and the image size and channels."""
+    d = config if isinstance(config, dict) else config_to_dict(config)
+    return json.loads(json.dumps({"model": d["model"], "image_size": d["data"]["image_size"],
+                                  "channels": d["data"]["channels"]}))
+
+
+def _diff_keys(a: dict, b: dict) -> str:
+    fa, fb = _flatten(a), _flatten(b)
+    return ", ".join(f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k))
 
 
 def abstract_state(config, mesh) -> TrainState:
@@ -313,7 +339,8 @@ def load_checkpoint(workdir: str, step: int | None = None):
     ckpt = Checkpointer(workdir, keep=1_000_000)
     try:
         have = ckpt.manager.all_steps()
-        out = ckpt.restore_latest(abstract_state(config, make_mesh()), step=step, move_aside=False)
+        out = ckpt.restore_latest(abstract_state(config, make_mesh()), step=step, move_aside=False,
+                                  architecture=architecture_of(config))
     finally:
         ckpt.close()
     if out is None and not have:
@@ -393,7 +420,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
         raise ValueError(f"dataset {config.data.dataset!r} is empty")
     state = init_state(config, model, tx, mesh)
     ckpt = Checkpointer(workdir, t_cfg.keep_checkpoints)
-    restored = ckpt.restore_latest(abstract_state(config, mesh))
+    restored = ckpt.restore_latest(abstract_state(config, mesh), architecture=architecture_of(config))
     if restored is not None:
         state, meta = restored
         if is_main:
