@@ -1,4 +1,5 @@
-"""What the benchmark scripts record about the checkout and the machine they ran on."""
+"""Shared by the benchmark scripts: interleaved timing, and what they record about the checkout and the
+machine they ran on."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import pathlib
 import platform
 import subprocess
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -35,3 +37,15 @@ def machine_description() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return d
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """``{name: [seconds, ...]}``: each round calls every function once, in turn, so background load
+    hits all of them alike."""
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times

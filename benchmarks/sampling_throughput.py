@@ -38,7 +38,7 @@ import statistics
 import sys
 import time
 
-from _machine import git_revision, machine_description  # benchmarks/_machine.py
+from _machine import git_revision, interleaved, machine_description  # benchmarks/_machine.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
@@ -113,12 +113,7 @@ def main() -> None:
     mm = {"jax": lambda: matmul(a_j, b_j).block_until_ready(), "torch": lambda: torch.mm(a_t, b_t)}
     for fn in mm.values():
         fn()
-    mm_times = {k: [] for k in mm}
-    for _ in range(args.matmul_repeats):
-        for k, fn in mm.items():
-            t0 = time.perf_counter()
-            fn()
-            mm_times[k].append(time.perf_counter() - t0)
+    mm_times = interleaved(mm, args.matmul_repeats)
     mm_flops = 2.0 * n ** 3
     res["matmul_size"] = n
     for k in mm:
@@ -193,12 +188,7 @@ def main() -> None:
     fwd_runs = {"jax": lambda: fwd(eps_fn, x_T, t_fwd).block_until_ready(), "torch": torch_fwd}
     for fn in fwd_runs.values():
         fn()
-    fwd_times = {k: [] for k in fwd_runs}
-    for _ in range(args.forward_repeats):
-        for k, fn in fwd_runs.items():
-            t0 = time.perf_counter()
-            fn()
-            fwd_times[k].append(time.perf_counter() - t0)
+    fwd_times = interleaved(fwd_runs, args.forward_repeats)
     for k in fwd_runs:
         res[f"forward_{k}_s_all"] = fwd_times[k]
         res[f"forward_{k}_s_median"] = statistics.median(fwd_times[k])

@@ -39,7 +39,7 @@ import statistics
 import sys
 import time
 
-from _machine import git_revision, machine_description  # benchmarks/_machine.py
+from _machine import git_revision, interleaved, machine_description  # benchmarks/_machine.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
@@ -338,13 +338,8 @@ def main() -> None:
             torch_loss(*targs, model_=ref_model).backward()
             ref_model.zero_grad(set_to_none=True)
 
-        gt = {"jax": [], "torch": []}
         torch_grad()  # warm-up
-        for _ in range(args.breakdown):
-            for name, fn in (("jax", jax_grad), ("torch", torch_grad)):
-                t0 = time.perf_counter()
-                fn()
-                gt[name].append(time.perf_counter() - t0)
+        gt = interleaved({"jax": jax_grad, "torch": torch_grad}, args.breakdown)
         for name in gt:
             res[f"{name}_grad_only_s_all"] = gt[name]
             res[f"{name}_grad_only_s_median"] = statistics.median(gt[name])
