@@ -40,7 +40,7 @@ def main():
     @jax.jit
     def loop_step(x, t, a_t, a_prev):
         eps = eps_fn(x, jnp.full((x.shape[0],), t, jnp.int32))
-        return dj.ddim_step(x, eps, a_t, a_prev)[0]
+        return dj.ddim_step(x, eps, a_t=a_t, a_prev=a_prev)[0]
 
     def loop_sample(x, S):
         tau = dj.make_timesteps(1000, S)[::-1]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 
 def to_uint8(x) -> np.ndarray:
-    """Images in [-1, 1] (any float dtype) -> uint8 [0, 255], rounding to nearest."""
-    x = np.asarray(x, dtype=np.float32)
+    """Images in [-1, 1] (any float dtype) -> uint8 [0, 255], rounding to nearest and clipping.
+
+    Raises ValueError if any value is NaN or inf (they have no pixel value)."""
+    a = np.asarray(x)
+    x = np.asarray(a, dtype=np.float32)
+    bad = int(np.count_nonzero(~np.isfinite(a if a.dtype.kind == "f" else x)))
+    if bad:
+        raise ValueError(f"{bad} of {x.size} values are not finite (NaN or inf); refusing to convert them to pixels")
     return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
@@ -34,12 +38,13 @@ def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.n
 
 
 def save_grid(images: np.ndarray, path: str, ncol: int | None = None, scale: int = 1) -> str:
-    """Writes ``make_grid(images)`` as a PNG (each pixel repeated ``scale`` times for small images)."""
+    """Writes ``make_grid(images)`` as a PNG, atomically (each pixel repeated ``scale`` times for small images)."""
     from PIL import Image
+
+    from ddim_jax.files import atomic_write
 
     grid = make_grid(images, ncol)
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
-    return path
+    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    return atomic_write(path, lambda f: image.save(f, format="PNG"))

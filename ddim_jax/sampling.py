@@ -10,6 +10,7 @@ than constants baked into it; the sampler is then compiled once per (shapes, S, 
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 
 import jax
@@ -36,10 +37,10 @@ def threshold_x0(x0, *, clip_x0: float | None = None, dynamic_threshold: float |
 def ddim_step(
     x_t,
     model_out,
+    *,
     a_t,
     a_prev,
     noise=None,
-    *,
     eta=0.0,
     sigma_hat: bool = False,
     prediction_type: str = "epsilon",
@@ -59,10 +60,15 @@ def ddim_step(
     there: pass ``clip_x0=1.0`` to reproduce it.
 
     If x0 is clipped or thresholded, eps is recomputed from it so the two stay consistent.
-    ``a_t`` and ``a_prev`` are scalars or ``[B]``; ``noise`` is a standard normal draw of x's shape,
-    required whenever the step can be stochastic. Arithmetic is float32; returns
-    ``(x_prev, x0_pred)`` in x's dtype.
+    ``a_t``, ``a_prev`` and ``noise`` are keyword-only. ``a_t`` and ``a_prev`` are scalars or
+    ``[B]``; ``noise`` is a standard normal draw of x's shape, required whenever the step can be
+    stochastic. ``x_t`` must be floating-point (an integer one raises ValueError rather than being
+    truncated); a concrete ``eta`` must be finite and >= 0 (a traced one is not checked). Arithmetic
+    is float32; returns ``(x_prev, x0_pred)`` in x's dtype.
     """
+    _check_float("x_t", x_t)
+    if isinstance(eta, numbers.Real):
+        _check_eta(eta)
     stochastic = sigma_hat or not (isinstance(eta, numbers.Number) and eta == 0)
     if stochastic and noise is None:
         raise ValueError("noise is required when eta > 0 or sigma_hat=True (otherwise the step would "
@@ -114,9 +120,21 @@ def _resolve_timesteps(schedule, num_steps, spacing, timesteps) -> np.ndarray:
     return tau.astype(np.int32)
 
 
+def _check_eta(eta):
+    if not isinstance(eta, numbers.Real) or not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite real number >= 0 (0 = DDIM, 1 = DDPM); got {eta!r}")
+
+
+def _check_float(name, x):
+    dtype = jnp.asarray(x).dtype if getattr(x, "dtype", None) is None else x.dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating-point array; got {jnp.dtype(dtype).name}")
+
+
 def _check_x(name, x):
     if not hasattr(x, "shape") or len(x.shape) < 1 or x.shape[0] < 1:
         raise ValueError(f"{name} must be an array of shape [batch, ...]; got {getattr(x, 'shape', type(x))}")
+    _check_float(name, x)
     return x if isinstance(x, jax.Array) else jnp.asarray(x)
 
 
@@ -147,8 +165,9 @@ def _sample_scan(eps_fn, x_T, ts, a_t, a_prev, eta, key, *, stochastic, sigma_ha
     def body(x, inp):
         i, t, at, ap = inp
         noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32) if stochastic else None
-        x_prev, x0 = ddim_step(x, _model(eps_fn, x, t), at, ap, noise, eta=eta if stochastic else 0.0,
-                               sigma_hat=sigma_hat, prediction_type=prediction_type, clip_x0=clip_x0,
+        x_prev, x0 = ddim_step(x, _model(eps_fn, x, t), a_t=at, a_prev=ap, noise=noise,
+                               eta=eta if stochastic else 0.0, sigma_hat=sigma_hat,
+                               prediction_type=prediction_type, clip_x0=clip_x0,
                                dynamic_threshold=dynamic_threshold)
         return x_prev, ((x_prev, x0) if return_trajectory else None)
 
@@ -180,7 +199,8 @@ def ddim_sample(
     spacing)`` or the given increasing ``timesteps``. ``eta`` and ``sigma_hat`` as in
     :func:`ddim_step`; stochastic sampling needs ``key``, and step ``i`` (0 = the first step, at
     tau_S) draws its noise from ``fold_in(key, i)``. ``eta`` is traced, so changing it does not
-    recompile.
+    recompile, and must be finite and >= 0. ``x_T`` must be floating-point (an integer one raises
+    ValueError rather than being truncated at every step).
 
     Returns x_0 (x_T's shape and dtype), or with ``return_trajectory=True`` a tuple
     ``(x_0, xs, x0_preds)`` where ``xs[i]`` is x after step i (``xs[-1] == x_0``) and
@@ -191,8 +211,7 @@ def ddim_sample(
     _check_choice("spacing", spacing, SPACINGS)
     tau = _resolve_timesteps(schedule, num_steps, spacing, timesteps)
     _check_prediction(schedule, tau, prediction_type)
-    if not isinstance(eta, numbers.Real) or not eta >= 0:
-        raise ValueError(f"eta must be a real number >= 0 (0 = DDIM, 1 = DDPM); got {eta!r}")
+    _check_eta(eta)
     if sigma_hat and eta != 0:
         raise ValueError("sigma_hat=True replaces eta; leave eta at 0")
     stochastic = bool(sigma_hat or eta > 0)
@@ -221,7 +240,7 @@ def _encode_scan(eps_fn, x_0, ts, a_from, a_to, *, prediction_type, return_traje
     def body(x, inp):
         t, af, at = inp
         _, eps = predict_x0_eps(_model(eps_fn, x, t), x, at, prediction_type)
-        x_next, _ = ddim_step(x, eps, af, at)
+        x_next, _ = ddim_step(x, eps, a_t=af, a_prev=at)
         return x_next, (x_next if return_trajectory else None)
 
     x_T, xs = jax.lax.scan(body, x_0, (ts, a_from, a_to))
@@ -244,7 +263,8 @@ def ddim_encode(
     Step k goes from tau_{k-1} (x_0, alpha-bar 1, for k = 1) up to tau_k and evaluates the model at
     ``(x, tau_k)``: the same timestep as the decoding step tau_k -> tau_{k-1} it inverts, so
     encoding makes exactly as many model calls as :func:`ddim_sample` with the same tau, and
-    ``ddim_sample(ddim_encode(x_0))`` converges to ``x_0`` as S grows.
+    ``ddim_sample(ddim_encode(x_0))`` converges to ``x_0`` as S grows. ``x_0`` must be floating-point
+    (an integer one raises ValueError rather than being truncated at every step).
 
     Returns x_T, or ``(x_T, xs)`` with ``xs[k]`` the latent after step k (``xs[-1] == x_T``).
     """

@@ -24,8 +24,8 @@ def test_eta_one_is_the_ddpm_posterior(t, t_prev):
     beta = 1 - a_t / a_p
     mean = np.sqrt(a_p) * beta / (1 - a_t) * x0 + np.sqrt(1 - beta) * (1 - a_p) / (1 - a_t) * xt
     var = (1 - a_p) / (1 - a_t) * beta
-    zero, _ = dj.ddim_step(xt, eps, a_t, a_p, jnp.zeros_like(xt), eta=1.0)
-    one, x0_pred = dj.ddim_step(xt, eps, a_t, a_p, jnp.ones_like(xt), eta=1.0)
+    zero, _ = dj.ddim_step(xt, eps, a_t=a_t, a_prev=a_p, noise=jnp.zeros_like(xt), eta=1.0)
+    one, x0_pred = dj.ddim_step(xt, eps, a_t=a_t, a_prev=a_p, noise=jnp.ones_like(xt), eta=1.0)
     np.testing.assert_allclose(zero, mean, atol=2e-4)
     np.testing.assert_allclose(one - zero, np.sqrt(var), rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(x0_pred, x0, atol=2e-3)
@@ -36,21 +36,21 @@ def test_sigma_hat_is_the_posterior_mean_with_the_larger_variance(t, t_prev):
     x0, eps, xt, a_t, a_p = _consistent(t, t_prev)
     beta = 1 - a_t / a_p
     mean = np.sqrt(a_p) * beta / (1 - a_t) * x0 + np.sqrt(1 - beta) * (1 - a_p) / (1 - a_t) * xt
-    zero, _ = dj.ddim_step(xt, eps, a_t, a_p, jnp.zeros_like(xt), sigma_hat=True)
-    one, _ = dj.ddim_step(xt, eps, a_t, a_p, jnp.ones_like(xt), sigma_hat=True)
+    zero, _ = dj.ddim_step(xt, eps, a_t=a_t, a_prev=a_p, noise=jnp.zeros_like(xt), sigma_hat=True)
+    one, _ = dj.ddim_step(xt, eps, a_t=a_t, a_prev=a_p, noise=jnp.ones_like(xt), sigma_hat=True)
     np.testing.assert_allclose(zero, mean, atol=2e-4)
     np.testing.assert_allclose(one - zero, np.sqrt(beta), rtol=1e-3)
     # The step that lands on x_0 adds no noise and returns x0 itself.
-    last, x0_pred = dj.ddim_step(xt, eps, a_t, 1.0, jnp.ones_like(xt), sigma_hat=True)
+    last, x0_pred = dj.ddim_step(xt, eps, a_t=a_t, a_prev=1.0, noise=jnp.ones_like(xt), sigma_hat=True)
     np.testing.assert_allclose(last, x0_pred, atol=1e-6)
 
 
 def test_eta_zero_is_deterministic_and_eta_positive_adds_noise_of_std_sigma():
     x0, eps, xt, a_t, a_p = _consistent(800, 600)
-    det, _ = dj.ddim_step(xt, eps, a_t, a_p)
+    det, _ = dj.ddim_step(xt, eps, a_t=a_t, a_prev=a_p)
     np.testing.assert_allclose(det, np.sqrt(a_p) * x0 + np.sqrt(1 - a_p) * eps, atol=2e-4)  # eq. 12, sigma = 0
     with pytest.raises(ValueError, match="noise is required"):
-        dj.ddim_step(xt, eps, a_t, a_p, eta=0.5)
+        dj.ddim_step(xt, eps, a_t=a_t, a_prev=a_p, eta=0.5)
     # Through the sampler: two steps (800 -> 600 -> x_0); the spread of x after the first step,
     # across many copies of one x_T, is sigma.
     eta = 0.7
@@ -65,6 +65,62 @@ def test_eta_zero_is_deterministic_and_eta_positive_adds_noise_of_std_sigma():
     noisy = [dj.ddim_sample(zero_eps, SCHED, x_T[:4], timesteps=[600, 800], eta=eta, key=jax.random.key(k))
              for k in (0, 1)]
     assert np.abs(noisy[0] - noisy[1]).min() > 0
+
+
+def test_ddim_step_alpha_bars_and_noise_are_keyword_only():
+    x0, eps, xt, a_t, a_p = _consistent(800, 600)
+    with pytest.raises(TypeError):
+        dj.ddim_step(xt, eps, a_t, a_p)
+    with pytest.raises(TypeError):
+        dj.ddim_step(xt, eps, a_t, a_prev=a_p)
+    with pytest.raises(TypeError):
+        dj.ddim_step(xt, eps, a_t, a_p, jnp.zeros_like(xt), eta=1.0)
+    # Swapping the two alpha-bars by name is the same step: only the names matter.
+    by_name, _ = dj.ddim_step(xt, eps, a_prev=a_p, a_t=a_t)
+    np.testing.assert_allclose(by_name, np.sqrt(a_p) * x0 + np.sqrt(1 - a_p) * eps, atol=2e-4)
+
+
+@pytest.mark.parametrize("eta", [float("inf"), float("-inf"), float("nan"), np.float32("inf"), np.float64("nan"), -0.5])
+def test_ddim_step_rejects_a_concrete_eta_that_is_not_finite_and_non_negative(eta):
+    _, eps, xt, a_t, a_p = _consistent(800, 600)
+    with pytest.raises(ValueError, match="eta must be a finite real number >= 0"):
+        dj.ddim_step(xt, eps, a_t=a_t, a_prev=a_p, noise=jnp.zeros_like(xt), eta=eta)
+
+
+def test_ddim_step_with_a_traced_eta_is_not_checked_on_the_host():
+    # Under jit eta is a tracer (the sampler passes it that way); the step still matches eq. 12.
+    x0, eps, xt, a_t, a_p = _consistent(800, 600)
+    z = jax.random.normal(jax.random.key(7), xt.shape)
+    step = jax.jit(lambda e: dj.ddim_step(xt, eps, a_t=a_t, a_prev=a_p, noise=z, eta=e)[0])
+    eta = 0.4
+    sigma = eta * np.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
+    expected = np.sqrt(a_p) * x0 + np.sqrt(1 - a_p - sigma**2) * eps + sigma * z
+    np.testing.assert_allclose(step(eta), expected, atol=2e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8, jnp.bool_])
+def test_integer_inputs_are_rejected_not_truncated(dtype):
+    zero_eps = lambda x, t: jnp.zeros_like(x)
+    x = jnp.ones((4, 3), dtype)
+    name = jnp.dtype(dtype).name
+    with pytest.raises(ValueError, match=f"x_T must be a floating-point array; got {name}"):
+        dj.ddim_sample(zero_eps, SCHED, x, 10)
+    with pytest.raises(ValueError, match=f"x_0 must be a floating-point array; got {name}"):
+        dj.ddim_encode(zero_eps, SCHED, x, 10)
+    with pytest.raises(ValueError, match=f"x_t must be a floating-point array; got {name}"):
+        dj.ddim_step(x, jnp.zeros((4, 3)), a_t=0.5, a_prev=0.9)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_floating_inputs_keep_their_dtype(dtype):
+    # With a zero model output, eq. 12 at eta = 0 scales x by sqrt(a_prev / a_t) per step, so the
+    # whole decode is x_T * sqrt(1 / alpha_bar(tau_S)).
+    zero_eps = lambda x, t: jnp.zeros_like(x)
+    x_T = jnp.full((4, 3), 0.25, dtype)
+    out = dj.ddim_sample(zero_eps, SCHED, x_T, timesteps=[100, 200])
+    assert out.dtype == dtype
+    np.testing.assert_allclose(np.asarray(out, np.float32), 0.25 / np.sqrt(float(SCHED.alpha_bar(200))), rtol=1e-2)
+    assert dj.ddim_encode(zero_eps, SCHED, x_T, timesteps=[100, 200]).dtype == dtype
 
 
 def _mixture():
@@ -202,7 +258,10 @@ def test_slerp():
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"num_steps": 1001}, ValueError, "num_steps must be <= num_timesteps"),
     ({"num_steps": 0}, ValueError, "num_steps must be an integer >= 1"),
-    ({"num_steps": 10, "eta": -0.1}, ValueError, "eta must be a real number >= 0"),
+    ({"num_steps": 10, "eta": -0.1}, ValueError, "eta must be a finite real number >= 0"),
+    ({"num_steps": 10, "eta": float("inf"), "key": jax.random.key(0)}, ValueError, "eta must be a finite real number >= 0"),
+    ({"num_steps": 10, "eta": np.float32("inf"), "key": jax.random.key(0)}, ValueError, "eta must be a finite real"),
+    ({"num_steps": 10, "eta": float("nan"), "key": jax.random.key(0)}, ValueError, "eta must be a finite real"),
     ({"num_steps": 10, "eta": 0.5}, ValueError, "key .* is required"),
     ({"num_steps": 10, "spacing": "cubic"}, ValueError, "spacing must be one of"),
     ({"num_steps": 10, "prediction_type": "score"}, ValueError, "prediction_type must be one of"),
@@ -214,6 +273,9 @@ def test_slerp():
     ({"eps_fn": "unet"}, TypeError, "eps_fn must be callable"),
     ({"eps_fn": lambda x, t: x[:, :1], "num_steps": 10}, ValueError, r"eps_fn returned shape \(4, 1\)"),
     ({"x_T": jnp.float32(1.0), "num_steps": 10}, ValueError, r"x_T must be an array of shape \[batch"),
+    ({"x_T": jnp.ones((4, 3), jnp.int32), "num_steps": 10}, ValueError, "x_T must be a floating-point array; got int32"),
+    ({"x_T": np.ones((4, 3), np.int64), "num_steps": 10}, ValueError, "x_T must be a floating-point array; got int64"),
+    ({"x_T": np.ones((4, 3), bool), "num_steps": 10}, ValueError, "x_T must be a floating-point array; got bool"),
     ({"schedule": np.ones(10), "num_steps": 10}, TypeError, "schedule must be a ddim_jax.Schedule"),
 ])
 def test_bad_sampler_arguments(kwargs, error, match):
