@@ -29,8 +29,8 @@ def main():
 
     from sklearn.linear_model import LogisticRegression
 
+    from ddim_jax import digits_classifier, fid
     from ddim_jax import experiments as ex
-    from ddim_jax import fid
     from ddim_jax.data import load_digits
     from ddim_jax.images import save_grid
 
@@ -45,8 +45,9 @@ def main():
     conf, label = prob.max(1), prob.argmax(1)
     counts = np.bincount(label, minlength=10)
     real_conf = clf.predict_proba(flat(test_x)).max(1)
-    cnn_params, cnn_acc = fid.load_digits_classifier(verbose=False)
-    cnn = lambda x: jax.nn.softmax(fid.DigitsCNN().apply({"params": cnn_params}, x.astype(np.float32) / 255.0))  # noqa: E731
+    cnn_params, cnn_acc = digits_classifier.load_digits_classifier(verbose=False)
+    cnn_model = digits_classifier.DigitsCNN()
+    cnn = lambda x: jax.nn.softmax(cnn_model.apply({"params": cnn_params}, x.astype(np.float32) / 255.0))  # noqa: E731
     cnn_conf, cnn_real_conf = np.asarray(cnn(samples)).max(1), np.asarray(cnn(test_x)).max(1)
     cnn_counts = np.bincount(np.asarray(cnn(samples)).argmax(1), minlength=10)
     ext = fid.digits_feature_extractor()

@@ -111,22 +111,43 @@ def load_digits(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     return images[parts[split]], d.target[parts[split]].astype(np.int32)
 
 
-def load_folder_images(path: str, image_size: int, channels: int = 3) -> np.ndarray:
-    """All images under ``path`` (recursively, sorted by path), center-cropped and resized."""
+_IMAGE_MODES = {1: "L", 3: "RGB"}  # data.channels -> PIL mode
+
+
+def _check_channels(channels) -> int:
+    """``channels`` if it is the integer 1 or 3, else a one-line ValueError naming ``data.channels``."""
+    if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels not in _IMAGE_MODES:
+        raise ValueError(f"data.channels must be 1 (grey) or 3 (RGB); got {channels!r}")
+    return int(channels)
+
+
+def _read_image(path: pathlib.Path, mode: str) -> np.ndarray:
+    """The image file at ``path`` in PIL ``mode``; an unreadable file is a one-line ValueError naming it."""
     from PIL import Image
 
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert(mode))
+    except Exception as e:  # UnidentifiedImageError, truncated data (OSError), broken chunks (SyntaxError), ...
+        detail = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"data.folder: cannot read image {path} ({type(e).__name__}: {detail})") from None
+
+
+def load_folder_images(path: str, image_size: int, channels: int = 3) -> np.ndarray:
+    """All images under ``path`` (recursively, sorted by path), center-cropped and resized."""
+    mode = _IMAGE_MODES[_check_channels(channels)]
     root = pathlib.Path(os.path.expanduser(path))
     if not root.is_dir():
         raise FileNotFoundError(f"data.folder: {str(root)!r} is not a directory")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"data.folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}")
-    mode = {1: "L", 3: "RGB"}[channels]
-    return np.stack([prepare_image(np.asarray(Image.open(f).convert(mode)), image_size) for f in files])
+    return np.stack([prepare_image(_read_image(f, mode), image_size) for f in files])
 
 
 def make_source(data_config):
-    """The source a ``config.data`` block names."""
+    """The source a ``config.data`` block names (``data.channels`` must be 1 or 3 for every kind)."""
+    _check_channels(data_config.channels)
     name = data_config.dataset
     if name == "digits":
         return ArraySource(load_digits(data_config.get("split", "train"))[0], "digits")

@@ -9,58 +9,28 @@
 * Feature extractors (``extract(images_uint8_NHWC, batch_size) -> [N, F]``, jitted, with a progress bar):
   :func:`inception_feature_extractor` (the standard FID Inception, 2048-d, from a local copy of the
   pytorch-fid weights; see :mod:`ddim_jax.inception`) and :func:`digits_feature_extractor` (64-d
-  penultimate features of a small CNN trained on scikit-learn's 8x8 digits, so the embedded default
-  dataset has FID-like numbers without any download). FIDs are only comparable between runs that use the
-  same extractor; the digits numbers are not on the Inception scale.
+  penultimate features of a small CNN trained on scikit-learn's 8x8 digits, see
+  :mod:`ddim_jax.digits_classifier`, so the embedded default dataset has FID-like numbers without any
+  download). FIDs are only comparable between runs that use the same extractor; the digits numbers are
+  not on the Inception scale.
 
-Files are cached under :func:`cache_dir`: ``$DDIM_JAX_CACHE``, else ``$XDG_CACHE_HOME/ddim_jax``, else
-``~/.cache/ddim_jax``.
+Files are cached under :func:`ddim_jax.cache.cache_dir` (``$DDIM_JAX_CACHE``, else
+``$XDG_CACHE_HOME/ddim_jax``, else ``~/.cache/ddim_jax``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
-import time
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from ddim_jax.data import DIGITS_TRAIN
-
-# ----------------------------------------------------------------------------------------------
-# Cache directory.
-
-
-def cache_dir() -> str:
-    """Where trained extractors and reference statistics are cached (created on demand)."""
-    path = os.environ.get("DDIM_JAX_CACHE")
-    if not path:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        path = os.path.join(base, "ddim_jax")
-    return os.path.expanduser(path)
-
-
-def _atomic_savez(path: str, **arrays) -> None:
-    """np.savez to ``path`` through a temporary file, so a reader never sees half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
+from ddim_jax import digits_classifier, inception
+from ddim_jax.cache import cache_dir
+from ddim_jax.files import atomic_write
+from ddim_jax.parallel import pad_rows
 
 # ----------------------------------------------------------------------------------------------
 # FID / KID math (float64).
@@ -141,8 +111,9 @@ def kid(features1, features2, subsets: int = 100, subset_size: int = 1000, seed:
 
 def save_stats(path: str, mu, sigma, **metadata) -> None:
     """Write ``mu``, ``sigma`` (float64) and scalar/string metadata (e.g. ``num_images``, ``extractor``)."""
-    meta = {k: np.asarray(v) for k, v in metadata.items()}
-    _atomic_savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **meta)
+    arrays = dict(mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+                  **{k: np.asarray(v) for k, v in metadata.items()})
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -225,8 +196,7 @@ class FeatureExtractor:
         for start in tqdm(range(0, n, bs), desc=f"{self.name} features", unit="batch", disable=not progress):
             batch = self._prepare(images[start:start + bs])
             k = len(batch)
-            if k < bs:
-                batch = np.concatenate([batch, np.zeros((bs - k,) + batch.shape[1:], batch.dtype)])
+            batch = pad_rows(batch, bs)
             result = self._fn(self.params, jnp.asarray(batch))
             if pending is not None:
                 out[pending[0]:pending[0] + pending[1]] = np.asarray(pending[2])[:pending[1]]
@@ -244,8 +214,6 @@ def inception_feature_extractor(weights: str | dict | None = None) -> FeatureExt
     :func:`ddim_jax.inception.default_weights_path`. Any image size and 1 or 3 channels are accepted;
     images are resized to 299x299 bilinearly, as pytorch-fid does.
     """
-    from ddim_jax import inception
-
     params = weights if isinstance(weights, dict) else inception.load_inception_params(weights)
     params = jax.tree_util.tree_map(jnp.asarray, params)
     return FeatureExtractor("inception", inception.FEATURE_DIM, _inception_apply, params, channels=3)
@@ -253,151 +221,23 @@ def inception_feature_extractor(weights: str | dict | None = None) -> FeatureExt
 
 @jax.jit
 def _inception_apply(params, x):
-    from ddim_jax.inception import FIDInceptionV3
-
-    return FIDInceptionV3().apply({"params": params}, x)
+    return inception.FIDInceptionV3().apply({"params": params}, x)
 
 
 # ----------------------------------------------------------------------------------------------
 # The digits extractor.
 
-DIGITS_FEATURE_DIM = 64
-_DIGITS_HPARAMS = dict(version=2, seed=0, epochs=30, batch=50, lr=3e-3, weight_decay=1e-4, shift=1)
-
-
-def digits_data(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's digits as (uint8 ``[N, 8, 8, 1]``, int32 labels); see :func:`ddim_jax.data.load_digits`."""
-    from ddim_jax.data import load_digits
-
-    return load_digits(split)
-
-
-class _Conv3x3(nn.Module):
-    """3x3 'SAME' convolution written as patches @ kernel: on 8x8 inputs a plain matmul trains several
-    times faster on a CPU than XLA's convolution op."""
-
-    features: int
-    stride: int = 1
-
-    @nn.compact
-    def __call__(self, x):
-        n, h, w, c = x.shape
-        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        s = self.stride
-        patches = jnp.concatenate([xp[:, i:i + h:s, j:j + w:s, :] for i in range(3) for j in range(3)], -1)
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c, self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        return patches @ kernel.reshape(9 * c, self.features) + bias
-
-
-class DigitsCNN(nn.Module):
-    """8x8x1 in [0, 1] -> conv 3x3 32 -> conv 3x3 64 stride 2 -> dense 64 (the features) -> 10 logits.
-
-    The feature layer uses swish rather than ReLU: no unit is dead (a ReLU layer left a third of them
-    constant zero), so the feature covariance has full rank and the FID's matrix square root is well posed.
-    """
-
-    @nn.compact
-    def __call__(self, x, features_only: bool = False):
-        x = nn.relu(_Conv3x3(32, 1, name="conv1")(x))
-        x = nn.relu(_Conv3x3(64, 2, name="conv2")(x))
-        h = nn.swish(nn.Dense(DIGITS_FEATURE_DIM, name="features")(x.reshape(x.shape[0], -1)))
-        if features_only:
-            return h
-        return nn.Dense(10, name="logits")(h)
-
-
-def _shift_images(x, key, max_shift: int):
-    """Each image translated by a random integer offset in [-max_shift, max_shift]^2, zeros shifted in."""
-    n, h, w, _ = x.shape
-    pad = jnp.pad(x, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
-    offs = jax.random.randint(key, (n, 2), 0, 2 * max_shift + 1)
-    return jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, x.shape[3])))(pad, offs)
-
-
-def train_digits_classifier(seed: int | None = None) -> tuple[dict, float]:
-    """Train the digits CNN (deterministic for a seed; a few seconds on one CPU core).
-
-    Returns (params, accuracy on the 297 held-out digits).
-    """
-    import optax
-
-    hp = dict(_DIGITS_HPARAMS)
-    if seed is not None:
-        hp["seed"] = seed
-    model = DigitsCNN()
-    xtr, ytr = digits_data("train")
-    xte, yte = digits_data("test")
-    xtr = jnp.asarray(xtr, jnp.float32) / 255.0
-    ytr = jnp.asarray(ytr)
-    key = jax.random.PRNGKey(hp["seed"])
-    params = model.init(jax.random.fold_in(key, 0), xtr[:1])["params"]
-    steps_per_epoch = DIGITS_TRAIN // hp["batch"]
-    total = hp["epochs"] * steps_per_epoch
-    tx = optax.adamw(optax.cosine_decay_schedule(hp["lr"], total), weight_decay=hp["weight_decay"])
-    opt_state = tx.init(params)
-
-    def loss_fn(p, x, y):
-        logits = model.apply({"params": p}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    def step(carry, i):
-        p, s = carry
-        epoch, j = i // steps_per_epoch, i % steps_per_epoch
-        perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, 1), epoch), DIGITS_TRAIN)
-        idx = jax.lax.dynamic_slice(perm, (j * hp["batch"],), (hp["batch"],))
-        x = _shift_images(xtr[idx], jax.random.fold_in(jax.random.fold_in(key, 2), i), hp["shift"])
-        loss, g = jax.value_and_grad(loss_fn)(p, x, ytr[idx])
-        updates, s = tx.update(g, s, p)
-        return (optax.apply_updates(p, updates), s), loss
-
-    (params, _), _ = jax.jit(lambda c: jax.lax.scan(step, c, jnp.arange(total)))((params, opt_state))
-    logits = model.apply({"params": params}, jnp.asarray(xte, jnp.float32) / 255.0)
-    acc = float(np.mean(np.asarray(jnp.argmax(logits, -1)) == yte))
-    return jax.device_get(params), acc
-
-
-def _digits_cache_path() -> str:
-    tag = hashlib.sha1(json.dumps(_DIGITS_HPARAMS, sort_keys=True).encode()).hexdigest()[:10]
-    return os.path.join(cache_dir(), f"digits_cnn-{tag}.npz")
-
-
-def load_digits_classifier(cache: bool = True, verbose: bool = True) -> tuple[dict, float]:
-    """(params, held-out accuracy) of the digits CNN: read from the cache, else trained once and cached."""
-    path = _digits_cache_path()
-    if cache and os.path.exists(path):
-        with np.load(path) as z:
-            acc = float(z["__accuracy__"])
-            params = traverse_util.unflatten_dict({k: z[k] for k in z.files if not k.startswith("__")}, sep="/")
-        return params, acc
-    t0 = time.perf_counter()
-    with jax.default_device(jax.devices("cpu")[0]):  # the same weights whatever accelerator is present
-        params, acc = train_digits_classifier()
-    if verbose:
-        print(f"trained the digits feature CNN in {time.perf_counter() - t0:.1f}s "
-              f"(held-out accuracy {acc:.4f})" + (f"; cached at {path}" if cache else ""))
-    if cache:
-        _atomic_savez(path, __accuracy__=np.float64(acc),
-                      **{k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()})
-    return params, acc
-
-
 @jax.jit
 def _digits_apply(params, x):
-    return DigitsCNN().apply({"params": params}, x, features_only=True)
-
-
-def digits_classifier_accuracy() -> float:
-    """Held-out (last 297 digits) accuracy of the classifier behind :func:`digits_feature_extractor`."""
-    return load_digits_classifier()[1]
+    return digits_classifier.DigitsCNN().apply({"params": params}, x, features_only=True)
 
 
 def digits_feature_extractor(cache: bool = True) -> FeatureExtractor:
-    """64-d penultimate features of a small CNN trained on scikit-learn's digits: 8x8 images, 1 channel
-    (3-channel images are averaged). The trained weights are cached (:func:`cache_dir`), so it is
-    trained once; ``.test_accuracy`` holds the classifier's held-out accuracy."""
-    params, acc = load_digits_classifier(cache=cache)
-    ext = FeatureExtractor("digits_cnn", DIGITS_FEATURE_DIM, _digits_apply,
+    """64-d penultimate features of the digits CNN (:mod:`ddim_jax.digits_classifier`): 8x8 images,
+    1 channel (3-channel images are averaged). The trained weights are cached, so it is trained once;
+    ``.test_accuracy`` holds the classifier's held-out accuracy."""
+    params, acc = digits_classifier.load_digits_classifier(cache=cache)
+    ext = FeatureExtractor("digits_cnn", digits_classifier.DIGITS_FEATURE_DIM, _digits_apply,
                            jax.tree_util.tree_map(jnp.asarray, params), channels=1, image_size=8)
     ext.test_accuracy = acc
     return ext

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ddim_jax.cache import cache_dir
+
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_FILE
 BN_EPS = 1e-3
@@ -297,8 +299,6 @@ def default_weights_path() -> str:
     env = os.environ.get("DDIM_JAX_INCEPTION_WEIGHTS")
     if env:
         return os.path.expanduser(env)
-    from ddim_jax.fid import cache_dir
-
     return os.path.join(cache_dir(), FID_WEIGHTS_FILE)
 
 

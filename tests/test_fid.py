@@ -1,13 +1,15 @@
-"""FID / KID math, the FID Inception (parity with pytorch-fid after weight conversion) and the digits
-feature extractor."""
+"""FID / KID math, the cache, the FID Inception (parity with pytorch-fid after weight conversion) and the
+digits feature extractor."""
 
+import ast
 import os
+import pathlib
 import time
 
 import numpy as np
 import pytest
 
-from ddim_jax import fid, inception
+from ddim_jax import cache, digits_classifier, fid, inception
 
 # ----------------------------------------------------------------------------------------------
 # (a) FID math.
@@ -105,6 +107,43 @@ def test_stats_round_trip_and_reference_cache(tmp_path):
     other = fid.FeatureExtractor("other", 3, lambda p, x: x.mean(axis=(1, 2)), None, channels=3)
     with pytest.raises(ValueError, match="meanpix"):
         fid.reference_stats("toy", images_fn, other, path=path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache and the module layout.
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DDIM_JAX_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache.cache_dir() == str(tmp_path / "home" / ".cache" / "ddim_jax")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_dir() == str(tmp_path / "xdg" / "ddim_jax")
+    monkeypatch.setenv("DDIM_JAX_CACHE", "~/mine")
+    assert cache.cache_dir() == str(tmp_path / "home" / "mine")
+    monkeypatch.delenv("DDIM_JAX_INCEPTION_WEIGHTS", raising=False)
+    assert inception.default_weights_path() == str(tmp_path / "home" / "mine" / inception.FID_WEIGHTS_FILE)
+
+
+def _imported_modules(path: pathlib.Path) -> set[str]:
+    """Every module an ``import`` / ``from ... import`` anywhere in the file (also inside functions) names."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def test_inception_and_digits_classifier_never_import_fid():
+    package = pathlib.Path(inception.__file__).parent
+    for name in ["cache", "inception", "digits_classifier"]:
+        assert "ddim_jax.fid" not in _imported_modules(package / f"{name}.py"), name
+    assert {"ddim_jax.cache", "ddim_jax.inception", "ddim_jax.digits_classifier"} <= _imported_modules(
+        package / "fid.py")
 
 
 def test_missing_inception_weights_is_a_one_line_error(tmp_path):
@@ -333,6 +372,7 @@ def _check_parity(ours, ref, label):
     assert err < PARITY_ATOL
 
 
+@pytest.mark.slow
 def test_inception_parity_with_torch_reference(inception_parity):
     state_dict, ours, reference = inception_parity
     reference.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("fc.")})
@@ -341,6 +381,7 @@ def test_inception_parity_with_torch_reference(inception_parity):
     _check_parity(ours, ref, "ours vs minimal torch reference")
 
 
+@pytest.mark.slow
 def test_inception_parity_with_pytorch_fid(inception_parity, monkeypatch):
     try:
         import pytorch_fid.inception as pfi
@@ -390,27 +431,28 @@ def digits_extractor(tmp_path_factory):
 
 def test_digits_classifier_is_accurate_and_cached(digits_extractor, monkeypatch):
     assert digits_extractor.test_accuracy > 0.95
-    assert os.listdir(fid.cache_dir())  # the trained weights were cached
+    cached = os.listdir(cache.cache_dir())
+    assert cached and all(f.endswith(".npz") for f in cached)  # the trained weights, no temporary files
 
     def no_training(*a, **k):
         raise AssertionError("retrained although the weights are cached")
 
-    monkeypatch.setattr(fid, "train_digits_classifier", no_training)
+    monkeypatch.setattr(digits_classifier, "train_digits_classifier", no_training)
     again = fid.digits_feature_extractor()  # read from the cache
     assert again.test_accuracy == digits_extractor.test_accuracy
-    images, _ = fid.digits_data("test")
+    images, _ = digits_classifier.digits_data("test")
     np.testing.assert_array_equal(again.extract(images[:40], progress=False),
                                   digits_extractor.extract(images[:40], progress=False))
 
 
 def test_digits_fid_separates_real_digits_from_noise(digits_extractor):
-    train, _ = fid.digits_data("train")
-    test, _ = fid.digits_data("test")
+    train, _ = digits_classifier.digits_data("train")
+    test, _ = digits_classifier.digits_data("test")
     noise = np.random.default_rng(9).integers(0, 256, size=test.shape, dtype=np.uint8)
     f_train = digits_extractor.extract(train, batch_size=500, progress=False)
     f_test = digits_extractor.extract(test, batch_size=500, progress=False)
     f_noise = digits_extractor.extract(noise, batch_size=500, progress=False)
-    assert f_train.shape == (1500, fid.DIGITS_FEATURE_DIM)
+    assert f_train.shape == (1500, digits_classifier.DIGITS_FEATURE_DIM)
     fid_real = fid.fid_from_features(f_train, f_test)
     fid_noise = fid.fid_from_features(f_test, f_noise)
     print(f"digits FID train vs test {fid_real:.3f}, test vs noise {fid_noise:.3f}")
@@ -420,7 +462,7 @@ def test_digits_fid_separates_real_digits_from_noise(digits_extractor):
     kid_noise = fid.kid(f_test, f_noise, subsets=10, subset_size=297)[0]
     assert kid_noise > 3 * abs(kid_real)  # ~7x: train and test digits come from different writers
     # Dropping half of the classes (a mode-dropping generator) is seen too (~4x).
-    _, labels = fid.digits_data("test")
+    _, labels = digits_classifier.digits_data("test")
     assert fid.fid_from_features(f_train, f_test[labels < 5]) > 2 * fid_real
     with pytest.raises(ValueError, match="8x8"):
         digits_extractor.extract(np.zeros((2, 32, 32, 1), np.uint8))
