@@ -9,7 +9,7 @@
     python sample.py --checkpoint=ckpt/cifar10 --mode=fid --inception_weights=pt_inception-2015-12-05-6726825d.pth
 
 Outputs go to --output (default: <workdir or checkpoint>/<mode>); existing files are kept unless
---overwrite.
+--overwrite, and are then replaced atomically. Sample mode streams to samples.npy (uint8 [N, H, W, C]).
 """
 
 import os
@@ -18,7 +18,7 @@ import sys
 from absl import app, flags, logging
 
 flags.DEFINE_string("workdir", None, "A training run directory (its EMA params are used).")
-flags.DEFINE_string("checkpoint", None, "A checkpoint written by python -m ddim_jax.convert.")
+flags.DEFINE_string("checkpoint", None, "A model directory (python -m ddim_jax.convert, or a run's model/).")
 flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the newest).")
 flags.DEFINE_string("mode", "sample", "sample | consistency | interpolation | sequence | reconstruction | fid")
 flags.DEFINE_integer("steps", 50, "Number of sampling steps S.")
@@ -41,6 +41,7 @@ FLAGS = flags.FLAGS
 
 
 def _outputs(out_dir, names):
+    """The output paths, refusing existing ones unless --overwrite (they are replaced atomically)."""
     paths = [os.path.join(out_dir, n) for n in names]
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not FLAGS.overwrite:
@@ -59,9 +60,11 @@ def _int_list(name, values):
 
 def _dataset_images(model, split, num):
     """uint8 images of the model's training dataset (``split``), at most ``num``."""
+    import ml_collections
+
     from ddim_jax import data as data_lib
 
-    d = dict(model.data)
+    d = model.data
     if not d:
         raise ValueError("this mode needs the training data, which a converted checkpoint does not name; "
                          "use --workdir")
@@ -69,118 +72,179 @@ def _dataset_images(model, split, num):
         return data_lib.load_digits(split)[0][:num]
     if FLAGS.data_dir:
         d["data_dir"] = FLAGS.data_dir
-    import ml_collections
-
     d["split"] = split
     src = data_lib.make_source(ml_collections.ConfigDict(d))
     return src.get(range(min(num, len(src))))
+
+
+# ---------------------------------------------------------------------------------------------
+# The modes: each takes (model, settings, output directory) and writes its files atomically.
+
+
+def _grid(images, path, ncol=None):
+    from ddim_jax.images import save_grid
+
+    save_grid(images, path, ncol=ncol, scale=max(1, 64 // images.shape[2]))
+
+
+def run_sample(ex, model, a, out):
+    """Exactly N samples streamed to samples.npy (uint8 [N, H, W, C]) and the first 100 as samples.png."""
+    import numpy as np
+
+    from ddim_jax import files
+
+    npy_path, grid_path = _outputs(out, ["samples.npy", "samples.png"])
+    shape = (a.num, model.image_size, model.image_size, model.channels)
+    size = int(np.prod(shape, dtype=np.int64))
+    if a.is_main and size > files.free_disk(out) - (64 << 20):
+        raise ValueError(f"--num_samples={a.num} needs {size / 2**30:.1f} GiB in {out}; "
+                         f"{files.free_disk(out) / 2**30:.1f} GiB are free")
+    batches = ex.sample_batches(model, a.num, a.batch_size, a.steps, eta=a.eta, sigma_hat=a.sigma_hat,
+                                spacing=a.spacing, seed=a.seed)
+    if not a.is_main:  # every process takes part in the sharded sampling; process 0 writes
+        for _ in batches:
+            pass
+        return
+    first = []
+    with files.atomic_path(npy_path) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        for start, imgs in batches:
+            arr[start:start + len(imgs)] = imgs
+            first.extend(imgs[:100 - len(first)])
+        arr.flush()
+        del arr
+    _grid(np.stack(first), grid_path)
+    print(f"wrote {a.num} samples to {npy_path} and a grid to {grid_path}")
+
+
+def run_consistency(ex, model, a, out):
+    (grid_path,) = _outputs(out, ["consistency.png"])
+    rows = ex.consistency(model, min(a.num, 8), a.steps_list, seed=a.seed, spacing=a.spacing)
+    if a.is_main:
+        _grid(rows.reshape((-1,) + rows.shape[2:]), grid_path, ncol=rows.shape[1])
+        print(f"rows: S = {', '.join(map(str, a.steps_list))}; wrote {grid_path}")
+
+
+def run_interpolation(ex, model, a, out):
+    (grid_path,) = _outputs(out, ["interpolation.png"])
+    grid = ex.interpolation(model, max(1, min(a.num, 16) // 2), 11, a.steps, seed=a.seed, spacing=a.spacing)
+    if a.is_main:
+        _grid(grid.reshape((-1,) + grid.shape[2:]), grid_path, ncol=grid.shape[1])
+        print(f"wrote {grid_path}")
+
+
+def run_sequence(ex, model, a, out):
+    (grid_path,) = _outputs(out, ["sequence.png"])
+    grid = ex.sequence(model, min(a.num, 8), a.steps, seed=a.seed, spacing=a.spacing)
+    if a.is_main:
+        _grid(grid.reshape((-1,) + grid.shape[2:]), grid_path, ncol=grid.shape[1])
+        print(f"rows: samples; columns: predicted x0 along {a.steps} steps, then the sample; wrote {grid_path}")
+
+
+def run_reconstruction(ex, model, a, out):
+    import numpy as np
+
+    from ddim_jax import files
+
+    json_path, grid_path = _outputs(out, ["reconstruction.json", "reconstruction.png"])
+    images = _dataset_images(model, "test", a.num)
+    errors, recons = ex.reconstruction(model, images, a.steps_list, a.batch_size, spacing=a.spacing)
+    if a.is_main:
+        k = min(len(images), 10)
+        _grid(np.concatenate([images[:k]] + [recons[s][:k] for s in a.steps_list]), grid_path, ncol=k)
+        files.write_json(json_path, {"num_images": len(images), "spacing": a.spacing,
+                                     "mse_per_dim_0_1": {str(s): e for s, e in errors.items()}})
+        print("| S | " + " | ".join(map(str, a.steps_list)) + " |")
+        print("|---" * (len(a.steps_list) + 1) + "|")
+        print("| MSE | " + " | ".join(f"{errors[s]:.2e}" for s in a.steps_list) + " |")
+        print(f"wrote {json_path} and {grid_path} (first row: originals; then one row per S)")
+
+
+def run_fid(ex, model, a, out):
+    from ddim_jax import files
+    from ddim_jax import fid as fid_lib
+
+    json_path, md_path, plot_path = _outputs(out, ["fid.json", "fid.md", "fid.png"])
+    digits = model.data.get("dataset") == "digits"
+    feat_name = FLAGS.features or ("digits" if digits else "inception")
+    extractor = (fid_lib.feature_extractor("inception", weights=FLAGS.inception_weights)
+                 if feat_name == "inception" else fid_lib.feature_extractor(feat_name))
+    if FLAGS.fid_stats:
+        mu, sigma, _ = fid_lib.load_stats(FLAGS.fid_stats)
+    else:
+        if not model.data:
+            raise ValueError("--fid_stats is required for a model that does not name its training data "
+                             "(a converted checkpoint)")
+        mu, sigma = fid_lib.reference_stats(model.data["dataset"] + ("-train" if digits else ""),
+                                            lambda: _dataset_images(model, "train", 10**9), extractor)
+    rows = ex.fid_table(model, extractor, (mu, sigma), a.num, a.batch_size, a.fid_steps, FLAGS.fid_etas,
+                        spacing=a.spacing, seed=a.seed)
+    if a.is_main:
+        table = ex.format_fid_table(rows)
+        files.write_json(json_path, {"features": extractor.name, "spacing": a.spacing, "rows": rows})
+        files.write_text(md_path, f"FID ({extractor.name} features, {a.num} samples, {a.spacing} spacing)\n\n"
+                                  f"{table}\n")
+        ex.plot_fid(rows, plot_path)
+        print(table)
+        print(f"wrote {json_path}, {md_path}, {plot_path}")
+
+
+MODES = {"sample": run_sample, "consistency": run_consistency, "interpolation": run_interpolation,
+         "sequence": run_sequence, "reconstruction": run_reconstruction, "fid": run_fid}
+
+
+def parse_settings(T: int | None = None):
+    """The validated flags (one-line ValueErrors); step counts are checked against the model's T when given."""
+    import types
+
+    from ddim_jax import experiments as ex
+    from ddim_jax.schedules import SPACINGS
+
+    if FLAGS.mode not in MODES:
+        raise ValueError(f"--mode must be one of {', '.join(MODES)}; got {FLAGS.mode!r}")
+    if FLAGS.spacing not in SPACINGS:
+        raise ValueError(f"--spacing must be one of {', '.join(SPACINGS)}; got {FLAGS.spacing!r}")
+    if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
+        raise ValueError("give exactly one of --workdir (a training run) or --checkpoint (a model directory)")
+    if FLAGS.checkpoint is not None and FLAGS.step is not None:
+        raise ValueError("--step picks a checkpoint of a --workdir; a --checkpoint holds one set of parameters")
+    n = FLAGS.num_samples if FLAGS.num_samples is not None else (50_000 if FLAGS.mode == "fid" else 64)
+    if n <= 0:
+        raise ValueError(f"--num_samples must be >= 1; got {n}")
+    if FLAGS.batch_size <= 0:
+        raise ValueError(f"--batch_size must be >= 1; got {FLAGS.batch_size}")
+    eta, sigma_hat = ex.parse_eta(FLAGS.eta)
+    for name in FLAGS.fid_etas:
+        ex.parse_eta(name)
+    a = types.SimpleNamespace(num=n, eta=eta, sigma_hat=sigma_hat, spacing=FLAGS.spacing, seed=FLAGS.seed,
+                              steps=FLAGS.steps, batch_size=FLAGS.batch_size,
+                              steps_list=_int_list("steps_list", FLAGS.steps_list),
+                              fid_steps=_int_list("fid_steps", FLAGS.fid_steps))
+    checked = {"steps": [a.steps]}
+    if FLAGS.mode in ("consistency", "reconstruction"):
+        checked["steps_list"] = a.steps_list
+    if FLAGS.mode == "fid":
+        checked["fid_steps"] = a.fid_steps
+    for name, values in checked.items():
+        bad = [s for s in values if not 1 <= s <= (T or float("inf"))]
+        if bad:
+            raise ValueError(f"--{name} must be in [1, {T or 'T'}] (the model's T); got {bad[0]}")
+    return a
 
 
 def run():
     import jax
 
     from ddim_jax import experiments as ex
-    from ddim_jax.schedules import SPACINGS
 
-    if FLAGS.mode not in ex.MODES:
-        raise ValueError(f"--mode must be one of {', '.join(ex.MODES)}; got {FLAGS.mode!r}")
-    if FLAGS.spacing not in SPACINGS:
-        raise ValueError(f"--spacing must be one of {', '.join(SPACINGS)}; got {FLAGS.spacing!r}")
-    n = FLAGS.num_samples if FLAGS.num_samples is not None else (50_000 if FLAGS.mode == "fid" else 64)
-    if n <= 0:
-        raise ValueError(f"--num_samples must be >= 1; got {n}")
-    eta, sigma_hat = ex.parse_eta(FLAGS.eta)
-    model = ex.load_model(FLAGS.workdir, FLAGS.checkpoint, step=FLAGS.step)
-    T = model.schedule.num_timesteps
-    checked = {"steps": [FLAGS.steps]}
-    if FLAGS.mode in ("consistency", "reconstruction"):
-        checked["steps_list"] = _int_list("steps_list", FLAGS.steps_list)
-    if FLAGS.mode == "fid":
-        checked["fid_steps"] = _int_list("fid_steps", FLAGS.fid_steps)
-    for name, values in checked.items():
-        bad = [s for s in values if not 1 <= s <= T]
-        if bad:
-            raise ValueError(f"--{name} must be in [1, {T}] (the model's T); got {bad[0]}")
+    parse_settings()  # flag errors before loading anything
+    model = ex.load_model(FLAGS.workdir or FLAGS.checkpoint, step=FLAGS.step)
+    a = parse_settings(model.schedule.num_timesteps)
+    a.is_main = jax.process_index() == 0
     out = FLAGS.output or os.path.join(FLAGS.workdir or FLAGS.checkpoint, FLAGS.mode)
-    scale = max(1, 64 // model.image_size)
     print(f"model: {model.source}; {jax.device_count()} {jax.devices()[0].platform} device(s), "
           f"{jax.process_count()} process(es)", flush=True)
-    is_main = jax.process_index() == 0
-
-    if FLAGS.mode == "sample":
-        grid_path, npz_path = _outputs(out, ["samples.png", "samples.npz"])
-        imgs = ex.generate(model, n, FLAGS.batch_size, FLAGS.steps, eta=eta, sigma_hat=sigma_hat,
-                           spacing=FLAGS.spacing, seed=FLAGS.seed)
-        if is_main:
-            import numpy as np
-
-            np.savez_compressed(npz_path, images=imgs)
-            ex.save_grid(imgs[:100], grid_path, scale=scale)
-            print(f"wrote {len(imgs)} samples to {npz_path} and a grid to {grid_path}")
-    elif FLAGS.mode == "consistency":
-        steps = _int_list("steps_list", FLAGS.steps_list)
-        (grid_path,) = _outputs(out, ["consistency.png"])
-        rows = ex.consistency(model, min(n, 8), steps, seed=FLAGS.seed, spacing=FLAGS.spacing)
-        if is_main:
-            ex.save_grid(rows.reshape((-1,) + rows.shape[2:]), grid_path, ncol=rows.shape[1], scale=scale)
-            print(f"rows: S = {', '.join(map(str, steps))}; wrote {grid_path}")
-    elif FLAGS.mode == "interpolation":
-        (grid_path,) = _outputs(out, ["interpolation.png"])
-        grid = ex.interpolation(model, max(1, min(n, 16) // 2), 11, FLAGS.steps, seed=FLAGS.seed,
-                                spacing=FLAGS.spacing)
-        if is_main:
-            ex.save_grid(grid.reshape((-1,) + grid.shape[2:]), grid_path, ncol=grid.shape[1], scale=scale)
-            print(f"wrote {grid_path}")
-    elif FLAGS.mode == "sequence":
-        (grid_path,) = _outputs(out, ["sequence.png"])
-        grid = ex.sequence(model, min(n, 8), FLAGS.steps, seed=FLAGS.seed, spacing=FLAGS.spacing)
-        if is_main:
-            ex.save_grid(grid.reshape((-1,) + grid.shape[2:]), grid_path, ncol=grid.shape[1], scale=scale)
-            print(f"rows: samples; columns: predicted x0 along {FLAGS.steps} steps, then the sample; wrote {grid_path}")
-    elif FLAGS.mode == "reconstruction":
-        steps = _int_list("steps_list", FLAGS.steps_list)
-        json_path, grid_path = _outputs(out, ["reconstruction.json", "reconstruction.png"])
-        images = _dataset_images(model, "test", n)
-        errors, recons = ex.reconstruction(model, images, steps, FLAGS.batch_size, spacing=FLAGS.spacing)
-        if is_main:
-            import numpy as np
-
-            k = min(len(images), 10)
-            ex.save_grid(np.concatenate([images[:k]] + [recons[s][:k] for s in steps]), grid_path, ncol=k,
-                         scale=scale)
-            ex.write_json(json_path, {"num_images": len(images), "spacing": FLAGS.spacing,
-                                      "mse_per_dim_0_1": {str(s): e for s, e in errors.items()}})
-            print("| S | " + " | ".join(map(str, steps)) + " |")
-            print("|---" * (len(steps) + 1) + "|")
-            print("| MSE | " + " | ".join(f"{errors[s]:.2e}" for s in steps) + " |")
-            print(f"wrote {json_path} and {grid_path} (first row: originals; then one row per S)")
-    else:  # fid
-        from ddim_jax import fid as fid_lib
-
-        json_path, md_path, plot_path = _outputs(out, ["fid.json", "fid.md", "fid.png"])
-        digits = model.data.get("dataset") == "digits"
-        feat_name = FLAGS.features or ("digits" if digits else "inception")
-        extractor = (fid_lib.feature_extractor("inception", weights=FLAGS.inception_weights)
-                     if feat_name == "inception" else fid_lib.feature_extractor(feat_name))
-        if FLAGS.fid_stats:
-            mu, sigma, _ = fid_lib.load_stats(FLAGS.fid_stats)
-        else:
-            name = model.data.get("dataset", "dataset") if model.data else None
-            if name is None:
-                raise ValueError("--fid_stats is required with --checkpoint (the reference data is not known)")
-            mu, sigma = fid_lib.reference_stats(name + ("-train" if digits else ""),
-                                                lambda: _dataset_images(model, "train", 10**9), extractor)
-        rows = ex.fid_table(model, extractor, (mu, sigma), n, FLAGS.batch_size,
-                            _int_list("fid_steps", FLAGS.fid_steps), FLAGS.fid_etas, spacing=FLAGS.spacing,
-                            seed=FLAGS.seed)
-        if is_main:
-            table = ex.format_fid_table(rows)
-            ex.write_json(json_path, {"features": extractor.name, "spacing": FLAGS.spacing, "rows": rows})
-            with open(md_path, "w") as f:
-                f.write(f"FID ({extractor.name} features, {n} samples, {FLAGS.spacing} spacing)\n\n{table}\n")
-            ex.plot_fid(rows, plot_path)
-            print(table)
-            print(f"wrote {json_path}, {md_path}, {plot_path}")
+    MODES[FLAGS.mode](ex, model, a, out)
 
 
 def main(argv):
@@ -189,7 +253,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
     try:
         run()
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: missing, unreadable, read-only or full
         sys.exit(f"error: {e}")
 
 

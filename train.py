@@ -1,7 +1,7 @@
 """Trains a DDPM/DDIM noise-prediction UNet, data-parallel over every device of every host.
 
     python train.py                                   # the embedded digits default, into runs/digits
-    python train.py --config=configs/cifar10.py --config.training.batch_size=256 --workdir=runs/c10
+    python train.py --config=configs/paper.py:cifar10 --config.training.batch_size=256   # into runs/cifar10
 
 A run resumes from the newest checkpoint in its workdir. On a TPU pod, run the same command on
 every host with --multihost.
@@ -38,12 +38,27 @@ def main(argv):
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config_file = flags.FLAGS["config"].config_filename
-    workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(os.path.basename(config_file))[0])
+    path, _, setup = config_file.partition(":")
+    workdir = FLAGS.workdir or os.path.join("runs", setup or os.path.splitext(os.path.basename(path))[0])
     try:
         train(FLAGS.config, workdir, allow_config_change=FLAGS.override_config)
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:  # OSError: read-only or full disk, ...
         raise SystemExit(f"error: {e}") from None
 
 
+def parse_flags(argv):
+    """absl's parser, with a bad ``--config.X`` override (an unknown field, a value of the wrong type)
+    reported in one line instead of a traceback."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        raise SystemExit(f"error: {lines[0] if len(lines) == 1 else lines[-1]}") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        lines = [x.strip() for x in str(e).replace("\\n", "\n").splitlines() if x.strip()]
+        msg = " ".join(lines[-2:] if isinstance(e, AttributeError) else lines[-1:]).replace("\\'", "")
+        raise SystemExit(f"error: bad --config: {msg}") from None
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,8 +1,26 @@
-"""The default configuration every file in configs/ starts from (ml_collections)."""
+"""Training configurations (ml_collections): the schema every config starts from, and its checks.
+
+:func:`base_config` is the embedded digits run and the schema: a config may only hold the fields it
+has (:func:`validate_config` names any other). :func:`paper_config` gives the DDPM/DDIM setups of
+``configs/paper.py``.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+
 import ml_collections
+from ml_collections import config_dict
+
+from ddim_jax.diffusion import PREDICTION_TYPES
+from ddim_jax.schedules import SCHEDULES
+
+# Fields that may change when a run is resumed (extending training, logging cadence, where the data is).
+RESUMABLE_CHANGES = ("training.num_steps", "training.log_every", "training.sample_every",
+                     "training.checkpoint_every", "training.keep_checkpoints", "data.data_dir")
+
+CROPS = ("center", "celeba", "none")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -18,13 +36,15 @@ def base_config() -> ml_collections.ConfigDict:
     d.crop = "center"  # 'center', 'celeba' or 'none' (tfds and folder sources)
     d.random_flip = True
 
-    c.model = m = ml_collections.ConfigDict()  # ddim_jax.unet.UNet fields
+    c.model = m = ml_collections.ConfigDict()  # kind 'unet': ddim_jax.unet.UNet fields
+    m.kind = "unet"
     m.ch = 32
     m.ch_mult = (1, 2, 2)
     m.num_res_blocks = 1
     m.attn_resolutions = ()
     m.dropout = 0.0
     m.resamp_with_conv = True
+    m.num_classes = config_dict.placeholder(int)  # None = unconditional
 
     c.diffusion = f = ml_collections.ConfigDict()
     f.schedule = "cosine"  # for the 8x8 digits; the paper's configs use 'linear' (paper_config)
@@ -63,3 +83,93 @@ def paper_config(dataset: str, image_size: int, ch_mult: tuple, *, crop: str, dr
     c.training.update(batch_size=batch_size, num_steps=num_steps, lr=lr, warmup_steps=5000, ema_decay=0.9999,
                       checkpoint_every=10_000, sample_every=10_000)
     return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and comparisons.
+
+
+def to_dict(config) -> dict:
+    """A config as plain JSON types (tuples become lists)."""
+    return json.loads(config.to_json()) if isinstance(config, ml_collections.ConfigDict) else json.loads(
+        json.dumps(config))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict, given: dict) -> list[str]:
+    """Dotted keys whose values differ, except the fields a resumed run may change."""
+    a, b = flatten(to_dict(saved)), flatten(to_dict(given))
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> None:
+    """Raises a one-line ValueError naming the first field that is unknown or out of range.
+
+    ``num_devices`` and ``num_processes`` are those the run will use (the global batch is split over them).
+    """
+    schema = flatten(to_dict(base_config()))
+    given = flatten(to_dict(config))
+    unknown = sorted(set(given) - set(schema))
+    if unknown:
+        block = unknown[0].split(".")[0]
+        known = sorted(k for k in schema if k.startswith(block + "."))
+        allowed = (f"the {block} block has {', '.join(k.split('.', 1)[1] for k in known)}" if known
+                   else "the blocks are data, model, diffusion, training")
+        raise ValueError(f"unknown config field {unknown[0]}; {allowed}")
+    missing = sorted(set(schema) - set(given))
+    if missing:
+        raise ValueError(f"config field {missing[0]} is missing (start configs from ddim_jax.config.base_config)")
+    t, d, m, f = config["training"], config["data"], config["model"], config["diffusion"]
+
+    def need(ok: bool, field: str, what: str):
+        if not ok:
+            value = config[field.split(".")[0]][field.split(".")[1]]
+            raise ValueError(f"{field} must be {what}; got {value!r}")
+
+    for name in ("batch_size", "steps_per_dispatch", "log_every", "checkpoint_every", "keep_checkpoints",
+                 "max_nonfinite", "num_sample_images", "sample_steps"):
+        need(_int(t[name]) and t[name] >= 1, f"training.{name}", "a positive integer")
+    for name in ("num_steps", "warmup_steps", "sample_every", "seed"):
+        need(_int(t[name]) and t[name] >= 0, f"training.{name}", "an integer >= 0")
+    need(_real(t.lr) and t.lr > 0, "training.lr", "a finite number > 0")
+    need(_real(t.grad_clip) and t.grad_clip > 0, "training.grad_clip", "a finite number > 0")
+    need(_real(t.ema_decay) and 0 <= t.ema_decay < 1, "training.ema_decay", "a number in [0, 1)")
+    if t.batch_size % num_devices:
+        raise ValueError(f"training.batch_size ({t.batch_size}) must be divisible by the number of devices "
+                         f"({num_devices})")
+    if t.batch_size % num_processes:
+        raise ValueError(f"training.batch_size ({t.batch_size}) must be divisible by the number of processes "
+                         f"({num_processes})")
+    for name in ("log_every", "checkpoint_every", "sample_every"):
+        if t[name] % t.steps_per_dispatch:
+            raise ValueError(f"training.{name} ({t[name]}) must be {'0 or ' if name == 'sample_every' else ''}"
+                             f"a multiple of training.steps_per_dispatch ({t.steps_per_dispatch})")
+    need(d.channels in (1, 3), "data.channels", "1 (grey) or 3 (RGB)")
+    need(_int(d.image_size) and d.image_size >= 1, "data.image_size", "a positive integer")
+    need(d.crop in CROPS, "data.crop", f"one of {', '.join(CROPS)}")
+    need(f.schedule in SCHEDULES, "diffusion.schedule", f"one of {', '.join(SCHEDULES)}")
+    need(f.prediction_type in PREDICTION_TYPES, "diffusion.prediction_type", f"one of {', '.join(PREDICTION_TYPES)}")
+    need(_int(f.num_timesteps) and f.num_timesteps >= 2, "diffusion.num_timesteps", "an integer >= 2")
+    need(m.num_classes is None, "model.num_classes",
+         "None: train.py trains unconditional models (class-conditional models load and sample)")
+    from ddim_jax.models import spec_from_config
+
+    spec_from_config(config)  # the model block's own checks (kind, arguments, schedule)

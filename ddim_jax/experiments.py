@@ -10,110 +10,87 @@ device count).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import math
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
+from ddim_jax import files
 from ddim_jax.images import from_uint8, save_grid, to_uint8
+from ddim_jax.models import ModelSpec, load
+from ddim_jax.parallel import gather_rows, make_mesh, pad_rows, replicated, round_up, shard_rows
 from ddim_jax.sampling import ddim_encode, ddim_sample, slerp
-from ddim_jax.schedules import Schedule, make_schedule
-from ddim_jax.unet import UNet, make_eps_fn
+from ddim_jax.schedules import Schedule
 
 MODES = ("sample", "consistency", "interpolation", "sequence", "reconstruction", "fid")
-
-# diffusers' beta_schedule names -> ours.
-_DIFFUSERS_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine",
-                        "sigmoid": "sigmoid"}
 
 
 @dataclasses.dataclass
 class Model:
-    """A trained network ready to sample: the UNet, its (EMA) params replicated over ``mesh``, the
-    schedule it was trained with, and where it came from."""
+    """A trained network ready to sample: its spec and its params, replicated over ``mesh``."""
 
-    unet: UNet
+    spec: ModelSpec
     params: Any
-    schedule: Schedule
-    image_size: int
-    channels: int
-    prediction_type: str
-    data: dict  # the training run's data config ({} for converted checkpoints)
-    source: str
     mesh: jax.sharding.Mesh
+
+    def __post_init__(self):
+        self.params = jax.device_put(self.params, replicated(self.mesh))
+        self.schedule: Schedule = self.spec.make_schedule()
 
     @property
     def eps_fn(self):
-        return make_eps_fn(self.unet, self.params)
+        return self.spec.eps_fn(self.params)
+
+    @property
+    def image_size(self) -> int:
+        return self.spec.image_size
+
+    @property
+    def channels(self) -> int:
+        return self.spec.channels
+
+    @property
+    def prediction_type(self) -> str:
+        return self.spec.prediction_type
+
+    @property
+    def data(self) -> dict:
+        """The data block of the training config (empty for converted checkpoints)."""
+        return dict(self.spec.info.get("data") or {})
+
+    @property
+    def source(self) -> str:
+        return str(self.spec.info.get("source", "?"))
 
 
-def schedule_from_dict(d: dict) -> Schedule:
-    """A schedule from a training config's ``diffusion`` block or a converted checkpoint's."""
-    if d.get("trained_betas") is not None:
-        return make_schedule("custom", betas=d["trained_betas"])
-    name = _DIFFUSERS_SCHEDULES.get(d.get("schedule", "linear"), d.get("schedule"))
-    kw = {} if name == "cosine" else {k: d[k] for k in ("beta_start", "beta_end") if d.get(k) is not None}
-    return make_schedule(name, int(d.get("num_timesteps", 1000)), **kw)
-
-
-def load_model(workdir: str | None = None, checkpoint: str | None = None, *, step: int | None = None,
-               use_ema: bool = True) -> Model:
-    """From a training run (``workdir``; its EMA params unless ``use_ema=False``) or a checkpoint
-    written by ``python -m ddim_jax.convert`` (``checkpoint``)."""
-    from ddim_jax import training
-
-    if (workdir is None) == (checkpoint is None):
-        raise ValueError("give exactly one of workdir (a training run) or checkpoint (a converted checkpoint)")
-    mesh = training.make_mesh()
-    replicated = NamedSharding(mesh, P())
-    if workdir is not None:
-        if not os.path.isdir(workdir):
-            raise FileNotFoundError(f"workdir {workdir!r} does not exist")
-        try:
-            config, state, meta = training.load_checkpoint(workdir, step)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"the checkpoint in {workdir!r} does not match the architecture in its config.json: "
-                             f"{str(e).splitlines()[0][:300]}") from None
-        params = state.ema_params if use_ema else state.params
-        return Model(training.make_model(config), params, training.make_diffusion_schedule(config),
-                     config.data.image_size, config.data.channels, config.diffusion.prediction_type,
-                     config.data.to_dict(), f"{workdir} (step {meta['step']}, {'EMA' if use_ema else 'raw'} params)",
-                     mesh)
-    from ddim_jax.checkpoint_io import load_converted
-
-    if not os.path.exists(checkpoint):
-        raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
-    config, params = load_converted(checkpoint)
-    unet = UNet(**config["model"])
-    from ddim_jax.unet import param_shapes
-
-    expected = jax.tree.map(lambda s: s.shape, param_shapes(unet, config["image_size"], config["channels"]))
-    got = jax.tree.map(lambda a: a.shape, params)
-    if expected != got:
-        raise ValueError(f"checkpoint {checkpoint!r}: its params do not match the UNet in its config.json")
-    diffusion = config.get("diffusion", {})
-    return Model(unet, jax.device_put(params, replicated), schedule_from_dict(diffusion), config["image_size"],
-                 config["channels"], diffusion.get("prediction_type", "epsilon"), {}, checkpoint, mesh)
+def load_model(path: str, *, step: int | None = None, use_ema: bool = True, devices=None) -> Model:
+    """A model directory or a training workdir (see :func:`ddim_jax.models.load`), on ``devices``."""
+    spec, params = load(path, step=step, use_ema=use_ema)
+    return Model(spec, params, make_mesh(devices))
 
 
 # ---------------------------------------------------------------------------------------------
 # Sharded building blocks.
 
 
-def _check_batch(model: Model, batch_size: int):
+def check_batch(model: Model, batch_size: int) -> None:
+    """A batch size that divides over the devices and whose float32 buffers fit in host memory."""
     n = model.mesh.devices.size
-    if batch_size < 1 or batch_size % n:
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1 or batch_size % n:
         raise ValueError(f"batch_size must be a positive multiple of the number of devices ({n}); got {batch_size}")
+    need = batch_size * model.image_size ** 2 * model.channels * 4 * 8  # x_T, x, x0, eps and the model's inputs
+    have = files.available_memory()
+    if need > have:
+        raise ValueError(f"batch_size={batch_size} needs about {need / 2**30:.1f} GiB for "
+                         f"{model.image_size}x{model.image_size}x{model.channels} samples; {have / 2**30:.1f} GiB "
+                         "are available: use a smaller batch_size")
 
 
 def latents(model: Model, start: int, count: int, seed: int):
-    """x_T of samples ``start .. start + count - 1``, ``[count, H, W, C]``, sharded over the batch."""
+    """x_T of samples ``start .. start + count - 1``, ``[count, H, W, C]``, sharded over the batch
+    (``count`` must divide by the device count)."""
     shape = (model.image_size, model.image_size, model.channels)
     key = jax.random.key(seed)
 
@@ -121,12 +98,8 @@ def latents(model: Model, start: int, count: int, seed: int):
     def draw(idx):
         return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(idx)
 
-    idx = jax.device_put(np.arange(start, start + count, dtype=np.int32), NamedSharding(model.mesh, P("data")))
+    idx, _ = shard_rows(np.arange(start, start + count, dtype=np.int32), model.mesh)
     return draw(idx)
-
-
-def _gather(x) -> np.ndarray:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def decode(model: Model, x_T, num_steps: int, *, eta: float = 0.0, sigma_hat: bool = False,
@@ -138,27 +111,39 @@ def decode(model: Model, x_T, num_steps: int, *, eta: float = 0.0, sigma_hat: bo
                        return_trajectory=return_trajectory)
 
 
-def generate(model: Model, num: int, batch_size: int, num_steps: int, *, eta: float = 0.0, sigma_hat: bool = False,
-             spacing: str = "uniform", seed: int = 0, clip_x0: float | None = 1.0, progress: bool = True,
-             desc: str = "sampling") -> np.ndarray:
-    """Exactly ``num`` uint8 samples, ``[num, H, W, C]``, in batches of ``batch_size`` (the last
-    batch padded and trimmed, so every batch has one shape and one compilation)."""
+def sample_batches(model: Model, num: int, batch_size: int, num_steps: int, *, eta: float = 0.0,
+                   sigma_hat: bool = False, spacing: str = "uniform", seed: int = 0, clip_x0: float | None = 1.0,
+                   progress: bool = True, desc: str = "sampling"):
+    """Yields ``(start, uint8 samples)`` for samples ``0 .. num - 1`` in batches of ``batch_size`` (the last
+    batch padded and trimmed, so every batch has one shape and one compilation). Memory use does not grow
+    with ``num``."""
     from tqdm.auto import tqdm
 
-    if num < 1:
+    if not isinstance(num, (int, np.integer)) or num < 1:
         raise ValueError(f"the number of samples must be >= 1; got {num}")
-    _check_batch(model, batch_size)
-    out = np.empty((num, model.image_size, model.image_size, model.channels), np.uint8)
+    check_batch(model, batch_size)
     noise_key = jax.random.fold_in(jax.random.key(seed), 1 << 30)
-    bar = tqdm(total=num, desc=desc, unit="img", disable=not progress or jax.process_index() != 0)
-    for b, start in enumerate(range(0, num, batch_size)):
-        stochastic = sigma_hat or eta > 0
-        x = decode(model, latents(model, start, batch_size, seed), num_steps, eta=eta, sigma_hat=sigma_hat,
-                   spacing=spacing, key=jax.random.fold_in(noise_key, b) if stochastic else None, clip_x0=clip_x0)
-        k = min(batch_size, num - start)
-        out[start:start + k] = to_uint8(_gather(x)[:k])
-        bar.update(k)
-    bar.close()
+    stochastic = sigma_hat or eta > 0
+    with tqdm(total=num, desc=desc, unit="img", disable=not progress or jax.process_index() != 0) as bar:
+        for b, start in enumerate(range(0, num, batch_size)):
+            x = decode(model, latents(model, start, batch_size, seed), num_steps, eta=eta, sigma_hat=sigma_hat,
+                       spacing=spacing, key=jax.random.fold_in(noise_key, b) if stochastic else None, clip_x0=clip_x0)
+            k = min(batch_size, num - start)
+            yield start, to_uint8(gather_rows(x, k))
+            bar.update(k)
+
+
+def generate(model: Model, num: int, batch_size: int, num_steps: int, **kwargs) -> np.ndarray:
+    """Exactly ``num`` uint8 samples ``[num, H, W, C]`` (see :func:`sample_batches` for the options)."""
+    if isinstance(num, (int, np.integer)) and num >= 1:
+        need = num * model.image_size ** 2 * model.channels
+        if need > files.available_memory():
+            raise ValueError(f"{num} samples need {need / 2**30:.1f} GiB; write them in batches with sample_batches")
+    out = None
+    for start, imgs in sample_batches(model, num, batch_size, num_steps, **kwargs):
+        if out is None:
+            out = np.empty((num,) + imgs.shape[1:], np.uint8)
+        out[start:start + len(imgs)] = imgs
     return out
 
 
@@ -168,32 +153,29 @@ def generate(model: Model, num: int, batch_size: int, num_steps: int, *, eta: fl
 
 def consistency(model: Model, num: int, steps: Sequence[int], *, seed: int = 0, spacing: str = "uniform"):
     """The same ``num`` latents decoded with each S in ``steps`` (Figure 4): uint8 ``[len(steps), num, ...]``."""
-    n = _round_up(num, model.mesh.devices.size)
-    x_T = latents(model, 0, n, seed)
-    return np.stack([to_uint8(_gather(decode(model, x_T, s, spacing=spacing))[:num]) for s in steps])
+    x_T = latents(model, 0, round_up(num, model.mesh.devices.size), seed)
+    return np.stack([to_uint8(gather_rows(decode(model, x_T, s, spacing=spacing), num)) for s in steps])
 
 
 def interpolation(model: Model, pairs: int, num_points: int, num_steps: int, *, seed: int = 0,
                   spacing: str = "uniform"):
     """Slerp between latent pairs (Figure 5), decoded with DDIM: uint8 ``[pairs, num_points, ...]``."""
-    z = _gather(latents(model, 0, 2 * pairs, seed))
+    z = gather_rows(latents(model, 0, round_up(2 * pairs, model.mesh.devices.size), seed))
     alphas = np.linspace(0.0, 1.0, num_points)
     path = np.concatenate([np.asarray(slerp(z[2 * i], z[2 * i + 1], alphas)) for i in range(pairs)])
-    n = _round_up(len(path), model.mesh.devices.size)
-    path = np.concatenate([path, np.zeros((n - len(path),) + path.shape[1:], path.dtype)])
-    x = jax.device_put(path, NamedSharding(model.mesh, P("data")))
-    out = to_uint8(_gather(decode(model, x, num_steps, spacing=spacing))[:pairs * num_points])
+    x, n = shard_rows(path, model.mesh)
+    out = to_uint8(gather_rows(decode(model, x, num_steps, spacing=spacing), n))
     return out.reshape((pairs, num_points) + out.shape[1:])
 
 
 def sequence(model: Model, num: int, num_steps: int, columns: int = 10, *, seed: int = 0, spacing: str = "uniform"):
     """The predicted x0 along the trajectory: uint8 ``[num, columns + 1, ...]`` (columns evenly spaced steps
     and the final sample)."""
-    n = _round_up(num, model.mesh.devices.size)
-    x0, _, x0_preds = decode(model, latents(model, 0, n, seed), num_steps, spacing=spacing, return_trajectory=True)
+    x_T = latents(model, 0, round_up(num, model.mesh.devices.size), seed)
+    x0, _, x0_preds = decode(model, x_T, num_steps, spacing=spacing, return_trajectory=True)
     cols = np.unique(np.linspace(0, num_steps - 1, min(columns, num_steps)).round().astype(int))
-    preds = _gather(jnp.moveaxis(x0_preds[cols], 0, 1))[:num]
-    return to_uint8(np.concatenate([preds, _gather(x0)[:num, None]], axis=1))
+    preds = gather_rows(jnp.moveaxis(x0_preds[cols], 0, 1), num)
+    return to_uint8(np.concatenate([preds, gather_rows(x0, num)[:, None]], axis=1))
 
 
 def reconstruction(model: Model, images: np.ndarray, steps: Sequence[int], batch_size: int, *,
@@ -202,29 +184,23 @@ def reconstruction(model: Model, images: np.ndarray, steps: Sequence[int], batch
     {S: reconstructions uint8})`` (the protocol of the paper's Table 2)."""
     from tqdm.auto import tqdm
 
-    _check_batch(model, batch_size)
+    check_batch(model, batch_size)
     x = from_uint8(images)
     errors, recons = {}, {}
-    sharding = NamedSharding(model.mesh, P("data"))
     for s in steps:
         sq, out = 0.0, []
         for start in tqdm(range(0, len(x), batch_size), desc=f"reconstruct S={s}", disable=not progress):
-            chunk = x[start:start + batch_size]
-            k = len(chunk)
-            chunk = np.concatenate([chunk, np.zeros((batch_size - k,) + chunk.shape[1:], chunk.dtype)])
-            x0 = jax.device_put(chunk, sharding)
+            chunk = pad_rows(x[start:start + batch_size], batch_size)
+            x0, _ = shard_rows(chunk, model.mesh)
+            k = min(batch_size, len(x) - start)
             x_T = ddim_encode(model.eps_fn, model.schedule, x0, s, spacing=spacing,
                               prediction_type=model.prediction_type)
-            rec = _gather(decode(model, x_T, s, spacing=spacing, clip_x0=None))[:k]
+            rec = gather_rows(decode(model, x_T, s, spacing=spacing, clip_x0=None), k)
             sq += float(np.sum(((np.clip(rec, -1, 1) + 1) / 2 - (chunk[:k] + 1) / 2) ** 2))
             out.append(to_uint8(rec))
         errors[s] = sq / x.size
         recons[s] = np.concatenate(out)
     return errors, recons
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,8 +215,8 @@ def parse_eta(value: str) -> tuple[float, bool]:
         eta = float(value)
     except ValueError:
         raise ValueError(f"eta must be a number >= 0 or 'sigma_hat'; got {value!r}") from None
-    if eta < 0:
-        raise ValueError(f"eta must be a number >= 0 or 'sigma_hat'; got {value!r}")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0 or 'sigma_hat'; got {value!r}")
     return eta, False
 
 
@@ -254,9 +230,10 @@ def fid_table(model: Model, extractor, reference: tuple[np.ndarray, np.ndarray],
     for eta_s in etas:
         eta, hat = parse_eta(eta_s)
         for s in steps:
-            imgs = generate(model, num, batch_size, s, eta=eta, sigma_hat=hat, spacing=spacing, seed=seed,
-                            progress=progress, desc=f"eta={eta_s} S={s}")
-            feats = extractor.extract(imgs, batch_size=max(batch_size, 50), progress=False)
+            feats = np.concatenate([
+                extractor.extract(imgs, batch_size=max(batch_size, 50), progress=False)
+                for _, imgs in sample_batches(model, num, batch_size, s, eta=eta, sigma_hat=hat, spacing=spacing,
+                                              seed=seed, progress=progress, desc=f"eta={eta_s} S={s}")])
             mu, sigma = fid_lib.compute_stats(feats)
             rows.append({"eta": eta_s, "steps": s, "num_samples": num,
                          "fid": fid_lib.fid_from_stats(mu, sigma, *reference)})
@@ -289,16 +266,10 @@ def plot_fid(rows: list[dict], path: str):
     ax.set_ylabel("FID")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
-def write_json(path: str, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-__all__ = ["MODES", "Model", "load_model", "generate", "consistency", "interpolation", "sequence", "reconstruction",
-           "fid_table", "format_fid_table", "plot_fid", "save_grid", "schedule_from_dict", "latents", "decode",
-           "parse_eta", "write_json"]
+__all__ = ["MODES", "Model", "load_model", "check_batch", "generate", "sample_batches", "consistency",
+           "interpolation", "sequence", "reconstruction", "fid_table", "format_fid_table", "plot_fid", "save_grid",
+           "latents", "decode", "parse_eta"]

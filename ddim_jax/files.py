@@ -19,24 +19,32 @@ import time
 from typing import Any, Callable, Iterator
 
 
-def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> str:
-    """Calls ``write(f)`` on a temporary file beside ``path``, then renames it to ``path``."""
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yields a temporary path beside ``path`` to write; on success it is flushed and renamed to ``path``."""
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # what open() would have given, not mkstemp's 0600
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
+        os.close(fd)
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> str:
+    """Calls ``write(f)`` on a temporary file beside ``path``, then renames it to ``path``."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode) as f:
+            write(f)
+    return os.path.abspath(path)
 
 
 def write_json(path: str, obj: Any) -> str:
@@ -74,7 +82,12 @@ def replace_dir(dst: str, *, overwrite: bool, may_replace: Callable[[str], bool]
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".old", dir=parent)
             os.rmdir(old)
             os.rename(dst, old)
-        os.rename(tmp, dst)
+        try:
+            os.rename(tmp, dst)
+        except BaseException:
+            if old is not None:
+                os.rename(old, dst)  # put the old one back
+            raise
         _fsync_dir(parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

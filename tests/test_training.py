@@ -1,7 +1,9 @@
-"""train.py's system: data order, the sharded step, checkpoints, resume, preemption, bad input.
+"""train.py's system: data order, the sharded step, checkpoints, resume, preemption, bad input, and a
+workdir that never loses data.
 
-Runs that need several devices or processes run in subprocesses (the device count is fixed when
-JAX starts). All use configs/tiny.py: 8x8 digits, a small UNet, a few steps.
+Multi-device runs happen in this process (conftest.py gives it 8 CPU devices); subprocesses only
+where a process boundary is what is tested (two processes, SIGTERM, the command line). All use
+configs/tiny.py: 8x8 digits, a small UNet, a few steps.
 """
 
 import json
@@ -20,7 +22,10 @@ import numpy as np
 import pytest
 
 from ddim_jax import data as data_lib
-from ddim_jax import training
+from ddim_jax import files, models, training
+from ddim_jax.config import validate_config
+from ddim_jax.parallel import host, make_mesh
+from ddim_jax.training import checkpoints as ckpt_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,17 +41,11 @@ def tiny_config(**training_overrides):
     return c
 
 
-def run_python(code: str, devices: int = 1, timeout: int = 300, **env) -> str:
-    full_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **env)
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
+ONE = jax.devices()[:1]
 
 
 def leaves(tree):
-    return [np.asarray(training._host(x)) for x in jax.tree.leaves(tree)]
+    return [np.asarray(host(x)) for x in jax.tree.leaves(tree)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,9 +103,8 @@ def test_tfds_source_under_mock_data_and_a_clear_error_when_not_prepared(tmp_pat
 
 def test_non_finite_updates_are_skipped_and_counted():
     c = tiny_config()
-    mesh = training.make_mesh()
-    tx, schedule = training.make_optimizer(c), training.make_diffusion_schedule(c)
-    unet = training.make_model(c)
+    mesh = make_mesh(ONE)
+    unet = models.spec_from_config(c).build()
 
     class PoisonedAtT7:  # NaN output whenever timestep 7 is in the batch
         def init(self, *a, **k):
@@ -117,8 +115,8 @@ def test_non_finite_updates_are_skipped_and_counted():
             return out * jnp.where(jnp.any(t == 7), jnp.nan, 1.0)
 
     model = PoisonedAtT7()
-    state = training.init_state(c, unet, tx, mesh)
-    step = training.make_train_step(c, model, tx, schedule, mesh)
+    state = training.init_state(c, mesh)
+    step = training.make_train_step(c, mesh, model)
     src = data_lib.make_source(c.data)
     skipped = kept = 0
     for s in range(12):
@@ -137,35 +135,24 @@ def test_non_finite_updates_are_skipped_and_counted():
 
 
 def test_one_and_eight_devices_give_the_same_losses_and_replicas_agree():
-    code = """
-    import sys, jax, jax.numpy as jnp, numpy as np
-    sys.path.insert(0, '.')
-    from configs.tiny import get_config
-    from ddim_jax import training, data as data_lib
     assert jax.device_count() == 8
-    c = get_config()
+    c = tiny_config()
+    src = data_lib.make_source(c.data)
     out = {}
     for n in (1, 8):
-        mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:n]), ('data',))
-        model, tx, sched = training.make_model(c), training.make_optimizer(c), training.make_diffusion_schedule(c)
-        state = training.init_state(c, model, tx, mesh)
-        step = training.make_train_step(c, model, tx, sched, mesh)
-        src = data_lib.make_source(c.data)
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))
+        mesh = make_mesh(jax.devices()[:n])
+        state, step = training.init_state(c, mesh), training.make_train_step(c, mesh)
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
         losses = []
         for s in range(3):
-            images = jax.device_put(data_lib.process_batch(src, 16, s, 0, 0, 1)[None], sharding)
-            state, m = step(state, images)
-            losses.append(float(m['loss'][0]))
-        shards = [np.asarray(s.data) for s in jax.tree.leaves(state.params)[0].addressable_shards]
-        assert len(shards) == n and all(np.array_equal(shards[0], x) for x in shards), 'replicas differ'
-        out[n] = (losses, [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.params)])
+            state, m = step(state, jax.device_put(data_lib.process_batch(src, 16, s, 0, 0, 1)[None], sharding))
+            losses.append(float(m["loss"][0]))
+        shards = [np.asarray(x.data) for x in jax.tree.leaves(state.params)[0].addressable_shards]
+        assert len(shards) == n and all(np.array_equal(shards[0], x) for x in shards), "replicas differ"
+        out[n] = (losses, leaves(state.params))
     np.testing.assert_allclose(out[1][0], out[8][0], rtol=1e-5)
     for a, b in zip(out[1][1], out[8][1]):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=ATOL)
-    print('losses', out[1][0], out[8][0])
-    """
-    assert "losses" in run_python(code.replace("ATOL", repr(adam_atol(tiny_config()))), devices=8)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=adam_atol(c))
 
 
 def _free_port():
@@ -174,6 +161,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     driver = """
     import os, sys, jax, numpy as np
@@ -231,20 +219,29 @@ def adam_atol(config):
 
 
 def load_init(workdir):
-    c = training.load_config(workdir)
-    state = training.init_state(c, training.make_model(c), training.make_optimizer(c), training.make_mesh())
-    return leaves(state.params)
+    import ml_collections
+
+    c = ml_collections.ConfigDict(json.loads(open(os.path.join(workdir, "config.json")).read()))
+    return leaves(training.init_state(c, make_mesh(ONE)).params)
 
 
 # ------------------------------------------------------------------------------------------------
 # Checkpoints, resume, preemption, config checks.
 
 
+def train(workdir, devices=None, **overrides):
+    return training.train(tiny_config(**overrides), str(workdir), progress=False, devices=devices)
+
+
+def metric_steps(workdir):
+    return [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_interrupted_then_resumed_equals_uninterrupted_bitwise(tmp_path):
-    full = training.train(tiny_config(num_steps=8), str(tmp_path / "full"), progress=False)
-    part = training.train(tiny_config(num_steps=4), str(tmp_path / "split"), progress=False)
+    full = train(tmp_path / "full", num_steps=8)
+    part = train(tmp_path / "split", num_steps=4)
     assert int(part.state.step) == 4
-    rest = training.train(tiny_config(num_steps=8), str(tmp_path / "split"), progress=False)
+    rest = train(tmp_path / "split", num_steps=8)
     assert rest.steps_run == 4
     for a, b in zip(leaves((full.state.params, full.state.ema_params, full.state.opt_state)),
                     leaves((rest.state.params, rest.state.ema_params, rest.state.opt_state))):
@@ -253,23 +250,122 @@ def test_interrupted_then_resumed_equals_uninterrupted_bitwise(tmp_path):
     assert [x["step"] for x in lines] == [2, 4, 6, 8] and all(np.isfinite(x["loss"]) for x in lines)
     assert list((tmp_path / "full" / "tensorboard").iterdir())
 
-    # A corrupted newest checkpoint: warn, move it aside, resume from the previous one.
+    # The exported model is the EMA params of the last checkpoint, in the one model format.
+    spec, params = models.load(str(tmp_path / "split"))
+    assert spec == models.spec_from_config(tiny_config()) and spec.info["step"] == 8
+    for a, b in zip(leaves(params), leaves(rest.state.ema_params)):
+        np.testing.assert_array_equal(a, b)
+    spec4, params4 = models.load(str(tmp_path / "split"), step=4)
+    assert spec4.info["step"] == 4 and not np.array_equal(leaves(params4)[0], leaves(params)[0])
+
+    # A corrupted newest checkpoint: warn, move it aside, resume from the previous one; the metrics of
+    # the steps run again appear once.
     ckdir = tmp_path / "split" / "checkpoints"
     assert sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit()) == [4, 8]
     for f in (ckdir / "8" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
-    again = training.train(tiny_config(num_steps=8), str(tmp_path / "split"), progress=False)
+    assert metric_steps(tmp_path / "split") == [2, 4, 6, 8]
+    again = train(tmp_path / "split", num_steps=8)
     assert again.steps_run == 4  # from step 4
     assert (tmp_path / "split" / "corrupt_checkpoints" / "8").is_dir()
+    assert metric_steps(tmp_path / "split") == [2, 4, 6, 8]
     for a, b in zip(leaves(full.state.params), leaves(again.state.params)):
         np.testing.assert_array_equal(a, b)
 
-    # A different config in the same workdir is refused unless asked for.
+    # A different config is refused unless asked for, compared with the checkpoints' own config even
+    # when config.json is gone.
+    os.remove(tmp_path / "split" / "config.json")
     with pytest.raises(ValueError, match=r"different config \(training\.lr\)"):
-        training.train(tiny_config(num_steps=8, lr=5e-4), str(tmp_path / "split"), progress=False)
+        train(tmp_path / "split", num_steps=8, lr=5e-4)
     cfg, state, meta = training.load_checkpoint(str(tmp_path / "split"))
     assert meta["step"] == 8 and meta["data_position"] == 8 and cfg.training.num_steps == 8
+
+
+def test_a_failed_run_leaves_config_json_and_checkpoints_as_they_were(tmp_path):
+    run = tmp_path / "run"
+    train(run, num_steps=2, checkpoint_every=2, log_every=2)
+    before = (run / "config.json").read_bytes()
+    bad_data = tiny_config(num_steps=4)
+    bad_data.data.update(dataset="folder", folder=str(tmp_path / "no_such_folder"))
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        training.train(bad_data, str(run), allow_config_change=True, progress=False)
+    with pytest.raises(ValueError, match="training.lr must be a finite number > 0"):
+        training.train(tiny_config(lr=-1e-3), str(run), allow_config_change=True, progress=False)
+    other_arch = tiny_config(num_steps=4)
+    other_arch.model.ch = 64
+    with pytest.raises(ValueError, match="another architecture"):
+        training.train(other_arch, str(run), allow_config_change=True, progress=False)
+    assert (run / "config.json").read_bytes() == before
+    assert ckpt_lib.step_dirs(str(run)) == [2] and not (run / "corrupt_checkpoints").exists()
+    # A fresh workdir whose data cannot be opened gets no config.json either.
+    with pytest.raises(FileNotFoundError):
+        training.train(bad_data, str(tmp_path / "fresh"), progress=False)
+    assert not (tmp_path / "fresh" / "config.json").exists()
+    assert train(run, num_steps=4).steps_run == 2  # and the run goes on
+
+
+def test_keep_checkpoints_zero_is_refused_before_anything_is_deleted(tmp_path):
+    train(tmp_path, num_steps=4)
+    with pytest.raises(ValueError, match="training.keep_checkpoints must be a positive integer"):
+        train(tmp_path, num_steps=8, keep_checkpoints=0)
+    assert ckpt_lib.step_dirs(str(tmp_path)) == [4]
+
+
+def test_a_second_trainer_on_the_same_workdir_is_refused(tmp_path):
+    with files.WorkdirLock(str(tmp_path)):  # another train.py holding the workdir
+        with pytest.raises(files.WorkdirInUse, match=rf"in use by pid {os.getpid()} on host"):
+            train(tmp_path, num_steps=2)
+    assert not (tmp_path / "config.json").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_errors_that_are_not_corruption_stop_without_moving_checkpoints(tmp_path, monkeypatch):
+    import errno
+
+    train(tmp_path, num_steps=4)
+    real = ckpt_lib.ocp.CheckpointManager.restore
+
+    def failing_disk(self, step, *a, **k):
+        raise OSError(errno.EIO, "Input/output error", str(tmp_path))
+
+    monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "restore", failing_disk)
+    with pytest.raises(OSError, match="Input/output error"):
+        train(tmp_path, num_steps=8)
+    monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "restore", real)
+    assert ckpt_lib.step_dirs(str(tmp_path)) == [4] and not (tmp_path / "corrupt_checkpoints").exists()
+    assert train(tmp_path, num_steps=8).steps_run == 4
+
+
+def test_when_no_checkpoint_can_be_restored_training_does_not_start_over(tmp_path):
+    train(tmp_path, num_steps=4, checkpoint_every=2, keep_checkpoints=2)
+    for step in ("2", "4"):
+        for f in (tmp_path / "checkpoints" / step / "state").rglob("*"):
+            if f.is_file():
+                f.write_bytes(b"")
+    with pytest.raises(RuntimeError, match="refusing to start over from step 0"):
+        train(tmp_path, num_steps=8, checkpoint_every=2, keep_checkpoints=2)
+    assert sorted(p.name for p in (tmp_path / "corrupt_checkpoints").iterdir()) == ["2", "4"]
+    with pytest.raises(RuntimeError, match="refusing to start over"):  # and not on the next try either
+        train(tmp_path, num_steps=8, checkpoint_every=2, keep_checkpoints=2)
+
+
+def test_a_corrupt_step_is_named_as_unreadable_not_as_another_architecture(tmp_path):
+    train(tmp_path, num_steps=4, checkpoint_every=2, keep_checkpoints=2)
+    meta = next((tmp_path / "checkpoints" / "2" / "meta").rglob("metadata"))
+    meta.write_text("{not json")
+    with pytest.raises(ValueError, match=r"checkpoint 2: its metadata cannot be read"):
+        models.load(str(tmp_path), step=2)
+    assert models.load(str(tmp_path), step=4)[0].info["step"] == 4
+
+
+def test_the_non_finite_stop_says_whether_a_checkpoint_exists(tmp_path):
+    # lr = 1e38 sends the parameters to ~1e38 after the first update; every later loss overflows.
+    with pytest.raises(FloatingPointError, match="no checkpoint was written yet"):
+        train(tmp_path / "a", num_steps=8, lr=1e38, max_nonfinite=2, checkpoint_every=8)
+    train(tmp_path / "b", num_steps=2, checkpoint_every=2)  # a clean checkpoint first
+    with pytest.raises(FloatingPointError, match=r"the last checkpoint \(step 2\) .* is intact"):
+        training.train(tiny_config(num_steps=8, lr=1e38, max_nonfinite=2, checkpoint_every=8), str(tmp_path / "b"),
+                       allow_config_change=True, progress=False)
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
@@ -289,14 +385,34 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert "preempted: step" in out
     steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(steps) == 1 and 3 <= steps[0] < 1000, steps
+    assert models.load(str(workdir))[0].info["step"] == steps[0]  # the export is as new as the checkpoint
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    for args, match in [(["--config.training.lrr=1"], "error: bad --config: .*lrr"),
+                        ([f"--workdir={tmp_path / 'file' / 'run'}"], r"error: \[Errno 20\] Not a directory")]:
+        out = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs' / 'tiny.py'}",
+                              f"--workdir={tmp_path / 'run'}", *args], cwd=tmp_path, text=True, capture_output=True,
+                             env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert len(out.stderr.strip().splitlines()) == 1 and __import__("re").search(match, out.stderr), out.stderr
 
 
 @pytest.mark.parametrize("override,match", [
     ({"batch_size": 6}, None),  # fine on one device
     ({"log_every": 3, "steps_per_dispatch": 2}, r"training.log_every \(3\) must be a multiple"),
-    ({"num_steps": -1}, "training.num_steps must be a positive integer"),
+    ({"num_steps": -1}, "training.num_steps must be an integer >= 0"),
+    ({"keep_checkpoints": 0}, "training.keep_checkpoints must be a positive integer"),
+    ({"lr": -1e-4}, "training.lr must be a finite number > 0"),
+    ({"lr": float("nan")}, "training.lr must be a finite number > 0"),
+    ({"ema_decay": 1.0}, r"training.ema_decay must be a number in \[0, 1\)"),
+    ({"lrr": 1e-4}, "unknown config field training.lrr; the training block has batch_size"),
     ({"diffusion.schedule": "cosinus"}, "diffusion.schedule must be one of"),
     ({"diffusion.prediction_type": "score"}, "diffusion.prediction_type must be one of"),
+    ({"data.channels": 2}, r"data.channels must be 1 \(grey\) or 3 \(RGB\)"),
+    ({"model.ch_mul": (1, 2)}, "unknown config field model.ch_mul"),
+    ({"model.kind": "transformer"}, "model kind must be one of unet"),
 ])
 def test_bad_training_configs(override, match):
     c = tiny_config(**{k: v for k, v in override.items() if "." not in k})
@@ -305,22 +421,15 @@ def test_bad_training_configs(override, match):
             block, field = k.split(".")
             c[block][field] = v
     if match is None:
-        training.validate_config(c)
+        validate_config(c)
     else:
         with pytest.raises(ValueError, match=match):
-            training.validate_config(c)
+            validate_config(c)
 
 
-def test_global_batch_must_divide_by_the_device_count():
-    code = """
-    import sys; sys.path.insert(0, '.')
-    from configs.tiny import get_config
-    from ddim_jax import training
-    c = get_config(); c.training.batch_size = 6
-    try:
-        training.validate_config(c)
-    except ValueError as e:
-        print(e)
-    """
-    out = run_python(code, devices=4)
-    assert "training.batch_size (6) must be divisible by the number of devices (4)" in out
+def test_global_batch_must_divide_by_the_device_count_and_fit_in_memory(tmp_path):
+    with pytest.raises(ValueError, match=r"training.batch_size \(6\) must be divisible by the number of devices \(4\)"):
+        validate_config(tiny_config(batch_size=6), num_devices=4)
+    with pytest.raises(ValueError, match=r"training.batch_size=800000000 needs .* GiB of host memory"):
+        train(tmp_path, batch_size=800_000_000)
+    assert not os.listdir(tmp_path)  # refused before anything was written

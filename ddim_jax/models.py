@@ -1,0 +1,307 @@
+"""One model description, one on-disk format, one loader.
+
+A :class:`ModelSpec` says everything needed to rebuild and use a trained network: its kind and that
+kind's arguments, the image size and channels, the noise schedule (in this project's names), the
+prediction type and the conditioning. A model directory holds exactly two files::
+
+    spec.json            {"format": "ddim_jax.model", "version": 1, "spec": {...}}
+    params.safetensors   the float32 parameters, keys joined with "/" (e.g. "down_0_block_0/conv1/kernel")
+
+Training runs export their EMA parameters in this format (``workdir/model``), ``python -m
+ddim_jax.convert`` writes it, and :func:`load` reads it, a training workdir, or one of the workdir's
+checkpoints. A new kind of network (an autoencoder, a conditional UNet) is one more entry in
+:data:`KINDS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddim_jax import files
+from ddim_jax.diffusion import PREDICTION_TYPES
+from ddim_jax.schedules import Schedule, make_schedule
+
+FORMAT = "ddim_jax.model"
+FORMAT_VERSION = 1
+SPEC_FILE = "spec.json"
+PARAMS_FILE = "params.safetensors"
+EXPORT_DIR = "model"  # a training workdir's exported EMA model
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+    """How to build one kind of network from a spec.
+
+    ``build(spec)`` returns the Flax module; ``arch_fields`` are the names ``spec.arch`` may hold;
+    ``example_inputs(spec)`` are the positional arguments of one call (used to create parameters).
+    """
+
+    build: Callable[["ModelSpec"], Any]
+    arch_fields: tuple[str, ...]
+    example_inputs: Callable[["ModelSpec"], tuple]
+
+
+def _build_unet(spec: "ModelSpec"):
+    from ddim_jax.unet import UNet
+
+    return UNet(out_ch=spec.channels, num_classes=spec.num_classes, **spec.arch)
+
+
+def _unet_inputs(spec: "ModelSpec") -> tuple:
+    x = jnp.zeros((1, spec.image_size, spec.image_size, spec.channels), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    return (x, t) if spec.num_classes is None else (x, t, jnp.zeros((1,), jnp.int32))
+
+
+KINDS: dict[str, ModelKind] = {
+    # DDPM's noise-prediction UNet (ddim_jax.unet.UNet); out_ch and num_classes come from the spec.
+    "unet": ModelKind(_build_unet, ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
+                                    "resamp_with_conv"), _unet_inputs),
+}
+
+_SHAPES: dict = {}  # param_shapes by architecture (tracing a network takes a while)
+_SCHEDULE_FIELDS = ("name", "num_timesteps", "beta_start", "beta_end", "betas", "rescale_zero_terminal_snr")
+
+
+def _frozen(v):
+    """Lists become tuples (JSON round trips and Flax module fields need hashable values)."""
+    if isinstance(v, (list, tuple)):
+        return tuple(_frozen(x) for x in v)
+    if isinstance(v, Mapping):
+        return {k: _frozen(x) for k, x in v.items()}
+    return v
+
+
+def _jsonable(v):
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild and use a model. ``info`` records provenance (where the model came
+    from, the training step, the data block it was trained on); it is not part of the model and
+    takes no part in comparisons."""
+
+    kind: str
+    arch: Mapping[str, Any]
+    image_size: int
+    channels: int
+    schedule: Mapping[str, Any]
+    prediction_type: str = "epsilon"
+    num_classes: int | None = None
+    info: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"model kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        unknown = sorted(set(self.arch) - set(KINDS[self.kind].arch_fields))
+        if unknown:
+            raise ValueError(f"unknown {self.kind} argument {unknown[0]!r}; allowed: "
+                             f"{', '.join(KINDS[self.kind].arch_fields)}")
+        for name in ("image_size", "channels"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer; got {v!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; "
+                             f"got {self.prediction_type!r}")
+        if self.num_classes is not None and (not isinstance(self.num_classes, (int, np.integer))
+                                             or isinstance(self.num_classes, bool) or self.num_classes < 1):
+            raise ValueError(f"num_classes must be None (unconditional) or a positive integer; "
+                             f"got {self.num_classes!r}")
+        unknown = sorted(set(self.schedule) - set(_SCHEDULE_FIELDS))
+        if unknown or "name" not in self.schedule:
+            raise ValueError(f"schedule must have a name and only the fields {', '.join(_SCHEDULE_FIELDS)}; "
+                             f"got {dict(self.schedule)!r}")
+        object.__setattr__(self, "arch", _frozen(dict(self.arch)))
+        object.__setattr__(self, "schedule", _frozen(dict(self.schedule)))
+        object.__setattr__(self, "image_size", int(self.image_size))
+        object.__setattr__(self, "channels", int(self.channels))
+        self.make_schedule()  # a bad schedule fails here, not at sampling time
+
+    # -- using it
+
+    def build(self):
+        """The network (a Flax module)."""
+        return KINDS[self.kind].build(self)
+
+    def make_schedule(self) -> Schedule:
+        s = dict(self.schedule)
+        return make_schedule(s.pop("name"), **s)
+
+    def init_params(self, key) -> dict:
+        """Freshly initialised parameters."""
+        return jax.jit(lambda k: self.build().init(k, *KINDS[self.kind].example_inputs(self))["params"])(key)
+
+    def param_shapes(self) -> dict:
+        """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, computing nothing."""
+        key = json.dumps(self.architecture(), sort_keys=True)
+        if key not in _SHAPES:
+            _SHAPES[key] = jax.eval_shape(
+                lambda k: self.build().init(k, *KINDS[self.kind].example_inputs(self))["params"], jax.random.key(0))
+        return _SHAPES[key]
+
+    def eps_fn(self, params, y=None):
+        """``eps_fn(x, t)`` for the samplers (params and ``y`` are leaves, so jit caches hit)."""
+        from ddim_jax.unet import make_eps_fn
+
+        return make_eps_fn(self.build(), params, y)
+
+    # -- storing it
+
+    def to_dict(self) -> dict:
+        return _jsonable({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown model spec field {unknown[0]!r}; allowed: {', '.join(sorted(names))}")
+        missing = sorted({"kind", "arch", "image_size", "channels", "schedule"} - set(d))
+        if missing:
+            raise ValueError(f"model spec is missing the field {missing[0]!r}")
+        return cls(**d)
+
+    def architecture(self) -> dict:
+        """What fixes the parameter shapes (to compare a checkpoint with a config before reading arrays)."""
+        d = self.to_dict()
+        return {k: d[k] for k in ("kind", "arch", "image_size", "channels", "num_classes")}
+
+
+def spec_from_config(config) -> ModelSpec:
+    """The spec of the model a training config (ml_collections or its JSON dict) trains."""
+    d = config if isinstance(config, Mapping) else json.loads(config.to_json())
+    model, data, f = dict(d["model"]), d["data"], d["diffusion"]
+    kind = model.pop("kind", "unet")
+    num_classes = model.pop("num_classes", None)
+    schedule = {"name": f["schedule"], "num_timesteps": f["num_timesteps"]}
+    if f["schedule"] != "cosine":
+        schedule.update(beta_start=f["beta_start"], beta_end=f["beta_end"])
+    return ModelSpec(kind, model, data["image_size"], data["channels"], schedule, f["prediction_type"],
+                     num_classes, info={"data": dict(data)})
+
+
+# ---------------------------------------------------------------------------------------------
+# The format.
+
+
+def is_model_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, SPEC_FILE))
+
+
+def save(path: str, spec: ModelSpec, params, *, overwrite: bool = False) -> str:
+    """Writes ``spec`` and ``params`` to the model directory ``path`` (atomically; returns its absolute path).
+
+    The params must match the spec's shapes and be finite. An existing ``path`` is replaced only with
+    ``overwrite`` and only if it is a model directory (or empty).
+    """
+    from safetensors.numpy import save_file
+
+    flat = _flatten(jax.tree.map(lambda a: np.asarray(a, np.float32), params))
+    _check_params(flat, spec, os.fspath(path))
+    bad = [k for k, v in flat.items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise FloatingPointError(f"refusing to save non-finite parameters ({len(bad)} arrays, e.g. {bad[0]})")
+    with files.replace_dir(os.fspath(path), overwrite=overwrite, may_replace=is_model_dir) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, os.path.join(tmp, PARAMS_FILE))
+        files.write_json(os.path.join(tmp, SPEC_FILE),
+                         {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec.to_dict()})
+    return os.path.abspath(os.fspath(path))
+
+
+def load(path: str, *, step: int | None = None, use_ema: bool = True) -> tuple[ModelSpec, dict]:
+    """``(spec, params)`` from a model directory, or from a training workdir.
+
+    For a workdir: its exported EMA model (``workdir/model``) when that is as new as its newest
+    checkpoint, else the newest readable checkpoint; ``step`` picks a checkpoint and ``use_ema=False``
+    its raw (non-EMA) parameters. Nothing on disk is changed.
+    """
+    path = os.fspath(path)
+    if is_model_dir(path):
+        if step is not None or not use_ema:
+            raise ValueError(f"{path} is a model directory (one set of parameters): step and use_ema apply "
+                             "to training workdirs only")
+        return _load_dir(path)
+    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "params")):
+        raise ValueError(f"{path} is in the old converted-checkpoint layout; convert the source again with "
+                         "python -m ddim_jax.convert")
+    if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "config.json")):
+        from ddim_jax.training import checkpoints
+
+        export = os.path.join(path, EXPORT_DIR)
+        if step is None and use_ema and is_model_dir(export):
+            spec, params = _load_dir(export)
+            if spec.info.get("step", -1) >= max(checkpoints.step_dirs(path), default=-1):
+                return spec, params
+        return checkpoints.load_params(path, step=step, use_ema=use_ema)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    raise FileNotFoundError(f"{path} is neither a model directory ({SPEC_FILE}) nor a training workdir")
+
+
+def _load_dir(path: str) -> tuple[ModelSpec, dict]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    spec_path = os.path.join(path, SPEC_FILE)
+    try:
+        with open(spec_path) as f:
+            doc = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{spec_path} is not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or "spec" not in doc:
+        raise ValueError(f"{spec_path} is not a {FORMAT} spec file")
+    if doc.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{spec_path} has format version {doc['version']}; this ddim_jax reads up to "
+                         f"{FORMAT_VERSION}: upgrade ddim_jax")
+    spec = ModelSpec.from_dict(doc["spec"])
+    params_path = os.path.join(path, PARAMS_FILE)
+    if not os.path.isfile(params_path):
+        raise FileNotFoundError(f"{params_path} is missing")
+    try:
+        flat = load_file(params_path)
+    except (SafetensorError, ValueError, OSError) as e:
+        raise ValueError(f"cannot read {params_path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    _check_params(flat, spec, path)
+    return spec, _unflatten({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
+
+
+def _flatten(params) -> dict[str, np.ndarray]:
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(dict(params), sep="/")
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+    from flax import traverse_util
+
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
+
+
+def _check_params(flat: Mapping[str, Any], spec: ModelSpec, where: str) -> None:
+    """The parameter names and shapes equal the spec's, or a one-line error naming the first difference."""
+    want = {k: tuple(v.shape) for k, v in _flatten(spec.param_shapes()).items()}
+    got = {k: tuple(np.shape(v)) for k, v in flat.items()}
+    for k in sorted(set(want) | set(got)):
+        if k not in got:
+            raise ValueError(f"{where}: parameter {k} of the spec's {spec.kind} is missing")
+        if k not in want:
+            raise ValueError(f"{where}: parameter {k} is not in the spec's {spec.kind}")
+        if want[k] != got[k]:
+            raise ValueError(f"{where}: parameter {k} has shape {got[k]}; the spec's {spec.kind} needs {want[k]}")
+
+

@@ -1,0 +1,223 @@
+"""Training checkpoints: orbax state + a JSON record (step, data position, config) per step.
+
+Only a checkpoint proven unreadable (files missing, truncated or failing their own metadata) is
+moved to ``workdir/corrupt_checkpoints/``; any other error (permissions, a full or failing disk, a
+bug) stops with that error and changes nothing. Every checkpoint carries the config it was written
+with, so it is compared with the given config on its own, whatever ``config.json`` says.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from ddim_jax.config import config_differences
+from ddim_jax.models import ModelSpec, spec_from_config
+from ddim_jax.parallel import host, host_tree, make_mesh
+from ddim_jax.training.state import TrainState, abstract_state
+
+log = logging.getLogger("ddim_jax")
+
+CHECKPOINTS = "checkpoints"
+CORRUPT = "corrupt_checkpoints"
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint whose files are missing, truncated or inconsistent."""
+
+
+def step_dirs(workdir: str) -> list[int]:
+    """Steps of the finished checkpoints in ``workdir`` (orbax writes unfinished ones under other names)."""
+    d = os.path.join(workdir, CHECKPOINTS)
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+# tensorstore and orbax report unreadable data with these status codes; the rest (PERMISSION_DENIED,
+# RESOURCE_EXHAUSTED, UNAVAILABLE, ...) are about the machine, not the checkpoint.
+_CORRUPTION_CODES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "INVALID_ARGUMENT", "FAILED_PRECONDITION")
+
+
+def is_corruption(e: BaseException) -> bool:
+    """Whether an error while restoring proves the checkpoint unreadable (rather than the machine failing)."""
+    if isinstance(e, (CorruptCheckpoint, FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError)):
+        return True
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOENT, errno.ENOTDIR)
+    if isinstance(e, (MemoryError, KeyboardInterrupt, SystemExit)):
+        return False
+    text = f"{type(e).__name__}: {e}"
+    if any(code in text for code in ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "ABORTED",
+                                     "DEADLINE_EXCEEDED", "Input/output error", "No space left")):
+        return False
+    return any(code in text for code in _CORRUPTION_CODES) or isinstance(e, (ValueError, KeyError, TypeError,
+                                                                              EOFError))
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+class Checkpointer:
+    """Orbax CheckpointManager over ``workdir/checkpoints``: state + JSON metadata."""
+
+    def __init__(self, workdir: str, keep: int, *, create: bool = True):
+        self.workdir = os.path.abspath(workdir)
+        self.dir = os.path.join(self.workdir, CHECKPOINTS)
+        self.manager = ocp.CheckpointManager(
+            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                                           enable_async_checkpointing=True))
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, state: TrainState, meta: dict):
+        if not bool(host(_all_finite((state.params, state.ema_params)))):
+            raise FloatingPointError(f"refusing to save a checkpoint with non-finite parameters at step {meta['step']}")
+        self.manager.save(meta["step"], args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                 meta=ocp.args.JsonSave(meta)), force=True)
+
+    def read_meta(self, step: int) -> dict:
+        """The JSON record of ``step``; CorruptCheckpoint if it is missing or malformed."""
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as e:  # noqa: BLE001 -- classified below
+            if is_corruption(e):
+                raise CorruptCheckpoint(f"checkpoint {step}: its metadata cannot be read ({_first_line(e)})") from None
+            raise
+        if not isinstance(meta, dict) or not {"step", "config"} <= set(meta):
+            raise CorruptCheckpoint(f"checkpoint {step}: its metadata lacks the step and config")
+        return meta
+
+    def restore_state(self, step: int, abstract: TrainState) -> TrainState:
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+        except Exception as e:  # noqa: BLE001 -- classified below
+            if is_corruption(e):
+                raise CorruptCheckpoint(f"checkpoint {step}: its arrays cannot be read ({_first_line(e)})") from None
+            raise RuntimeError(f"checkpoint {step} in {self.dir} could not be read ({_first_line(e)}); nothing "
+                               "was changed: fix the cause and run again") from None
+
+    def move_aside(self, step: int) -> str:
+        aside = os.path.join(self.workdir, CORRUPT, str(step))
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            if os.path.exists(aside):
+                aside = f"{aside}.{len(os.listdir(os.path.dirname(aside)))}"
+            shutil.move(os.path.join(self.dir, str(step)), aside)
+        self.manager.reload()
+        return aside
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
+
+
+@jax.jit
+def _all_finite(tree):
+    import jax.numpy as jnp
+
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def resume(ckpt: Checkpointer, config, mesh, *, allow_config_change: bool):
+    """``(state, meta)`` of the newest readable checkpoint, or None when the run has none.
+
+    Each checkpoint's own config is compared with ``config``: other fields than those a resumed run
+    may change are refused unless ``allow_config_change``; another architecture is always refused.
+    Unreadable checkpoints are moved aside with a warning. If the run had checkpoints (or has
+    checkpoints moved aside) and none can be restored, this raises: it never silently starts over.
+    """
+    given = json.loads(config.to_json())
+    want = spec_from_config(given).architecture()
+    errors = []
+    for step in reversed(ckpt.steps()):
+        try:
+            meta = ckpt.read_meta(step)
+            saved = meta["config"]
+            diff = config_differences(saved, given)
+            if diff and not allow_config_change:
+                raise ValueError(f"workdir {ckpt.workdir!r} holds a run with a different config ({', '.join(diff[:8])}) "
+                                 "in its checkpoints; use another --workdir, or pass --override_config to continue "
+                                 "with the new one")
+            have = _architecture_or_corrupt(saved, step)
+            if have != want:
+                raise ValueError(f"checkpoint {step} in {ckpt.dir} holds a model of another architecture "
+                                 f"({_diff_keys(have, want)})")
+            state = ckpt.restore_state(step, abstract_state(config, mesh))
+            return state, meta
+        except CorruptCheckpoint as e:
+            aside = ckpt.move_aside(step)
+            errors.append(str(e))
+            log.warning("%s; moved to %s, trying the previous one", e, aside)
+    corrupt = os.path.join(ckpt.workdir, CORRUPT)
+    if errors or (os.path.isdir(corrupt) and os.listdir(corrupt)):
+        raise RuntimeError(f"no checkpoint of the run in {ckpt.workdir} could be restored "
+                           f"({errors[0] if errors else 'all are in ' + corrupt}); refusing to start over from "
+                           f"step 0: move {corrupt} away to start a new run there")
+    return None
+
+
+def _architecture_or_corrupt(saved_config: dict, step: int) -> dict:
+    try:
+        return spec_from_config(saved_config).architecture()
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptCheckpoint(f"checkpoint {step}: its recorded config is unusable ({_first_line(e)})") from None
+
+
+def _diff_keys(a: dict, b: dict) -> str:
+    from ddim_jax.config import flatten
+
+    fa, fb = flatten(a), flatten(b)
+    return ", ".join(f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k))
+
+
+def load_checkpoint(workdir: str, step: int | None = None):
+    """``(config, state, meta)`` of the newest readable checkpoint (or ``step``) of a training run, on
+    this process's first device. Each checkpoint is read with its own recorded config; nothing on disk
+    is changed. An unreadable ``step`` is an error naming the checkpoint; without ``step`` unreadable
+    checkpoints are skipped with a warning."""
+    if not os.path.isdir(os.path.join(workdir, CHECKPOINTS)):
+        raise FileNotFoundError(f"workdir {workdir!r} has no {CHECKPOINTS}/ directory")
+    ckpt = Checkpointer(workdir, keep=1 << 30, create=False)
+    try:
+        steps = ckpt.steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {ckpt.dir}")
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.dir} (have: {steps})")
+        mesh = make_mesh(jax.local_devices()[:1])
+        errors = []
+        for s in [step] if step is not None else reversed(steps):
+            try:
+                meta = ckpt.read_meta(s)
+                config = ml_collections.ConfigDict(meta["config"])
+                _architecture_or_corrupt(meta["config"], s)
+                return config, ckpt.restore_state(s, abstract_state(config, mesh)), meta
+            except CorruptCheckpoint as e:
+                if step is not None:
+                    raise ValueError(f"{e} (in {ckpt.dir})") from None
+                errors.append(str(e))
+                log.warning("%s; trying the previous one", e)
+        raise ValueError(f"no checkpoint in {ckpt.dir} could be read (newest: {errors[0]})")
+    finally:
+        ckpt.close()
+
+
+def load_params(workdir: str, *, step: int | None = None, use_ema: bool = True) -> tuple[ModelSpec, dict]:
+    """``(spec, params)`` of a training checkpoint (see :func:`load_checkpoint`); EMA params by default."""
+    config, state, meta = load_checkpoint(workdir, step)
+    spec = spec_from_config(meta["config"])
+    info = dict(spec.info, source=f"{os.path.abspath(workdir)} (step {meta['step']}, "
+                                  f"{'EMA' if use_ema else 'raw'} params)", step=int(meta["step"]))
+    spec = ModelSpec(**{**{f: getattr(spec, f) for f in ("kind", "arch", "image_size", "channels", "schedule",
+                                                         "prediction_type", "num_classes")}, "info": info})
+    return spec, host_tree(state.ema_params if use_ema else state.params)

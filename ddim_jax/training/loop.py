@@ -1,0 +1,212 @@
+"""The training loop: check everything, lock the workdir, resume, step, log, checkpoint, export.
+
+Nothing in the workdir is written before the config is validated, the data is opened and the
+checkpoints are checked against the config; ``config.json`` is then written atomically. One
+process at a time may train in a workdir (:class:`ddim_jax.files.WorkdirLock`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ddim_jax import data as data_lib
+from ddim_jax import files, models
+from ddim_jax.config import config_differences, to_dict, validate_config
+from ddim_jax.images import save_grid
+from ddim_jax.parallel import host, make_mesh
+from ddim_jax.training.checkpoints import Checkpointer, resume
+from ddim_jax.training.metrics import MetricsWriter, due
+from ddim_jax.training.state import TrainState, cached_train_step, init_state
+
+log = logging.getLogger("ddim_jax")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    steps_run: int
+    wall_time: float
+    images_per_sec: float
+    preempted: bool
+
+
+class _Stop:
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        log.warning("received signal %d: saving a checkpoint and exiting", signum)
+        self.requested = True
+
+
+def check_batch_fits(config, num_processes: int) -> None:
+    """Refuses a global batch whose per-process host buffers (uint8 images and their float32 copy
+    for one dispatch) exceed the memory available now."""
+    t, d = config.training, config.data
+    need = t.steps_per_dispatch * (t.batch_size // max(num_processes, 1)) * d.image_size ** 2 * d.channels * 5
+    have = files.available_memory()
+    if need > have:
+        raise ValueError(f"training.batch_size={t.batch_size} needs {need / 2**30:.1f} GiB of host memory per "
+                         f"process for one batch of {d.image_size}x{d.image_size}x{d.channels} images; "
+                         f"{have / 2**30:.1f} GiB are available")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False,
+          progress: bool = True, devices=None) -> TrainResult:
+    """Trains (or resumes) the run in ``workdir`` on ``devices`` (default: all); returns when
+    ``training.num_steps`` are done, after a SIGTERM (having saved), or raises after ``max_nonfinite``
+    non-finite losses in a row."""
+    mesh = make_mesh(devices)
+    validate_config(config, mesh.devices.size, jax.process_count())
+    check_batch_fits(config, jax.process_count())
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    lock = files.WorkdirLock(workdir).acquire() if is_main else None
+    try:
+        return _train_locked(config, workdir, mesh, is_main, allow_config_change, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(config, workdir, mesh, is_main, allow_config_change, progress) -> TrainResult:
+    t_cfg = config.training
+    cfg_dict = to_dict(config)
+    source = data_lib.make_source(config.data)
+    if len(source) < 1:
+        raise ValueError(f"dataset {config.data.dataset!r} is empty")
+    cfg_path = os.path.join(workdir, "config.json")
+    ckpt = Checkpointer(workdir, t_cfg.keep_checkpoints)
+    try:
+        restored = resume(ckpt, config, mesh, allow_config_change=allow_config_change)
+        if restored is None and os.path.exists(cfg_path) and not allow_config_change:
+            # A run that stopped before its first checkpoint: its config.json is all there is to compare.
+            import json
+
+            with open(cfg_path) as f:
+                diff = config_differences(json.load(f), cfg_dict)
+            if diff:
+                raise ValueError(f"workdir {workdir!r} holds a run with a different config ({', '.join(diff[:8])}); "
+                                 "use another --workdir, or pass --override_config to continue with the new one")
+        if restored is not None:
+            state, meta = restored
+            if is_main:
+                print(f"resuming from step {meta['step']} in {ckpt.dir}", flush=True)
+        else:
+            state = init_state(config, mesh)
+        if is_main:
+            files.write_json(cfg_path, cfg_dict)
+        return _loop(config, workdir, mesh, is_main, progress, source, ckpt, state)
+    finally:
+        ckpt.wait()
+        ckpt.close()
+
+
+def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state) -> TrainResult:
+    from ddim_jax import experiments
+
+    t_cfg = config.training
+    spec = models.spec_from_config(config)
+    cfg_dict = to_dict(config)
+    start = int(host(state.step))
+    train_step = cached_train_step(config, mesh)
+    batch_sharding = NamedSharding(mesh, P(None, "data"))
+    k, last = t_cfg.steps_per_dispatch, t_cfg.num_steps
+
+    def checkpoint(step):
+        ckpt.save(state, {"step": step, "data_position": step, "seed": t_cfg.seed,
+                          "global_batch": t_cfg.batch_size, "config": cfg_dict})
+        if is_main:  # the EMA model in the one model format, for sample.py and for sharing
+            info = dict(spec.info, source=f"{os.path.abspath(workdir)} (step {step}, EMA params)", step=step)
+            models.save(os.path.join(workdir, models.EXPORT_DIR), dataclasses.replace(spec, info=info),
+                        jax.tree.map(host, state.ema_params), overwrite=True)
+
+    writer = MetricsWriter(workdir, start_step=start, total_steps=last, enabled=is_main, progress=progress)
+    stop = _Stop()
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    t0 = time.time()
+    step, pending, preempted = start, [], False
+    last_log_time, last_log_step = t0, start
+    try:
+        while step < last:
+            n = min(k, last - step)  # a shorter tail compiles once more
+            local = np.stack([data_lib.process_batch(source, t_cfg.batch_size, step + i, t_cfg.seed,
+                                                     jax.process_index(), jax.process_count()) for i in range(n)])
+            images = jax.make_array_from_process_local_data(batch_sharding, local,
+                                                            (n, t_cfg.batch_size) + local.shape[2:])
+            state, metrics = train_step(state, images)
+            if pending:  # one dispatch stays in flight; the bar shows the steps that have finished
+                jax.block_until_ready(pending[-1][1])
+                writer.completed(pending[-1][0])
+            pending.append((n, metrics))
+            step += n
+            if due(step, t_cfg.log_every, last):
+                m = [jax.tree.map(host, x) for _, x in pending]
+                writer.completed(pending[-1][0])
+                pending = []
+                now = time.time()
+                sps = (step - last_log_step) / max(now - last_log_time, 1e-9)
+                last_log_time, last_log_step = now, step
+                losses = np.concatenate([x["loss"] for x in m])
+                finite = np.concatenate([x["finite"] for x in m])
+                norms = np.concatenate([x["grad_norm"] for x in m])
+                writer.write({"step": step, "loss": float(np.mean(losses[finite])) if finite.any() else float("nan"),
+                              "grad_norm": float(np.mean(norms[finite])) if finite.any() else float("nan"),
+                              "steps_per_sec": sps, "nonfinite_total": int(host(state.nonfinite_total))})
+                in_a_row = int(host(state.nonfinite_in_a_row))
+                if in_a_row >= t_cfg.max_nonfinite:
+                    saved = ckpt.steps()
+                    raise FloatingPointError(
+                        f"stopped at step {step}: {in_a_row} non-finite losses in a row (each update was skipped; "
+                        f"parameters are still finite). Lower training.lr or check the data; "
+                        + (f"the last checkpoint (step {saved[-1]}) in {ckpt.dir} is intact" if saved
+                           else "no checkpoint was written yet"))
+            if due(step, t_cfg.checkpoint_every, last):
+                checkpoint(step)
+            if t_cfg.sample_every and due(step, t_cfg.sample_every, last):
+                model = experiments.Model(spec, state.ema_params, mesh)
+                imgs = experiments.generate(model, t_cfg.num_sample_images, t_cfg.num_sample_images,
+                                            t_cfg.sample_steps, seed=t_cfg.seed + 1, progress=False)
+                if is_main:
+                    save_grid(imgs, os.path.join(workdir, "samples", f"step_{step:08d}.png"),
+                              scale=max(1, 64 // config.data.image_size))
+            if _should_stop(stop.requested, step % t_cfg.log_every == 0):
+                if not due(step, t_cfg.checkpoint_every, last):
+                    checkpoint(step)
+                preempted = True
+                break
+    finally:
+        writer.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    wall = time.time() - t0
+    ips = (step - start) * t_cfg.batch_size / max(wall, 1e-9)
+    if is_main:
+        print(f"{'preempted' if preempted else 'done'}: step {step} ({step - start} this run) in {wall:.1f} s, "
+              f"{ips:.1f} images/s, {int(host(state.nonfinite_total))} non-finite steps skipped; workdir {workdir}",
+              flush=True)
+    return TrainResult(state, step - start, wall, ips, preempted)
+
+
+def _should_stop(local: bool, sync_point: bool) -> bool:
+    """Whether any process was asked to stop. With several processes they must all decide alike, so
+    they compare flags only at ``sync_point`` steps (the logging steps)."""
+    if jax.process_count() == 1:
+        return local
+    if not sync_point:
+        return False
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(local))))

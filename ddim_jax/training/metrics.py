@@ -1,0 +1,75 @@
+"""What a run reports: ``metrics.jsonl``, TensorBoard scalars and a progress bar, written by process 0.
+
+On resume, ``metrics.jsonl`` is cut back to the restored step first, so the steps run again after
+the last checkpoint appear once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ddim_jax import files
+
+METRICS = "metrics.jsonl"
+
+
+def due(step: int, every: int, last_step: int) -> bool:
+    """Whether something done every ``every`` steps (0 = never) is due after ``step``; always at the last step."""
+    return step == last_step or (every > 0 and step % every == 0)
+
+
+def truncate_metrics(path: str, step: int) -> int:
+    """Drops the rows of ``metrics.jsonl`` after ``step`` (and any torn last line); returns the rows kept."""
+    if not os.path.exists(path):
+        return 0
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(json.dumps(row))
+    files.write_text(path, "".join(x + "\n" for x in kept))
+    return len(kept)
+
+
+class MetricsWriter:
+    """jsonl + TensorBoard + tqdm for one run; a no-op on processes other than 0 (and the bar with
+    ``progress=False``). The bar counts completed steps, not dispatched ones."""
+
+    def __init__(self, workdir: str, *, start_step: int, total_steps: int, enabled: bool, progress: bool):
+        from tqdm.auto import tqdm
+
+        self.enabled = enabled
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not (enabled and progress), unit="step",
+                        dynamic_ncols=True, desc="train")
+        self._file = self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            path = os.path.join(workdir, METRICS)
+            truncate_metrics(path, start_step)
+            self._file = open(path, "a")
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def completed(self, n: int):
+        self.bar.update(n)
+
+    def write(self, row: dict):
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", steps_s=f"{row['steps_per_sec']:.2f}")
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        for k, v in row.items():
+            if k != "step":
+                self._tb.add_scalar(k, v, row["step"])
+
+    def close(self):
+        self.bar.close()
+        if self._file is not None:
+            self._file.close()
+            self._tb.close()

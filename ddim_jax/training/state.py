@@ -1,0 +1,161 @@
+"""The train state, the optimizer and the data-parallel train step.
+
+The step is written pmap-style: a per-device function sees its rows of the global batch, computes
+gradients, averages gradients and metrics with ``lax.pmean`` over the ``'data'`` mesh axis, and
+applies the update to replicated parameters. It runs under ``jax.jit(jax.shard_map(...))`` on a
+1-D mesh of every device of every host (the form JAX recommends now that ``jax.pmap`` is in
+maintenance mode). Randomness is stateless: example ``i`` of the global batch at step ``s`` draws
+its timestep, noise and flip from ``fold_in(fold_in(key(seed), s), i)``, so the losses do not
+depend on how many devices or hosts share the batch, and a resumed run draws what an uninterrupted
+one would. (Dropout masks are drawn per device and do depend on the layout.)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ddim_jax.config import RESUMABLE_CHANGES, flatten, to_dict
+from ddim_jax.diffusion import per_example_loss
+from ddim_jax.models import KINDS, spec_from_config
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32, steps taken (skipped non-finite ones included)
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    nonfinite_in_a_row: jax.Array
+    nonfinite_total: jax.Array
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """Adam with a linear warmup to ``lr``, after clipping the (device-averaged) gradient's global norm."""
+    t = config.training
+    warmup = max(t.warmup_steps, 1)
+
+    def lr(count):  # update k (0-based) uses lr * min((k + 1) / warmup, 1): the first update is not zero
+        return t.lr * jnp.minimum((count + 1) / warmup, 1.0)
+
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip), optax.adam(lr))
+
+
+def _init_fn(config):
+    spec, tx = spec_from_config(config), make_optimizer(config)
+
+    def init(key):
+        params = spec.build().init(key, *KINDS[spec.kind].example_inputs(spec))["params"]
+        z = jnp.zeros((), jnp.int32)
+        return TrainState(step=z, params=params, ema_params=params, opt_state=tx.init(params),
+                          nonfinite_in_a_row=z, nonfinite_total=z)
+
+    return init
+
+
+def init_state(config, mesh) -> TrainState:
+    """The initial state, created directly in its replicated sharding (compiled once per config and mesh)."""
+    key = _cache_key(config, mesh, "init")
+    if key not in _CACHE:
+        _CACHE[key] = jax.jit(_init_fn(config), out_shardings=NamedSharding(mesh, P()))
+    return _CACHE[key](jax.random.key(config.training.seed))
+
+
+def abstract_state(config, mesh) -> TrainState:
+    """Shapes, dtypes and (replicated) shardings of the train state, without computing it."""
+    shapes = jax.eval_shape(_init_fn(config), jax.random.key(0))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, P())), shapes)
+
+
+def make_train_step(config, mesh, model=None):
+    """``(state, images) -> (state, metrics)``: ``images`` uint8 ``[k, global_batch, H, W, C]`` sharded over
+    the batch axis, k steps in one call; metrics have leading dim k. ``model`` (default: the config's
+    network) is anything with Flax's ``apply``."""
+    t_cfg = config.training
+    seed, decay, flip = t_cfg.seed, t_cfg.ema_decay, config.data.random_flip
+    spec = spec_from_config(config)
+    model = spec.build() if model is None else model
+    tx, schedule, prediction_type = make_optimizer(config), spec.make_schedule(), spec.prediction_type
+    T = schedule.num_timesteps
+
+    def one_step(state: TrainState, images):
+        b = images.shape[0]
+        device = jax.lax.axis_index("data")
+        step_key = jax.random.fold_in(jax.random.key(seed), state.step)
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, device * b + jnp.arange(b))
+        kt, kn, kf = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(3))
+        x0 = images.astype(jnp.float32) / 127.5 - 1.0
+        if flip:
+            do_flip = jax.vmap(jax.random.bernoulli)(kf)
+            x0 = jnp.where(do_flip[:, None, None, None], x0[:, :, ::-1], x0)
+        t = jax.vmap(lambda k: jax.random.randint(k, (), 0, T, jnp.int32))(kt)
+        noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(kn)
+        dropout_key = jax.random.fold_in(jax.random.fold_in(step_key, 1 << 30), device)
+
+        def loss_fn(params):
+            def eps_fn(x, tt):
+                return model.apply({"params": params}, x, tt, train=True, rngs={"dropout": dropout_key})
+
+            return jnp.mean(per_example_loss(eps_fn, schedule, x0, t, noise, prediction_type=prediction_type))
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        grads, loss = jax.lax.pmean((grads, loss), "data")
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            ema_params=keep(ema, state.ema_params),
+            opt_state=keep(opt_state, state.opt_state),
+            nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+            nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1),
+        )
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+
+    def per_device(state, images):
+        if not on_cpu:
+            return jax.lax.scan(one_step, state, images)
+        # XLA:CPU computes convolution filter gradients ~60x slower inside a while loop (a scan of
+        # length 1 included), so on CPU the k steps are unrolled into straight-line code.
+        metrics = []
+        for i in range(images.shape[0]):
+            state, m = one_step(state, images[i])
+            metrics.append(m)
+        return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
+
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(None, "data")), out_specs=(P(), P()),
+                            check_vma=False)
+    return jax.jit(sharded, donate_argnums=0)
+
+
+# Compiled programs by (config without the fields a resumed run may change, devices, what): repeated
+# ``train`` calls in one process (resuming in a notebook, the tests) reuse them.
+_CACHE: dict = {}
+
+
+def _cache_key(config, mesh, what: str) -> tuple:
+    d = flatten(to_dict(config))
+    return (json.dumps({k: v for k, v in d.items() if k not in RESUMABLE_CHANGES and k != "training.seed"},
+                       sort_keys=True), tuple(dev.id for dev in mesh.devices.flat), what,
+            config.training.seed if what == "step" else None)
+
+
+def cached_train_step(config, mesh):
+    """``make_train_step`` for this config and mesh, built once per process."""
+    key = _cache_key(config, mesh, "step")
+    if key not in _CACHE:
+        _CACHE[key] = make_train_step(config, mesh)
+    return _CACHE[key]
