@@ -1,13 +1,19 @@
-"""Convert published DDPM/DDIM PyTorch checkpoints into params of ``ddim_jax.unet.UNet``.
+"""Convert published DDPM/DDIM PyTorch checkpoints into ddim_jax model directories.
+
+The output is the project's one model format (:mod:`ddim_jax.models`: ``spec.json`` and
+``params.safetensors``); load it with :func:`ddim_jax.models.load`.
 
 Two source formats, read from local files only:
 
 - ``diffusers``: a ``UNet2DModel`` directory (``config.json`` and ``diffusion_pytorch_model.safetensors``
   or ``.bin``), as in google/ddpm-cifar10-32, ddpm-celebahq-256 and ddpm-church-256. A pipeline directory
-  with a ``unet/`` subfolder works too. Beta values come from ``scheduler_config.json`` when it is present.
+  with a ``unet/`` subfolder works too. The noise schedule and prediction type come from
+  ``scheduler_config.json`` (beside the model or in the pipeline's ``scheduler/``) when it is present, else
+  DDPM's; diffusers' schedule names are translated to ours (``squaredcos_cap_v2`` is ``cosine``,
+  ``trained_betas`` a ``custom`` schedule).
 - ``ddim``: a state dict of the ``Model`` in ermongroup/ddim ``models/diffusion.py`` (pesser's converted
   DDPM checkpoints, ``.ckpt``/``.pth``), a training checkpoint list whose index 4 holds the EMA weights,
-  or a DataParallel state dict (``module.`` prefix).
+  or a DataParallel state dict (``module.`` prefix). These all use DDPM's schedule.
 
 Command line::
 
@@ -17,6 +23,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -28,14 +35,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ddim_jax.checkpoint_io import load_converted, save_converted
+from ddim_jax import models
+from ddim_jax.models import ModelSpec
+from ddim_jax.schedules import make_schedule
 from ddim_jax.unet import PRESETS, UNet, count_params, param_shapes
 
-__all__ = ["ConversionError", "convert_diffusers", "convert_ddim", "convert", "load_converted",
-           "read_state_dict", "DDPM_DIFFUSION"]
+__all__ = ["ConversionError", "convert_diffusers", "convert_ddim", "convert", "diffusers_schedule",
+           "read_state_dict", "DDPM_SCHEDULE"]
 
-# DDPM's noise schedule, used by every checkpoint of the paper.
-DDPM_DIFFUSION = {"schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "num_timesteps": 1000}
+# DDPM's noise schedule (a ModelSpec schedule), used by every checkpoint of the paper.
+DDPM_SCHEDULE = {"name": "linear", "num_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02}
+
+# diffusers' beta_schedule names -> ours (ddim_jax.schedules.SCHEDULES; make_schedule gives the same betas),
+# and diffusers' prediction types -> ours (ddim_jax.diffusion.PREDICTION_TYPES).
+DIFFUSERS_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine",
+                       "sigmoid": "sigmoid"}
+DIFFUSERS_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}
+# DDPMScheduler.__init__ defaults for the settings we read.
+_DIFFUSERS_SCHEDULER_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                                     beta_schedule="linear", trained_betas=None, prediction_type="epsilon",
+                                     rescale_betas_zero_snr=False)
 
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -80,18 +99,30 @@ def _unwrap(obj: Any, path: str) -> tuple[dict, str | None]:
     return {k: _to_numpy(k, v) for k, v in obj.items()}, note
 
 
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """``TypeName: message`` on one line (library messages can span several), cut at ``limit`` characters."""
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:limit]}{'...' if len(msg) > limit else ''}"
+
+
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str | None]:
     """Read a weights file into {key: float32/int numpy array}; returns it and a note on the entry taken.
 
     ``.safetensors`` needs only ``safetensors``; ``.bin``/``.ckpt``/``.pth``/``.pt`` need ``torch``.
+    A file that cannot be read raises a one-line :class:`ConversionError` naming it.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        return _unwrap(load_file(path), path)
+        try:
+            sd = load_file(path)
+        except (SafetensorError, ValueError, TypeError, OSError) as e:
+            raise ConversionError(f"cannot read {path} as a safetensors file ({_one_line(e)})") from None
+        return _unwrap(sd, path)
     try:
         import torch
     except ImportError:
@@ -100,7 +131,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the path
-        raise ConversionError(f"cannot read {path} with torch.load(weights_only=True): {e}") from e
+        raise ConversionError(f"cannot read {path} with torch.load(weights_only=True) ({_one_line(e)})") from None
     return _unwrap(obj, path)
 
 
@@ -178,10 +209,11 @@ def _to_flax(value: np.ndarray, leaf: str, expected: tuple[int, ...]) -> np.ndar
 
 def _map_params(state_dict: Mapping[str, np.ndarray], unet_kwargs: dict, image_size: int, channels: int,
                 fmt: str, ignore: tuple[str, ...] = ()) -> dict:
-    """Build our params from ``state_dict``; raises ConversionError on missing/unexpected keys or bad shapes."""
+    """Build our params from ``state_dict``; raises ConversionError on missing/unexpected keys, bad shapes
+    or non-finite values."""
     shapes = traverse_util.flatten_dict(param_shapes(UNet(**unet_kwargs), image_size, channels))
     num_levels = len(unet_kwargs["ch_mult"])
-    flat, used, missing, mismatched = {}, set(), [], []
+    flat, used, missing, mismatched, nonfinite = {}, set(), [], [], []
     for path, spec in shapes.items():
         key, leaf, expected = _ref_key(path, fmt, num_levels), path[-1], tuple(spec.shape)
         if key not in state_dict:
@@ -194,13 +226,16 @@ def _map_params(state_dict: Mapping[str, np.ndarray], unet_kwargs: dict, image_s
             mismatched.append(f"shape mismatch for key '{key}': checkpoint has {tuple(value.shape)}, "
                               f"model expects {want}")
             continue
+        if not np.all(np.isfinite(value)):
+            nonfinite.append(f"key '{key}' has non-finite values (NaN or inf)")
+            continue
         flat[path] = jnp.asarray(_to_flax(value, leaf, expected), dtype=jnp.float32)
     unexpected = [f"unexpected key '{k}' with shape {tuple(np.shape(v))}" for k, v in state_dict.items()
                   if k not in used and k not in ignore]
-    problems = missing + unexpected + mismatched
+    problems = missing + unexpected + mismatched + nonfinite
     if problems:
         more = f" (and {len(problems) - 1} more: {len(missing)} missing, {len(unexpected)} unexpected, " \
-               f"{len(mismatched)} shape mismatches)" if len(problems) > 1 else ""
+               f"{len(mismatched)} shape mismatches, {len(nonfinite)} non-finite)" if len(problems) > 1 else ""
         raise ConversionError(f"{fmt} checkpoint: {problems[0]}{more}")
     return traverse_util.unflatten_dict(flat)
 
@@ -247,6 +282,8 @@ def _diffusers_unet_kwargs(config: Mapping[str, Any], image_size: int | None) ->
     require("downsample_type", c["downsample_type"] == "conv", "'conv'")
     require("upsample_type", c["upsample_type"] == "conv", "'conv'")
     require("class_embed_type", c["class_embed_type"] is None, "None")
+    require("out_channels", c["out_channels"] == c["in_channels"],
+            f"in_channels={c['in_channels']!r}: a model predicts eps, v or x0 for every input channel")
 
     chans = [int(v) for v in c["block_out_channels"]]
     ch = chans[0]
@@ -281,13 +318,67 @@ def _diffusers_unet_kwargs(config: Mapping[str, Any], image_size: int | None) ->
     return kwargs, image_size, int(c["in_channels"])
 
 
-def convert_diffusers(state_dict: Mapping[str, Any], config: Mapping[str, Any],
-                      image_size: int | None = None) -> tuple[dict, dict]:
-    """Convert a diffusers ``UNet2DModel`` state dict and its config dict into (UNet kwargs, params).
+def diffusers_schedule(scheduler_config: Mapping[str, Any] | None,
+                       where: str = "diffusers scheduler config") -> tuple[dict, str]:
+    """Our schedule (a :class:`ModelSpec` schedule) and prediction type for a diffusers scheduler config.
 
-    Accepts both current attention key names (``to_q``/``to_k``/``to_v``/``to_out.0``) and the legacy ones
-    (``query``/``key``/``value``/``proj_attn``) of the original google/ddpm-* uploads.
+    ``None`` (no scheduler config) gives DDPM's schedule and epsilon prediction. ``beta_schedule`` names are
+    translated (:data:`DIFFUSERS_SCHEDULES`), ``trained_betas`` become a ``custom`` schedule,
+    ``rescale_betas_zero_snr`` is ``rescale_zero_terminal_snr`` and ``prediction_type`` is translated by
+    :data:`DIFFUSERS_PREDICTION_TYPES`; anything else is a :class:`ConversionError` naming ``where``.
     """
+    if scheduler_config is None:
+        return dict(DDPM_SCHEDULE), "epsilon"
+    c = {**_DIFFUSERS_SCHEDULER_DEFAULTS, **scheduler_config}
+    pred = c["prediction_type"]
+    if pred not in DIFFUSERS_PREDICTION_TYPES:
+        raise ConversionError(f"{where}: prediction_type={pred!r} is not supported; allowed: "
+                              f"{', '.join(DIFFUSERS_PREDICTION_TYPES)}")
+    T = c["num_train_timesteps"]
+    if c["trained_betas"] is not None:
+        betas = [float(b) for b in c["trained_betas"]]
+        if "num_train_timesteps" in scheduler_config and T != len(betas):
+            raise ConversionError(f"{where}: trained_betas has {len(betas)} values but num_train_timesteps={T!r}")
+        schedule = {"name": "custom", "betas": betas}
+    else:
+        name = c["beta_schedule"]
+        if name not in DIFFUSERS_SCHEDULES:
+            raise ConversionError(f"{where}: beta_schedule={name!r} is not supported; allowed: "
+                                  f"{', '.join(DIFFUSERS_SCHEDULES)} (or trained_betas)")
+        schedule = {"name": DIFFUSERS_SCHEDULES[name], "num_timesteps": T}
+        if name != "squaredcos_cap_v2":  # diffusers' cosine schedule ignores beta_start and beta_end
+            schedule.update(beta_start=float(c["beta_start"]), beta_end=float(c["beta_end"]))
+    if c["rescale_betas_zero_snr"]:
+        schedule["rescale_zero_terminal_snr"] = True
+    try:  # values make_schedule refuses (beta_end > 1, ...) fail here, naming the config
+        args = dict(schedule)
+        make_schedule(args.pop("name"), **args)
+    except ValueError as e:
+        raise ConversionError(f"{where}: {e}") from None
+    return schedule, DIFFUSERS_PREDICTION_TYPES[pred]
+
+
+def _spec(kwargs: Mapping[str, Any], image_size: int, channels: int, schedule: Mapping[str, Any],
+          prediction_type: str, what: str) -> ModelSpec:
+    """The spec of a converted UNet (``kwargs`` are UNet arguments; out_ch and num_classes are the spec's)."""
+    arch = {k: v for k, v in kwargs.items() if k not in ("out_ch", "num_classes")}
+    try:
+        return ModelSpec("unet", arch, int(image_size), int(channels), schedule, prediction_type,
+                         kwargs["num_classes"])
+    except ValueError as e:
+        raise ConversionError(f"{what}: {e}") from None
+
+
+def convert_diffusers(state_dict: Mapping[str, Any], config: Mapping[str, Any], image_size: int | None = None,
+                      scheduler_config: Mapping[str, Any] | None = None) -> tuple[ModelSpec, dict]:
+    """Convert a diffusers ``UNet2DModel`` state dict and its config dict into ``(spec, params)``.
+
+    ``scheduler_config`` (a diffusers scheduler's config dict) gives the schedule and prediction type,
+    see :func:`diffusers_schedule`; without it they are DDPM's. Accepts both current attention key names
+    (``to_q``/``to_k``/``to_v``/``to_out.0``) and the legacy ones (``query``/``key``/``value``/``proj_attn``)
+    of the original google/ddpm-* uploads.
+    """
+    schedule, prediction_type = diffusers_schedule(scheduler_config)
     kwargs, image_size, channels = _diffusers_unet_kwargs(config, image_size)
     sd = {}
     for key, value in state_dict.items():
@@ -295,7 +386,8 @@ def convert_diffusers(state_dict: Mapping[str, Any], config: Mapping[str, Any],
         if m:
             key = f"{m[1]}.{_LEGACY_NAMES[m[2]]}.{m[3]}"
         sd[key] = _to_numpy(key, value)
-    return kwargs, _map_params(sd, kwargs, image_size, channels, "diffusers")
+    params = _map_params(sd, kwargs, image_size, channels, "diffusers")
+    return _spec(kwargs, image_size, channels, schedule, prediction_type, "diffusers model"), params
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,6 +401,9 @@ def _ddim_unet_kwargs(sd: Mapping[str, np.ndarray], image_size: int | None,
             raise ConversionError(f"ddim checkpoint: missing key '{key}' (not an ermongroup/ddim Model state dict?)")
     ch, channels = (int(v) for v in sd["conv_in.weight"].shape[:2])
     out_ch = int(sd["conv_out.weight"].shape[0])
+    if out_ch != channels:
+        raise ConversionError(f"ddim checkpoint: 'conv_out.weight' has {out_ch} output channels for {channels} "
+                              "input channels; only models predicting eps for every input channel are supported")
     levels = sorted({int(m[1]) for k in sd if (m := re.match(r"down\.(\d+)\.", k))})
     if levels != list(range(len(levels))) or not levels:
         raise ConversionError(f"ddim checkpoint: down levels must be numbered 0..n-1, found {levels}")
@@ -340,8 +435,8 @@ def _ddim_unet_kwargs(sd: Mapping[str, np.ndarray], image_size: int | None,
 
 
 def convert_ddim(state_dict: Mapping[str, Any], image_size: int | None = None,
-                 dropout: float | None = None) -> tuple[dict, dict]:
-    """Convert an ermongroup/ddim ``Model`` state dict into (UNet kwargs, params).
+                 dropout: float | None = None) -> tuple[ModelSpec, dict]:
+    """Convert an ermongroup/ddim ``Model`` state dict into ``(spec, params)`` (DDPM's schedule, epsilon).
 
     A ``module.`` prefix (DataParallel) is stripped. The architecture is read from the key names and
     shapes; ``image_size`` (needed to express attention levels in pixels) defaults to 16 px at the first
@@ -350,7 +445,8 @@ def convert_ddim(state_dict: Mapping[str, Any], image_size: int | None = None,
     """
     sd, _ = _unwrap(state_dict, "state_dict")
     kwargs, image_size, channels = _ddim_unet_kwargs(sd, image_size, dropout)
-    return kwargs, _map_params(sd, kwargs, image_size, channels, "ddim", ignore=("logvar",))
+    params = _map_params(sd, kwargs, image_size, channels, "ddim", ignore=("logvar",))
+    return _spec(kwargs, image_size, channels, DDPM_SCHEDULE, "epsilon", "ddim model"), params
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,87 +483,111 @@ def _detect_format(src: str) -> tuple[str, tuple[dict, str | None] | None]:
                           "pass --format")
 
 
-def _read_diffusion(config_dir: str) -> dict:
-    """The noise schedule from a diffusers scheduler_config.json beside the model, else DDPM's."""
+def _find_scheduler_config(config_dir: str) -> str | None:
+    """The diffusers scheduler_config.json beside the model or in its pipeline's scheduler/, if any."""
     for cand in (os.path.join(config_dir, "scheduler_config.json"),
                  os.path.join(config_dir, os.pardir, "scheduler", "scheduler_config.json")):
         if os.path.isfile(cand):
-            with open(cand) as f:
-                sched = json.load(f)
-            pred = sched.get("prediction_type", "epsilon")
-            if pred != "epsilon":
-                raise ConversionError(f"{cand}: prediction_type={pred!r}; only 'epsilon' models are supported")
-            out = {"schedule": sched.get("beta_schedule", "linear"),
-                   "beta_start": float(sched.get("beta_start", DDPM_DIFFUSION["beta_start"])),
-                   "beta_end": float(sched.get("beta_end", DDPM_DIFFUSION["beta_end"])),
-                   "num_timesteps": int(sched.get("num_train_timesteps", DDPM_DIFFUSION["num_timesteps"]))}
-            if sched.get("trained_betas") is not None:
-                out["trained_betas"] = [float(b) for b in sched["trained_betas"]]
-            return out
-    return dict(DDPM_DIFFUSION)
+            return os.path.normpath(cand)
+    return None
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({_one_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{path} must hold a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+def _check_destination(dst: str, overwrite: bool) -> None:
+    """Fails early (before reading any weights) where :func:`ddim_jax.models.save` would refuse ``dst``.
+
+    Nothing is deleted here: models.save swaps the new model directory in and only then removes the old one.
+    """
+    if not os.path.lexists(dst):
+        return
+    if not overwrite:
+        raise FileExistsError(f"destination exists: {dst} (pass --overwrite / overwrite=True to replace it)")
+    if not (os.path.isdir(dst) and (models.is_model_dir(dst) or not os.listdir(dst))):
+        raise FileExistsError(f"destination exists and is not a model directory ({models.SPEC_FILE}); "
+                              f"refusing to replace it: {dst}")
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "auto", overwrite: bool = False,
-            image_size: int | None = None) -> dict:
-    """Convert the checkpoint at ``src`` and write it to ``dst``; returns the config written."""
+            image_size: int | None = None) -> ModelSpec:
+    """Convert the checkpoint at ``src`` into the model directory ``dst``; returns the spec written.
+
+    ``dst`` is written by :func:`ddim_jax.models.save`: an existing ``dst`` is replaced only with
+    ``overwrite``, only if it is a model directory (or empty), and only once the new one is complete, so a
+    failed conversion leaves it as it was. Load the result with :func:`ddim_jax.models.load`.
+    """
     src = os.path.abspath(os.fspath(src))
+    dst = os.path.abspath(os.fspath(dst))
     if not os.path.exists(src):
         raise FileNotFoundError(f"source not found: {src}")
     if fmt not in ("auto", "diffusers", "ddim"):
         raise ConversionError(f"unknown format {fmt!r}: choose auto, diffusers or ddim")
-    if os.path.lexists(dst) and not overwrite:
-        raise FileExistsError(f"destination exists: {os.path.abspath(dst)} (pass --overwrite to replace it)")
+    _check_destination(dst, overwrite)
     loaded = None
     if fmt == "auto":
         fmt, loaded = _detect_format(src)
-    source = {"path": src, "format": fmt}
+    source = {"path": src, "format": fmt, "entry": None}
     if fmt == "diffusers":
         weights, config_dir = _find_diffusers_weights(src)
         config_path = os.path.join(config_dir, "config.json")
         if not os.path.isfile(config_path):
             raise ConversionError(f"diffusers format needs config.json beside the weights: {config_path} not found")
-        with open(config_path) as f:
-            unet_config = json.load(f)
+        unet_config = _read_json(config_path)
+        scheduler_path = _find_scheduler_config(config_dir)
+        scheduler_config = None
+        if scheduler_path is not None:
+            scheduler_config = _read_json(scheduler_path)
+            diffusers_schedule(scheduler_config, scheduler_path)  # an unsupported schedule fails here, naming the file
         sd, _ = loaded or read_state_dict(weights)
-        kwargs, params = convert_diffusers(sd, unet_config, image_size)
-        image_size = image_size or _diffusers_unet_kwargs(unet_config, None)[1]
-        channels = int(unet_config.get("in_channels", 3))
-        diffusion = _read_diffusion(config_dir)
+        spec, params = convert_diffusers(sd, unet_config, image_size, scheduler_config)
     else:
         if os.path.isdir(src):
             raise ConversionError(f"ddim format needs a weights file, got a directory: {src}")
-        sd, note = loaded or read_state_dict(src)
-        if note:
-            source["entry"] = note
-        kwargs, image_size, channels = _ddim_unet_kwargs(sd, image_size, None)
-        kwargs, params = convert_ddim(sd, image_size)
-        diffusion = dict(DDPM_DIFFUSION)
-    config = {"model": kwargs, "diffusion": diffusion, "image_size": int(image_size), "channels": channels,
-              "source": source}
-    save_converted(dst, config, params, overwrite=overwrite)
-    return config
+        sd, source["entry"] = loaded or read_state_dict(src)
+        spec, params = convert_ddim(sd, image_size)
+    spec = dataclasses.replace(spec, info={"source": source})
+    models.save(dst, spec, params, overwrite=overwrite)
+    return spec
+
+
+def _describe(spec: ModelSpec) -> str:
+    """The spec as one line of JSON, a custom schedule's betas abbreviated."""
+    d = spec.to_dict()
+    if "betas" in d["schedule"]:
+        d["schedule"]["betas"] = f"<{len(d['schedule']['betas'])} values>"
+    return json.dumps(d, sort_keys=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddim_jax.convert",
-                                     description="Convert a DDPM/DDIM PyTorch checkpoint (local files) to ddim_jax.")
+                                     description="Convert a DDPM/DDIM PyTorch checkpoint (local files) to a "
+                                                 "ddim_jax model directory.")
     parser.add_argument("src", help="diffusers UNet2DModel directory / weights file, or ermongroup/ddim .ckpt/.pth")
-    parser.add_argument("dst", help="output directory (config.json + orbax params/)")
+    parser.add_argument("dst", help=f"output model directory ({models.SPEC_FILE} + {models.PARAMS_FILE})")
     parser.add_argument("--format", default="auto", choices=("auto", "diffusers", "ddim"))
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing converted checkpoint at DST")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory at DST")
     parser.add_argument("--image-size", type=int, default=None,
                         help="training image size (default: diffusers sample_size; ddim: 16 px at the first "
                              "attention level)")
     args = parser.parse_args(argv)
     try:
-        config = convert(args.src, args.dst, args.format, args.overwrite, args.image_size)
-    except (ConversionError, FileExistsError, FileNotFoundError, ImportError) as e:
+        spec = convert(args.src, args.dst, args.format, args.overwrite, args.image_size)
+    except (ConversionError, FloatingPointError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    n = count_params(param_shapes(UNet(**config["model"]), config["image_size"], config["channels"]))
-    print(f"converted {config['source']['format']} checkpoint {config['source']['path']} -> "
-          f"{os.path.abspath(args.dst)}: {n:,} params, image_size {config['image_size']}, "
-          f"model {json.dumps(config['model'])}")
+    n = count_params(spec.param_shapes())
+    print(f"converted {spec.info['source']['format']} checkpoint {spec.info['source']['path']} -> "
+          f"{os.path.abspath(args.dst)}: {n:,} params")
+    print(f"spec: {_describe(spec)}")
     return 0
 
 

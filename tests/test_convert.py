@@ -11,8 +11,10 @@ import pytest
 from flax import traverse_util
 
 from ddim_jax import convert as conv
-from ddim_jax.checkpoint_io import load_converted
-from ddim_jax.unet import PRESETS, UNet, count_params, make_eps_fn, param_shapes
+from ddim_jax import models
+from ddim_jax.diffusion import PREDICTION_TYPES
+from ddim_jax.schedules import SCHEDULES
+from ddim_jax.unet import PRESETS, UNet, count_params, param_shapes
 
 CIFAR10_DIFFUSERS = dict(  # google/ddpm-cifar10-32's config.json
     sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
@@ -29,9 +31,14 @@ SMALL_DIFFUSERS = {**CIFAR10_DIFFUSERS, "sample_size": 16, "block_out_channels":
 _call_eps = jax.jit(lambda eps_fn, x, t: eps_fn(x, t))
 
 
-def _jax_eps(kwargs, params, x_nchw, t, y=None):
-    """Our UNet on NCHW numpy input, returned as NCHW numpy."""
-    model = UNet(**kwargs)
+def _arch(preset, **changes):
+    """A UNet preset as a ModelSpec's arch (out_ch and num_classes are the spec's channels and num_classes)."""
+    return {k: v for k, v in {**PRESETS[preset], **changes}.items() if k not in ("out_ch", "num_classes")}
+
+
+def _jax_eps(spec, params, x_nchw, t, y=None):
+    """The spec's network on NCHW numpy input, returned as NCHW numpy."""
+    model = spec.build()
     fn = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
     y = None if y is None else jnp.asarray(y, jnp.int32)
     out = fn(params, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)), jnp.asarray(t, jnp.int32), y)
@@ -62,28 +69,32 @@ def _diffusers_eps(model, x, t, y=None):
         return model(torch.as_tensor(x), torch.as_tensor(t), class_labels=y).sample.numpy()
 
 
+@pytest.mark.slow
 def test_diffusers_cifar10_parity():
     model = _diffusers_model(CIFAR10_DIFFUSERS)
-    kwargs, params = conv.convert_diffusers(model.state_dict(), dict(model.config))
-    assert kwargs == {**PRESETS["cifar10"], "dropout": 0.0}
+    spec, params = conv.convert_diffusers(model.state_dict(), dict(model.config))
+    assert spec.arch == _arch("cifar10", dropout=0.0)
+    assert (spec.image_size, spec.channels, spec.num_classes) == (32, 3, None)
+    assert (spec.schedule, spec.prediction_type) == (conv.DDPM_SCHEDULE, "epsilon")  # no scheduler config: DDPM's
     assert count_params(params) == 35_746_307
     x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
     t = np.array([0, 421, 999])
     ref = _diffusers_eps(model, x, t)
-    out = _jax_eps(kwargs, params, x, t)
+    out = _jax_eps(spec, params, x, t)
     assert np.abs(ref).max() > 0.5
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
 
 
 def test_diffusers_small_parity_with_class_labels():
     model = _diffusers_model(SMALL_DIFFUSERS, seed=1)
-    kwargs, params = conv.convert_diffusers(model.state_dict(), dict(model.config))
-    assert kwargs == dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-                          dropout=0.0, resamp_with_conv=True, num_classes=5)
+    spec, params = conv.convert_diffusers(model.state_dict(), dict(model.config))
+    assert spec.arch == dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0,
+                             resamp_with_conv=True)
+    assert (spec.image_size, spec.channels, spec.num_classes) == (16, 3, 5)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 3, 16, 16)).astype(np.float32)
     t, y = np.array([0, 1, 500, 999]), np.array([0, 4, 2, 2])
-    np.testing.assert_allclose(_jax_eps(kwargs, params, x, t, y), _diffusers_eps(model, x, t, y), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(_jax_eps(spec, params, x, t, y), _diffusers_eps(model, x, t, y), rtol=0, atol=1e-4)
 
 
 def test_diffusers_legacy_attention_key_names():
@@ -106,6 +117,7 @@ def test_diffusers_legacy_attention_key_names():
     ("flip_sin_to_cos", True, "flip_sin_to_cos=True"),
     ("norm_eps", 1e-5, "norm_eps=1e-05"),
     ("up_block_types", ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), "up_block_types"),
+    ("out_channels", 6, "out_channels=6 .*in_channels=3"),  # learned variance: not a spec's network
 ])
 def test_diffusers_unsupported_config_is_named(field, value, needle):
     with pytest.raises(conv.ConversionError, match=needle.replace("(", r"\(")):
@@ -252,23 +264,29 @@ def test_ddim_cifar10_keys_and_shapes():
     assert shapes["up.1.attn.2.proj_out.weight"] == (256, 256, 1, 1)
     assert shapes["mid.attn_1.norm.weight"] == (256,)
     assert sum(int(np.prod(s)) for s in shapes.values()) == 35_746_307
-    kwargs, params = conv.convert_ddim(_random_state_dict(shapes))
-    assert kwargs == PRESETS["cifar10"]  # dropout 0.1 taken from the matching preset
-    assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(
-        lambda s: s.shape, param_shapes(UNet(**kwargs), 32))
+    spec, params = conv.convert_ddim(_random_state_dict(shapes))
+    assert spec.arch == _arch("cifar10")  # dropout 0.1 taken from the matching preset
+    assert (spec.image_size, spec.channels, spec.num_classes) == (32, 3, None)
+    assert (spec.schedule, spec.prediction_type) == (conv.DDPM_SCHEDULE, "epsilon")
+    assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(lambda s: s.shape,
+                                                                             spec.param_shapes())
 
 
-@pytest.mark.parametrize("arch,size,batch", [(TINY_DDIM, 16, 3), (CIFAR10_DDIM, 32, 2)], ids=["tiny", "cifar10"])
+@pytest.mark.parametrize("arch,size,batch", [
+    pytest.param(TINY_DDIM, 16, 3, id="tiny"),
+    pytest.param(CIFAR10_DDIM, 32, 2, id="cifar10", marks=pytest.mark.slow),
+])
 def test_ddim_parity_with_reference_forward(arch, size, batch):
     pytest.importorskip("torch")
     sd = _random_state_dict(ddim_state_dict_shapes(**arch), seed=3)
-    kwargs, params = conv.convert_ddim(sd, image_size=size)
+    spec, params = conv.convert_ddim(sd, image_size=size)
+    assert spec.image_size == size
     rng = np.random.default_rng(4)
     x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
     t = np.array([0, 999, 313][:batch])
     ref = ddim_reference_forward(sd, x, t, **arch)
     assert np.abs(ref).max() > 0.5
-    np.testing.assert_allclose(_jax_eps(kwargs, params, x, t), ref, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(_jax_eps(spec, params, x, t), ref, rtol=0, atol=1e-4)
 
 
 def test_ddim_infers_lsun_and_celeba_architectures():
@@ -301,6 +319,12 @@ def test_errors_name_the_key_and_shapes():
         conv.convert_ddim({**sd, "extra.weight": np.zeros((2, 2))})
     with pytest.raises(conv.ConversionError, match="no attention level"):
         conv.convert_ddim(_random_state_dict(ddim_state_dict_shapes(32, (1, 2), 1, ())))
+    nan = {**sd, "up.0.block.1.conv1.bias": np.full((32,), np.nan, np.float32)}
+    with pytest.raises(conv.ConversionError, match=r"key 'up\.0\.block\.1\.conv1\.bias' has non-finite values"):
+        conv.convert_ddim(nan)
+    with pytest.raises(conv.ConversionError, match=r"'conv_out\.weight' has 6 output channels for 3 input"):
+        conv.convert_ddim({**sd, "conv_out.weight": np.zeros((6, 32, 3, 3), np.float32),
+                           "conv_out.bias": np.zeros(6, np.float32)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,7 +357,28 @@ def _diffusers_numpy_state_dict(kwargs, params):
     return out
 
 
-def test_cli_diffusers_safetensors_without_torch(tmp_path, monkeypatch):
+def _assert_params_equal(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def _one_line_error(capsys, *needles):
+    """stderr of a failed CLI call: one line, starting 'error: ', containing every needle."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+def _save_safetensors(path, sd):
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path))
+    return path
+
+
+def test_cli_diffusers_safetensors_without_torch(tmp_path, monkeypatch, capsys):
     pytest.importorskip("safetensors")
     kwargs = {**PRESETS["tiny"], "num_classes": 5}
     rng = np.random.default_rng(0)
@@ -347,12 +392,17 @@ def test_cli_diffusers_safetensors_without_torch(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
     dst = tmp_path / "out"
     assert conv.main([str(src), str(dst)]) == 0
-    cfg, loaded = load_converted(dst)
-    assert cfg["model"] == kwargs and hash(UNet(**cfg["model"])) == hash(UNet(**kwargs))
-    assert cfg["diffusion"] == {"schedule": "linear", "beta_start": 0.0002, "beta_end": 0.03, "num_timesteps": 500}
-    assert (cfg["image_size"], cfg["channels"]) == (16, 3)
-    assert cfg["source"] == {"path": str(src), "format": "diffusers"}
-    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+    spec, loaded = models.load(dst)
+    assert spec.kind == "unet" and spec.arch == _arch("tiny") and spec.num_classes == 5
+    assert spec.build() == UNet(**kwargs) and hash(spec.build()) == hash(UNet(**kwargs))
+    assert spec.schedule == {"name": "linear", "num_timesteps": 500, "beta_start": 0.0002, "beta_end": 0.03}
+    assert (spec.image_size, spec.channels, spec.prediction_type) == (16, 3, "epsilon")
+    assert spec.info == {"source": {"path": str(src), "format": "diffusers", "entry": None}}
+    _assert_params_equal(loaded, params)
+    # The command line reports the parameter count and the spec written.
+    out = capsys.readouterr().out.splitlines()
+    assert f": {count_params(params):,} params" in out[0] and str(dst) in out[0]
+    assert out[1].startswith("spec: ") and json.loads(out[1][len("spec: "):]) == spec.to_dict()
     # A torch-format file now fails with one line naming the missing package.
     (tmp_path / "model.ckpt").write_bytes(b"\0")
     with pytest.raises(ImportError, match="needs the 'torch' package"):
@@ -368,23 +418,25 @@ def test_cli_ddim_training_checkpoint_uses_ema(tmp_path, capsys):
     torch.save(states, tmp_path / "ckpt.pth")
     dst = tmp_path / "conv"
     assert conv.main([str(tmp_path / "ckpt.pth"), str(dst), "--image-size", "16"]) == 0
-    cfg, params = load_converted(dst)
-    assert cfg["source"]["format"] == "ddim" and "EMA" in cfg["source"]["entry"]
-    assert cfg["diffusion"] == conv.DDPM_DIFFUSION and cfg["image_size"] == 16
-    assert cfg["model"]["attn_resolutions"] == (8,)
+    spec, params = models.load(dst)
+    source = spec.info["source"]
+    assert (source["path"], source["format"]) == (str(tmp_path / "ckpt.pth"), "ddim") and "EMA" in source["entry"]
+    assert spec.schedule == conv.DDPM_SCHEDULE and spec.prediction_type == "epsilon" and spec.image_size == 16
+    assert spec.arch["attn_resolutions"] == (8,)
     _, want = conv.convert_ddim(ema_sd)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0), params, want)
     # The existing destination is refused, then replaced with --overwrite.
     capsys.readouterr()
     assert conv.main([str(tmp_path / "ckpt.pth"), str(dst)]) == 2
-    assert "destination exists" in capsys.readouterr().err
+    _one_line_error(capsys, "destination exists", str(dst))
     torch.save({k: torch.as_tensor(v) for k, v in model_sd.items()}, tmp_path / "plain.ckpt")
     assert conv.main([str(tmp_path / "plain.ckpt"), str(dst), "--format", "ddim", "--overwrite"]) == 0
-    cfg, params = load_converted(dst)
-    assert (cfg["image_size"], cfg["model"]["attn_resolutions"]) == (32, (16,))  # 16 px at the attention level
-    assert "entry" not in cfg["source"]
+    spec, params = models.load(dst)
+    assert (spec.image_size, spec.arch["attn_resolutions"]) == (32, (16,))  # 16 px at the attention level
+    assert spec.info["source"]["entry"] is None
     _, want = conv.convert_ddim(model_sd)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0), params, want)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pth", "conv", "plain.ckpt"]  # nothing left beside it
 
 
 def test_overwrite_refuses_a_foreign_directory_and_unknown_formats(tmp_path, capsys):
@@ -397,12 +449,161 @@ def test_overwrite_refuses_a_foreign_directory_and_unknown_formats(tmp_path, cap
     other.mkdir()
     (other / "keep.txt").write_text("x")
     assert conv.main([str(tmp_path / "m.pth"), str(other), "--overwrite"]) == 2
-    assert "not a converted checkpoint" in capsys.readouterr().err and (other / "keep.txt").exists()
+    _one_line_error(capsys, "not a model directory", str(other))
+    assert (other / "keep.txt").exists()
+    # The old converted layout (config.json + orbax params/) is not replaced either.
+    old = tmp_path / "old"
+    (old / "params").mkdir(parents=True)
+    (old / "config.json").write_text("{}")
+    assert conv.main([str(tmp_path / "m.pth"), str(old), "--overwrite"]) == 2
+    _one_line_error(capsys, "not a model directory", str(old))
+    assert (old / "config.json").exists()
     torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "odd.pth")
     assert conv.main([str(tmp_path / "odd.pth"), str(tmp_path / "o")]) == 2
-    assert "unrecognised checkpoint format" in capsys.readouterr().err
+    _one_line_error(capsys, "unrecognised checkpoint format")
     with pytest.raises(SystemExit):
         conv.main([str(tmp_path / "m.pth"), str(tmp_path / "o"), "--format", "onnx"])
+
+
+def test_failed_conversion_keeps_the_old_destination(tmp_path, monkeypatch, capsys):
+    shapes = ddim_state_dict_shapes(**TINY_DDIM)
+    good = _random_state_dict(shapes, seed=1)
+    dst = tmp_path / "model"
+    conv.convert(_save_safetensors(tmp_path / "good.safetensors", good), dst, image_size=16)
+    old_spec, old_params = models.load(dst)
+    listing = sorted(os.listdir(tmp_path))
+
+    def old_destination_intact():
+        spec, params = models.load(dst)
+        assert spec == old_spec and spec.info == old_spec.info
+        _assert_params_equal(params, old_params)
+        assert sorted(os.listdir(tmp_path)) == listing  # and no temporary directory left beside it
+
+    # Bad weights, found while converting: non-finite values, a wrong shape, a missing key, unreadable bytes.
+    nan = {**good, "conv_in.bias": np.full((32,), np.nan, np.float32)}
+    wrong = {**good, "conv_out.weight": np.zeros((3, 32, 1, 1), np.float32)}
+    missing = {k: v for k, v in good.items() if k != "mid.attn_1.q.bias"}
+    for name, sd, needle in (("nan", nan, "non-finite"), ("wrong", wrong, "shape mismatch"),
+                             ("missing", missing, "missing key")):
+        path = _save_safetensors(tmp_path / f"{name}.safetensors", sd)
+        listing = sorted(os.listdir(tmp_path))
+        assert conv.main([str(path), str(dst), "--overwrite", "--image-size", "16"]) == 2
+        _one_line_error(capsys, needle)
+        old_destination_intact()
+    (tmp_path / "junk.safetensors").write_bytes(os.urandom(64))
+    listing = sorted(os.listdir(tmp_path))
+    assert conv.main([str(tmp_path / "junk.safetensors"), str(dst), "--overwrite"]) == 2
+    _one_line_error(capsys, str(tmp_path / "junk.safetensors"))
+    old_destination_intact()
+
+    # A failure while the new model directory is being written (the disk fills up).
+    import safetensors.numpy
+
+    other = _save_safetensors(tmp_path / "other.safetensors", _random_state_dict(shapes, seed=2))
+    listing = sorted(os.listdir(tmp_path))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.numpy, "save_file", disk_full)
+        assert conv.main([str(other), str(dst), "--overwrite", "--image-size", "16"]) == 2
+    _one_line_error(capsys, "No space left on device")
+    old_destination_intact()
+
+    # A conversion that succeeds replaces it, and leaves nothing else behind.
+    spec = conv.convert(other, dst, overwrite=True, image_size=16)
+    new_spec, new_params = models.load(dst)
+    assert new_spec.info["source"]["path"] == str(other) and new_spec == spec == old_spec
+    _assert_params_equal(new_params, conv.convert_ddim(_random_state_dict(shapes, seed=2), 16)[1])
+    assert sorted(os.listdir(tmp_path)) == listing
+
+
+def test_cli_unreadable_weights_file_is_one_line_error(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(rng.bytes(4096))
+    assert conv.main([str(bad), str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, f"cannot read {bad} as a safetensors file")
+    with pytest.raises(conv.ConversionError, match=r"x\.safetensors"):
+        conv.read_state_dict(bad)
+    # Header that is valid JSON in a truncated file, and an empty file.
+    bad.write_bytes(np.uint64(100).tobytes() + b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}')
+    assert conv.main([str(bad), str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, str(bad))
+    bad.write_bytes(b"")
+    assert conv.main([str(bad), str(tmp_path / "out"), "--format", "ddim"]) == 2
+    _one_line_error(capsys, str(bad))
+    # A torch file of random bytes: torch's several-line message is folded into one line.
+    pytest.importorskip("torch")
+    (tmp_path / "x.bin").write_bytes(rng.bytes(4096))
+    assert conv.main([str(tmp_path / "x.bin"), str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, f"cannot read {tmp_path / 'x.bin'} with torch.load")
+    assert not (tmp_path / "out").exists()
+
+
+def test_diffusers_scheduler_names_and_prediction_types_are_translated():
+    assert set(conv.DIFFUSERS_SCHEDULES.values()) <= set(SCHEDULES)
+    assert set(conv.DIFFUSERS_PREDICTION_TYPES.values()) <= set(PREDICTION_TYPES)
+    assert conv.diffusers_schedule(None) == (conv.DDPM_SCHEDULE, "epsilon")
+    for theirs, ours in (("epsilon", "epsilon"), ("v_prediction", "v"), ("sample", "x0")):
+        assert conv.diffusers_schedule({"prediction_type": theirs})[1] == ours
+    assert conv.diffusers_schedule({"beta_schedule": "squaredcos_cap_v2", "beta_start": 0.1})[0] == {
+        "name": "cosine", "num_timesteps": 1000}
+    assert conv.diffusers_schedule({"beta_schedule": "sigmoid", "rescale_betas_zero_snr": True,
+                                    "num_train_timesteps": 10})[0] == {
+        "name": "sigmoid", "num_timesteps": 10, "beta_start": 0.0001, "beta_end": 0.02,
+        "rescale_zero_terminal_snr": True}
+    assert conv.diffusers_schedule({"trained_betas": [0.1, 0.2], "beta_schedule": "laplace"})[0] == {
+        "name": "custom", "betas": [0.1, 0.2]}
+    with pytest.raises(conv.ConversionError, match=r"^sched\.json: beta_schedule='laplace' is not supported; "
+                                                   r"allowed: linear, scaled_linear, squaredcos_cap_v2, sigmoid"):
+        conv.diffusers_schedule({"beta_schedule": "laplace"}, "sched.json")
+    with pytest.raises(conv.ConversionError, match=r"prediction_type='flow_prediction' is not supported; "
+                                                   r"allowed: epsilon, v_prediction, sample"):
+        conv.diffusers_schedule({"prediction_type": "flow_prediction"})
+    with pytest.raises(conv.ConversionError, match="trained_betas has 2 values but num_train_timesteps=1000"):
+        conv.diffusers_schedule({"trained_betas": [0.1, 0.2], "num_train_timesteps": 1000})
+    with pytest.raises(conv.ConversionError, match=r"^s\.json: beta_start and beta_end must satisfy"):
+        conv.diffusers_schedule({"beta_end": 2.0}, "s.json")
+
+
+def test_cli_pipeline_scheduler_config_sets_schedule_and_prediction(tmp_path, capsys):
+    kwargs = PRESETS["tiny"]
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
+                                    param_shapes(UNet(**kwargs), 16))
+    sd = _diffusers_numpy_state_dict(kwargs, params)
+    config = {k: v for k, v in SMALL_DIFFUSERS.items() if k != "num_class_embeds"}
+    src = tmp_path / "pipeline"
+    _write_small_diffusers_dir(src / "unet", sd, config)
+    (src / "scheduler").mkdir()
+    sched_path = src / "scheduler" / "scheduler_config.json"
+    sched_path.write_text(json.dumps({"_class_name": "DDIMScheduler", "beta_schedule": "squaredcos_cap_v2",
+                                      "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                                      "num_train_timesteps": 1000, "timestep_spacing": "trailing"}))
+    spec = conv.convert(src, tmp_path / "v")
+    assert models.load(tmp_path / "v")[0] == spec
+    assert spec.schedule == {"name": "cosine", "num_timesteps": 1000, "rescale_zero_terminal_snr": True}
+    assert spec.prediction_type == "v" and spec.make_schedule().zero_terminal_snr
+    # trained_betas: a custom schedule, printed abbreviated.
+    betas = [float(b) for b in np.linspace(1e-3, 0.05, 300)]
+    sched_path.write_text(json.dumps({"trained_betas": betas, "prediction_type": "sample"}))
+    capsys.readouterr()
+    assert conv.main([str(src), str(tmp_path / "custom")]) == 0
+    assert '"betas": "<300 values>"' in capsys.readouterr().out
+    spec, _ = models.load(tmp_path / "custom")
+    assert spec.schedule == {"name": "custom", "betas": tuple(betas)} and spec.prediction_type == "x0"
+    np.testing.assert_allclose(spec.make_schedule().betas, np.float32(betas))
+    # An unsupported scheduler fails before the weights are read, naming the file and what is allowed.
+    sched_path.write_text(json.dumps({"beta_schedule": "laplace"}))
+    (src / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not read")
+    assert conv.main([str(src), str(tmp_path / "laplace")]) == 2
+    _one_line_error(capsys, str(sched_path), "beta_schedule='laplace'", "allowed: linear, scaled_linear")
+    sched_path.write_text(json.dumps({"prediction_type": "flow"}))
+    assert conv.main([str(src), str(tmp_path / "flow")]) == 2
+    _one_line_error(capsys, str(sched_path), "prediction_type='flow'", "allowed: epsilon, v_prediction, sample")
+    assert not (tmp_path / "laplace").exists() and not (tmp_path / "flow").exists()
 
 
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
@@ -411,15 +612,16 @@ def test_cli_diffusers_save_pretrained(tmp_path, safe):
     model.save_pretrained(tmp_path / "unet", safe_serialization=safe)
     assert (tmp_path / "unet" / ("diffusion_pytorch_model." + ("safetensors" if safe else "bin"))).exists()
     assert conv.main([str(tmp_path), str(tmp_path / "out")]) == 0  # pipeline layout: SRC/unet/
-    cfg, params = load_converted(tmp_path / "out")
-    assert cfg["diffusion"] == conv.DDPM_DIFFUSION  # no scheduler_config.json: DDPM's defaults
-    kwargs, want = conv.convert_diffusers(model.state_dict(), dict(model.config))
+    spec, params = models.load(tmp_path / "out")
+    assert spec.schedule == conv.DDPM_SCHEDULE  # no scheduler_config.json: DDPM's defaults
+    want_spec, want = conv.convert_diffusers(model.state_dict(), dict(model.config))
+    assert spec == want_spec
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0), params, want)
-    # The loaded checkpoint drives the sampler's eps_fn and reproduces diffusers.
+    # The loaded model drives the sampler's eps_fn and reproduces diffusers.
     rng = np.random.default_rng(7)
     x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
     t, y = np.array([3, 700]), np.array([1, 4])
-    eps_fn = make_eps_fn(UNet(**cfg["model"]), params, jnp.asarray(y, jnp.int32))
+    eps_fn = spec.eps_fn(params, jnp.asarray(y, jnp.int32))
     out = _call_eps(eps_fn, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t, jnp.int32))
     np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), _diffusers_eps(model, x, t, y),
                                rtol=0, atol=1e-4)

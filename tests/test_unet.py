@@ -48,10 +48,6 @@ def test_init_params_uses_ddpm_init():
     assert float(jnp.abs(params["conv_in"]["bias"]).max()) == 0.0
 
 
-def test_default_fields_are_the_cifar10_model():
-    assert UNet() == UNet(**PRESETS["cifar10"])
-
-
 @pytest.mark.parametrize("name", ["cifar10", "celeba64", "lsun256", "tiny"])
 def test_preset_output_shape_and_attention_level(name):
     model, size = UNet(**PRESETS[name]), PRESET_IMAGE_SIZE[name]
@@ -70,13 +66,50 @@ def test_preset_output_shape_and_attention_level(name):
     assert attn == expected
 
 
-def test_preset_architectures_match_the_paper():
-    assert PRESETS["cifar10"]["ch_mult"] == (1, 2, 2, 2)
-    assert PRESETS["celeba64"]["ch_mult"] == (1, 2, 2, 2, 4)
-    assert PRESETS["lsun256"]["ch_mult"] == (1, 1, 2, 2, 4, 4)
-    for name in ("cifar10", "celeba64", "lsun256"):
-        p = PRESETS[name]
-        assert (p["ch"], p["num_res_blocks"], p["attn_resolutions"]) == (128, 2, (16,))
+# The UNet2DModel configurations of the published DDPM checkpoints (their config.json on the Hugging Face
+# Hub), the independent truth for the presets: google/ddpm-cifar10-32, and google/ddpm-church-256,
+# ddpm-bedroom-256, ddpm-celebahq-256 and ddpm-cat-256, which share one 256x256 architecture.
+_DDPM_DIFFUSERS_COMMON = dict(in_channels=3, out_channels=3, layers_per_block=2, attention_head_dim=None,
+                              downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
+                              norm_num_groups=32, act_fn="silu", center_input_sample=False, mid_block_scale_factor=1,
+                              time_embedding_type="positional")
+PUBLISHED_DDPM = {
+    "cifar10": dict(_DDPM_DIFFUSERS_COMMON, sample_size=32, block_out_channels=(128, 256, 256, 256),
+                    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+    "lsun256": dict(_DDPM_DIFFUSERS_COMMON, sample_size=256, block_out_channels=(128, 128, 256, 256, 512, 512),
+                    down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D",
+                                      "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D")),
+    # No diffusers checkpoint is published for CelebA 64x64: this is ermongroup/ddim's configs/celeba.yml
+    # (ch 128, ch_mult [1, 2, 2, 2, 4], 2 res blocks, attention at 16 px) written as a UNet2DModel.
+    "celeba64": dict(_DDPM_DIFFUSERS_COMMON, sample_size=64, block_out_channels=(128, 256, 256, 256, 512),
+                     down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_DDPM))
+def test_presets_match_the_published_ddpm_networks(name):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    config = PUBLISHED_DDPM[name]
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        ref = diffusers.UNet2DModel(**config)
+    size = config["sample_size"]
+    assert PRESET_IMAGE_SIZE[name] == size
+    levels = len(config["block_out_channels"])
+    ref_down = [lv for lv, b in enumerate(ref.down_blocks) if getattr(b, "attentions", None)]
+    ref_up = [levels - 1 - i for i, b in enumerate(ref.up_blocks) if getattr(b, "attentions", None)]
+    assert ref_down == ref_up
+    assert PRESETS[name]["attn_resolutions"] == tuple(size // 2 ** lv for lv in ref_down)
+    # The UNet's default fields are the CIFAR-10 network.
+    for model in [UNet(**PRESETS[name])] + ([UNet()] if name == "cifar10" else []):
+        ours = param_shapes(model, size)
+        assert count_params(ours) == sum(p.numel() for p in ref.parameters())
+        # Attention at the same levels (the up path's blocks are numbered from the bottom in diffusers).
+        assert sorted({int(k.split("_")[1]) for k in ours if k.startswith("down_") and "_attn_" in k}) == ref_down
+        assert sorted({int(k.split("_")[1]) for k in ours if k.startswith("up_") and "_attn_" in k}) == ref_down
 
 
 def test_timestep_embedding_formula():
