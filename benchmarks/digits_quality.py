@@ -26,6 +26,8 @@ def main():
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
+    if args.num < 2:
+        p.error("--num must be at least 2 (the FID needs the covariance of at least two samples)")
 
     from sklearn.linear_model import LogisticRegression
 

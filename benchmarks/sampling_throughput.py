@@ -235,7 +235,8 @@ def main() -> None:
         r["ratio_ours_over_torch_median"] = r["torch_s_median"] / r["jax_s_median"]
         r["ratio_ours_over_torch_best"] = r["torch_s_min"] / r["jax_s_min"]
         if not args.no_check and S == min(args.steps):
-            kw, cparams = convert_diffusers(tunet.state_dict(), dict(tunet.config))
+            cspec, cparams = convert_diffusers(tunet.state_dict(), dict(tunet.config))
+            kw = {**cspec.arch, "out_ch": cspec.channels}
             assert all(kw[k] == kwargs[k] for k in ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions"))
             ours = np.asarray(jax_sample(S, make_eps_fn(model, cparams)))  # same compiled sampler
             ours = np.clip(ours / 2 + 0.5, 0.0, 1.0)

@@ -1,10 +1,11 @@
 """Training-step benchmark: ddim_jax's train step against the same step in PyTorch (diffusers), same run.
 
-Ours: ``ddim_jax.training.make_train_step`` with ``configs/cifar10.py`` (the paper's 35,746,307-parameter
+Ours: ``ddim_jax.training.make_train_step`` with ``configs/paper.py:cifar10`` (the paper's 35,746,307-parameter
 UNet, dropout 0.1, Adam lr 2e-4 with linear warmup, global-norm clipping at 1.0, EMA 0.9999, random
 horizontal flips, L_simple with uniform t and Gaussian noise) at ``training.batch_size = --batch`` on a
-1-device mesh, ``steps_per_dispatch = 1``, the state from ``training.init_state``, fed a fixed random uint8
-batch of shape ``[1, B, 32, 32, 3]``. The step is compiled ahead of time (``lower().compile()``), so the
+1-device mesh (``ddim_jax.parallel.make_mesh``), ``steps_per_dispatch = 1``, the state from
+``training.init_state`` (the network: ``ddim_jax.models.spec_from_config(config).build()``), fed a fixed
+random uint8 batch of shape ``[1, B, 32, 32, 3]``. The step is compiled ahead of time (``lower().compile()``), so the
 compile time is reported on its own; XLA's cost analysis of that program gives the FLOPs per step.
 
 Peer: diffusers ``UNet2DModel`` with google/ddpm-cifar10-32's architecture and ``dropout=0.1`` in train
@@ -24,7 +25,8 @@ torch), so background load hits both alike; medians and minimums. torch uses ``-
 the cores this process may use, which is what XLA's CPU thread pool is sized to). ``--breakdown`` also
 times the gradient alone (forward + backward, dropout off, no optimizer) on both sides.
 
-    python benchmarks/train_step.py [--batch 16] [--iters 10] [--warmup 2] [--threads N] [--json PATH]
+    python benchmarks/train_step.py [--config configs/paper.py:cifar10] [--batch 16] [--iters 10] [--warmup 2]
+        [--threads N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -64,10 +66,14 @@ def diffusers_unet_config(model_kwargs: dict, image_size: int) -> dict:
 
 
 def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    """``file.py`` or ``file.py:arg`` (as train.py's ``--config``): ``get_config()`` or ``get_config(arg)``."""
+    arg = None
+    if not os.path.isfile(path) and ":" in path:
+        path, arg = path.rsplit(":", 1)
+    module_spec = importlib.util.spec_from_file_location("bench_config", path)
+    mod = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(mod)
+    return mod.get_config() if arg is None else mod.get_config(arg)
 
 
 def make_torch_optimizer(torch, params, *, lr: float, warmup: int, adam_impl: str):
@@ -127,7 +133,8 @@ def check_optimizer(config, adam_impl: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "cifar10.py"))
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "paper.py") + ":cifar10",
+                        help="a config file, or file:setup as train.py's --config (default: configs/paper.py:cifar10)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -155,6 +162,8 @@ def main() -> None:
     from ddim_jax import training
     from ddim_jax.convert import convert_diffusers
     from ddim_jax.diffusion import per_example_loss
+    from ddim_jax.models import spec_from_config
+    from ddim_jax.parallel import make_mesh
     from ddim_jax.unet import count_params
 
     torch.set_num_threads(args.threads)
@@ -178,14 +187,14 @@ def main() -> None:
     print(f"load average (1 min) at start: {res['loadavg_1min_start']:.2f}", flush=True)
 
     # ---- ours: the state and the AOT-compiled step on a 1-device mesh.
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    model, tx = training.make_model(config), training.make_optimizer(config)
-    schedule = training.make_diffusion_schedule(config)
-    state = training.init_state(config, model, tx, mesh)
+    mesh = make_mesh(jax.devices()[:1])
+    spec = spec_from_config(config)
+    schedule = spec.make_schedule()
+    state = training.init_state(config, mesh)
     res["params"] = count_params(state.params)
     images_np = np.random.default_rng(0).integers(0, 256, (1, B, size, size, ch), dtype=np.uint8)
     images = jax.device_put(images_np, NamedSharding(mesh, P(None, "data")))
-    step_fn = training.make_train_step(config, model, tx, schedule, mesh)
+    step_fn = training.make_train_step(config, mesh)  # the config's network, optimizer and schedule
     t0 = time.perf_counter()
     lowered = step_fn.lower(state, images)
     t1 = time.perf_counter()
@@ -237,11 +246,9 @@ def main() -> None:
     # ---- checks: same loss and gradient with the same weights and inputs; same optimizer + EMA.
     grad_fn = None
     if not args.no_check or args.breakdown:
-        kwargs, cparams = convert_diffusers(tmodel.state_dict(), dict(tmodel.config))
-        want = {k: v for k, v in {**dict(config.model), "out_ch": ch}.items()}
-        assert all(tuple(kwargs[k]) == tuple(want[k]) if isinstance(want[k], (tuple, list)) else kwargs[k] == want[k]
-                   for k in ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions")), (kwargs, want)
-        eval_model = training.make_model(config)
+        cspec, cparams = convert_diffusers(tmodel.state_dict(), dict(tmodel.config))
+        assert cspec.architecture() == spec.architecture(), (cspec.architecture(), spec.architecture())
+        eval_model = spec.build()
         rng = np.random.default_rng(2)
         x0_np = images_np[0].astype(np.float32) / 127.5 - 1.0
         t_np = rng.integers(0, T, (B,)).astype(np.int32)

@@ -70,7 +70,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
         torch_model = diffusers.UNet2DModel(**DDPM_DIFFUSERS_COMMON, **DIFFUSERS_CONFIGS[args.preset]).eval()
-        kwargs, params = convert_diffusers(torch_model.state_dict(), dict(torch_model.config))
+        spec, params = convert_diffusers(torch_model.state_dict(), dict(torch_model.config))
+        kwargs = {**spec.arch, "out_ch": spec.channels, "num_classes": spec.num_classes}
         res.update(torch=torch.__version__, diffusers=diffusers.__version__)
     else:
         kwargs = {**PRESETS[args.preset], "dropout": 0.0}
