@@ -6,7 +6,7 @@ from ddim_jax.config import base_config
 def get_config():
     c = base_config()
     c.model.ch = 32
-    c.model.ch_mult = (1, 2)
+    c.model.ch_mult = (1,)
     c.model.num_res_blocks = 1
     c.model.attn_resolutions = ()
     c.diffusion.num_timesteps = 100

@@ -62,7 +62,9 @@ def _init_fn(config):
 
 def init_state(config, mesh) -> TrainState:
     """The initial state, created directly in its replicated sharding (compiled once per config and mesh)."""
-    key = _cache_key(config, mesh, "init")
+    # The initial state depends on the architecture alone (Adam's state starts at zero whatever its settings).
+    key = (json.dumps(spec_from_config(config).architecture(), sort_keys=True), tuple(d.id for d in mesh.devices.flat),
+           "init")
     if key not in _CACHE:
         _CACHE[key] = jax.jit(_init_fn(config), out_shardings=NamedSharding(mesh, P()))
     return _CACHE[key](jax.random.key(config.training.seed))
@@ -146,16 +148,11 @@ def make_train_step(config, mesh, model=None):
 _CACHE: dict = {}
 
 
-def _cache_key(config, mesh, what: str) -> tuple:
-    d = flatten(to_dict(config))
-    return (json.dumps({k: v for k, v in d.items() if k not in RESUMABLE_CHANGES and k != "training.seed"},
-                       sort_keys=True), tuple(dev.id for dev in mesh.devices.flat), what,
-            config.training.seed if what == "step" else None)
-
-
 def cached_train_step(config, mesh):
     """``make_train_step`` for this config and mesh, built once per process."""
-    key = _cache_key(config, mesh, "step")
+    d = flatten(to_dict(config))
+    key = (json.dumps({k: v for k, v in d.items() if k not in RESUMABLE_CHANGES}, sort_keys=True),
+           tuple(dev.id for dev in mesh.devices.flat), "step")
     if key not in _CACHE:
         _CACHE[key] = make_train_step(config, mesh)
     return _CACHE[key]

@@ -1,0 +1,189 @@
+"""A workdir that never loses data: failed runs, a second trainer, unreadable checkpoints, kill -9,
+SIGTERM, non-finite stops, bad configs and command-line errors."""
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import EXPLODING, ROOT, metric_steps, tiny_config, train
+
+from ddim_jax import files, models, training
+from ddim_jax.config import validate_config
+from ddim_jax.training import checkpoints as ckpt_lib
+
+
+def test_a_failed_run_leaves_config_json_and_checkpoints_as_they_were(tmp_path):
+    run = tmp_path / "run"
+    train(run, num_steps=2, checkpoint_every=2, log_every=2)
+    before = (run / "config.json").read_bytes()
+    bad_data = tiny_config(num_steps=4)
+    bad_data.data.update(dataset="folder", folder=str(tmp_path / "no_such_folder"))
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        training.train(bad_data, str(run), allow_config_change=True, progress=False)
+    with pytest.raises(ValueError, match="training.lr must be a finite number > 0"):
+        training.train(tiny_config(lr=-1e-3), str(run), allow_config_change=True, progress=False)
+    other_arch = tiny_config(num_steps=4)
+    other_arch.model.ch = 64
+    with pytest.raises(ValueError, match="another architecture"):
+        training.train(other_arch, str(run), allow_config_change=True, progress=False)
+    assert (run / "config.json").read_bytes() == before
+    assert ckpt_lib.step_dirs(str(run)) == [2] and not (run / "corrupt_checkpoints").exists()
+    # A fresh workdir whose data cannot be opened gets no config.json either.
+    with pytest.raises(FileNotFoundError):
+        training.train(bad_data, str(tmp_path / "fresh"), progress=False)
+    assert not (tmp_path / "fresh" / "config.json").exists()
+    assert train(run, num_steps=4).steps_run == 2  # and the run goes on
+
+
+def test_keep_checkpoints_zero_is_refused_before_anything_is_deleted(tmp_path):
+    train(tmp_path, num_steps=4)
+    with pytest.raises(ValueError, match="training.keep_checkpoints must be a positive integer"):
+        train(tmp_path, num_steps=8, keep_checkpoints=0)
+    assert ckpt_lib.step_dirs(str(tmp_path)) == [4]
+
+
+def test_a_second_trainer_on_the_same_workdir_is_refused(tmp_path):
+    with files.WorkdirLock(str(tmp_path)):  # another train.py holding the workdir
+        with pytest.raises(files.WorkdirInUse, match=rf"in use by pid {os.getpid()} on host"):
+            train(tmp_path, num_steps=2)
+    assert not (tmp_path / "config.json").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_errors_that_are_not_corruption_stop_without_moving_checkpoints(tmp_path, monkeypatch):
+    train(tmp_path, num_steps=4)
+    real = ckpt_lib.ocp.CheckpointManager.restore
+
+    def failing_disk(self, step, *a, **k):
+        raise OSError(errno.EIO, "Input/output error", str(tmp_path))
+
+    monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "restore", failing_disk)
+    with pytest.raises(OSError, match="Input/output error"):
+        train(tmp_path, num_steps=8)
+    monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "restore", real)
+    assert ckpt_lib.step_dirs(str(tmp_path)) == [4] and not (tmp_path / "corrupt_checkpoints").exists()
+    assert train(tmp_path, num_steps=8).steps_run == 4
+
+
+def test_when_no_checkpoint_can_be_restored_training_does_not_start_over(tmp_path):
+    train(tmp_path, num_steps=4, checkpoint_every=2, keep_checkpoints=2)
+    for step in ("2", "4"):
+        for f in (tmp_path / "checkpoints" / step / "state").rglob("*"):
+            if f.is_file():
+                f.write_bytes(b"")
+    with pytest.raises(RuntimeError, match="refusing to start over from step 0"):
+        train(tmp_path, num_steps=8, checkpoint_every=2, keep_checkpoints=2)
+    assert sorted(p.name for p in (tmp_path / "corrupt_checkpoints").iterdir()) == ["2", "4"]
+    with pytest.raises(RuntimeError, match="refusing to start over"):  # and not on the next try either
+        train(tmp_path, num_steps=8, checkpoint_every=2, keep_checkpoints=2)
+
+
+def test_a_corrupt_step_is_named_as_unreadable_not_as_another_architecture(tmp_path):
+    train(tmp_path, num_steps=4, checkpoint_every=2, keep_checkpoints=2)
+    meta = next((tmp_path / "checkpoints" / "2" / "meta").rglob("metadata"))
+    meta.write_text("{not json")
+    with pytest.raises(ValueError, match=r"checkpoint 2: its metadata cannot be read"):
+        models.load(str(tmp_path), step=2)
+    assert models.load(str(tmp_path), step=4)[0].info["step"] == 4
+
+
+def test_the_non_finite_stop_says_whether_a_checkpoint_exists(tmp_path):
+    with pytest.raises(FloatingPointError, match="no checkpoint was written yet"):
+        train(tmp_path / "a", num_steps=8, checkpoint_every=8, **EXPLODING)
+    train(tmp_path / "b", num_steps=2, checkpoint_every=2)  # a clean checkpoint first
+    with pytest.raises(FloatingPointError, match=r"the last checkpoint \(step 2\) .* is intact"):
+        training.train(tiny_config(num_steps=8, checkpoint_every=8, **EXPLODING), str(tmp_path / "b"),
+                       allow_config_change=True, progress=False)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs' / 'tiny.py'}",
+           f"--workdir={workdir}", "--config.training.num_steps=100000", "--config.training.checkpoint_every=1000",
+           "--config.training.log_every=1"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu"), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "preempted: step" in out
+    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and 3 <= steps[0] < 1000, steps
+    assert models.load(str(workdir))[0].info["step"] == steps[0]  # the export is as new as the checkpoint
+
+
+def test_kill_9_mid_run_leaves_a_workdir_that_resumes(tmp_path):
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs' / 'tiny.py'}",
+           f"--workdir={workdir}", "--config.training.num_steps=100000", "--config.training.checkpoint_every=1",
+           "--config.training.log_every=1", "--config.training.keep_checkpoints=2"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu"), text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(ckpt_lib.step_dirs(str(workdir))) < 2:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere inside the next steps: a step, an async checkpoint write or the export
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = max(ckpt_lib.step_dirs(str(workdir)))
+    result = train(workdir, num_steps=killed_at + 2, checkpoint_every=1, log_every=1, keep_checkpoints=2)
+    assert result.steps_run >= 2 and int(result.state.step) == killed_at + 2  # the lock was free, nothing lost
+    spec, _ = models.load(str(workdir))
+    assert spec.info["step"] == killed_at + 2
+    assert metric_steps(workdir) == list(range(1, killed_at + 3))  # each step logged once
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    for args, match in [(["--config.training.lrr=1"], "error: bad --config: .*lrr"),
+                        ([f"--workdir={tmp_path / 'file' / 'run'}"], r"error: \[Errno 20\] Not a directory")]:
+        out = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs' / 'tiny.py'}",
+                              f"--workdir={tmp_path / 'run'}", *args], cwd=tmp_path, text=True, capture_output=True,
+                             env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert len(out.stderr.strip().splitlines()) == 1 and re.search(match, out.stderr), out.stderr
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"batch_size": 6}, None),  # fine on one device
+    ({"log_every": 3, "steps_per_dispatch": 2}, r"training.log_every \(3\) must be a multiple"),
+    ({"num_steps": -1}, "training.num_steps must be an integer >= 0"),
+    ({"keep_checkpoints": 0}, "training.keep_checkpoints must be a positive integer"),
+    ({"lr": -1e-4}, "training.lr must be a finite number > 0"),
+    ({"lr": float("nan")}, "training.lr must be a finite number > 0"),
+    ({"ema_decay": 1.0}, r"training.ema_decay must be a number in \[0, 1\)"),
+    ({"lrr": 1e-4}, "unknown config field training.lrr; the training block has batch_size"),
+    ({"diffusion.schedule": "cosinus"}, "diffusion.schedule must be one of"),
+    ({"diffusion.prediction_type": "score"}, "diffusion.prediction_type must be one of"),
+    ({"data.channels": 2}, r"data.channels must be 1 \(grey\) or 3 \(RGB\)"),
+    ({"model.ch_mul": (1, 2)}, "unknown config field model.ch_mul"),
+    ({"model.kind": "transformer"}, "model kind must be one of unet"),
+])
+def test_bad_training_configs(override, match):
+    c = tiny_config(**{k: v for k, v in override.items() if "." not in k})
+    for k, v in override.items():
+        if "." in k:
+            block, field = k.split(".")
+            c[block][field] = v
+    if match is None:
+        validate_config(c)
+    else:
+        with pytest.raises(ValueError, match=match):
+            validate_config(c)
+
+
+def test_global_batch_must_divide_by_the_device_count_and_fit_in_memory(tmp_path):
+    with pytest.raises(ValueError, match=r"training.batch_size \(6\) must be divisible by the number of devices \(4\)"):
+        validate_config(tiny_config(batch_size=6), num_devices=4)
+    with pytest.raises(ValueError, match=r"training.batch_size=800000000 needs .* GiB of host memory"):
+        train(tmp_path, batch_size=800_000_000)
+    assert not os.listdir(tmp_path)  # refused before anything was written
