@@ -117,28 +117,29 @@ def run_sample(ex, model, a, out):
     print(f"wrote {a.num} samples to {npy_path} and a grid to {grid_path}")
 
 
-def run_consistency(ex, model, a, out):
-    (grid_path,) = _outputs(out, ["consistency.png"])
-    rows = ex.consistency(model, min(a.num, 8), a.steps_list, seed=a.seed, spacing=a.spacing)
-    if a.is_main:
-        _grid(rows.reshape((-1,) + rows.shape[2:]), grid_path, ncol=rows.shape[1])
-        print(f"rows: S = {', '.join(map(str, a.steps_list))}; wrote {grid_path}")
+def _grid_mode(name, compute, caption):
+    """A mode whose result is a grid ``[rows, columns, H, W, C]`` written to ``name``."""
+
+    def run(ex, model, a, out):
+        (path,) = _outputs(out, [name])
+        grid = compute(ex, model, a)
+        if a.is_main:
+            _grid(grid.reshape((-1,) + grid.shape[2:]), path, ncol=grid.shape[1])
+            print(f"{caption(a)}wrote {path}")
+
+    return run
 
 
-def run_interpolation(ex, model, a, out):
-    (grid_path,) = _outputs(out, ["interpolation.png"])
-    grid = ex.interpolation(model, max(1, min(a.num, 16) // 2), 11, a.steps, seed=a.seed, spacing=a.spacing)
-    if a.is_main:
-        _grid(grid.reshape((-1,) + grid.shape[2:]), grid_path, ncol=grid.shape[1])
-        print(f"wrote {grid_path}")
-
-
-def run_sequence(ex, model, a, out):
-    (grid_path,) = _outputs(out, ["sequence.png"])
-    grid = ex.sequence(model, min(a.num, 8), a.steps, seed=a.seed, spacing=a.spacing)
-    if a.is_main:
-        _grid(grid.reshape((-1,) + grid.shape[2:]), grid_path, ncol=grid.shape[1])
-        print(f"rows: samples; columns: predicted x0 along {a.steps} steps, then the sample; wrote {grid_path}")
+run_consistency = _grid_mode(  # Figure 4: the same x_T decoded with each S
+    "consistency.png", lambda ex, m, a: ex.consistency(m, min(a.num, 8), a.steps_list, seed=a.seed, spacing=a.spacing),
+    lambda a: f"rows: S = {', '.join(map(str, a.steps_list))}; ")
+run_interpolation = _grid_mode(  # Figure 5: slerp between pairs of x_T
+    "interpolation.png", lambda ex, m, a: ex.interpolation(m, max(1, min(a.num, 16) // 2), 11, a.steps, seed=a.seed,
+                                                           spacing=a.spacing),
+    lambda a: "")
+run_sequence = _grid_mode(  # the predicted x0 along the trajectory
+    "sequence.png", lambda ex, m, a: ex.sequence(m, min(a.num, 8), a.steps, seed=a.seed, spacing=a.spacing),
+    lambda a: f"rows: samples; columns: predicted x0 along {a.steps} steps, then the sample; ")
 
 
 def run_reconstruction(ex, model, a, out):

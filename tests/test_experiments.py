@@ -83,6 +83,20 @@ def test_paper_experiments_shapes(workdir):
     assert all(0 <= e < 1 for e in errors.values())
 
 
+@pytest.mark.parametrize("mode,flags,rows,cols", [
+    ("consistency", ["--steps_list=2,3"], 2, 3),  # one row per S, one column per sample
+    ("interpolation", ["--steps=3"], 1, 11),  # one row per pair, 11 points
+    ("sequence", ["--steps=3"], 3, 4),  # one row per sample: x0 at 3 steps, then the sample
+])
+def test_grid_modes_write_their_grids(workdir, tmp_path, mode, flags, rows, cols):
+    from PIL import Image
+
+    run_cli(f"--workdir={workdir}", f"--mode={mode}", "--num_samples=3", *flags, f"--output={tmp_path}")
+    w, h = Image.open(tmp_path / f"{mode}.png").size
+    scale = 64 // 8  # 8x8 digits are drawn 8x larger, with a 1-pixel border around each
+    assert (h, w) == (rows * 9 * scale + scale, cols * 9 * scale + scale)
+
+
 def test_fid_mode_writes_a_table_and_a_plot(workdir, tmp_path):
     run_cli(f"--workdir={workdir}", "--mode=fid", "--num_samples=40", "--batch_size=8",
             "--fid_steps=2,5", "--fid_etas=0,sigma_hat", f"--output={tmp_path}")
