@@ -8,8 +8,9 @@
     python sample.py --workdir=runs/digits --mode=fid --num_samples=2000 --fid_steps=10,20,50 --fid_etas=0,1
     python sample.py --checkpoint=ckpt/cifar10 --mode=fid --inception_weights=pt_inception-2015-12-05-6726825d.pth
 
-Outputs go to --output (default: <workdir or checkpoint>/<mode>); existing files are kept unless
---overwrite, and are then replaced atomically. Sample mode streams to samples.npy (uint8 [N, H, W, C]).
+Outputs go to --output (default: <workdir>/<mode>, or <checkpoint>_<mode> beside a model directory);
+existing files are kept unless --overwrite, and are then replaced atomically. Sample mode streams to
+samples.npy (uint8 [N, H, W, C]).
 """
 
 import os
@@ -94,11 +95,17 @@ def run_sample(ex, model, a, out):
     from ddim_jax import files
 
     npy_path, grid_path = _outputs(out, ["samples.npy", "samples.png"])
+    from ddim_jax.parallel import on_main
+
     shape = (a.num, model.image_size, model.image_size, model.channels)
     size = int(np.prod(shape, dtype=np.int64))
-    if a.is_main and size > files.free_disk(out) - (64 << 20):
-        raise ValueError(f"--num_samples={a.num} needs {size / 2**30:.1f} GiB in {out}; "
-                         f"{files.free_disk(out) / 2**30:.1f} GiB are free")
+
+    def check_disk():
+        if size > files.free_disk(out) - (64 << 20):
+            raise ValueError(f"--num_samples={a.num} needs {size / 2**30:.1f} GiB in {out}; "
+                             f"{files.free_disk(out) / 2**30:.1f} GiB are free")
+
+    on_main(check_disk, "checking the disk")
     batches = ex.sample_batches(model, a.num, a.batch_size, a.steps, eta=a.eta, sigma_hat=a.sigma_hat,
                                 spacing=a.spacing, seed=a.seed)
     if not a.is_main:  # every process takes part in the sharded sampling; process 0 writes
@@ -242,7 +249,9 @@ def run():
     model = ex.load_model(FLAGS.workdir or FLAGS.checkpoint, step=FLAGS.step)
     a = parse_settings(model.schedule.num_timesteps)
     a.is_main = jax.process_index() == 0
-    out = FLAGS.output or os.path.join(FLAGS.workdir or FLAGS.checkpoint, FLAGS.mode)
+    # Outputs never go inside a model directory (replacing a model replaces the whole directory).
+    out = FLAGS.output or (os.path.join(FLAGS.workdir, FLAGS.mode) if FLAGS.workdir
+                           else os.path.normpath(FLAGS.checkpoint) + f"_{FLAGS.mode}")
     print(f"model: {model.source}; {jax.device_count()} {jax.devices()[0].platform} device(s), "
           f"{jax.process_count()} process(es)", flush=True)
     MODES[FLAGS.mode](ex, model, a, out)

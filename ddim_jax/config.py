@@ -106,9 +106,24 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def with_defaults(d: dict) -> dict:
+    """A saved config with the fields it lacks (it was written before they existed) at their defaults."""
+    out = flatten(to_dict(base_config()))
+    out.update(flatten(to_dict(d)))
+    nested: dict = {}
+    for k, v in out.items():
+        *blocks, field = k.split(".")
+        node = nested
+        for b in blocks:
+            node = node.setdefault(b, {})
+        node[field] = v
+    return nested
+
+
 def config_differences(saved: dict, given: dict) -> list[str]:
-    """Dotted keys whose values differ, except the fields a resumed run may change."""
-    a, b = flatten(to_dict(saved)), flatten(to_dict(given))
+    """Dotted keys whose values differ, except the fields a resumed run may change (fields the saved
+    config lacks count as their defaults)."""
+    a, b = flatten(with_defaults(saved)), flatten(to_dict(given))
     return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
 
 

@@ -10,6 +10,7 @@ device count).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -88,18 +89,16 @@ def check_batch(model: Model, batch_size: int) -> None:
                          "are available: use a smaller batch_size")
 
 
+@functools.partial(jax.jit, static_argnames="shape")
+def _draw_latents(key, idx, shape):
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(idx)
+
+
 def latents(model: Model, start: int, count: int, seed: int):
     """x_T of samples ``start .. start + count - 1``, ``[count, H, W, C]``, sharded over the batch
     (``count`` must divide by the device count)."""
-    shape = (model.image_size, model.image_size, model.channels)
-    key = jax.random.key(seed)
-
-    @jax.jit
-    def draw(idx):
-        return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(idx)
-
     idx, _ = shard_rows(np.arange(start, start + count, dtype=np.int32), model.mesh)
-    return draw(idx)
+    return _draw_latents(jax.random.key(seed), idx, (model.image_size, model.image_size, model.channels))
 
 
 def decode(model: Model, x_T, num_steps: int, *, eta: float = 0.0, sigma_hat: bool = False,

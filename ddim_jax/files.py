@@ -96,10 +96,18 @@ def replace_dir(dst: str, *, overwrite: bool, may_replace: Callable[[str], bool]
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+# Read once, at import: setting the umask to read it would race with threads creating files.
+_UMASK = _read_umask()
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 def _fsync_dir(path: str) -> None:

@@ -203,11 +203,16 @@ def is_model_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, SPEC_FILE))
 
 
+def _holds_only_a_model(path: str) -> bool:
+    """A model directory with nothing else in it: only such a directory is ever replaced."""
+    return is_model_dir(path) and set(os.listdir(path)) <= {SPEC_FILE, PARAMS_FILE}
+
+
 def save(path: str, spec: ModelSpec, params, *, overwrite: bool = False) -> str:
     """Writes ``spec`` and ``params`` to the model directory ``path`` (atomically; returns its absolute path).
 
     The params must match the spec's shapes and be finite. An existing ``path`` is replaced only with
-    ``overwrite`` and only if it is a model directory (or empty).
+    ``overwrite``, and only if it holds a model and nothing else (or is empty): other files are never deleted.
     """
     from safetensors.numpy import save_file
 
@@ -216,7 +221,7 @@ def save(path: str, spec: ModelSpec, params, *, overwrite: bool = False) -> str:
     bad = [k for k, v in flat.items() if not np.all(np.isfinite(v))]
     if bad:
         raise FloatingPointError(f"refusing to save non-finite parameters ({len(bad)} arrays, e.g. {bad[0]})")
-    with files.replace_dir(os.fspath(path), overwrite=overwrite, may_replace=is_model_dir) as tmp:
+    with files.replace_dir(os.fspath(path), overwrite=overwrite, may_replace=_holds_only_a_model) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, os.path.join(tmp, PARAMS_FILE))
         files.write_json(os.path.join(tmp, SPEC_FILE),
                          {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec.to_dict()})
@@ -263,12 +268,18 @@ def _load_dir(path: str) -> tuple[ModelSpec, dict]:
             doc = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{spec_path} is not valid JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or "spec" not in doc:
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("spec"), dict):
         raise ValueError(f"{spec_path} is not a {FORMAT} spec file")
-    if doc.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{spec_path} has format version {doc['version']}; this ddim_jax reads up to "
-                         f"{FORMAT_VERSION}: upgrade ddim_jax")
-    spec = ModelSpec.from_dict(doc["spec"])
+    version = doc.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{spec_path} has format version {version!r}; this ddim_jax reads versions 1 to "
+                         f"{FORMAT_VERSION} (a newer file needs a newer ddim_jax)")
+    try:
+        spec = ModelSpec.from_dict(doc["spec"])
+        spec.param_shapes()
+    except (TypeError, AttributeError) as e:  # wrong value types reach the module's constructor
+        raise ValueError(f"{spec_path}: the spec cannot be built ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
     params_path = os.path.join(path, PARAMS_FILE)
     if not os.path.isfile(params_path):
         raise FileNotFoundError(f"{params_path} is missing")

@@ -50,6 +50,24 @@ def gather_rows(x: jax.Array, n: int | None = None) -> np.ndarray:
     return out if n is None else out[:n]
 
 
+def on_main(fn, what: str):
+    """Runs ``fn()`` on process 0 only; if it fails there, every process raises (rather than the others
+    waiting forever at their next collective). Returns ``fn()``'s result on process 0, None elsewhere."""
+    result, error = None, None
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 -- re-raised below, after the others have been told
+            error = e
+    if jax.process_count() > 1:
+        failed = bool(multihost_utils.broadcast_one_to_all(np.asarray(error is not None)))
+        if failed and error is None:
+            raise RuntimeError(f"{what} failed on process 0 (see its error)")
+    if error is not None:
+        raise error
+    return result
+
+
 def host(x) -> np.ndarray:
     """This process's copy of a replicated (possibly multi-host) array."""
     return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)

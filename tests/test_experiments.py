@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 import sys
@@ -23,8 +24,7 @@ def workdir(tmp_path_factory):
     from configs.tiny import get_config
 
     c = get_config()
-    c.training.num_steps = 2
-    c.training.checkpoint_every = 2
+    c.training.update(num_steps=2, checkpoint_every=2, sample_every=2, num_sample_images=4)  # 4 on 8 devices
     path = tmp_path_factory.mktemp("run")
     training.train(c, str(path), progress=False)
     return str(path)
@@ -35,6 +35,13 @@ def run_cli(*args):
     sample.FLAGS.unparse_flags()
     sample.FLAGS(["sample.py", *args])
     sample.run()
+
+
+def test_training_drew_its_sample_grid(workdir):
+    from PIL import Image
+
+    grid = np.asarray(Image.open(pathlib.Path(workdir) / "samples" / "step_00000002.png"))
+    assert grid.shape == (2 * 9 * 8 + 8, 2 * 9 * 8 + 8)  # 4 samples in a 2x2 grid, 8x8 drawn 8x larger
 
 
 def test_generate_gives_exactly_n_samples_and_is_reproducible(workdir):
@@ -121,6 +128,10 @@ def test_model_directories_load_for_sampling_and_refuse_mismatched_params(workdi
         models.load(str(tmp_path / "m"))
     with pytest.raises(FileExistsError):  # an existing model directory is kept ...
         models.save(str(tmp_path / "m"), spec, params)
+    (tmp_path / "m" / "notes.txt").write_text("mine")  # ... never replaced while it holds other files ...
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        models.save(str(tmp_path / "m"), spec, params, overwrite=True)
+    (tmp_path / "m" / "notes.txt").unlink()
     bad = jax.tree.map(lambda a: a * np.nan, params)
     with pytest.raises(FloatingPointError, match="non-finite"):  # ... and never replaced by NaNs
         models.save(str(tmp_path / "m"), spec, bad, overwrite=True)
@@ -170,6 +181,13 @@ def test_no_silent_overwrite_and_atomic_replacement(workdir, tmp_path):
     run_cli(*args, "--seed=5", "--overwrite")
     assert (tmp_path / "samples.npy").read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npy", "samples.png"]
+
+
+def test_outputs_for_a_model_directory_go_beside_it(workdir, tmp_path):
+    shutil.copytree(pathlib.Path(workdir) / "model", tmp_path / "m")
+    run_cli(f"--checkpoint={tmp_path / 'm'}", "--num_samples=2", "--batch_size=8", "--steps=2")
+    assert (tmp_path / "m_sample" / "samples.npy").exists()
+    assert sorted(os.listdir(tmp_path / "m")) == ["params.safetensors", "spec.json"]
 
 
 def test_a_workdir_loads_from_its_checkpoints_alone(workdir, tmp_path):

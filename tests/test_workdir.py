@@ -2,8 +2,10 @@
 SIGTERM, non-finite stops, bad configs and command-line errors."""
 
 import errno
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,11 +77,49 @@ def test_when_no_checkpoint_can_be_restored_training_does_not_start_over(tmp_pat
         for f in (tmp_path / "checkpoints" / step / "state").rglob("*"):
             if f.is_file():
                 f.write_bytes(b"")
-    with pytest.raises(RuntimeError, match="refusing to start over from step 0"):
+    for _ in range(2):  # and not on the next try either
+        with pytest.raises(RuntimeError, match="nothing was moved or deleted, and training will not start over"):
+            train(tmp_path, num_steps=8, checkpoint_every=2, keep_checkpoints=2)
+    assert ckpt_lib.step_dirs(str(tmp_path)) == [2, 4] and not (tmp_path / "corrupt_checkpoints").exists()
+    assert models.load(str(tmp_path))[0].info["step"] == 4  # the exported model is still there
+
+
+def test_a_workdir_whose_checkpoints_are_gone_does_not_overwrite_its_trained_model(tmp_path):
+    train(tmp_path, num_steps=4)
+    shutil.rmtree(tmp_path / "checkpoints")
+    rows = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(RuntimeError, match=r"holds a model trained for 4 steps .* use a new --workdir"):
+        train(tmp_path, num_steps=8)
+    assert models.load(str(tmp_path))[0].info["step"] == 4 and (tmp_path / "metrics.jsonl").read_text() == rows
+
+
+def test_a_state_that_no_longer_fits_the_saved_one_stops_and_moves_nothing(tmp_path, monkeypatch):
+    # What orbax says when the code's train state has another structure than the checkpoint's.
+    train(tmp_path, num_steps=4, checkpoint_every=2, keep_checkpoints=2)
+    real = ckpt_lib.ocp.CheckpointManager.restore
+
+    def changed_code(self, step, args=None, **kw):
+        if "state" in args:
+            raise ValueError("Structure mismatch: Target path ('opt_state', 3) not found in the checkpoint")
+        return real(self, step, args=args, **kw)
+
+    assert not ckpt_lib.is_corruption(ValueError("Structure mismatch: Target path ('opt_state', 3) not found"))
+    assert not ckpt_lib.is_corruption(ValueError("Requested shape (4,) is not compatible with the stored shape (3,)"))
+    assert ckpt_lib.is_corruption(ValueError("DATA_LOSS: Error reading chunk: unexpected end of file"))
+    monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "restore", changed_code)
+    with pytest.raises(RuntimeError, match="Structure mismatch"):
         train(tmp_path, num_steps=8, checkpoint_every=2, keep_checkpoints=2)
-    assert sorted(p.name for p in (tmp_path / "corrupt_checkpoints").iterdir()) == ["2", "4"]
-    with pytest.raises(RuntimeError, match="refusing to start over"):  # and not on the next try either
-        train(tmp_path, num_steps=8, checkpoint_every=2, keep_checkpoints=2)
+    assert ckpt_lib.step_dirs(str(tmp_path)) == [2, 4] and not (tmp_path / "corrupt_checkpoints").exists()
+
+
+def test_a_run_saved_before_the_model_kind_field_resumes_without_override(tmp_path):
+    train(tmp_path, num_steps=2, checkpoint_every=2)
+    for meta in (tmp_path / "checkpoints").rglob("metadata"):
+        if meta.parent.name == "meta":
+            doc = json.loads(meta.read_text())
+            del doc["config"]["model"]["kind"], doc["config"]["model"]["num_classes"]
+            meta.write_text(json.dumps(doc))
+    assert train(tmp_path, num_steps=4, checkpoint_every=2).steps_run == 2
 
 
 def test_a_corrupt_step_is_named_as_unreadable_not_as_another_architecture(tmp_path):

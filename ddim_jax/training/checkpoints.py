@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from ddim_jax.config import config_differences
+from ddim_jax.config import config_differences, flatten, with_defaults
 from ddim_jax.models import ModelSpec, spec_from_config
 from ddim_jax.parallel import host, host_tree, make_mesh
 from ddim_jax.training.state import TrainState, abstract_state
@@ -31,6 +31,10 @@ CORRUPT = "corrupt_checkpoints"
 
 class CorruptCheckpoint(Exception):
     """A checkpoint whose files are missing, truncated or inconsistent."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 def step_dirs(workdir: str) -> list[int]:
@@ -54,7 +58,9 @@ def is_corruption(e: BaseException) -> bool:
         return False
     text = f"{type(e).__name__}: {e}"
     if any(code in text for code in ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "ABORTED",
-                                     "DEADLINE_EXCEEDED", "Input/output error", "No space left")):
+                                     "DEADLINE_EXCEEDED", "Input/output error", "No space left",
+                                     # the code's state no longer matches what was saved: not the file's fault
+                                     "Structure mismatch", "not compatible with the stored shape")):
         return False
     return any(code in text for code in _CORRUPTION_CODES) or isinstance(e, (ValueError, KeyError, TypeError,
                                                                               EOFError))
@@ -89,10 +95,11 @@ class Checkpointer:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # noqa: BLE001 -- classified below
             if is_corruption(e):
-                raise CorruptCheckpoint(f"checkpoint {step}: its metadata cannot be read ({_first_line(e)})") from None
+                raise CorruptCheckpoint(f"checkpoint {step}: its metadata cannot be read ({_first_line(e)})",
+                                        step) from None
             raise
         if not isinstance(meta, dict) or not {"step", "config"} <= set(meta):
-            raise CorruptCheckpoint(f"checkpoint {step}: its metadata lacks the step and config")
+            raise CorruptCheckpoint(f"checkpoint {step}: its metadata lacks the step and config", step)
         return meta
 
     def restore_state(self, step: int, abstract: TrainState) -> TrainState:
@@ -100,7 +107,8 @@ class Checkpointer:
             return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
         except Exception as e:  # noqa: BLE001 -- classified below
             if is_corruption(e):
-                raise CorruptCheckpoint(f"checkpoint {step}: its arrays cannot be read ({_first_line(e)})") from None
+                raise CorruptCheckpoint(f"checkpoint {step}: its arrays cannot be read ({_first_line(e)})",
+                                        step) from None
             raise RuntimeError(f"checkpoint {step} in {self.dir} could not be read ({_first_line(e)}); nothing "
                                "was changed: fix the cause and run again") from None
 
@@ -133,36 +141,38 @@ def resume(ckpt: Checkpointer, config, mesh, *, allow_config_change: bool):
 
     Each checkpoint's own config is compared with ``config``: other fields than those a resumed run
     may change are refused unless ``allow_config_change``; another architecture is always refused.
-    Unreadable checkpoints are moved aside with a warning. If the run had checkpoints (or has
-    checkpoints moved aside) and none can be restored, this raises: it never silently starts over.
+    Checkpoints proven unreadable are moved aside, with a warning, only once an older one has been
+    restored; if the run has checkpoints and none can be restored, this raises and moves nothing: it
+    never silently starts over.
     """
     given = json.loads(config.to_json())
     want = spec_from_config(given).architecture()
-    errors = []
+    unreadable = []  # newest first
     for step in reversed(ckpt.steps()):
         try:
             meta = ckpt.read_meta(step)
-            saved = meta["config"]
+            saved = with_defaults(meta["config"])
             diff = config_differences(saved, given)
             if diff and not allow_config_change:
-                raise ValueError(f"workdir {ckpt.workdir!r} holds a run with a different config ({', '.join(diff[:8])}) "
-                                 "in its checkpoints; use another --workdir, or pass --override_config to continue "
-                                 "with the new one")
+                raise ValueError(f"workdir {ckpt.workdir!r} holds a run with a different config "
+                                 f"({', '.join(diff[:8])}) in its checkpoints; use another --workdir, or pass "
+                                 "--override_config to continue with the new one")
             have = _architecture_or_corrupt(saved, step)
             if have != want:
                 raise ValueError(f"checkpoint {step} in {ckpt.dir} holds a model of another architecture "
                                  f"({_diff_keys(have, want)})")
             state = ckpt.restore_state(step, abstract_state(config, mesh))
-            return state, meta
         except CorruptCheckpoint as e:
-            aside = ckpt.move_aside(step)
-            errors.append(str(e))
-            log.warning("%s; moved to %s, trying the previous one", e, aside)
-    corrupt = os.path.join(ckpt.workdir, CORRUPT)
-    if errors or (os.path.isdir(corrupt) and os.listdir(corrupt)):
-        raise RuntimeError(f"no checkpoint of the run in {ckpt.workdir} could be restored "
-                           f"({errors[0] if errors else 'all are in ' + corrupt}); refusing to start over from "
-                           f"step 0: move {corrupt} away to start a new run there")
+            unreadable.append(e)
+            log.warning("%s; trying the previous one", e)
+            continue
+        for e in unreadable:  # an older checkpoint restored: these newer ones are set aside for good
+            log.warning("moved unreadable checkpoint %d to %s", e.step, ckpt.move_aside(e.step))
+        return state, meta
+    if unreadable:
+        raise RuntimeError(f"no checkpoint of the run in {ckpt.workdir} could be restored (newest: {unreadable[0]}); "
+                           "nothing was moved or deleted, and training will not start over from step 0 there: "
+                           "use a new --workdir")
     return None
 
 
@@ -170,14 +180,14 @@ def _architecture_or_corrupt(saved_config: dict, step: int) -> dict:
     try:
         return spec_from_config(saved_config).architecture()
     except (KeyError, TypeError, ValueError) as e:
-        raise CorruptCheckpoint(f"checkpoint {step}: its recorded config is unusable ({_first_line(e)})") from None
+        raise CorruptCheckpoint(f"checkpoint {step}: its recorded config is unusable ({_first_line(e)})",
+                                step) from None
 
 
 def _diff_keys(a: dict, b: dict) -> str:
-    from ddim_jax.config import flatten
-
     fa, fb = flatten(a), flatten(b)
-    return ", ".join(f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k))
+    return ", ".join(f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb))
+                     if fa.get(k) != fb.get(k))
 
 
 def load_checkpoint(workdir: str, step: int | None = None):
@@ -199,7 +209,7 @@ def load_checkpoint(workdir: str, step: int | None = None):
         for s in [step] if step is not None else reversed(steps):
             try:
                 meta = ckpt.read_meta(s)
-                config = ml_collections.ConfigDict(meta["config"])
+                config = ml_collections.ConfigDict(with_defaults(meta["config"]))
                 _architecture_or_corrupt(meta["config"], s)
                 return config, ckpt.restore_state(s, abstract_state(config, mesh)), meta
             except CorruptCheckpoint as e:
@@ -215,7 +225,7 @@ def load_checkpoint(workdir: str, step: int | None = None):
 def load_params(workdir: str, *, step: int | None = None, use_ema: bool = True) -> tuple[ModelSpec, dict]:
     """``(spec, params)`` of a training checkpoint (see :func:`load_checkpoint`); EMA params by default."""
     config, state, meta = load_checkpoint(workdir, step)
-    spec = spec_from_config(meta["config"])
+    spec = spec_from_config(with_defaults(meta["config"]))
     info = dict(spec.info, source=f"{os.path.abspath(workdir)} (step {meta['step']}, "
                                   f"{'EMA' if use_ema else 'raw'} params)", step=int(meta["step"]))
     spec = ModelSpec(**{**{f: getattr(spec, f) for f in ("kind", "arch", "image_size", "channels", "schedule",

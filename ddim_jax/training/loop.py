@@ -24,7 +24,7 @@ from ddim_jax import data as data_lib
 from ddim_jax import files, models
 from ddim_jax.config import config_differences, to_dict, validate_config
 from ddim_jax.images import save_grid
-from ddim_jax.parallel import host, make_mesh
+from ddim_jax.parallel import host, make_mesh, on_main, round_up
 from ddim_jax.training.checkpoints import Checkpointer, resume
 from ddim_jax.training.metrics import MetricsWriter, due
 from ddim_jax.training.state import TrainState, cached_train_step, init_state
@@ -72,7 +72,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
     check_batch_fits(config, jax.process_count())
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    lock = files.WorkdirLock(workdir).acquire() if is_main else None
+    lock = on_main(lambda: files.WorkdirLock(workdir).acquire(), "locking the workdir")
     try:
         return _train_locked(config, workdir, mesh, is_main, allow_config_change, progress)
     finally:
@@ -104,13 +104,27 @@ def _train_locked(config, workdir, mesh, is_main, allow_config_change, progress)
             if is_main:
                 print(f"resuming from step {meta['step']} in {ckpt.dir}", flush=True)
         else:
+            _refuse_to_replace_a_trained_model(workdir)
             state = init_state(config, mesh)
-        if is_main:
-            files.write_json(cfg_path, cfg_dict)
+        on_main(lambda: files.write_json(cfg_path, cfg_dict), "writing config.json")
         return _loop(config, workdir, mesh, is_main, progress, source, ckpt, state)
     finally:
         ckpt.wait()
         ckpt.close()
+
+
+def _refuse_to_replace_a_trained_model(workdir: str) -> None:
+    """A workdir without checkpoints whose exported model was trained (its checkpoints were deleted or
+    moved): starting over from step 0 would overwrite that model and cut back its metrics."""
+    path = os.path.join(workdir, models.EXPORT_DIR)
+    if models.is_model_dir(path):
+        try:
+            step = models.load(path)[0].info.get("step", 0)
+        except (ValueError, OSError):
+            step = "an unknown number of"
+        raise RuntimeError(f"workdir {workdir!r} has no checkpoint to resume from but holds a model trained for "
+                           f"{step} steps in {path}; training will not start over from step 0 there and replace it: "
+                           "use a new --workdir")
 
 
 def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state) -> TrainResult:
@@ -127,10 +141,11 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state) -> Trai
     def checkpoint(step):
         ckpt.save(state, {"step": step, "data_position": step, "seed": t_cfg.seed,
                           "global_batch": t_cfg.batch_size, "config": cfg_dict})
-        if is_main:  # the EMA model in the one model format, for sample.py and for sharing
-            info = dict(spec.info, source=f"{os.path.abspath(workdir)} (step {step}, EMA params)", step=step)
-            models.save(os.path.join(workdir, models.EXPORT_DIR), dataclasses.replace(spec, info=info),
-                        jax.tree.map(host, state.ema_params), overwrite=True)
+        # The EMA model in the one model format, for sample.py and for sharing.
+        info = dict(spec.info, source=f"{os.path.abspath(workdir)} (step {step}, EMA params)", step=step)
+        ema = jax.tree.map(host, state.ema_params)
+        on_main(lambda: models.save(os.path.join(workdir, models.EXPORT_DIR), dataclasses.replace(spec, info=info),
+                                    ema, overwrite=True), "exporting the model")
 
     writer = MetricsWriter(workdir, start_step=start, total_steps=last, enabled=is_main, progress=progress)
     stop = _Stop()
@@ -177,11 +192,11 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state) -> Trai
                 checkpoint(step)
             if t_cfg.sample_every and due(step, t_cfg.sample_every, last):
                 model = experiments.Model(spec, state.ema_params, mesh)
-                imgs = experiments.generate(model, t_cfg.num_sample_images, t_cfg.num_sample_images,
-                                            t_cfg.sample_steps, seed=t_cfg.seed + 1, progress=False)
-                if is_main:
-                    save_grid(imgs, os.path.join(workdir, "samples", f"step_{step:08d}.png"),
-                              scale=max(1, 64 // config.data.image_size))
+                n = t_cfg.num_sample_images
+                imgs = experiments.generate(model, n, round_up(n, mesh.devices.size), t_cfg.sample_steps,
+                                            seed=t_cfg.seed + 1, progress=False)
+                on_main(lambda: save_grid(imgs, os.path.join(workdir, "samples", f"step_{step:08d}.png"),
+                                          scale=max(1, 64 // config.data.image_size)), "writing a sample grid")
             if _should_stop(stop.requested, step % t_cfg.log_every == 0):
                 if not due(step, t_cfg.checkpoint_every, last):
                     checkpoint(step)
