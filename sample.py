@@ -38,6 +38,8 @@ flags.DEFINE_string("inception_weights", None, "pytorch-fid's pt_inception-2015-
 flags.DEFINE_string("features", None, "Feature extractor for fid: inception | digits (default: digits for the "
                     "digits dataset, else inception).")
 flags.DEFINE_string("data_dir", None, "tfds data_dir for reference statistics and reconstruction data.")
+flags.DEFINE_string("compile_cache", None, "Persistent compilation cache directory ('' = off; default: "
+                    "$JAX_COMPILATION_CACHE_DIR or ~/.cache/ddim_jax/jax).")
 FLAGS = flags.FLAGS
 
 
@@ -261,6 +263,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+    from ddim_jax.cache import enable_compilation_cache
+
+    enable_compilation_cache(FLAGS.compile_cache)
     try:
         run()
     except (ValueError, OSError, RuntimeError) as e:  # OSError: missing, unreadable, read-only or full

@@ -20,6 +20,8 @@ flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU po
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a manual multi-process run.")
 flags.DEFINE_integer("num_processes", None, "Number of processes, for a manual multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index, for a manual multi-process run.")
+flags.DEFINE_string("compile_cache", None, "Persistent compilation cache directory ('' = off; default: "
+                    "$JAX_COMPILATION_CACHE_DIR or ~/.cache/ddim_jax/jax).")
 FLAGS = flags.FLAGS
 
 
@@ -34,8 +36,10 @@ def main(argv):
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     elif FLAGS.multihost:
         jax.distributed.initialize()
+    from ddim_jax.cache import enable_compilation_cache
     from ddim_jax.training import train
 
+    enable_compilation_cache(FLAGS.compile_cache)
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config_file = flags.FLAGS["config"].config_filename
     path, _, setup = config_file.partition(":")

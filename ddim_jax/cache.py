@@ -17,3 +17,18 @@ def cache_dir() -> str:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         path = os.path.join(base, "ddim_jax")
     return os.path.expanduser(path)
+
+
+def enable_compilation_cache(path: str | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache, so a second run of a command loads its compiled
+    programs instead of compiling them again. ``path``: a directory, "" to leave the cache off, or None
+    for ``$JAX_COMPILATION_CACHE_DIR`` if set, else ``cache_dir()/jax``. Returns the directory used."""
+    import jax
+
+    if path is None:
+        path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(cache_dir(), "jax")
+    if not path:
+        return None
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path

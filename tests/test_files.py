@@ -103,3 +103,20 @@ def test_a_lock_left_by_a_killed_process_is_stale_and_taken_over(tmp_path):
 def test_free_disk_and_memory_are_positive(tmp_path):
     assert files.free_disk(str(tmp_path / "not" / "yet")) > 0
     assert files.available_memory() > 0
+
+
+def test_the_compilation_cache_setting(tmp_path, monkeypatch):
+    import jax
+
+    from ddim_jax import cache
+
+    old = jax.config.jax_compilation_cache_dir
+    try:
+        assert cache.enable_compilation_cache("") is None and jax.config.jax_compilation_cache_dir == old
+        assert cache.enable_compilation_cache(str(tmp_path)) == str(tmp_path)
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path)
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        monkeypatch.setenv("DDIM_JAX_CACHE", str(tmp_path / "c"))
+        assert cache.enable_compilation_cache() == str(tmp_path / "c" / "jax")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old)
