@@ -16,5 +16,6 @@ from ddim_jax.diffusion import (
 from ddim_jax.oracle import GaussianMixture, energy_distance
 from ddim_jax.sampling import ddim_encode, ddim_sample, ddim_step, slerp, threshold_x0
 from ddim_jax.schedules import SCHEDULES, SPACINGS, Schedule, make_schedule, make_timesteps
+from ddim_jax.solvers import SOLVERS, sample
 
 __version__ = "0.1.0"

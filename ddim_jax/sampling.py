@@ -138,6 +138,12 @@ def _check_x(name, x):
     return x if isinstance(x, jax.Array) else jnp.asarray(x)
 
 
+def _check_thresholds(clip_x0, dynamic_threshold):
+    for name, v, lo, hi in (("clip_x0", clip_x0, 0.0, np.inf), ("dynamic_threshold", dynamic_threshold, 0.0, 1.0)):
+        if v is not None and not (isinstance(v, numbers.Real) and lo < v <= hi):
+            raise ValueError(f"{name} must be None or a number in ({lo}, {hi}]; got {v!r}")
+
+
 def _check_prediction(schedule, tau, prediction_type):
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     if prediction_type != "v" and float(schedule.alpha_bar(int(tau[-1]))) == 0.0:
@@ -217,9 +223,7 @@ def ddim_sample(
     stochastic = bool(sigma_hat or eta > 0)
     if stochastic and key is None:
         raise ValueError("key (a jax.random key) is required when eta > 0 or sigma_hat=True")
-    for name, v, lo, hi in (("clip_x0", clip_x0, 0.0, np.inf), ("dynamic_threshold", dynamic_threshold, 0.0, 1.0)):
-        if v is not None and not (isinstance(v, numbers.Real) and lo < v <= hi):
-            raise ValueError(f"{name} must be None or a number in ({lo}, {hi}]; got {v!r}")
+    _check_thresholds(clip_x0, dynamic_threshold)
     ts = np.ascontiguousarray(tau[::-1])
     prev = np.concatenate([ts[1:], [-1]])
     # Host (numpy) arguments: jit moves them to the device on its fast path.

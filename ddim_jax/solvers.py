@@ -1,0 +1,189 @@
+"""One sampling entry point for DDIM and the DPM-Solver++ multistep ODE solvers (Lu et al. 2022).
+
+``sample(eps_fn, schedule, x_T, num_steps, solver=...)`` with ``solver`` in :data:`SOLVERS`:
+
+* ``"ddim"``: :func:`ddim_jax.sampling.ddim_sample` itself (eta, key, clipping passed through).
+* ``"dpmpp_2m"``, ``"dpmpp_3m"``: DPM-Solver++ multistep of order 2 and 3, data-prediction form,
+  deterministic (there is no eta).
+
+Notation, in the discrete-time DDPM parameterisation: ``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``,
+log-SNR ``lambda = log(alpha) - log(sigma)``. A step goes from the current timestep s (the model is
+called at ``(x_s, s)`` and its output converted to the data prediction ``m0 = x0(x_s, s)``, then
+clipped/thresholded if asked) to the next one t, ``h = lambda_t - lambda_s``. ``m1``, ``m2`` are
+the data predictions of the previous two steps, at log-SNRs ``lambda_1``, ``lambda_2``;
+``h_0 = lambda_s - lambda_1``, ``h_1 = lambda_1 - lambda_2``, ``r0 = h_0 / h``, ``r1 = h_1 / h``.
+
+* order 1 (= DDIM, eta = 0): ``x_t = (sigma_t / sigma_s) x_s - alpha_t expm1(-h) m0``
+* order 2 (midpoint, diffusers' ``solver_type="midpoint"``): the order-1 update
+  ``- 0.5 alpha_t expm1(-h) D1`` with ``D1 = (m0 - m1) / r0``
+* order 3: the order-1 update ``+ alpha_t (expm1(-h) / h + 1) D1
+  - alpha_t ((expm1(-h) + h) / h^2 - 1/2) D2`` with ``D1_0 = (m0 - m1) / r0``,
+  ``D1_1 = (m1 - m2) / r1``, ``D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1)``,
+  ``D2 = (D1_0 - D1_1) / (r0 + r1)``.
+
+Order per step, as diffusers' ``DPMSolverMultistepScheduler`` chooses it with
+``lower_order_final=True`` and ``final_sigmas_type="zero"`` (step i = 0 .. S - 1): order 1 at the first
+step (no history) and at the last step (it lands on x_0); for 3M, order 2 at step 1, and also at
+step S - 2 when S < 15; the solver's own order everywhere else. With the same betas, the same model
+and ``timesteps=scheduler.timesteps[::-1]`` the samples agree with that scheduler to float32
+round-off (tests/test_solvers.py).
+
+Conventions are :func:`ddim_sample`'s: tau is increasing (``make_timesteps`` or ``timesteps=``) and
+is visited from its last entry down; the step after tau_1 lands on x_0, alpha-bar exactly 1, where
+``sigma = 0`` and ``lambda = +inf``. That step is always order 1, and with ``h = inf``,
+``expm1(-h) = -1`` and ``sigma_t / sigma_s = 0`` it returns the data prediction at tau_1 exactly
+(no NaN: the higher-order branches, computed at every step and selected by the step's order, get
+finite placeholder step ratios where they are not used). A zero-terminal-SNR start (``abar = 0``,
+``lambda = -inf``, needs ``prediction_type="v"``) is handled the same way: the first step's ``h``
+is +inf, and later steps give the history point at ``lambda = -inf`` zero weight (``r = inf``);
+diffusers instead replaces that alpha-bar by 2^-24.
+
+The 3M update is the one of the original DPM-Solver code, which diffusers uses (parity needs it).
+Its D2 is ``~ h^2 x0''/2`` while its weight ``-alpha_t phi_3``, ``phi_3 = (e^-h - 1 + h)/h^2 - 1/2``, is
+half of the Taylor term's, so 3M is globally second order with a small constant: it is more
+accurate than 2M and its error falls faster than h^2 at practical step counts (slope ~3 from 10 to
+40 steps in tests/test_solvers.py), tending to h^2 as S grows.
+
+Other differences from ``DPMSolverMultistepScheduler``: its ``"linspace"`` and ``"leading"`` spacings
+take S + 1 points and drop t = 0, so they are not ours (nor DDIMScheduler's); pass its
+``timesteps[::-1]`` as ``timesteps=``. Its ``"trailing"`` is ours. Its ``thresholding`` caps the
+dynamic threshold at ``sample_max_value`` (1 by default, i.e. clipping to [-1, 1]); our
+``dynamic_threshold`` is Imagen's, uncapped, as in :func:`ddim_sample`.
+
+The whole DPM-Solver++ sampler is one ``jax.lax.scan`` in one jitted function; the previous data
+predictions and their log-SNRs live in the scan carry. The alpha-bars and the per-step orders are
+arguments (each step computes the three updates and selects by its order: a few elementwise
+operations, nothing next to a model call), so another tau of the same length, and the other
+DPM-Solver++ order, reuse the compiled program: it is compiled once per (eps_fn, shapes, S,
+prediction_type, clip_x0, dynamic_threshold). Arithmetic is float32; x is carried (and fed to the
+model) in x_T's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddim_jax.diffusion import predict_x0_eps
+from ddim_jax.sampling import (
+    _as_partial,
+    _check_eta,
+    _check_prediction,
+    _check_thresholds,
+    _check_x,
+    _model,
+    _resolve_timesteps,
+    ddim_sample,
+    threshold_x0,
+)
+from ddim_jax.schedules import SPACINGS, Schedule, _check_choice
+
+SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m")
+_ORDER = {"dpmpp_2m": 2, "dpmpp_3m": 3}
+
+
+def step_orders(num_steps: int, solver_order: int) -> np.ndarray:
+    """The order of each of the ``num_steps`` DPM-Solver++ steps (first step first), int32.
+
+    diffusers' rule (``lower_order_final=True``, ``final_sigmas_type="zero"``): order 1 at the first and
+    the last step; at most 2 at the second step, and at the second-to-last when ``num_steps < 15``.
+    """
+    S = int(num_steps)
+    orders = np.full(S, solver_order, np.int32)
+    if solver_order >= 3:
+        orders[1:2] = 2
+        if S < 15:
+            orders[-2:] = np.minimum(orders[-2:], 2)
+    orders[0] = orders[-1] = 1
+    return orders
+
+
+def _log_snr(a):
+    """lambda = log(sqrt(a)) - log(sqrt(1 - a)): +inf at a = 1, -inf at a = 0, never NaN."""
+    return jnp.log(jnp.sqrt(a)) - jnp.log(jnp.sqrt(1.0 - a))
+
+
+@functools.partial(jax.jit, static_argnames=("prediction_type", "clip_x0", "dynamic_threshold"))
+def _dpmpp_scan(eps_fn, x_T, ts, a_s, a_t, orders, *, prediction_type, clip_x0, dynamic_threshold):
+    def body(carry, inp):
+        x, m1, m2, l1, l2 = carry
+        t, as_, at, order = inp
+        m0, _ = predict_x0_eps(_model(eps_fn, x, t), x, as_, prediction_type)
+        if clip_x0 is not None or dynamic_threshold is not None:
+            m0 = threshold_x0(m0, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold)
+        alpha_t, sigma_s, sigma_t = jnp.sqrt(at), jnp.sqrt(1.0 - as_), jnp.sqrt(1.0 - at)
+        lam_s = _log_snr(as_)
+        h = _log_snr(at) - lam_s
+        em = jnp.expm1(-h)  # exp(-h) - 1: -1 at h = +inf (the step onto x_0)
+        # Order 1; sigma_t / sigma_s and alpha_t * em are finite even at sigma_t = 0 or alpha_s = 0.
+        x1 = (sigma_t / sigma_s) * x.astype(jnp.float32) - (alpha_t * em) * m0
+        # Orders 2 and 3. Where a branch is not selected its step ratios are replaced by 1, so it stays
+        # finite (h = +inf on the last step, no history on the first ones). A history point at
+        # lambda = -inf (a zero-terminal-SNR start) has r = +inf and so weight 0.
+        hh = jnp.where(order >= 2, h, 1.0)
+        r0 = jnp.where(order >= 2, lam_s - l1, 1.0) / hh
+        D1_0 = (m0 - m1) / r0
+        x2 = x1 - (0.5 * alpha_t * em) * D1_0
+        r0, r1 = jnp.where(order >= 3, r0, 1.0), jnp.where(order >= 3, l1 - l2, 1.0) / hh
+        D1_1 = (m1 - m2) / r1
+        D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
+        D2 = (D1_0 - D1_1) / (r0 + r1)
+        x3 = x1 + (alpha_t * (em / hh + 1.0)) * D1 - (alpha_t * ((em + hh) / hh**2 - 0.5)) * D2
+        x_next = jnp.where(order >= 3, x3, jnp.where(order == 2, x2, x1))
+        return (x_next.astype(x.dtype), m0, m1, lam_s, l1), None
+
+    zeros = jnp.zeros(x_T.shape, jnp.float32)
+    init = (x_T, zeros, zeros, jnp.float32(0.0), jnp.float32(0.0))
+    (x0, *_), _ = jax.lax.scan(body, init, (ts, a_s, a_t, orders))
+    return x0
+
+
+def sample(
+    eps_fn,
+    schedule: Schedule,
+    x_T,
+    num_steps: int | None = None,
+    *,
+    solver: str = "ddim",
+    spacing: str = "uniform",
+    timesteps=None,
+    prediction_type: str = "epsilon",
+    eta: float = 0.0,
+    key=None,
+    clip_x0: float | None = None,
+    dynamic_threshold: float | None = None,
+):
+    """Decodes ``x_T`` into x_0 with ``solver`` (one of :data:`SOLVERS`) over the sub-sequence tau.
+
+    tau is ``make_timesteps(T, num_steps, spacing)`` or the given increasing ``timesteps`` (give one
+    of the two); the S model calls visit ``tau_S, ..., tau_1`` and the last step lands on x_0
+    (alpha-bar 1), exactly as in :func:`ddim_sample`. ``prediction_type``, ``clip_x0`` and
+    ``dynamic_threshold`` act on the model's x0 prediction for every solver. ``eta`` and ``key`` are
+    DDIM's (eta > 0 needs a key); the DPM-Solver++ solvers are deterministic, accept only
+    ``eta = 0`` and ignore ``key``. Returns x_0 with x_T's shape and dtype. See the module
+    docstring for the update formulas and the per-step orders.
+    """
+    _check_choice("solver", solver, SOLVERS)
+    if solver == "ddim":
+        return ddim_sample(eps_fn, schedule, x_T, num_steps, spacing=spacing, timesteps=timesteps, eta=eta,
+                           key=key, prediction_type=prediction_type, clip_x0=clip_x0,
+                           dynamic_threshold=dynamic_threshold)
+    eps_fn = _as_partial(eps_fn)
+    x_T = _check_x("x_T", x_T)
+    _check_choice("spacing", spacing, SPACINGS)
+    tau = _resolve_timesteps(schedule, num_steps, spacing, timesteps)
+    _check_prediction(schedule, tau, prediction_type)
+    _check_eta(eta)
+    if eta != 0:
+        raise ValueError(f"eta applies only to solver='ddim'; {solver!r} is a deterministic ODE solver, "
+                         f"leave eta at 0 (got {eta!r})")
+    _check_thresholds(clip_x0, dynamic_threshold)
+    ts = np.ascontiguousarray(tau[::-1])
+    prev = np.concatenate([ts[1:], [-1]])
+    return _dpmpp_scan(eps_fn, x_T, ts, schedule.alpha_bar(ts), schedule.alpha_bar(prev),
+                       step_orders(len(ts), _ORDER[solver]), prediction_type=prediction_type,
+                       clip_x0=None if clip_x0 is None else float(clip_x0),
+                       dynamic_threshold=None if dynamic_threshold is None else float(dynamic_threshold))
