@@ -6,6 +6,7 @@
     python sample.py --workdir=runs/digits --mode=sequence          # predicted x0 along the trajectory
     python sample.py --workdir=runs/digits --mode=reconstruction    # Table 2's protocol
     python sample.py --workdir=runs/digits --mode=fid --num_samples=2000 --fid_steps=10,20,50 --fid_etas=0,1
+    python sample.py --workdir=runs/digits --steps=10 --solver=dpmpp_2m          # DPM-Solver++ (2M)
     python sample.py --checkpoint=ckpt/cifar10 --mode=fid --inception_weights=pt_inception-2015-12-05-6726825d.pth
 
 Outputs go to --output (default: <workdir>/<mode>, or <checkpoint>_<mode> beside a model directory);
@@ -23,6 +24,7 @@ flags.DEFINE_string("checkpoint", None, "A model directory (python -m ddim_jax.c
 flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the newest).")
 flags.DEFINE_string("mode", "sample", "sample | consistency | interpolation | sequence | reconstruction | fid")
 flags.DEFINE_integer("steps", 50, "Number of sampling steps S.")
+flags.DEFINE_string("solver", "ddim", "Sampler: ddim | dpmpp_2m | dpmpp_3m (DPM-Solver++ multistep; eta must be 0).")
 flags.DEFINE_string("eta", "0", "eta (0 = DDIM, 1 = DDPM), or 'sigma_hat' for the larger DDPM variance.")
 flags.DEFINE_string("spacing", "uniform", "Timestep spacing: uniform | quadratic | leading | trailing | linspace.")
 flags.DEFINE_integer("num_samples", None, "Number of samples N (default: 64; 50,000 in fid mode).")
@@ -32,7 +34,9 @@ flags.DEFINE_string("output", None, "Output directory.")
 flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
 flags.DEFINE_list("steps_list", ["10", "20", "50", "100", "1000"], "S values for consistency / reconstruction.")
 flags.DEFINE_list("fid_steps", ["10", "20", "50", "100"], "S values of the FID table.")
-flags.DEFINE_list("fid_etas", ["0.0", "0.2", "0.5", "1.0", "sigma_hat"], "eta values of the FID table.")
+flags.DEFINE_list("fid_etas", ["0.0", "0.2", "0.5", "1.0", "sigma_hat"], "eta values of the FID table (DDIM rows).")
+flags.DEFINE_list("fid_solvers", ["ddim"], "Solvers of the FID table: ddim (one row per --fid_etas) and/or "
+                  "dpmpp_2m, dpmpp_3m (one row each).")
 flags.DEFINE_string("fid_stats", None, "Reference statistics .npz (default: computed from the training data and cached).")
 flags.DEFINE_string("inception_weights", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (local path).")
 flags.DEFINE_string("features", None, "Feature extractor for fid: inception | digits (default: digits for the "
@@ -108,8 +112,8 @@ def run_sample(ex, model, a, out):
                              f"{files.free_disk(out) / 2**30:.1f} GiB are free")
 
     on_main(check_disk, "checking the disk")
-    batches = ex.sample_batches(model, a.num, a.batch_size, a.steps, eta=a.eta, sigma_hat=a.sigma_hat,
-                                spacing=a.spacing, seed=a.seed)
+    batches = ex.sample_batches(model, a.num, a.batch_size, a.steps, solver=a.solver, eta=a.eta,
+                                sigma_hat=a.sigma_hat, spacing=a.spacing, seed=a.seed)
     if not a.is_main:  # every process takes part in the sharded sampling; process 0 writes
         for _ in batches:
             pass
@@ -140,11 +144,12 @@ def _grid_mode(name, compute, caption):
 
 
 run_consistency = _grid_mode(  # Figure 4: the same x_T decoded with each S
-    "consistency.png", lambda ex, m, a: ex.consistency(m, min(a.num, 8), a.steps_list, seed=a.seed, spacing=a.spacing),
+    "consistency.png", lambda ex, m, a: ex.consistency(m, min(a.num, 8), a.steps_list, seed=a.seed, spacing=a.spacing,
+                                                       solver=a.solver),
     lambda a: f"rows: S = {', '.join(map(str, a.steps_list))}; ")
 run_interpolation = _grid_mode(  # Figure 5: slerp between pairs of x_T
     "interpolation.png", lambda ex, m, a: ex.interpolation(m, max(1, min(a.num, 16) // 2), 11, a.steps, seed=a.seed,
-                                                           spacing=a.spacing),
+                                                           spacing=a.spacing, solver=a.solver),
     lambda a: "")
 run_sequence = _grid_mode(  # the predicted x0 along the trajectory
     "sequence.png", lambda ex, m, a: ex.sequence(m, min(a.num, 8), a.steps, seed=a.seed, spacing=a.spacing),
@@ -188,7 +193,7 @@ def run_fid(ex, model, a, out):
         mu, sigma = fid_lib.reference_stats(model.data["dataset"] + ("-train" if digits else ""),
                                             lambda: _dataset_images(model, "train", 10**9), extractor)
     rows = ex.fid_table(model, extractor, (mu, sigma), a.num, a.batch_size, a.fid_steps, FLAGS.fid_etas,
-                        spacing=a.spacing, seed=a.seed)
+                        spacing=a.spacing, solvers=FLAGS.fid_solvers, seed=a.seed)
     if a.is_main:
         table = ex.format_fid_table(rows)
         files.write_json(json_path, {"features": extractor.name, "spacing": a.spacing, "rows": rows})
@@ -209,6 +214,7 @@ def parse_settings(T: int | None = None):
 
     from ddim_jax import experiments as ex
     from ddim_jax.schedules import SPACINGS
+    from ddim_jax.solvers import SOLVERS
 
     if FLAGS.mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}; got {FLAGS.mode!r}")
@@ -226,7 +232,17 @@ def parse_settings(T: int | None = None):
     eta, sigma_hat = ex.parse_eta(FLAGS.eta)
     for name in FLAGS.fid_etas:
         ex.parse_eta(name)
-    a = types.SimpleNamespace(num=n, eta=eta, sigma_hat=sigma_hat, spacing=FLAGS.spacing, seed=FLAGS.seed,
+    for name, values in (("solver", [FLAGS.solver]), ("fid_solvers", FLAGS.fid_solvers)):
+        bad = [v for v in values if v not in SOLVERS]
+        if bad or not values:
+            raise ValueError(f"--{name} must be among {', '.join(SOLVERS)}; got {','.join(values)!r}")
+    if FLAGS.solver != "ddim" and (eta != 0 or sigma_hat):
+        raise ValueError(f"--eta applies to --solver=ddim only; {FLAGS.solver} is deterministic (leave --eta at 0)")
+    if FLAGS.solver != "ddim" and FLAGS.mode in ("sequence", "reconstruction"):
+        raise ValueError(f"--mode={FLAGS.mode} uses DDIM (its trajectory, its encoder); --solver applies to the "
+                         "sample, consistency, interpolation and fid modes")
+    a = types.SimpleNamespace(num=n, eta=eta, sigma_hat=sigma_hat, solver=FLAGS.solver, spacing=FLAGS.spacing,
+                              seed=FLAGS.seed,
                               steps=FLAGS.steps, batch_size=FLAGS.batch_size,
                               steps_list=_int_list("steps_list", FLAGS.steps_list),
                               fid_steps=_int_list("fid_steps", FLAGS.fid_steps))

@@ -23,6 +23,7 @@ from ddim_jax.images import from_uint8, save_grid, to_uint8
 from ddim_jax.models import ModelSpec, load
 from ddim_jax.parallel import gather_rows, make_mesh, pad_rows, replicated, round_up, shard_rows
 from ddim_jax.sampling import ddim_encode, ddim_sample, slerp
+from ddim_jax.solvers import sample
 from ddim_jax.schedules import Schedule
 
 MODES = ("sample", "consistency", "interpolation", "sequence", "reconstruction", "fid")
@@ -101,18 +102,23 @@ def latents(model: Model, start: int, count: int, seed: int):
     return _draw_latents(jax.random.key(seed), idx, (model.image_size, model.image_size, model.channels))
 
 
-def decode(model: Model, x_T, num_steps: int, *, eta: float = 0.0, sigma_hat: bool = False,
+def decode(model: Model, x_T, num_steps: int, *, solver: str = "ddim", eta: float = 0.0, sigma_hat: bool = False,
            spacing: str = "uniform", key=None, clip_x0: float | None = 1.0, return_trajectory: bool = False):
-    """DDIM decoding of sharded latents with the model (clipping x0 to [-1, 1] by default, like the
-    paper's code)."""
-    return ddim_sample(model.eps_fn, model.schedule, x_T, num_steps, eta=eta, sigma_hat=sigma_hat, spacing=spacing,
-                       key=key, clip_x0=clip_x0, prediction_type=model.prediction_type,
-                       return_trajectory=return_trajectory)
+    """Decoding of sharded latents with the model and ``solver`` (see :func:`ddim_jax.solvers.sample`),
+    clipping x0 to [-1, 1] by default like the paper's code. ``return_trajectory`` is DDIM's."""
+    if return_trajectory:
+        if solver != "ddim":
+            raise ValueError(f"the trajectory of predicted x0 is drawn with DDIM; got solver={solver!r}")
+        return ddim_sample(model.eps_fn, model.schedule, x_T, num_steps, eta=eta, sigma_hat=sigma_hat,
+                           spacing=spacing, key=key, clip_x0=clip_x0, prediction_type=model.prediction_type,
+                           return_trajectory=True)
+    return sample(model.eps_fn, model.schedule, x_T, num_steps, solver=solver, eta=eta, sigma_hat=sigma_hat,
+                  spacing=spacing, key=key, clip_x0=clip_x0, prediction_type=model.prediction_type)
 
 
-def sample_batches(model: Model, num: int, batch_size: int, num_steps: int, *, eta: float = 0.0,
-                   sigma_hat: bool = False, spacing: str = "uniform", seed: int = 0, clip_x0: float | None = 1.0,
-                   progress: bool = True, desc: str = "sampling"):
+def sample_batches(model: Model, num: int, batch_size: int, num_steps: int, *, solver: str = "ddim",
+                   eta: float = 0.0, sigma_hat: bool = False, spacing: str = "uniform", seed: int = 0,
+                   clip_x0: float | None = 1.0, progress: bool = True, desc: str = "sampling"):
     """Yields ``(start, uint8 samples)`` for samples ``0 .. num - 1`` in batches of ``batch_size`` (the last
     batch padded and trimmed, so every batch has one shape and one compilation). Memory use does not grow
     with ``num``."""
@@ -125,8 +131,8 @@ def sample_batches(model: Model, num: int, batch_size: int, num_steps: int, *, e
     stochastic = sigma_hat or eta > 0
     with tqdm(total=num, desc=desc, unit="img", disable=not progress or jax.process_index() != 0) as bar:
         for b, start in enumerate(range(0, num, batch_size)):
-            x = decode(model, latents(model, start, batch_size, seed), num_steps, eta=eta, sigma_hat=sigma_hat,
-                       spacing=spacing, key=jax.random.fold_in(noise_key, b) if stochastic else None, clip_x0=clip_x0)
+            x = decode(model, latents(model, start, batch_size, seed), num_steps, solver=solver, eta=eta,
+                       sigma_hat=sigma_hat,                        spacing=spacing, key=jax.random.fold_in(noise_key, b) if stochastic else None, clip_x0=clip_x0)
             k = min(batch_size, num - start)
             yield start, to_uint8(gather_rows(x, k))
             bar.update(k)
@@ -150,20 +156,22 @@ def generate(model: Model, num: int, batch_size: int, num_steps: int, **kwargs) 
 # Experiments.
 
 
-def consistency(model: Model, num: int, steps: Sequence[int], *, seed: int = 0, spacing: str = "uniform"):
+def consistency(model: Model, num: int, steps: Sequence[int], *, seed: int = 0, spacing: str = "uniform",
+                solver: str = "ddim"):
     """The same ``num`` latents decoded with each S in ``steps`` (Figure 4): uint8 ``[len(steps), num, ...]``."""
     x_T = latents(model, 0, round_up(num, model.mesh.devices.size), seed)
-    return np.stack([to_uint8(gather_rows(decode(model, x_T, s, spacing=spacing), num)) for s in steps])
+    return np.stack([to_uint8(gather_rows(decode(model, x_T, s, solver=solver, spacing=spacing), num))
+                     for s in steps])
 
 
 def interpolation(model: Model, pairs: int, num_points: int, num_steps: int, *, seed: int = 0,
-                  spacing: str = "uniform"):
-    """Slerp between latent pairs (Figure 5), decoded with DDIM: uint8 ``[pairs, num_points, ...]``."""
+                  spacing: str = "uniform", solver: str = "ddim"):
+    """Slerp between latent pairs (Figure 5), decoded with ``solver``: uint8 ``[pairs, num_points, ...]``."""
     z = gather_rows(latents(model, 0, round_up(2 * pairs, model.mesh.devices.size), seed))
     alphas = np.linspace(0.0, 1.0, num_points)
     path = np.concatenate([np.asarray(slerp(z[2 * i], z[2 * i + 1], alphas)) for i in range(pairs)])
     x, n = shard_rows(path, model.mesh)
-    out = to_uint8(gather_rows(decode(model, x, num_steps, spacing=spacing), n))
+    out = to_uint8(gather_rows(decode(model, x, num_steps, solver=solver, spacing=spacing), n))
     return out.reshape((pairs, num_points) + out.shape[1:])
 
 
@@ -219,47 +227,55 @@ def parse_eta(value: str) -> tuple[float, bool]:
     return eta, False
 
 
+def fid_settings(etas: Sequence[str], solvers: Sequence[str] = ("ddim",)) -> list[tuple[str, str, str]]:
+    """``(label, solver, eta)`` rows of a FID table: DDIM once per eta, every other solver once."""
+    rows = [(f"eta={e}" if e not in ("sigma_hat", "hat") else "sigma_hat", "ddim", e) for e in etas
+            if "ddim" in solvers]
+    return rows + [(s, s, "0") for s in solvers if s != "ddim"]
+
+
 def fid_table(model: Model, extractor, reference: tuple[np.ndarray, np.ndarray], num: int, batch_size: int,
-              steps: Sequence[int], etas: Sequence[str], *, spacing: str, seed: int = 0,
-              progress: bool = True) -> list[dict]:
-    """FID of ``num`` samples for each (eta, S), against reference statistics (mu, sigma)."""
+              steps: Sequence[int], etas: Sequence[str], *, spacing: str, solvers: Sequence[str] = ("ddim",),
+              seed: int = 0, progress: bool = True) -> list[dict]:
+    """FID of ``num`` samples for each sampler (DDIM at each eta, each other solver) and S, against
+    reference statistics (mu, sigma). Only the features of each batch are kept."""
     from ddim_jax import fid as fid_lib
 
     rows = []
-    for eta_s in etas:
+    for label, solver, eta_s in fid_settings(etas, solvers):
         eta, hat = parse_eta(eta_s)
         for s in steps:
             feats = np.concatenate([
                 extractor.extract(imgs, batch_size=max(batch_size, 50), progress=False)
-                for _, imgs in sample_batches(model, num, batch_size, s, eta=eta, sigma_hat=hat, spacing=spacing,
-                                              seed=seed, progress=progress, desc=f"eta={eta_s} S={s}")])
+                for _, imgs in sample_batches(model, num, batch_size, s, solver=solver, eta=eta, sigma_hat=hat,
+                                              spacing=spacing, seed=seed, progress=progress, desc=f"{label} S={s}")])
             mu, sigma = fid_lib.compute_stats(feats)
-            rows.append({"eta": eta_s, "steps": s, "num_samples": num,
+            rows.append({"sampler": label, "solver": solver, "eta": eta_s, "steps": s, "num_samples": num,
                          "fid": fid_lib.fid_from_stats(mu, sigma, *reference)})
     return rows
 
 
 def format_fid_table(rows: list[dict]) -> str:
     steps = sorted({r["steps"] for r in rows})
-    etas = list(dict.fromkeys(r["eta"] for r in rows))
-    val = {(r["eta"], r["steps"]): r["fid"] for r in rows}
-    lines = ["| eta \\ S | " + " | ".join(map(str, steps)) + " |", "|---" * (len(steps) + 1) + "|"]
-    for e in etas:
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    val = {(r["sampler"], r["steps"]): r["fid"] for r in rows}
+    lines = ["| sampler \\ S | " + " | ".join(map(str, steps)) + " |", "|---" * (len(steps) + 1) + "|"]
+    for e in samplers:
         lines.append(f"| {e} | " + " | ".join(f"{val[e, s]:.2f}" for s in steps) + " |")
     return "\n".join(lines)
 
 
 def plot_fid(rows: list[dict], path: str):
-    """FID against S, one line per eta (Figure 3, left), as a PNG."""
+    """FID against S, one line per sampler (Figure 3, left), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for e in dict.fromkeys(r["eta"] for r in rows):
-        pts = sorted((r["steps"], r["fid"]) for r in rows if r["eta"] == e)
-        ax.plot(*zip(*pts), marker="o", label=f"eta = {e}" if e not in ("sigma_hat", "hat") else "sigma-hat")
+    for e in dict.fromkeys(r["sampler"] for r in rows):
+        pts = sorted((r["steps"], r["fid"]) for r in rows if r["sampler"] == e)
+        ax.plot(*zip(*pts), marker="o", label=e)
     ax.set_xscale("log")
     ax.set_xlabel("S (sampling steps)")
     ax.set_ylabel("FID")
@@ -271,4 +287,4 @@ def plot_fid(rows: list[dict], path: str):
 
 __all__ = ["MODES", "Model", "load_model", "check_batch", "generate", "sample_batches", "consistency",
            "interpolation", "sequence", "reconstruction", "fid_table", "format_fid_table", "plot_fid", "save_grid",
-           "latents", "decode", "parse_eta"]
+           "latents", "decode", "parse_eta", "fid_settings"]

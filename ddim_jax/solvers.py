@@ -152,6 +152,7 @@ def sample(
     timesteps=None,
     prediction_type: str = "epsilon",
     eta: float = 0.0,
+    sigma_hat: bool = False,
     key=None,
     clip_x0: float | None = None,
     dynamic_threshold: float | None = None,
@@ -161,15 +162,15 @@ def sample(
     tau is ``make_timesteps(T, num_steps, spacing)`` or the given increasing ``timesteps`` (give one
     of the two); the S model calls visit ``tau_S, ..., tau_1`` and the last step lands on x_0
     (alpha-bar 1), exactly as in :func:`ddim_sample`. ``prediction_type``, ``clip_x0`` and
-    ``dynamic_threshold`` act on the model's x0 prediction for every solver. ``eta`` and ``key`` are
-    DDIM's (eta > 0 needs a key); the DPM-Solver++ solvers are deterministic, accept only
-    ``eta = 0`` and ignore ``key``. Returns x_0 with x_T's shape and dtype. See the module
+    ``dynamic_threshold`` act on the model's x0 prediction for every solver. ``eta``, ``sigma_hat``
+    and ``key`` are DDIM's (eta > 0 or sigma_hat needs a key); the DPM-Solver++ solvers are
+    deterministic, accept only ``eta = 0`` without ``sigma_hat`` and ignore ``key``. Returns x_0 with x_T's shape and dtype. See the module
     docstring for the update formulas and the per-step orders.
     """
     _check_choice("solver", solver, SOLVERS)
     if solver == "ddim":
         return ddim_sample(eps_fn, schedule, x_T, num_steps, spacing=spacing, timesteps=timesteps, eta=eta,
-                           key=key, prediction_type=prediction_type, clip_x0=clip_x0,
+                           sigma_hat=sigma_hat, key=key, prediction_type=prediction_type, clip_x0=clip_x0,
                            dynamic_threshold=dynamic_threshold)
     eps_fn = _as_partial(eps_fn)
     x_T = _check_x("x_T", x_T)
@@ -177,9 +178,9 @@ def sample(
     tau = _resolve_timesteps(schedule, num_steps, spacing, timesteps)
     _check_prediction(schedule, tau, prediction_type)
     _check_eta(eta)
-    if eta != 0:
-        raise ValueError(f"eta applies only to solver='ddim'; {solver!r} is a deterministic ODE solver, "
-                         f"leave eta at 0 (got {eta!r})")
+    if eta != 0 or sigma_hat:
+        raise ValueError(f"eta and sigma_hat apply only to solver='ddim'; {solver!r} is a deterministic ODE "
+                         f"solver: leave eta at 0 (got eta={eta!r}, sigma_hat={sigma_hat!r})")
     _check_thresholds(clip_x0, dynamic_threshold)
     ts = np.ascontiguousarray(tau[::-1])
     prev = np.concatenate([ts[1:], [-1]])
