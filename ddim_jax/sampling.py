@@ -109,7 +109,7 @@ def _resolve_timesteps(schedule, num_steps, spacing, timesteps) -> np.ndarray:
     if timesteps is None:
         if num_steps is None:
             raise ValueError("num_steps is required unless timesteps is given")
-        return make_timesteps(T, num_steps, spacing)
+        return make_timesteps(T, num_steps, spacing, schedule=schedule)  # karras/exponential need it
     if num_steps is not None:
         raise ValueError("give num_steps or timesteps, not both")
     tau = np.asarray(timesteps)

@@ -18,7 +18,9 @@ import math
 import numpy as np
 
 SCHEDULES = ("linear", "quadratic", "scaled_linear", "cosine", "sigmoid")
-SPACINGS = ("uniform", "quadratic", "leading", "trailing", "linspace")
+SPACINGS = ("uniform", "quadratic", "leading", "trailing", "linspace", "karras", "exponential")
+# Spacings placed by the schedule's noise levels, so make_timesteps needs ``schedule=`` for them.
+SIGMA_SPACINGS = ("karras", "exponential")
 
 _DEFAULT_BETAS = {
     "linear": (1e-4, 0.02),
@@ -149,7 +151,45 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return 1.0 - alphas
 
 
-def make_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform") -> np.ndarray:
+def _distinct_increasing(tau: np.ndarray, T: int) -> np.ndarray:
+    """Makes a non-decreasing int sequence of length S <= T strictly increasing inside [0, T - 1].
+
+    Each repeat moves up to the previous entry + 1 (``tau[k] = max(tau[k], tau[k-1] + 1)``); if that
+    would push an entry past the room left for the ones after it, it is capped there instead
+    (``tau[k] <= T - S + k``). Entries that are already distinct and in range are kept.
+    """
+    i = np.arange(tau.shape[0], dtype=np.int64)
+    return np.minimum(np.maximum.accumulate(np.maximum(tau, 0) - i), T - tau.shape[0]) + i
+
+
+def _sigma_timesteps(schedule: Schedule, S: int, spacing: str) -> np.ndarray:
+    """Fractional timesteps (increasing) of Karras / exponential sigmas, as diffusers computes them."""
+    T = schedule.num_timesteps
+    ab = schedule.alphas_cumprod.astype(np.float64)
+    if ab[-1] == 0.0:  # zero terminal SNR: diffusers' DPMSolverMultistepScheduler uses 2**-24 there
+        ab = np.concatenate([ab[:-1], [2.0 ** -24]])
+    if np.any(ab <= 0.0):
+        raise ValueError(f"spacing {spacing!r} needs alpha-bar > 0 before the last timestep")
+    log_sigmas = 0.5 * np.log((1.0 - ab) / ab)
+    if T > 1 and not np.all(np.diff(log_sigmas) > 0):
+        raise ValueError(f"spacing {spacing!r} needs a strictly increasing sigma = sqrt((1 - a) / a)")
+    lo, hi = log_sigmas[0], log_sigmas[-1]
+    u = np.linspace(0.0, 1.0, S)  # diffusers' ramp, from sigma_max (u = 0) down to sigma_min; S = 1: sigma_max
+    if spacing == "karras":
+        rho = 7.0
+        s_min, s_max = math.exp(lo) ** (1 / rho), math.exp(hi) ** (1 / rho)
+        log_sigma = rho * np.log(s_max + u * (s_min - s_max))
+    else:  # exponential
+        log_sigma = hi * (1.0 - u) + lo * u  # exact at both ends (the floor below needs that)
+    log_sigma = log_sigma[::-1]  # increasing, like tau
+    if T == 1:
+        return np.zeros(S)
+    # diffusers' _sigma_to_t: linear interpolation of t in log sigma, clamped to [0, T - 1].
+    return np.interp(log_sigma, log_sigmas, np.arange(T, dtype=np.float64))
+
+
+def make_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform", *,
+                   schedule: Schedule | None = None) -> np.ndarray:
     """The sub-sequence tau: ``num_steps`` distinct increasing int32 timesteps in ``[0, T - 1]``.
 
     With T = ``num_timesteps`` and S = ``num_steps`` (1 <= S <= T), ``i = 0 .. S - 1``:
@@ -167,6 +207,25 @@ def make_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform")
     * ``"trailing"`` (diffusers): ``round(T - j * T / S) - 1`` for ``j = S - 1 .. 0``; always starts
       at T - 1 (the choice for zero-terminal-SNR schedules).
     * ``"linspace"`` (diffusers): ``round(linspace(0, T - 1, S))``; starts at T - 1.
+    * ``"karras"`` (Karras et al. 2022; diffusers' ``use_karras_sigmas=True``): needs ``schedule``.
+      With ``sigma(t) = sqrt((1 - abar_t) / abar_t)``, the S sigmas
+      ``(sigma_min^(1/7) + i / (S - 1) * (sigma_max^(1/7) - sigma_min^(1/7)))^7`` between
+      ``sigma_min = sigma(0)`` and ``sigma_max = sigma(T - 1)``, each mapped to a fractional t by
+      linear interpolation in log sigma, then rounded; tau runs from 0 to T - 1 (S = 1: [T - 1],
+      sigma_max, as in diffusers).
+    * ``"exponential"`` (diffusers' ``use_exponential_sigmas=True``): needs ``schedule``. S sigmas
+      uniform in log sigma between the same ends, mapped the same way, but the fractional t is
+      truncated (floor), not rounded, as diffusers does (it only rounds its Karras timesteps).
+
+    For ``"karras"`` and ``"exponential"`` a zero-terminal-SNR schedule uses alpha-bar 2^-24 at
+    T - 1 (as diffusers does), so sigma_max is finite. Both crowd steps near t = 0, so for large S
+    several sigmas land on the same t (e.g. T = 1000: karras from S = 100, exponential from
+    S = 50; with zero terminal SNR also at the top, below the huge sigma_max). diffusers keeps those
+    duplicates (repeated model calls at one t); here, as for ``"quadratic"``, each repeat moves up
+    to the previous entry + 1, capped so the later steps still fit below T (repeats of T - 1 become
+    ..., T - 2, T - 1), so tau is S distinct steps. Where diffusers has no duplicates tau equals
+    its timesteps, except that its exponential top step can be T - 2: it truncates a float32
+    round-off below T - 1 at sigma_max, while here sigma_max maps to exactly T - 1.
 
     Sampling visits tau from its last entry down to its first, then lands on x_0.
     """
@@ -175,6 +234,14 @@ def make_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform")
     _check_choice("spacing", spacing, SPACINGS)
     if S > T:
         raise ValueError(f"num_steps must be <= num_timesteps ({T}); got {S}")
+    if schedule is not None:
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a ddim_jax.Schedule; got {type(schedule).__name__}")
+        if schedule.num_timesteps != T:
+            raise ValueError(f"schedule has {schedule.num_timesteps} timesteps but num_timesteps is {T}")
+    elif spacing in SIGMA_SPACINGS:
+        raise ValueError(f"spacing {spacing!r} is placed by the schedule's noise levels: "
+                         f"pass schedule=, e.g. make_timesteps(T, S, {spacing!r}, schedule=schedule)")
     i = np.arange(S, dtype=np.int64)
     if spacing == "uniform":
         tau = (i * T) // S
@@ -188,8 +255,13 @@ def make_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform")
         tau = i * (T // S)
     elif spacing == "trailing":
         tau = (np.round(T - i * (T / S)).astype(np.int64) - 1)[::-1]
-    else:  # linspace
+    elif spacing == "linspace":
         tau = np.round(np.linspace(0, T - 1, S)).astype(np.int64)
+    else:  # karras, exponential: diffusers rounds the Karras t, truncates the exponential t
+        t = _sigma_timesteps(schedule, S, spacing)
+        tau = (np.round(t) if spacing == "karras" else np.floor(t)).astype(np.int64)
+        # diffusers would keep repeated steps here; keep the contract instead (see the docstring).
+        tau = _distinct_increasing(tau, T)
     tau = np.ascontiguousarray(tau, dtype=np.int32)
     assert tau.shape == (S,) and tau[0] >= 0 and tau[-1] <= T - 1 and np.all(np.diff(tau) > 0), tau
     return tau
