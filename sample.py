@@ -24,9 +24,11 @@ flags.DEFINE_string("checkpoint", None, "A model directory (python -m ddim_jax.c
 flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the newest).")
 flags.DEFINE_string("mode", "sample", "sample | consistency | interpolation | sequence | reconstruction | fid")
 flags.DEFINE_integer("steps", 50, "Number of sampling steps S.")
-flags.DEFINE_string("solver", "ddim", "Sampler: ddim | dpmpp_2m | dpmpp_3m (DPM-Solver++ multistep; eta must be 0).")
+flags.DEFINE_string("solver", "ddim", "Sampler: ddim | dpmpp_2m | dpmpp_3m | dpmpp_2m_sde | plms (eta is DDIM's; "
+                    "the others take none).")
 flags.DEFINE_string("eta", "0", "eta (0 = DDIM, 1 = DDPM), or 'sigma_hat' for the larger DDPM variance.")
-flags.DEFINE_string("spacing", "uniform", "Timestep spacing: uniform | quadratic | leading | trailing | linspace.")
+flags.DEFINE_string("spacing", "uniform", "Timestep spacing: uniform | quadratic | leading | trailing | linspace "
+                    "| karras | exponential.")
 flags.DEFINE_integer("num_samples", None, "Number of samples N (default: 64; 50,000 in fid mode).")
 flags.DEFINE_integer("batch_size", 64, "Global batch size (a multiple of the device count).")
 flags.DEFINE_integer("seed", 0, "Seed of the latents x_T.")
@@ -36,7 +38,7 @@ flags.DEFINE_list("steps_list", ["10", "20", "50", "100", "1000"], "S values for
 flags.DEFINE_list("fid_steps", ["10", "20", "50", "100"], "S values of the FID table.")
 flags.DEFINE_list("fid_etas", ["0.0", "0.2", "0.5", "1.0", "sigma_hat"], "eta values of the FID table (DDIM rows).")
 flags.DEFINE_list("fid_solvers", ["ddim"], "Solvers of the FID table: ddim (one row per --fid_etas) and/or "
-                  "dpmpp_2m, dpmpp_3m (one row each).")
+                  "dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, plms (one row each).")
 flags.DEFINE_string("fid_stats", None, "Reference statistics .npz (default: computed from the training data and cached).")
 flags.DEFINE_string("inception_weights", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (local path).")
 flags.DEFINE_string("features", None, "Feature extractor for fid: inception | digits (default: digits for the "

@@ -90,6 +90,11 @@ def check_batch(model: Model, batch_size: int) -> None:
                          "are available: use a smaller batch_size")
 
 
+def _noise_key(seed: int):
+    """The key of the samplers' per-step noise (eta > 0, sigma_hat, SDE solvers), apart from x_T's."""
+    return jax.random.fold_in(jax.random.key(seed), 1 << 30)
+
+
 @functools.partial(jax.jit, static_argnames="shape")
 def _draw_latents(key, idx, shape):
     return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(idx)
@@ -127,12 +132,11 @@ def sample_batches(model: Model, num: int, batch_size: int, num_steps: int, *, s
     if not isinstance(num, (int, np.integer)) or num < 1:
         raise ValueError(f"the number of samples must be >= 1; got {num}")
     check_batch(model, batch_size)
-    noise_key = jax.random.fold_in(jax.random.key(seed), 1 << 30)
-    stochastic = sigma_hat or eta > 0
+    noise_key = _noise_key(seed)
     with tqdm(total=num, desc=desc, unit="img", disable=not progress or jax.process_index() != 0) as bar:
         for b, start in enumerate(range(0, num, batch_size)):
             x = decode(model, latents(model, start, batch_size, seed), num_steps, solver=solver, eta=eta,
-                       sigma_hat=sigma_hat,                        spacing=spacing, key=jax.random.fold_in(noise_key, b) if stochastic else None, clip_x0=clip_x0)
+                       sigma_hat=sigma_hat, spacing=spacing, key=jax.random.fold_in(noise_key, b), clip_x0=clip_x0)
             k = min(batch_size, num - start)
             yield start, to_uint8(gather_rows(x, k))
             bar.update(k)
@@ -160,8 +164,8 @@ def consistency(model: Model, num: int, steps: Sequence[int], *, seed: int = 0, 
                 solver: str = "ddim"):
     """The same ``num`` latents decoded with each S in ``steps`` (Figure 4): uint8 ``[len(steps), num, ...]``."""
     x_T = latents(model, 0, round_up(num, model.mesh.devices.size), seed)
-    return np.stack([to_uint8(gather_rows(decode(model, x_T, s, solver=solver, spacing=spacing), num))
-                     for s in steps])
+    return np.stack([to_uint8(gather_rows(decode(model, x_T, s, solver=solver, spacing=spacing,
+                                                  key=_noise_key(seed)), num)) for s in steps])
 
 
 def interpolation(model: Model, pairs: int, num_points: int, num_steps: int, *, seed: int = 0,
@@ -171,7 +175,7 @@ def interpolation(model: Model, pairs: int, num_points: int, num_steps: int, *, 
     alphas = np.linspace(0.0, 1.0, num_points)
     path = np.concatenate([np.asarray(slerp(z[2 * i], z[2 * i + 1], alphas)) for i in range(pairs)])
     x, n = shard_rows(path, model.mesh)
-    out = to_uint8(gather_rows(decode(model, x, num_steps, solver=solver, spacing=spacing), n))
+    out = to_uint8(gather_rows(decode(model, x, num_steps, solver=solver, spacing=spacing, key=_noise_key(seed)), n))
     return out.reshape((pairs, num_points) + out.shape[1:])
 
 

@@ -1,10 +1,16 @@
-"""One sampling entry point for DDIM and the DPM-Solver++ multistep ODE solvers (Lu et al. 2022).
+"""One sampling entry point for DDIM, the DPM-Solver++ multistep solvers (Lu et al. 2022) and PLMS.
 
 ``sample(eps_fn, schedule, x_T, num_steps, solver=...)`` with ``solver`` in :data:`SOLVERS`:
 
 * ``"ddim"``: :func:`ddim_jax.sampling.ddim_sample` itself (eta, key, clipping passed through).
 * ``"dpmpp_2m"``, ``"dpmpp_3m"``: DPM-Solver++ multistep of order 2 and 3, data-prediction form,
   deterministic (there is no eta).
+* ``"dpmpp_2m_sde"``: SDE-DPM-Solver++(2M), midpoint, data-prediction form (diffusers'
+  ``algorithm_type="sde-dpmsolver++"``, ``solver_order=2``); stochastic, needs ``key``.
+* ``"plms"``: PNDM's pseudo linear multistep (Liu et al. 2022) as diffusers' ``PNDMScheduler`` with
+  ``skip_prk_steps=True`` runs it; deterministic, S + 1 model calls (see below).
+
+eta (and sigma_hat) are DDIM's only; every other solver requires ``eta = 0``.
 
 Notation, in the discrete-time DDPM parameterisation: ``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``,
 log-SNR ``lambda = log(alpha) - log(sigma)``. A step goes from the current timestep s (the model is
@@ -38,6 +44,51 @@ finite placeholder step ratios where they are not used). A zero-terminal-SNR sta
 is +inf, and later steps give the history point at ``lambda = -inf`` zero weight (``r = inf``);
 diffusers instead replaces that alpha-bar by 2^-24.
 
+2M SDE (same notation and per-step orders as 2M; z_i a standard normal draw):
+
+* order 1: ``x_t = (sigma_t / sigma_s) e^-h x_s - alpha_t expm1(-2h) m0 + sigma_t sqrt(-expm1(-2h)) z_i``
+* order 2: the order-1 update ``- 0.5 alpha_t expm1(-2h) D1``, ``D1 = (m0 - m1) / r0``
+
+i.e. the 2M update with ``expm1(-h)`` replaced by ``expm1(-2h)``, the x coefficient multiplied by
+``e^-h``, plus noise. Step i (0 = the first step, at tau_S) draws ``z_i = normal(fold_in(key, i),
+x.shape, float32)``, as :func:`ddim_sample` does, so the sample does not depend on how the batch is
+sharded. The last step (onto x_0, h = +inf, sigma_t = 0) adds no noise and returns the data
+prediction, as in the ODE case. Handing diffusers' ``step(..., variance_noise=z_i)`` the same z_i gives
+the same samples to float32 round-off (diffusers computes ``1 - exp(-2h)``, we ``-expm1(-2h)``).
+
+PLMS works on eps: each model call's output is converted to ``(x0, eps)`` (x0 clipped/thresholded if
+asked, eps then recomputed from it) and the step from s to t is DDIM's (eta = 0) with a combined eps
+``E``: ``x_t = sqrt(abar_t) (x_s - sqrt(1 - abar_s) E) / sqrt(abar_s) + sqrt(1 - abar_t) E`` (diffusers'
+formula (9), algebraically the same). With ``t_k = tau_{S-k}`` (``t_0 = tau_S``, ``t_S`` = x_0) and
+e_k the eps of the k-th model call, S >= 2 takes S + 1 model calls, at ``t_0, t_1, t_1, t_2, ...,
+t_{S-1}`` (exactly diffusers' ``timesteps`` list):
+
+* call 0 at ``(x_T, t_0)``: e_0; predictor ``x' = step(x_T, t_0 -> t_1, e_0)``
+* call 1 at ``(x', t_1)``: e_1; ``x_1 = step(x_T, t_0 -> t_1, (e_0 + e_1) / 2)`` (Heun; e_1 is then
+  discarded, as diffusers does: it is not kept in the history)
+* call k >= 2 at ``(x_{k-1}, t_{k-1})``: e_k; ``x_k = step(x_{k-1}, t_{k-1} -> t_k, E)`` with E the
+  Adams-Bashforth combination of e_k and the previous stored eps (e_0, e_2, e_3, ...):
+  ``(3 e_k - e_0) / 2`` at k = 2, ``(23 e_k - 16 e_{k-1} + 5 e_{k-2}) / 12`` at k = 3 (e_{k-1} = e_2,
+  e_{k-2} = e_0), ``(55 e_k - 59 e_{k-1} + 37 e_{k-2} - 9 e_{k-3}) / 24`` from k = 4 on.
+
+S = 1 is one DDIM step (one call). The coefficients are the constant-step Adams-Bashforth ones
+whatever the spacing of tau (as in diffusers); on a grid uniform in log-SNR PLMS converges only
+like ~h^1.6 on the mixture ODE of the tests (2M: h^2). All of this is one scan of S + 1 iterations
+(:func:`plms_plan` builds its per-iteration call timestep, step ends, eps weights and the restart
+and push flags, passed as arguments). PLMS cannot start at alpha-bar 0 (zero terminal SNR): the
+averaged eps of the restarted first step would be divided by sqrt(alpha-bar) = 0; that raises
+ValueError.
+
+Differences from ``PNDMScheduler``: it steps from t to ``t - T // S`` regardless of its timestep list
+and its final step lands on ``alphas_cumprod[0]`` unless ``set_alpha_to_one=True``. With
+``set_alpha_to_one=True`` and a list uniform with step ``T // S`` (``timestep_spacing="leading"``,
+any ``steps_offset``; ``"trailing"`` when S divides T), passing its ``_timesteps`` (increasing, S
+distinct values) as ``timesteps=`` gives its samples to float32 round-off (tests/test_solvers.py). Its
+``"linspace"`` list has steps ~(T - 1)/(S - 1) != T // S, so its updates land between the listed
+timesteps and no tau of ours reproduces it. It has no x0 clipping; ours applies ``clip_x0`` and
+``dynamic_threshold`` to each call's x0 as above (PLMS's last step uses the combined eps, so its
+output is not itself a clipped x0 and can leave [-clip_x0, clip_x0] slightly).
+
 The 3M update is the one of the original DPM-Solver code, which diffusers uses (parity needs it).
 Its D2 is ``~ h^2 x0''/2`` while its weight ``-alpha_t phi_3``, ``phi_3 = (e^-h - 1 + h)/h^2 - 1/2``, is
 half of the Taylor term's, so 3M is globally second order with a small constant: it is more
@@ -55,8 +106,10 @@ predictions and their log-SNRs live in the scan carry. The alpha-bars and the pe
 arguments (each step computes the three updates and selects by its order: a few elementwise
 operations, nothing next to a model call), so another tau of the same length, and the other
 DPM-Solver++ order, reuse the compiled program: it is compiled once per (eps_fn, shapes, S,
-prediction_type, clip_x0, dynamic_threshold). Arithmetic is float32; x is carried (and fed to the
-model) in x_T's dtype.
+prediction_type, clip_x0, dynamic_threshold). The SDE variant is a second program of the same
+function (a static flag: it takes the key and draws noise); new keys do not recompile. PLMS is its
+own scan, compiled once per (eps_fn, shapes, S, prediction_type, clip_x0, dynamic_threshold).
+Arithmetic is float32; x is carried (and fed to the model) in x_T's dtype.
 """
 
 from __future__ import annotations
@@ -81,8 +134,8 @@ from ddim_jax.sampling import (
 )
 from ddim_jax.schedules import SPACINGS, Schedule, _check_choice
 
-SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m")
-_ORDER = {"dpmpp_2m": 2, "dpmpp_3m": 3}
+SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "plms")
+_ORDER = {"dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2}
 
 
 def step_orders(num_steps: int, solver_order: int) -> np.ndarray:
@@ -106,11 +159,11 @@ def _log_snr(a):
     return jnp.log(jnp.sqrt(a)) - jnp.log(jnp.sqrt(1.0 - a))
 
 
-@functools.partial(jax.jit, static_argnames=("prediction_type", "clip_x0", "dynamic_threshold"))
-def _dpmpp_scan(eps_fn, x_T, ts, a_s, a_t, orders, *, prediction_type, clip_x0, dynamic_threshold):
+@functools.partial(jax.jit, static_argnames=("sde", "prediction_type", "clip_x0", "dynamic_threshold"))
+def _dpmpp_scan(eps_fn, x_T, ts, a_s, a_t, orders, key, *, sde, prediction_type, clip_x0, dynamic_threshold):
     def body(carry, inp):
         x, m1, m2, l1, l2 = carry
-        t, as_, at, order = inp
+        i, t, as_, at, order = inp
         m0, _ = predict_x0_eps(_model(eps_fn, x, t), x, as_, prediction_type)
         if clip_x0 is not None or dynamic_threshold is not None:
             m0 = threshold_x0(m0, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold)
@@ -127,6 +180,12 @@ def _dpmpp_scan(eps_fn, x_T, ts, a_s, a_t, orders, *, prediction_type, clip_x0, 
         r0 = jnp.where(order >= 2, lam_s - l1, 1.0) / hh
         D1_0 = (m0 - m1) / r0
         x2 = x1 - (0.5 * alpha_t * em) * D1_0
+        if sde:  # SDE-DPM-Solver++: em -> expm1(-2h), the x coefficient gains exp(-h), plus fresh noise
+            em2 = jnp.expm1(-2.0 * h)  # -1 at h = +inf
+            z = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
+            x1 = ((sigma_t / sigma_s) * jnp.exp(-h)) * x.astype(jnp.float32) - (alpha_t * em2) * m0 \
+                + (sigma_t * jnp.sqrt(-em2)) * z
+            x2 = x1 - (0.5 * alpha_t * em2) * D1_0
         r0, r1 = jnp.where(order >= 3, r0, 1.0), jnp.where(order >= 3, l1 - l2, 1.0) / hh
         D1_1 = (m1 - m2) / r1
         D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
@@ -137,7 +196,60 @@ def _dpmpp_scan(eps_fn, x_T, ts, a_s, a_t, orders, *, prediction_type, clip_x0, 
 
     zeros = jnp.zeros(x_T.shape, jnp.float32)
     init = (x_T, zeros, zeros, jnp.float32(0.0), jnp.float32(0.0))
-    (x0, *_), _ = jax.lax.scan(body, init, (ts, a_s, a_t, orders))
+    steps = jnp.arange(ts.shape[0], dtype=jnp.int32)
+    (x0, *_), _ = jax.lax.scan(body, init, (steps, ts, a_s, a_t, orders))
+    return x0
+
+
+_AB = np.array([[1, 0, 0, 0], [3 / 2, -1 / 2, 0, 0], [23 / 12, -16 / 12, 5 / 12, 0],
+                [55 / 24, -59 / 24, 37 / 24, -9 / 24]])  # Adams-Bashforth weights of e_new, e_1, e_2, e_3
+
+
+def plms_plan(tau) -> dict:
+    """The PLMS iterations over the increasing ``tau``, first iteration first, as host arrays.
+
+    One model call per iteration, at ``t_call``; the update then takes ``x`` (or, with ``restart``,
+    the x the previous iteration started from) from ``t_from`` to ``t_to`` (-1: x_0, alpha-bar 1)
+    with the eps combination ``weights @ (e_new, e_1, e_2, e_3)``, ``e_1`` the most recent stored
+    eps; ``push`` stores ``e_new``. S = 1: one DDIM step. S >= 2: S + 1 iterations (see the
+    module docstring).
+    """
+    ts = np.asarray(tau)[::-1].astype(np.int32)
+    S = len(ts)
+    nxt = np.concatenate([ts[1:], [-1]]).astype(np.int32)
+    if S == 1:
+        return dict(t_call=ts, t_from=ts, t_to=nxt, weights=_AB[:1].astype(np.float32),
+                     restart=np.zeros(1, bool), push=np.ones(1, bool))
+    k = np.arange(2, S + 1)
+    return dict(
+        t_call=np.concatenate([ts[:2], ts[k - 1]]).astype(np.int32),
+        t_from=np.concatenate([ts[:1], ts[:1], ts[k - 1]]).astype(np.int32),
+        t_to=np.concatenate([ts[1:2], ts[1:2], nxt[k - 1]]).astype(np.int32),
+        weights=np.concatenate([_AB[:1], [[0.5, 0.5, 0, 0]], _AB[np.minimum(k, 4) - 1]]).astype(np.float32),
+        restart=np.arange(S + 1) == 1, push=np.arange(S + 1) != 1)
+
+
+@functools.partial(jax.jit, static_argnames=("prediction_type", "clip_x0", "dynamic_threshold"))
+def _plms_scan(eps_fn, x_T, t_call, a_call, a_from, a_to, weights, restart, push, *, prediction_type, clip_x0,
+               dynamic_threshold):
+    def body(carry, inp):
+        x, x_start, e1, e2, e3 = carry
+        t, ac, af, at, w, rs, ps = inp
+        xf = x.astype(jnp.float32)
+        m0, e = predict_x0_eps(_model(eps_fn, x, t), x, ac, prediction_type)
+        if clip_x0 is not None or dynamic_threshold is not None:
+            m0 = threshold_x0(m0, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold)
+            e = (xf - jnp.sqrt(ac) * m0) / jnp.sqrt(1.0 - ac)
+        ec = w[0] * e + w[1] * e1 + w[2] * e2 + w[3] * e3
+        base = jnp.where(rs, x_start, xf)
+        x0c = (base - jnp.sqrt(1.0 - af) * ec) / jnp.sqrt(af)
+        x_next = jnp.sqrt(at) * x0c + jnp.sqrt(1.0 - at) * ec
+        e1, e2, e3 = jnp.where(ps, e, e1), jnp.where(ps, e1, e2), jnp.where(ps, e2, e3)
+        return (x_next.astype(x.dtype), xf, e1, e2, e3), None
+
+    zeros = jnp.zeros(x_T.shape, jnp.float32)
+    init = (x_T, zeros, zeros, zeros, zeros)
+    (x0, *_), _ = jax.lax.scan(body, init, (t_call, a_call, a_from, a_to, weights, restart, push))
     return x0
 
 
@@ -162,10 +274,11 @@ def sample(
     tau is ``make_timesteps(T, num_steps, spacing)`` or the given increasing ``timesteps`` (give one
     of the two); the S model calls visit ``tau_S, ..., tau_1`` and the last step lands on x_0
     (alpha-bar 1), exactly as in :func:`ddim_sample`. ``prediction_type``, ``clip_x0`` and
-    ``dynamic_threshold`` act on the model's x0 prediction for every solver. ``eta``, ``sigma_hat``
-    and ``key`` are DDIM's (eta > 0 or sigma_hat needs a key); the DPM-Solver++ solvers are
-    deterministic, accept only ``eta = 0`` without ``sigma_hat`` and ignore ``key``. Returns x_0 with x_T's shape and dtype. See the module
-    docstring for the update formulas and the per-step orders.
+    ``dynamic_threshold`` act on the model's x0 prediction for every solver. ``eta`` and ``sigma_hat``
+    are DDIM's (eta > 0 or sigma_hat needs a key); the other solvers accept only ``eta = 0`` without
+    ``sigma_hat``. ``"dpmpp_2m_sde"`` needs ``key`` (step i's noise is ``fold_in(key, i)``); the
+    deterministic solvers ignore it. ``"plms"`` makes S + 1 model calls for S >= 2. Returns x_0 with
+    x_T's shape and dtype. See the module docstring for the update formulas and the per-step orders.
     """
     _check_choice("solver", solver, SOLVERS)
     if solver == "ddim":
@@ -179,12 +292,23 @@ def sample(
     _check_prediction(schedule, tau, prediction_type)
     _check_eta(eta)
     if eta != 0 or sigma_hat:
-        raise ValueError(f"eta and sigma_hat apply only to solver='ddim'; {solver!r} is a deterministic ODE "
-                         f"solver: leave eta at 0 (got eta={eta!r}, sigma_hat={sigma_hat!r})")
+        raise ValueError(f"eta and sigma_hat apply only to solver='ddim'; leave eta at 0 for {solver!r} "
+                         f"(got eta={eta!r}, sigma_hat={sigma_hat!r})")
+    if solver == "plms" and float(schedule.alpha_bar(int(tau[-1]))) == 0.0:
+        raise ValueError(f"solver='plms' cannot start at alpha_bar = 0 (t = {int(tau[-1])}, a zero-terminal-SNR "
+                         "schedule): its eps combinations divide by sqrt(alpha_bar); use a dpmpp solver or ddim")
+    sde = solver == "dpmpp_2m_sde"
+    if sde and key is None:
+        raise ValueError("key (a jax.random key) is required for solver='dpmpp_2m_sde'")
     _check_thresholds(clip_x0, dynamic_threshold)
+    opts = dict(prediction_type=prediction_type, clip_x0=None if clip_x0 is None else float(clip_x0),
+                dynamic_threshold=None if dynamic_threshold is None else float(dynamic_threshold))
+    if solver == "plms":
+        plan = plms_plan(tau)
+        ab = schedule.alpha_bar
+        return _plms_scan(eps_fn, x_T, plan["t_call"], ab(plan["t_call"]), ab(plan["t_from"]), ab(plan["t_to"]),
+                          plan["weights"], plan["restart"], plan["push"], **opts)
     ts = np.ascontiguousarray(tau[::-1])
     prev = np.concatenate([ts[1:], [-1]])
     return _dpmpp_scan(eps_fn, x_T, ts, schedule.alpha_bar(ts), schedule.alpha_bar(prev),
-                       step_orders(len(ts), _ORDER[solver]), prediction_type=prediction_type,
-                       clip_x0=None if clip_x0 is None else float(clip_x0),
-                       dynamic_threshold=None if dynamic_threshold is None else float(dynamic_threshold))
+                       step_orders(len(ts), _ORDER[solver]), key if sde else None, sde=sde, **opts)

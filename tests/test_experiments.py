@@ -131,6 +131,9 @@ def test_sample_mode_with_a_higher_order_solver(workdir, tmp_path):
     np.testing.assert_array_equal(ours, np.asarray(dj.sample(model.eps_fn, model.schedule, x_T, 4, solver="dpmpp_2m",
                                                              clip_x0=1.0)))
     assert np.abs(ours - np.asarray(ex.decode(model, x_T, 4))).max() > 0
+    # The stochastic solver gets its noise key in every mode, from the seed.
+    sde = ex.consistency(model, 2, [3], solver="dpmpp_2m_sde")
+    np.testing.assert_array_equal(sde, ex.consistency(model, 2, [3], solver="dpmpp_2m_sde"))
 
 
 def test_model_directories_load_for_sampling_and_refuse_mismatched_params(workdir, tmp_path):

@@ -1,5 +1,6 @@
-"""ddim_jax.solvers: DPM-Solver++ 2M/3M against diffusers' DPMSolverMultistepScheduler driven by the
-same model, convergence orders on the oracle ODE, compile-once, and the argument checks."""
+"""ddim_jax.solvers: DPM-Solver++ 2M/3M/2M-SDE against diffusers' DPMSolverMultistepScheduler and PLMS
+against its PNDMScheduler, driven by the same model (and, for the SDE, the same noise), convergence
+orders on the oracle ODE, compile-once, and the argument checks."""
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,115 @@ def test_dpmpp_matches_diffusers_multistep_scheduler(order, S, spacing):
     assert err < 1e-5, err
     ddim = dj.sample(eps_fn, SCHED, x_T, timesteps=tau)
     assert np.abs(np.asarray(ddim) - ref).max() / scale > 1e-3  # the comparison can tell solvers apart
+
+
+def _torch_model(model, torch):
+    def call(x, t):
+        return torch.from_numpy(np.array(model(jnp.asarray(x.numpy()), jnp.full(x.shape[0], int(t), jnp.int32))))
+    return call
+
+
+@pytest.mark.parametrize("S,spacing", [(10, "linspace"), (20, "trailing")])
+def test_dpmpp_2m_sde_matches_diffusers_with_the_same_noise(S, spacing):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.set_num_threads(1)
+    sched = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+        algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,
+        final_sigmas_type="zero", timestep_spacing=spacing)
+    sched.set_timesteps(S)
+    tau = sched.timesteps.numpy()[::-1].astype(np.int32)
+    eps_fn = _far_mixture().eps_fn(SCHED)
+    call = _torch_model(jax.jit(eps_fn), torch)
+    x_T = np.asarray(jax.random.normal(jax.random.key(0), (64, 2)))
+    key = jax.random.key(3)
+    x = torch.from_numpy(x_T.copy())
+    for i, t in enumerate(sched.timesteps):  # our noise for step i: fold_in(key, i), handed to diffusers
+        z = np.asarray(jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32))
+        x = sched.step(call(x, t), t, x, variance_noise=torch.from_numpy(z)).prev_sample
+    ref = x.numpy()
+    ours = np.asarray(dj.sample(eps_fn, SCHED, x_T, timesteps=tau, solver="dpmpp_2m_sde", key=key))
+    scale = max(1.0, np.abs(ref).max())
+    # Measured: 2.5e-6 (S = 10, linspace), 1.7e-6 (S = 20, trailing): float32 round-off.
+    assert np.abs(ours - ref).max() / scale < 1e-5
+    # The comparison can tell the noise and the solver apart.
+    ode = dj.sample(eps_fn, SCHED, x_T, timesteps=tau, solver="dpmpp_2m")
+    assert np.abs(np.asarray(ode) - ref).max() / scale > 1e-2
+    other = dj.sample(eps_fn, SCHED, x_T, timesteps=tau, solver="dpmpp_2m_sde", key=jax.random.key(4))
+    assert np.abs(np.asarray(other) - ref).max() / scale > 1e-2
+
+
+def test_dpmpp_2m_sde_is_deterministic_given_the_key():
+    eps_fn = _far_mixture().eps_fn(SCHED)
+    x_T = jax.random.normal(jax.random.key(1), (64, 2))
+    k1, k2 = jax.random.key(7), jax.random.key(8)
+    a = dj.sample(eps_fn, SCHED, x_T, 10, solver="dpmpp_2m_sde", key=k1)
+    np.testing.assert_array_equal(a, dj.sample(eps_fn, SCHED, x_T, 10, solver="dpmpp_2m_sde", key=k1))
+    b = dj.sample(eps_fn, SCHED, x_T, 10, solver="dpmpp_2m_sde", key=k2)
+    assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+    assert float(jnp.abs(a - b).max()) > 0.1
+    # With S = 1 the only step lands on x_0 (h = +inf, noise weight sigma_t = 0): no NaN, the key does
+    # not matter, and the result is the data prediction, i.e. DDIM's.
+    one = dj.sample(eps_fn, SCHED, x_T, 1, solver="dpmpp_2m_sde", key=k1)
+    np.testing.assert_array_equal(one, dj.sample(eps_fn, SCHED, x_T, 1, solver="dpmpp_2m_sde", key=k2))
+    np.testing.assert_allclose(one, dj.ddim_sample(eps_fn, SCHED, x_T, 1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("S,spacing,offset", [(2, "leading", 1), (5, "leading", 0), (20, "leading", 1),
+                                              (10, "trailing", 0)])
+def test_plms_matches_diffusers_pndm_scheduler(S, spacing, offset):
+    # PNDMScheduler(skip_prk_steps=True) steps from t to t - T // S whatever its timestep list says, so its
+    # trajectory is one over our tau = its `_timesteps` only where that list is uniform with step T // S:
+    # "leading" (any S, any steps_offset) and "trailing" with T % S == 0. Its "linspace" (step ~(T-1)/(S-1))
+    # is not expressible: each update lands between the listed timesteps. set_alpha_to_one=True makes its
+    # last step land on alpha-bar 1, like ours.
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.set_num_threads(1)
+    sched = diffusers.PNDMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, skip_prk_steps=True,
+        set_alpha_to_one=True, timestep_spacing=spacing, steps_offset=offset)
+    np.testing.assert_allclose(SCHED.betas, sched.betas.numpy(), rtol=1e-6, atol=0)
+    sched.set_timesteps(S)
+    tau = sched._timesteps.astype(np.int32)
+    assert np.all(np.diff(tau) == 1000 // S)
+    # The same model calls: S + 1 of them, at its timesteps (tau_S, tau_{S-1}, tau_{S-1}, tau_{S-2}, ...).
+    np.testing.assert_array_equal(solvers.plms_plan(tau)["t_call"], sched.timesteps.numpy())
+    eps_fn = _far_mixture().eps_fn(SCHED)
+    call = _torch_model(jax.jit(eps_fn), torch)
+    x_T = np.asarray(jax.random.normal(jax.random.key(0), (64, 2)))
+    x = torch.from_numpy(x_T.copy())
+    for t in sched.timesteps:
+        x = sched.step(call(x, t), t, x).prev_sample
+    ref = x.numpy()
+    ours = np.asarray(dj.sample(eps_fn, SCHED, x_T, timesteps=tau, solver="plms"))
+    scale = max(1.0, np.abs(ref).max())
+    # Measured: 8.2e-7, 8.4e-7, 6.8e-7, 1.6e-6 for these cases; <= 3.7e-6 over S = 1..20, leading with
+    # offset 0 and 1 (float32 round-off).
+    assert np.abs(ours - ref).max() / scale < 1e-5
+    ddim = dj.sample(eps_fn, SCHED, x_T, timesteps=tau)
+    assert np.abs(np.asarray(ddim) - ref).max() / scale > 1e-3
+
+
+def test_plms_plan():
+    p = solvers.plms_plan(np.array([0, 100, 200, 300, 400], np.int32))
+    np.testing.assert_array_equal(p["t_call"], [400, 300, 300, 200, 100, 0])
+    np.testing.assert_array_equal(p["t_from"], [400, 400, 300, 200, 100, 0])
+    np.testing.assert_array_equal(p["t_to"], [300, 300, 200, 100, 0, -1])
+    np.testing.assert_array_equal(p["restart"], [0, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(p["push"], [1, 0, 1, 1, 1, 1])
+    np.testing.assert_allclose(p["weights"] * 24, [[24, 0, 0, 0], [12, 12, 0, 0], [36, -12, 0, 0],
+                                                   [46, -32, 10, 0], [55, -59, 37, -9], [55, -59, 37, -9]],
+                               rtol=1e-6)
+    np.testing.assert_allclose(p["weights"].sum(1), 1, rtol=1e-6)
+    one = solvers.plms_plan(np.array([7]))  # S = 1: one DDIM step onto x_0
+    np.testing.assert_array_equal(one["t_call"], [7])
+    np.testing.assert_array_equal(one["t_to"], [-1])
+    gm = _far_mixture()
+    x_T = jax.random.normal(jax.random.key(1), (32, 2))
+    np.testing.assert_allclose(dj.sample(gm.eps_fn(SCHED), SCHED, x_T, timesteps=[7], solver="plms"),
+                               dj.ddim_sample(gm.eps_fn(SCHED), SCHED, x_T, timesteps=[7]), rtol=0, atol=1e-5)
 
 
 def test_step_orders_follow_diffusers_lower_order_rules():
@@ -133,7 +243,7 @@ def test_convergence_orders_on_the_mixture_ode():
     rms = lambda a: float(np.sqrt(np.mean(np.square(a))))
     ns = np.array([10, 20, 40])
     err = {s: np.array([rms(np.asarray(dj.sample(eps_fn, SCHED, x_T, timesteps=_lambda_grid(n, t_min), solver=s))
-                            - ref) for n in ns]) for s in dj.SOLVERS}
+                            - ref) for n in ns]) for s in ("ddim",) + DPM}
     assert rms(ref - ref2) < 0.02 * err["dpmpp_3m"].min(), (rms(ref - ref2), err)
     slope = {s: -np.polyfit(np.log(ns), np.log(e), 1)[0] for s, e in err.items()}
     assert 0.85 < slope["ddim"] < 1.15, slope
@@ -167,12 +277,29 @@ def test_compiled_once_per_shape_S_and_options():
     assert len(traces) == 2
     dj.sample(eps_fn, SCHED, x, 20, solver="dpmpp_2m", clip_x0=1.0)  # another option: another program
     assert len(traces) == 3
+    # The SDE variant is its own program (it draws noise); new keys and new tau values reuse it.
+    dj.sample(eps_fn, SCHED, x, 10, solver="dpmpp_2m_sde", key=jax.random.key(0))
+    assert len(traces) == 4
+    dj.sample(eps_fn, SCHED, x, 10, solver="dpmpp_2m_sde", key=jax.random.key(1), spacing="trailing")
+    assert len(traces) == 4
+    # PLMS: one program per S, whatever the tau values.
+    dj.sample(eps_fn, SCHED, x, 10, solver="plms")
+    assert len(traces) == 5
+    dj.sample(eps_fn, SCHED, x - 1, 10, solver="plms", spacing="leading")
+    dj.sample(eps_fn, SCHED, x, timesteps=np.arange(10) * 7 + 3, solver="plms")
+    assert len(traces) == 5
+    dj.sample(eps_fn, SCHED, x, 11, solver="plms")
+    assert len(traces) == 6
 
 
 def test_prediction_types_give_the_same_samples():
     gm = _far_mixture()
     x_T = jax.random.normal(jax.random.key(5), (64, 2))
     out = {p: dj.sample(gm.eps_fn(SCHED, p), SCHED, x_T, 20, solver="dpmpp_3m", prediction_type=p)
+           for p in dj.PREDICTION_TYPES}
+    np.testing.assert_allclose(out["v"], out["epsilon"], atol=1e-4)
+    np.testing.assert_allclose(out["x0"], out["epsilon"], atol=1e-4)
+    out = {p: dj.sample(gm.eps_fn(SCHED, p), SCHED, x_T, 20, solver="plms", prediction_type=p)
            for p in dj.PREDICTION_TYPES}
     np.testing.assert_allclose(out["v"], out["epsilon"], atol=1e-4)
     np.testing.assert_allclose(out["x0"], out["epsilon"], atol=1e-4)
@@ -202,9 +329,23 @@ def test_clipping_and_thresholding_apply_to_the_x0_predictions():
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    ({"solver": "heun"}, ValueError, r"solver must be one of 'ddim', 'dpmpp_2m', 'dpmpp_3m'; got 'heun'"),
-    ({"solver": "dpmpp_2m", "eta": 0.5}, ValueError, "eta applies only to solver='ddim'"),
-    ({"solver": "dpmpp_3m", "eta": 1.0, "key": jax.random.key(0)}, ValueError, "eta applies only to solver='ddim'"),
+    ({"solver": "heun"}, ValueError,
+     r"solver must be one of 'ddim', 'dpmpp_2m', 'dpmpp_3m', 'dpmpp_2m_sde', 'plms'; got 'heun'"),
+    ({"solver": "dpmpp_2m", "eta": 0.5}, ValueError, "eta and sigma_hat apply only to solver='ddim'"),
+    ({"solver": "dpmpp_3m", "eta": 1.0, "key": jax.random.key(0)}, ValueError,
+     "eta and sigma_hat apply only to solver='ddim'"),
+    ({"solver": "dpmpp_2m_sde", "eta": 1.0, "key": jax.random.key(0)}, ValueError,
+     "eta and sigma_hat apply only to solver='ddim'"),
+    ({"solver": "plms", "sigma_hat": True}, ValueError, "eta and sigma_hat apply only to solver='ddim'"),
+    ({"solver": "dpmpp_2m_sde"}, ValueError, r"key \(a jax.random key\) is required for solver='dpmpp_2m_sde'"),
+    ({"solver": "dpmpp_2m_sde", "key": jax.random.key(0), "num_steps": 0}, ValueError,
+     "num_steps must be an integer >= 1"),
+    ({"solver": "plms", "num_steps": 1001}, ValueError, "num_steps must be <= num_timesteps"),
+    ({"solver": "plms", "x_T": jnp.ones((4, 3), jnp.int32)}, ValueError, "x_T must be a floating-point array"),
+    ({"solver": "plms", "clip_x0": 0.0}, ValueError, "clip_x0 must be None or a number"),
+    ({"solver": "plms", "prediction_type": "v", "spacing": "trailing",
+      "schedule": dj.make_schedule("linear", 1000, rescale_zero_terminal_snr=True)}, ValueError,
+     "solver='plms' cannot start at alpha_bar = 0"),
     ({"solver": "dpmpp_2m", "eta": float("nan")}, ValueError, "eta must be a finite real number >= 0"),
     ({"solver": "dpmpp_2m", "eta": np.float32("inf")}, ValueError, "eta must be a finite real number >= 0"),
     ({"solver": "dpmpp_2m", "eta": -0.1}, ValueError, "eta must be a finite real number >= 0"),
