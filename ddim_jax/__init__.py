@@ -13,6 +13,7 @@ from ddim_jax.diffusion import (
     x0_eps_to_v,
     x0_to_eps,
 )
+from ddim_jax.guidance import guided
 from ddim_jax.oracle import GaussianMixture, energy_distance
 from ddim_jax.sampling import ddim_encode, ddim_sample, ddim_step, slerp, threshold_x0
 from ddim_jax.schedules import SCHEDULES, SPACINGS, Schedule, make_schedule, make_timesteps

@@ -85,6 +85,24 @@ class GaussianMixture:
         return jax.tree_util.Partial(_ORACLE_MODELS[prediction_type], self.means, self.stds, self.weights,
                                      schedule.alphas_cumprod)
 
+    def conditional_eps_fn(self, schedule: Schedule, prediction_type: str = "epsilon", *, null_label: int | None = None):
+        """The class-conditional oracle ``model_fn(x_t, t, labels)``, for classifier-free guidance.
+
+        Component k is class k: an integer label ``k`` in ``[0, K)`` gives the exact output of a model
+        trained on component k alone (a single Gaussian), and ``null_label`` (default ``K``) the whole
+        mixture, i.e. what :meth:`eps_fn` returns (the unconditional model). ``labels`` is int ``[B]``;
+        any other label value gives NaN (it is traced, so it cannot be checked on the host). The output
+        is that of a model of the given ``prediction_type`` ('epsilon', 'x0' or 'v'). Wrap it with
+        :func:`ddim_jax.guided` to get a sampler ``eps_fn``.
+        """
+        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        K = int(self.means.shape[0])
+        null = K if null_label is None else null_label
+        if isinstance(null, bool) or not isinstance(null, (int, np.integer)) or 0 <= null < K:
+            raise ValueError(f"null_label must be an integer outside [0, {K}) (the class labels); got {null_label!r}")
+        return jax.tree_util.Partial(_CONDITIONAL_MODELS[prediction_type], self.means, self.stds, self.weights,
+                                     schedule.alphas_cumprod, np.int32(null))
+
 
 def mixture_posterior(means, stds, weights, x_t, a):
     """(E[x_0 | x_t], E[eps | x_t]) for the mixture; ``means`` ``[K, D]``, ``stds`` ``[K, D]`` or ``[K, 1]``.
@@ -132,6 +150,21 @@ def _mixture_model(means, stds, weights, alphas_cumprod, x_t, t, *, prediction_t
 
 # One function object per prediction type, so equal oracles give equal (cache-hitting) eps_fns.
 _ORACLE_MODELS = {p: functools.partial(_mixture_model, prediction_type=p) for p in PREDICTION_TYPES}
+
+
+def _conditional_mixture_model(means, stds, weights, alphas_cumprod, null_label, x_t, t, labels, *,
+                               prediction_type):
+    # Per-example weights [B, K]: one-hot for a class label (the component alone), the mixture's
+    # weights for the null label; any other label is all zeros, whose softmax is NaN.
+    labels = jnp.asarray(labels)
+    one_hot = jax.nn.one_hot(labels, means.shape[0], dtype=jnp.float32)
+    w = jnp.where((labels == null_label)[:, None], jnp.asarray(weights, jnp.float32)[None, :], one_hot)
+    return _mixture_model(means, stds, w, alphas_cumprod, x_t, t, prediction_type=prediction_type)
+
+
+_CONDITIONAL_MODELS = {p: functools.partial(_conditional_mixture_model, prediction_type=p) for p in PREDICTION_TYPES}
+
+
 def energy_distance(x, y):
     """Energy distance ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` between samples ``[N, ...]`` and ``[M, ...]``.
 
