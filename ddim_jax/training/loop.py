@@ -8,6 +8,7 @@ process at a time may train in a workdir (:class:`ddim_jax.files.WorkdirLock`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -92,8 +93,6 @@ def _train_locked(config, workdir, mesh, is_main, allow_config_change, progress)
         restored = resume(ckpt, config, mesh, allow_config_change=allow_config_change)
         if restored is None and os.path.exists(cfg_path) and not allow_config_change:
             # A run that stopped before its first checkpoint: its config.json is all there is to compare.
-            import json
-
             with open(cfg_path) as f:
                 diff = config_differences(json.load(f), cfg_dict)
             if diff:
