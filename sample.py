@@ -67,6 +67,16 @@ def _int_list(name, values):
         raise ValueError(f"--{name} must be integers; got {','.join(values)}") from None
 
 
+def reference_name(data: dict) -> str:
+    """The cache name of a training set's reference statistics: everything that changes its images
+    (dataset, folder, image size, channels, crop), so statistics of other images are never reused."""
+    if data["dataset"] == "digits":
+        return "digits-train"
+    where = data.get("folder", "") if data["dataset"] == "folder" else ""
+    tag = f"{data['dataset']}{'-' + where.strip('/').replace('/', '_') if where else ''}-train"
+    return f"{tag}-{data['image_size']}px-{data.get('channels', 3)}ch-{data.get('crop', 'center')}"
+
+
 def _dataset_images(model, split, num):
     """uint8 images of the model's training dataset (``split``), at most ``num``."""
     import ml_collections
@@ -192,7 +202,7 @@ def run_fid(ex, model, a, out):
         if not model.data:
             raise ValueError("--fid_stats is required for a model that does not name its training data "
                              "(a converted checkpoint)")
-        mu, sigma = fid_lib.reference_stats(model.data["dataset"] + ("-train" if digits else ""),
+        mu, sigma = fid_lib.reference_stats(reference_name(model.data),
                                             lambda: _dataset_images(model, "train", 10**9), extractor)
     rows = ex.fid_table(model, extractor, (mu, sigma), a.num, a.batch_size, a.fid_steps, FLAGS.fid_etas,
                         spacing=a.spacing, solvers=FLAGS.fid_solvers, seed=a.seed)

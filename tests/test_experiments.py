@@ -117,6 +117,15 @@ def test_fid_mode_writes_a_table_and_a_plot(workdir, tmp_path):
     assert (tmp_path / "fid.png").stat().st_size > 0 and "| sampler \\ S | 2 | 5 |" in table and "| dpmpp_2m |" in table
 
 
+def test_reference_statistics_are_named_by_everything_that_changes_the_images():
+    base = {"dataset": "cifar10", "folder": "", "image_size": 32, "channels": 3, "crop": "none"}
+    names = {sample.reference_name(dict(base, **change)) for change in [
+        {}, {"image_size": 64}, {"crop": "center"}, {"channels": 1}, {"dataset": "celeb_a"},
+        {"dataset": "folder", "folder": "/data/a"}, {"dataset": "folder", "folder": "/data/b"}]}
+    assert len(names) == 7
+    assert sample.reference_name({"dataset": "digits"}) == "digits-train"  # the digits cache keeps its name
+
+
 def test_sample_mode_with_a_higher_order_solver(workdir, tmp_path):
     run_cli(f"--workdir={workdir}", "--num_samples=8", "--batch_size=8", "--steps=4", "--solver=dpmpp_2m",
             f"--output={tmp_path}")
