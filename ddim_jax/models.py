@@ -142,16 +142,19 @@ class ModelSpec:
         s = dict(self.schedule)
         return make_schedule(s.pop("name"), **s)
 
+    def init(self, key) -> dict:
+        """Freshly initialised parameters (traceable: call it inside a jitted function)."""
+        return self.build().init(key, *KINDS[self.kind].example_inputs(self))["params"]
+
     def init_params(self, key) -> dict:
-        """Freshly initialised parameters."""
-        return jax.jit(lambda k: self.build().init(k, *KINDS[self.kind].example_inputs(self))["params"])(key)
+        """Freshly initialised parameters, computed in one compiled program."""
+        return jax.jit(self.init)(key)
 
     def param_shapes(self) -> dict:
         """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, computing nothing."""
         key = json.dumps(self.architecture(), sort_keys=True)
         if key not in _SHAPES:
-            _SHAPES[key] = jax.eval_shape(
-                lambda k: self.build().init(k, *KINDS[self.kind].example_inputs(self))["params"], jax.random.key(0))
+            _SHAPES[key] = jax.eval_shape(self.init, jax.random.key(0))
         return _SHAPES[key]
 
     def eps_fn(self, params, y=None):

@@ -138,6 +138,23 @@ def _check_x(name, x):
     return x if isinstance(x, jax.Array) else jnp.asarray(x)
 
 
+def _prepare(eps_fn, schedule, x, x_name, num_steps, spacing, timesteps, prediction_type):
+    """The checks every sampler and the encoder share: ``(eps_fn as a Partial, x, tau)``."""
+    eps_fn = _as_partial(eps_fn)
+    x = _check_x(x_name, x)
+    _check_choice("spacing", spacing, SPACINGS)
+    tau = _resolve_timesteps(schedule, num_steps, spacing, timesteps)
+    _check_prediction(schedule, tau, prediction_type)
+    return eps_fn, x, tau
+
+
+def _decoding_steps(tau):
+    """``(ts, prev)``: the timesteps a decoder visits (tau descending) and the one each step lands on
+    (the next, and -1 = x_0 with alpha-bar 1 after the last)."""
+    ts = np.ascontiguousarray(np.asarray(tau)[::-1])
+    return ts, np.concatenate([ts[1:], [-1]]).astype(ts.dtype)
+
+
 def _check_thresholds(clip_x0, dynamic_threshold):
     for name, v, lo, hi in (("clip_x0", clip_x0, 0.0, np.inf), ("dynamic_threshold", dynamic_threshold, 0.0, 1.0)):
         if v is not None and not (isinstance(v, numbers.Real) and lo < v <= hi):
@@ -212,11 +229,7 @@ def ddim_sample(
     ``(x_0, xs, x0_preds)`` where ``xs[i]`` is x after step i (``xs[-1] == x_0``) and
     ``x0_preds[i]`` the x0 predicted at step i, each ``[S, *x_T.shape]``.
     """
-    eps_fn = _as_partial(eps_fn)
-    x_T = _check_x("x_T", x_T)
-    _check_choice("spacing", spacing, SPACINGS)
-    tau = _resolve_timesteps(schedule, num_steps, spacing, timesteps)
-    _check_prediction(schedule, tau, prediction_type)
+    eps_fn, x_T, tau = _prepare(eps_fn, schedule, x_T, "x_T", num_steps, spacing, timesteps, prediction_type)
     _check_eta(eta)
     if sigma_hat and eta != 0:
         raise ValueError("sigma_hat=True replaces eta; leave eta at 0")
@@ -224,8 +237,7 @@ def ddim_sample(
     if stochastic and key is None:
         raise ValueError("key (a jax.random key) is required when eta > 0 or sigma_hat=True")
     _check_thresholds(clip_x0, dynamic_threshold)
-    ts = np.ascontiguousarray(tau[::-1])
-    prev = np.concatenate([ts[1:], [-1]])
+    ts, prev = _decoding_steps(tau)
     # Host (numpy) arguments: jit moves them to the device on its fast path.
     return _sample_scan(
         eps_fn, x_T, ts, schedule.alpha_bar(ts), schedule.alpha_bar(prev),
@@ -272,11 +284,7 @@ def ddim_encode(
 
     Returns x_T, or ``(x_T, xs)`` with ``xs[k]`` the latent after step k (``xs[-1] == x_T``).
     """
-    eps_fn = _as_partial(eps_fn)
-    x_0 = _check_x("x_0", x_0)
-    _check_choice("spacing", spacing, SPACINGS)
-    tau = _resolve_timesteps(schedule, num_steps, spacing, timesteps)
-    _check_prediction(schedule, tau, prediction_type)
+    eps_fn, x_0, tau = _prepare(eps_fn, schedule, x_0, "x_0", num_steps, spacing, timesteps, prediction_type)
     prev = np.concatenate([[-1], tau[:-1]])
     return _encode_scan(eps_fn, x_0, tau, schedule.alpha_bar(prev), schedule.alpha_bar(tau),
                         prediction_type=prediction_type,

@@ -122,17 +122,15 @@ import numpy as np
 
 from ddim_jax.diffusion import predict_x0_eps
 from ddim_jax.sampling import (
-    _as_partial,
     _check_eta,
-    _check_prediction,
     _check_thresholds,
-    _check_x,
+    _decoding_steps,
     _model,
-    _resolve_timesteps,
+    _prepare,
     ddim_sample,
     threshold_x0,
 )
-from ddim_jax.schedules import SPACINGS, Schedule, _check_choice
+from ddim_jax.schedules import Schedule, _check_choice
 
 SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "plms")
 _ORDER = {"dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2}
@@ -214,9 +212,8 @@ def plms_plan(tau) -> dict:
     eps; ``push`` stores ``e_new``. S = 1: one DDIM step. S >= 2: S + 1 iterations (see the
     module docstring).
     """
-    ts = np.asarray(tau)[::-1].astype(np.int32)
+    ts, nxt = (a.astype(np.int32) for a in _decoding_steps(tau))
     S = len(ts)
-    nxt = np.concatenate([ts[1:], [-1]]).astype(np.int32)
     if S == 1:
         return dict(t_call=ts, t_from=ts, t_to=nxt, weights=_AB[:1].astype(np.float32),
                      restart=np.zeros(1, bool), push=np.ones(1, bool))
@@ -285,11 +282,7 @@ def sample(
         return ddim_sample(eps_fn, schedule, x_T, num_steps, spacing=spacing, timesteps=timesteps, eta=eta,
                            sigma_hat=sigma_hat, key=key, prediction_type=prediction_type, clip_x0=clip_x0,
                            dynamic_threshold=dynamic_threshold)
-    eps_fn = _as_partial(eps_fn)
-    x_T = _check_x("x_T", x_T)
-    _check_choice("spacing", spacing, SPACINGS)
-    tau = _resolve_timesteps(schedule, num_steps, spacing, timesteps)
-    _check_prediction(schedule, tau, prediction_type)
+    eps_fn, x_T, tau = _prepare(eps_fn, schedule, x_T, "x_T", num_steps, spacing, timesteps, prediction_type)
     _check_eta(eta)
     if eta != 0 or sigma_hat:
         raise ValueError(f"eta and sigma_hat apply only to solver='ddim'; leave eta at 0 for {solver!r} "
@@ -308,7 +301,6 @@ def sample(
         ab = schedule.alpha_bar
         return _plms_scan(eps_fn, x_T, plan["t_call"], ab(plan["t_call"]), ab(plan["t_from"]), ab(plan["t_to"]),
                           plan["weights"], plan["restart"], plan["push"], **opts)
-    ts = np.ascontiguousarray(tau[::-1])
-    prev = np.concatenate([ts[1:], [-1]])
+    ts, prev = _decoding_steps(tau)
     return _dpmpp_scan(eps_fn, x_T, ts, schedule.alpha_bar(ts), schedule.alpha_bar(prev),
                        step_orders(len(ts), _ORDER[solver]), key if sde else None, sde=sde, **opts)

@@ -142,9 +142,8 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state) -> Trai
                           "global_batch": t_cfg.batch_size, "config": cfg_dict})
         # The EMA model in the one model format, for sample.py and for sharing.
         info = dict(spec.info, source=f"{os.path.abspath(workdir)} (step {step}, EMA params)", step=step)
-        ema = jax.tree.map(host, state.ema_params)
         on_main(lambda: models.save(os.path.join(workdir, models.EXPORT_DIR), dataclasses.replace(spec, info=info),
-                                    ema, overwrite=True), "exporting the model")
+                                    jax.tree.map(host, state.ema_params), overwrite=True), "exporting the model")
 
     writer = MetricsWriter(workdir, start_step=start, total_steps=last, enabled=is_main, progress=progress)
     stop = _Stop()

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from ddim_jax.config import RESUMABLE_CHANGES, flatten, to_dict
 from ddim_jax.diffusion import per_example_loss
-from ddim_jax.models import KINDS, spec_from_config
+from ddim_jax.models import spec_from_config
 
 
 @flax.struct.dataclass
@@ -52,7 +52,7 @@ def _init_fn(config):
     spec, tx = spec_from_config(config), make_optimizer(config)
 
     def init(key):
-        params = spec.build().init(key, *KINDS[spec.kind].example_inputs(spec))["params"]
+        params = spec.init(key)
         z = jnp.zeros((), jnp.int32)
         return TrainState(step=z, params=params, ema_params=params, opt_state=tx.init(params),
                           nonfinite_in_a_row=z, nonfinite_total=z)
