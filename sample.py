@@ -7,11 +7,13 @@
     python sample.py --workdir=runs/digits --mode=reconstruction    # Table 2's protocol
     python sample.py --workdir=runs/digits --mode=fid --num_samples=2000 --fid_steps=10,20,50 --fid_etas=0,1
     python sample.py --workdir=runs/digits --steps=10 --solver=dpmpp_2m          # DPM-Solver++ (2M)
+    python sample.py --workdir=runs/digits_cond --labels=3,7 --guidance=3        # class-conditional, guided
     python sample.py --checkpoint=ckpt/cifar10 --mode=fid --inception_weights=pt_inception-2015-12-05-6726825d.pth
 
-Outputs go to --output (default: <workdir>/<mode>, or <checkpoint>_<mode> beside a model directory);
+Outputs go to --output (default: <workdir>/<mode>, or <checkpoint>_<mode> beside a model directory,
+with the solver, labels and guidance appended when they are not the defaults, e.g. sample_dpmpp_2m_g3);
 existing files are kept unless --overwrite, and are then replaced atomically. Sample mode streams to
-samples.npy (uint8 [N, H, W, C]).
+samples.npy (uint8 [N, H, W, C]) and writes labels.npy for a class-conditional model.
 """
 
 import os
@@ -26,6 +28,10 @@ flags.DEFINE_string("mode", "sample", "sample | consistency | interpolation | se
 flags.DEFINE_integer("steps", 50, "Number of sampling steps S.")
 flags.DEFINE_string("solver", "ddim", "Sampler: ddim | dpmpp_2m | dpmpp_3m | dpmpp_2m_sde | plms (eta is DDIM's; "
                     "the others take none).")
+flags.DEFINE_string("labels", "all", "Class-conditional models: 'all' (every class in turn), a comma-separated "
+                    "list of classes (cycled over the samples), or 'none' (the unconditional model).")
+flags.DEFINE_float("guidance", None, "Classifier-free guidance scale for class-conditional models (1 = no "
+                   "guidance, 0 = unconditional, > 1 = stronger; default: none).")
 flags.DEFINE_string("eta", "0", "eta (0 = DDIM, 1 = DDPM), or 'sigma_hat' for the larger DDPM variance.")
 flags.DEFINE_string("spacing", "uniform", "Timestep spacing: uniform | quadratic | leading | trailing | linspace "
                     "| karras | exponential.")
@@ -125,7 +131,7 @@ def run_sample(ex, model, a, out):
 
     on_main(check_disk, "checking the disk")
     batches = ex.sample_batches(model, a.num, a.batch_size, a.steps, solver=a.solver, eta=a.eta,
-                                sigma_hat=a.sigma_hat, spacing=a.spacing, seed=a.seed)
+                                sigma_hat=a.sigma_hat, spacing=a.spacing, seed=a.seed, **a.cond)
     if not a.is_main:  # every process takes part in the sharded sampling; process 0 writes
         for _ in batches:
             pass
@@ -139,7 +145,11 @@ def run_sample(ex, model, a, out):
         arr.flush()
         del arr
     _grid(np.stack(first), grid_path)
-    print(f"wrote {a.num} samples to {npy_path} and a grid to {grid_path}")
+    labels = ex.class_labels(model, a.cond["labels"], a.num)
+    if labels is not None:
+        files.atomic_write(os.path.join(out, "labels.npy"), lambda f: np.save(f, labels))
+    print(f"wrote {a.num} samples to {npy_path}{'' if labels is None else ' (their labels in labels.npy)'} and a "
+          f"grid to {grid_path}")
 
 
 def _grid_mode(name, compute, caption):
@@ -157,14 +167,14 @@ def _grid_mode(name, compute, caption):
 
 run_consistency = _grid_mode(  # Figure 4: the same x_T decoded with each S
     "consistency.png", lambda ex, m, a: ex.consistency(m, min(a.num, 8), a.steps_list, seed=a.seed, spacing=a.spacing,
-                                                       solver=a.solver),
+                                                       solver=a.solver, **a.cond),
     lambda a: f"rows: S = {', '.join(map(str, a.steps_list))}; ")
 run_interpolation = _grid_mode(  # Figure 5: slerp between pairs of x_T
     "interpolation.png", lambda ex, m, a: ex.interpolation(m, max(1, min(a.num, 16) // 2), 11, a.steps, seed=a.seed,
-                                                           spacing=a.spacing, solver=a.solver),
+                                                           spacing=a.spacing, solver=a.solver, **a.cond),
     lambda a: "")
 run_sequence = _grid_mode(  # the predicted x0 along the trajectory
-    "sequence.png", lambda ex, m, a: ex.sequence(m, min(a.num, 8), a.steps, seed=a.seed, spacing=a.spacing),
+    "sequence.png", lambda ex, m, a: ex.sequence(m, min(a.num, 8), a.steps, seed=a.seed, spacing=a.spacing, **a.cond),
     lambda a: f"rows: samples; columns: predicted x0 along {a.steps} steps, then the sample; ")
 
 
@@ -205,11 +215,13 @@ def run_fid(ex, model, a, out):
         mu, sigma = fid_lib.reference_stats(reference_name(model.data),
                                             lambda: _dataset_images(model, "train", 10**9), extractor)
     rows = ex.fid_table(model, extractor, (mu, sigma), a.num, a.batch_size, a.fid_steps, FLAGS.fid_etas,
-                        spacing=a.spacing, solvers=FLAGS.fid_solvers, seed=a.seed)
+                        spacing=a.spacing, solvers=FLAGS.fid_solvers, seed=a.seed, **a.cond)
     if a.is_main:
         table = ex.format_fid_table(rows)
-        files.write_json(json_path, {"features": extractor.name, "spacing": a.spacing, "rows": rows})
-        files.write_text(md_path, f"FID ({extractor.name} features, {a.num} samples, {a.spacing} spacing)\n\n"
+        files.write_json(json_path, {"features": extractor.name, "spacing": a.spacing, "labels": FLAGS.labels,
+                                     "guidance": FLAGS.guidance, "rows": rows})
+        cond = f", labels {FLAGS.labels}, guidance {FLAGS.guidance}" if model.num_classes is not None else ""
+        files.write_text(md_path, f"FID ({extractor.name} features, {a.num} samples, {a.spacing} spacing{cond})\n\n"
                                   f"{table}\n")
         ex.plot_fid(rows, plot_path)
         print(table)
@@ -220,8 +232,48 @@ MODES = {"sample": run_sample, "consistency": run_consistency, "interpolation": 
          "sequence": run_sequence, "reconstruction": run_reconstruction, "fid": run_fid}
 
 
-def parse_settings(T: int | None = None):
-    """The validated flags (one-line ValueErrors); step counts are checked against the model's T when given."""
+def parse_conditioning(num_classes):
+    """``{"labels": ..., "guidance": ...}`` for the experiments from --labels and --guidance. ``num_classes``:
+    the model's (None = unconditional; ``False`` = not loaded yet, so only the syntax is checked)."""
+    text = FLAGS.labels.strip().lower()
+    if text in ("all", "none"):
+        labels = None if text == "none" else "all"
+    else:
+        try:
+            labels = [int(v) for v in text.split(",")]
+        except ValueError:
+            raise ValueError(f"--labels must be 'all', 'none' or comma-separated class numbers; got {FLAGS.labels!r}"
+                             ) from None
+    if num_classes is False:
+        return {}
+    if num_classes is None:
+        if FLAGS.guidance is not None or text != "all":
+            raise ValueError("--labels and --guidance apply to class-conditional models; this model is unconditional")
+        return {"labels": None, "guidance": None}
+    bad = [v for v in labels if not 0 <= v < num_classes] if isinstance(labels, list) else []
+    if bad:
+        raise ValueError(f"--labels must be classes in [0, {num_classes}); got {bad[0]}")
+    if FLAGS.guidance is not None and labels is None:
+        raise ValueError("--guidance needs classes to guide towards; --labels=none is the unconditional model")
+    return {"labels": labels, "guidance": FLAGS.guidance}
+
+
+def _output_name(mode: str) -> str:
+    """``mode`` with the settings that are not the defaults: e.g. sample_dpmpp_2m_labels3-7_g3."""
+    parts = [mode]
+    if FLAGS.solver != "ddim" and mode != "fid":
+        parts.append(FLAGS.solver)
+    if FLAGS.labels.strip().lower() != "all":
+        parts.append("labels" + FLAGS.labels.strip().lower().replace(",", "-"))
+    if FLAGS.guidance is not None:
+        parts.append(f"g{FLAGS.guidance:g}")
+    return "_".join(parts)
+
+
+def parse_settings(T: int | None = None, num_classes=False):
+    """The validated flags (one-line ValueErrors); step counts are checked against the model's T and the
+    labels against its classes when given."""
+    import math
     import types
 
     from ddim_jax import experiments as ex
@@ -250,11 +302,17 @@ def parse_settings(T: int | None = None):
             raise ValueError(f"--{name} must be among {', '.join(SOLVERS)}; got {','.join(values)!r}")
     if FLAGS.solver != "ddim" and (eta != 0 or sigma_hat):
         raise ValueError(f"--eta applies to --solver=ddim only; {FLAGS.solver} is deterministic (leave --eta at 0)")
+    if FLAGS.mode == "reconstruction" and (FLAGS.guidance is not None or FLAGS.labels.strip().lower() != "all"):
+        raise ValueError("--mode=reconstruction encodes and decodes with the unconditional model; --labels and "
+                         "--guidance do not apply")
     if FLAGS.solver != "ddim" and FLAGS.mode in ("sequence", "reconstruction"):
         raise ValueError(f"--mode={FLAGS.mode} uses DDIM (its trajectory, its encoder); --solver applies to the "
                          "sample, consistency, interpolation and fid modes")
+    if FLAGS.guidance is not None and not math.isfinite(FLAGS.guidance):
+        raise ValueError(f"--guidance must be a finite number (1 = no guidance); got {FLAGS.guidance}")
     a = types.SimpleNamespace(num=n, eta=eta, sigma_hat=sigma_hat, solver=FLAGS.solver, spacing=FLAGS.spacing,
                               seed=FLAGS.seed,
+                              cond=parse_conditioning(False if FLAGS.mode == "reconstruction" else num_classes),
                               steps=FLAGS.steps, batch_size=FLAGS.batch_size,
                               steps_list=_int_list("steps_list", FLAGS.steps_list),
                               fid_steps=_int_list("fid_steps", FLAGS.fid_steps))
@@ -277,11 +335,12 @@ def run():
 
     parse_settings()  # flag errors before loading anything
     model = ex.load_model(FLAGS.workdir or FLAGS.checkpoint, step=FLAGS.step)
-    a = parse_settings(model.schedule.num_timesteps)
+    a = parse_settings(model.schedule.num_timesteps, model.num_classes)
     a.is_main = jax.process_index() == 0
     # Outputs never go inside a model directory (replacing a model replaces the whole directory).
-    out = FLAGS.output or (os.path.join(FLAGS.workdir, FLAGS.mode) if FLAGS.workdir
-                           else os.path.normpath(FLAGS.checkpoint) + f"_{FLAGS.mode}")
+    name = _output_name(FLAGS.mode)
+    out = FLAGS.output or (os.path.join(FLAGS.workdir, name) if FLAGS.workdir
+                           else os.path.normpath(FLAGS.checkpoint) + f"_{name}")
     print(f"model: {model.source}; {jax.device_count()} {jax.devices()[0].platform} device(s), "
           f"{jax.process_count()} process(es)", flush=True)
     MODES[FLAGS.mode](ex, model, a, out)

@@ -4,4 +4,6 @@ from ddim_jax.config import base_config
 
 
 def get_config():
-    return base_config()
+    c = base_config()
+    c.model.norm_groups = 8  # 4 channels per group at 32 channels, as DDPM's 128 / 32
+    return c

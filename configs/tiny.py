@@ -7,6 +7,7 @@ def get_config():
     c = base_config()
     c.model.ch = 32
     c.model.ch_mult = (1,)
+    c.model.norm_groups = 8
     c.model.num_res_blocks = 1
     c.model.attn_resolutions = ()
     c.diffusion.num_timesteps = 100

@@ -44,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.attn_resolutions = ()
     m.dropout = 0.0
     m.resamp_with_conv = True
-    m.num_classes = config_dict.placeholder(int)  # None = unconditional
+    m.norm_groups = 32  # GroupNorm groups (DDPM's 32); keep several channels per group (configs/digits.py: 8)
+    m.num_classes = config_dict.placeholder(int)  # None = unconditional; else the data's classes (labels 0..K-1)
 
     c.diffusion = f = ml_collections.ConfigDict()
     f.schedule = "cosine"  # for the 8x8 digits; the paper's configs use 'linear' (paper_config)
@@ -60,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.warmup_steps = 200
     t.grad_clip = 1.0
     t.ema_decay = 0.999
+    t.p_uncond = 0.1  # class-conditional models: share of labels dropped to the null class (0 = no null class)
     t.seed = 0
     t.steps_per_dispatch = 1  # train steps per compiled call (lax.scan)
     t.log_every = 100
@@ -183,8 +185,17 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
     need(f.schedule in SCHEDULES, "diffusion.schedule", f"one of {', '.join(SCHEDULES)}")
     need(f.prediction_type in PREDICTION_TYPES, "diffusion.prediction_type", f"one of {', '.join(PREDICTION_TYPES)}")
     need(_int(f.num_timesteps) and f.num_timesteps >= 2, "diffusion.num_timesteps", "an integer >= 2")
-    need(m.num_classes is None, "model.num_classes",
-         "None: train.py trains unconditional models (class-conditional models load and sample)")
+    need(m.num_classes is None or (_int(m.num_classes) and m.num_classes >= 1), "model.num_classes",
+         "None (unconditional) or the number of classes of the data")
+    need(_real(t.p_uncond) and 0 <= t.p_uncond < 1, "training.p_uncond", "a number in [0, 1)")
+    widths = sorted({m.ch * k for k in m.ch_mult}) if _int(m.ch) and all(_int(k) for k in m.ch_mult) else []
+    need(_int(m.norm_groups) and m.norm_groups >= 1 and all(w % m.norm_groups == 0 for w in widths),
+         "model.norm_groups", f"a positive integer dividing every level's channels ({', '.join(map(str, widths))})")
+    # The ResNet blocks add the timestep (and class) embedding as a per-channel shift, which GroupNorm
+    # removes from a group of one channel: such a level would never see t.
+    need(not widths or widths[0] // m.norm_groups >= 2, "model.norm_groups",
+         f"at most {widths[0] // 2 if widths else 1} (two or more channels per group at {widths[0] if widths else 0} "
+         "channels; DDPM has 4), or the blocks cannot see the timestep")
     from ddim_jax.models import spec_from_config
 
     spec_from_config(config)  # the model block's own checks (kind, arguments, schedule)

@@ -271,8 +271,6 @@ def _diffusers_unet_kwargs(config: Mapping[str, Any], image_size: int | None) ->
     require("freq_shift", c["freq_shift"] == 1, "1")
     require("center_input_sample", c["center_input_sample"] is False, "False")
     require("act_fn", c["act_fn"] in ("silu", "swish"), "'silu'")
-    require("norm_num_groups", c["norm_num_groups"] == 32, "32")
-    require("attn_norm_num_groups", c["attn_norm_num_groups"] in (None, 32), "None or 32")
     require("norm_eps", math.isclose(float(c["norm_eps"]), 1e-6, rel_tol=1e-6), "1e-06")
     require("resnet_time_scale_shift", c["resnet_time_scale_shift"] == "default", "'default'")
     require("mid_block_type", c["mid_block_type"] == "UNetMidBlock2D", "'UNetMidBlock2D'")
@@ -287,6 +285,10 @@ def _diffusers_unet_kwargs(config: Mapping[str, Any], image_size: int | None) ->
 
     chans = [int(v) for v in c["block_out_channels"]]
     ch = chans[0]
+    groups = c["norm_num_groups"]
+    require("norm_num_groups", isinstance(groups, int) and groups >= 1 and all(v % groups == 0 for v in chans),
+            "a positive integer dividing every block's channels")
+    require("attn_norm_num_groups", c["attn_norm_num_groups"] in (None, groups), f"None or {groups}")
     require("time_embedding_dim", c["time_embedding_dim"] in (None, 4 * ch), f"None or {4 * ch}")
     require("block_out_channels", all(v % ch == 0 for v in chans), "multiples of block_out_channels[0]")
     down, up = list(c["down_block_types"]), list(c["up_block_types"])
@@ -312,7 +314,7 @@ def _diffusers_unet_kwargs(config: Mapping[str, Any], image_size: int | None) ->
         ch=ch, out_ch=int(c["out_channels"]), ch_mult=tuple(v // ch for v in chans),
         num_res_blocks=int(c["layers_per_block"]),
         attn_resolutions=tuple(image_size // 2 ** i for i in attn_levels),
-        dropout=float(c["dropout"]), resamp_with_conv=True,
+        dropout=float(c["dropout"]), resamp_with_conv=True, norm_groups=int(groups),
         num_classes=None if c["num_class_embeds"] is None else int(c["num_class_embeds"]),
     )
     return kwargs, image_size, int(c["in_channels"])
@@ -426,7 +428,7 @@ def _ddim_unet_kwargs(sd: Mapping[str, np.ndarray], image_size: int | None,
         image_size = 16 * 2 ** attn_levels[0]  # DDPM's models attend at 16x16
     kwargs = dict(ch=ch, out_ch=out_ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
                   attn_resolutions=tuple(image_size // 2 ** lv for lv in attn_levels), dropout=0.0,
-                  resamp_with_conv=resamp_with_conv, num_classes=None)
+                  resamp_with_conv=resamp_with_conv, norm_groups=32, num_classes=None)
     if dropout is None:
         dropout = next((p["dropout"] for p in PRESETS.values()
                         if {**p, "dropout": 0.0} == kwargs), 0.0)

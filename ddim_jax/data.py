@@ -1,12 +1,17 @@
 """Training data as random-access uint8 image sources, and the deterministic batch order.
 
-Every source is a sequence of ``[H, W, C]`` uint8 images (``len(source)``, ``source.get(indices)``):
+Every source is a sequence of ``[H, W, C]`` uint8 images (``len(source)``, ``source.get(indices)``),
+with class labels where the data has them (``source.num_classes``, ``source.get_labelled(indices)`` ->
+``(images, int32 labels)``; ``num_classes`` is None for a source without labels):
 
 * ``digits``: scikit-learn's 1,797 real 8x8 handwritten digits, shipped inside scikit-learn (no
   download, no network): the embedded default.
-* ``folder``: the PNG/JPEG images under a directory (recursively), center-cropped and resized.
+* ``folder``: the PNG/JPEG images under a directory (recursively), center-cropped and resized. When
+  every image lies inside a sub-folder of the directory, the sub-folders (sorted by name) are the
+  classes, as image-folder loaders do: ``root/cat/1.png`` has the label of ``cat``.
 * any tensorflow-datasets name (``cifar10``, ``celeb_a``, ``lsun/church_outdoor``, ...), read by
-  random access through ``tfds.data_source`` from a prepared ``data_dir``.
+  random access through ``tfds.data_source`` from a prepared ``data_dir``; its ``label`` feature
+  (when it has one, e.g. cifar10) gives the classes.
 
 The batch order is a pure function of (seed, step): epoch ``e`` visits the examples in the
 permutation ``permutation(seed, e)``; the global batch of step ``s`` is the ``s``-th run of
@@ -28,18 +33,32 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 class ArraySource:
-    """Images held in memory, ``[N, H, W, C]`` uint8."""
+    """Images held in memory, ``[N, H, W, C]`` uint8, with optional labels ``[N]`` in ``[0, num_classes)``."""
 
-    def __init__(self, images: np.ndarray, name: str):
+    def __init__(self, images: np.ndarray, name: str, labels: np.ndarray | None = None,
+                 class_names: tuple[str, ...] | None = None):
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 [N, H, W, C]; got {images.dtype} {images.shape}")
         self.images, self.name = images, name
+        self.labels = None if labels is None else np.asarray(labels, np.int32)
+        if self.labels is not None and self.labels.shape != (len(images),):
+            raise ValueError(f"labels must have shape [{len(images)}]; got {self.labels.shape}")
+        if self.labels is not None and class_names is None:
+            class_names = tuple(str(i) for i in range(int(self.labels.max(initial=-1)) + 1))
+        self.class_names = class_names
+        self.num_classes = None if self.labels is None else len(class_names)
 
     def __len__(self):
         return len(self.images)
 
     def get(self, indices) -> np.ndarray:
         return self.images[np.asarray(indices)]
+
+    def get_labelled(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        if self.labels is None:
+            raise ValueError(f"dataset {self.name!r} has no class labels")
+        idx = np.asarray(indices)
+        return self.images[idx], self.labels[idx]
 
 
 class TfdsSource:
@@ -57,12 +76,23 @@ class TfdsSource:
                 f"Prepare it once with network access: pip install -e '.[data]' && "
                 f"tfds build {name} --data_dir={where} --file_format=array_record") from None
         self.name, self.image_size, self.crop = name, image_size, crop
+        features = getattr(getattr(self._ds, "dataset_info", None), "features", None)
+        label = features["label"] if features is not None and "label" in features else None
+        self.num_classes = getattr(label, "num_classes", None)  # a ClassLabel feature
+        self.class_names = tuple(label.names) if self.num_classes is not None else None
 
     def __len__(self):
         return len(self._ds)
 
     def get(self, indices) -> np.ndarray:
         return np.stack([prepare_image(self._ds[int(i)]["image"], self.image_size, self.crop) for i in indices])
+
+    def get_labelled(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        if self.num_classes is None:
+            raise ValueError(f"dataset {self.name!r} has no class label feature")
+        records = [self._ds[int(i)] for i in indices]
+        return (np.stack([prepare_image(r["image"], self.image_size, self.crop) for r in records]),
+                np.asarray([r["label"] for r in records], np.int32))
 
 
 def prepare_image(image: np.ndarray, size: int, crop: str = "center") -> np.ndarray:
@@ -133,8 +163,9 @@ def _read_image(path: pathlib.Path, mode: str) -> np.ndarray:
         raise ValueError(f"data.folder: cannot read image {path} ({type(e).__name__}: {detail})") from None
 
 
-def load_folder_images(path: str, image_size: int, channels: int = 3) -> np.ndarray:
-    """All images under ``path`` (recursively, sorted by path), center-cropped and resized."""
+def load_folder(path: str, image_size: int, channels: int = 3) -> ArraySource:
+    """All images under ``path`` (recursively, sorted by path), center-cropped and resized; labelled by
+    their top-level sub-folder when every image lies in one (else unlabelled)."""
     mode = _IMAGE_MODES[_check_channels(channels)]
     root = pathlib.Path(os.path.expanduser(path))
     if not root.is_dir():
@@ -142,7 +173,18 @@ def load_folder_images(path: str, image_size: int, channels: int = 3) -> np.ndar
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"data.folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}")
-    return np.stack([prepare_image(_read_image(f, mode), image_size) for f in files])
+    images = np.stack([prepare_image(_read_image(f, mode), image_size) for f in files])
+    parts = [f.relative_to(root).parts for f in files]
+    if any(len(p) < 2 for p in parts):  # an image directly under the root: no classes
+        return ArraySource(images, f"folder:{path}")
+    names = tuple(sorted({p[0] for p in parts}))
+    index = {n: i for i, n in enumerate(names)}
+    return ArraySource(images, f"folder:{path}", np.array([index[p[0]] for p in parts], np.int32), names)
+
+
+def load_folder_images(path: str, image_size: int, channels: int = 3) -> np.ndarray:
+    """All images under ``path`` (recursively, sorted by path), center-cropped and resized."""
+    return load_folder(path, image_size, channels).images
 
 
 def make_source(data_config):
@@ -150,10 +192,10 @@ def make_source(data_config):
     _check_channels(data_config.channels)
     name = data_config.dataset
     if name == "digits":
-        return ArraySource(load_digits(data_config.get("split", "train"))[0], "digits")
+        images, labels = load_digits(data_config.get("split", "train"))
+        return ArraySource(images, "digits", labels, tuple(map(str, range(10))))
     if name == "folder":
-        return ArraySource(load_folder_images(data_config.folder, data_config.image_size, data_config.channels),
-                           f"folder:{data_config.folder}")
+        return load_folder(data_config.folder, data_config.image_size, data_config.channels)
     return TfdsSource(name, data_config.get("split", "train"), data_config.get("data_dir") or None,
                       data_config.image_size, data_config.get("crop", "center"))
 
@@ -172,8 +214,11 @@ def batch_indices(num_examples: int, global_batch: int, step: int, seed: int) ->
     return out
 
 
-def process_batch(source, global_batch: int, step: int, seed: int, process_index: int, process_count: int):
-    """This process's rows of the global batch of ``step``, as uint8 ``[B / P, H, W, C]``."""
+def process_batch(source, global_batch: int, step: int, seed: int, process_index: int, process_count: int,
+                  labelled: bool = False):
+    """This process's rows of the global batch of ``step``, as uint8 ``[B / P, H, W, C]`` (and, with
+    ``labelled``, their int32 labels ``[B / P]``)."""
     idx = batch_indices(len(source), global_batch, step, seed)
     per = global_batch // process_count
-    return source.get(idx[process_index * per:(process_index + 1) * per])
+    rows = idx[process_index * per:(process_index + 1) * per]
+    return source.get_labelled(rows) if labelled else source.get(rows)

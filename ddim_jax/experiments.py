@@ -5,6 +5,10 @@ Every batch is sharded over all devices of all hosts; x_T of sample ``i`` is dra
 ``fold_in(key(seed), i)``, so a seed gives the same images whatever the device count and batch size
 (with eta > 0 the per-step noise is drawn per batch, so it depends on the batch size, not on the
 device count).
+
+Class-conditional models take ``labels`` (one per sample, see :func:`class_labels`; None = the
+unconditional model) and an optional classifier-free ``guidance`` scale (1 = no guidance) in every
+experiment; both are arguments of the compiled sampler, so changing them does not recompile.
 """
 
 from __future__ import annotations
@@ -44,6 +48,14 @@ class Model:
     @property
     def eps_fn(self):
         return self.spec.eps_fn(self.params)
+
+    def conditioned(self, y=None, guidance=None):
+        """``eps_fn(x, t)`` for labels ``y`` (sharded like the batch, or None) and a guidance scale."""
+        return self.spec.eps_fn(self.params, y, guidance)
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.spec.num_classes
 
     @property
     def image_size(self) -> int:
@@ -90,6 +102,32 @@ def check_batch(model: Model, batch_size: int) -> None:
                          "are available: use a smaller batch_size")
 
 
+def class_labels(model: Model, labels, num: int) -> np.ndarray | None:
+    """Per-sample labels ``[num]`` for ``labels``: ``"all"`` (every class in turn: sample ``i`` gets
+    ``i % num_classes``), a class or a list of classes (cycled), or None (the unconditional model,
+    via the null label). An unconditional model takes None only."""
+    if labels is None:
+        return None
+    if model.num_classes is None:
+        raise ValueError("labels apply to class-conditional models; this model is unconditional")
+    if isinstance(labels, str):
+        if labels != "all":
+            raise ValueError(f"labels must be 'all', a class, a list of classes or None; got {labels!r}")
+        return np.arange(num, dtype=np.int32) % model.num_classes
+    arr = np.atleast_1d(np.asarray(labels))
+    if arr.size == 0:
+        raise ValueError("labels is empty")
+    model.spec.check_labels(arr)
+    return np.resize(arr.astype(np.int32), num)
+
+
+def _rows(labels, start: int, count: int, mesh):
+    """Labels ``start .. start + count - 1`` (zero-padded past the end) sharded like a batch, or None."""
+    if labels is None:
+        return None
+    return shard_rows(pad_rows(labels[start:start + count], count), mesh)[0]
+
+
 def _noise_key(seed: int):
     """The key of the samplers' per-step noise (eta > 0, sigma_hat, SDE solvers), apart from x_T's."""
     return jax.random.fold_in(jax.random.key(seed), 1 << 30)
@@ -108,35 +146,41 @@ def latents(model: Model, start: int, count: int, seed: int):
 
 
 def decode(model: Model, x_T, num_steps: int, *, solver: str = "ddim", eta: float = 0.0, sigma_hat: bool = False,
-           spacing: str = "uniform", key=None, clip_x0: float | None = 1.0, return_trajectory: bool = False):
+           spacing: str = "uniform", key=None, clip_x0: float | None = 1.0, return_trajectory: bool = False,
+           y=None, guidance=None):
     """Decoding of sharded latents with the model and ``solver`` (see :func:`ddim_jax.solvers.sample`),
-    clipping x0 to [-1, 1] by default like the paper's code. ``return_trajectory`` is DDIM's."""
+    clipping x0 to [-1, 1] by default like the paper's code. ``return_trajectory`` is DDIM's. ``y``:
+    labels sharded like ``x_T`` (or None), ``guidance``: a classifier-free guidance scale (or None)."""
+    eps_fn = model.conditioned(y, guidance)
     if return_trajectory:
         if solver != "ddim":
             raise ValueError(f"the trajectory of predicted x0 is drawn with DDIM; got solver={solver!r}")
-        return ddim_sample(model.eps_fn, model.schedule, x_T, num_steps, eta=eta, sigma_hat=sigma_hat,
+        return ddim_sample(eps_fn, model.schedule, x_T, num_steps, eta=eta, sigma_hat=sigma_hat,
                            spacing=spacing, key=key, clip_x0=clip_x0, prediction_type=model.prediction_type,
                            return_trajectory=True)
-    return sample(model.eps_fn, model.schedule, x_T, num_steps, solver=solver, eta=eta, sigma_hat=sigma_hat,
+    return sample(eps_fn, model.schedule, x_T, num_steps, solver=solver, eta=eta, sigma_hat=sigma_hat,
                   spacing=spacing, key=key, clip_x0=clip_x0, prediction_type=model.prediction_type)
 
 
 def sample_batches(model: Model, num: int, batch_size: int, num_steps: int, *, solver: str = "ddim",
                    eta: float = 0.0, sigma_hat: bool = False, spacing: str = "uniform", seed: int = 0,
-                   clip_x0: float | None = 1.0, progress: bool = True, desc: str = "sampling"):
+                   clip_x0: float | None = 1.0, labels=None, guidance=None, progress: bool = True,
+                   desc: str = "sampling"):
     """Yields ``(start, uint8 samples)`` for samples ``0 .. num - 1`` in batches of ``batch_size`` (the last
     batch padded and trimmed, so every batch has one shape and one compilation). Memory use does not grow
-    with ``num``."""
+    with ``num``. ``labels``: see :func:`class_labels`; ``guidance``: a classifier-free guidance scale."""
     from tqdm.auto import tqdm
 
     if not isinstance(num, (int, np.integer)) or num < 1:
         raise ValueError(f"the number of samples must be >= 1; got {num}")
     check_batch(model, batch_size)
+    labels = class_labels(model, labels, num)
     noise_key = _noise_key(seed)
     with tqdm(total=num, desc=desc, unit="img", disable=not progress or jax.process_index() != 0) as bar:
         for b, start in enumerate(range(0, num, batch_size)):
             x = decode(model, latents(model, start, batch_size, seed), num_steps, solver=solver, eta=eta,
-                       sigma_hat=sigma_hat, spacing=spacing, key=jax.random.fold_in(noise_key, b), clip_x0=clip_x0)
+                       sigma_hat=sigma_hat, spacing=spacing, key=jax.random.fold_in(noise_key, b), clip_x0=clip_x0,
+                       y=_rows(labels, start, batch_size, model.mesh), guidance=guidance)
             k = min(batch_size, num - start)
             yield start, to_uint8(gather_rows(x, k))
             bar.update(k)
@@ -161,29 +205,36 @@ def generate(model: Model, num: int, batch_size: int, num_steps: int, **kwargs) 
 
 
 def consistency(model: Model, num: int, steps: Sequence[int], *, seed: int = 0, spacing: str = "uniform",
-                solver: str = "ddim"):
+                solver: str = "ddim", labels=None, guidance=None):
     """The same ``num`` latents decoded with each S in ``steps`` (Figure 4): uint8 ``[len(steps), num, ...]``."""
-    x_T = latents(model, 0, round_up(num, model.mesh.devices.size), seed)
-    return np.stack([to_uint8(gather_rows(decode(model, x_T, s, solver=solver, spacing=spacing,
-                                                  key=_noise_key(seed)), num)) for s in steps])
+    rows = round_up(num, model.mesh.devices.size)
+    x_T, y = latents(model, 0, rows, seed), _rows(class_labels(model, labels, num), 0, rows, model.mesh)
+    return np.stack([to_uint8(gather_rows(decode(model, x_T, s, solver=solver, spacing=spacing, key=_noise_key(seed),
+                                                  y=y, guidance=guidance), num)) for s in steps])
 
 
 def interpolation(model: Model, pairs: int, num_points: int, num_steps: int, *, seed: int = 0,
-                  spacing: str = "uniform", solver: str = "ddim"):
-    """Slerp between latent pairs (Figure 5), decoded with ``solver``: uint8 ``[pairs, num_points, ...]``."""
+                  spacing: str = "uniform", solver: str = "ddim", labels=None, guidance=None):
+    """Slerp between latent pairs (Figure 5), decoded with ``solver``: uint8 ``[pairs, num_points, ...]``.
+    Pair ``i`` is decoded with the label of sample ``i`` (see :func:`class_labels`)."""
     z = gather_rows(latents(model, 0, round_up(2 * pairs, model.mesh.devices.size), seed))
     alphas = np.linspace(0.0, 1.0, num_points)
     path = np.concatenate([np.asarray(slerp(z[2 * i], z[2 * i + 1], alphas)) for i in range(pairs)])
     x, n = shard_rows(path, model.mesh)
-    out = to_uint8(gather_rows(decode(model, x, num_steps, solver=solver, spacing=spacing, key=_noise_key(seed)), n))
+    per_pair = class_labels(model, labels, pairs)
+    y = None if per_pair is None else _rows(np.repeat(per_pair, num_points), 0, x.shape[0], model.mesh)
+    out = to_uint8(gather_rows(decode(model, x, num_steps, solver=solver, spacing=spacing, key=_noise_key(seed),
+                                      y=y, guidance=guidance), n))
     return out.reshape((pairs, num_points) + out.shape[1:])
 
 
-def sequence(model: Model, num: int, num_steps: int, columns: int = 10, *, seed: int = 0, spacing: str = "uniform"):
+def sequence(model: Model, num: int, num_steps: int, columns: int = 10, *, seed: int = 0, spacing: str = "uniform",
+             labels=None, guidance=None):
     """The predicted x0 along the trajectory: uint8 ``[num, columns + 1, ...]`` (columns evenly spaced steps
     and the final sample)."""
-    x_T = latents(model, 0, round_up(num, model.mesh.devices.size), seed)
-    x0, _, x0_preds = decode(model, x_T, num_steps, spacing=spacing, return_trajectory=True)
+    rows = round_up(num, model.mesh.devices.size)
+    x_T, y = latents(model, 0, rows, seed), _rows(class_labels(model, labels, num), 0, rows, model.mesh)
+    x0, _, x0_preds = decode(model, x_T, num_steps, spacing=spacing, return_trajectory=True, y=y, guidance=guidance)
     cols = np.unique(np.linspace(0, num_steps - 1, min(columns, num_steps)).round().astype(int))
     preds = gather_rows(jnp.moveaxis(x0_preds[cols], 0, 1), num)
     return to_uint8(np.concatenate([preds, gather_rows(x0, num)[:, None]], axis=1))
@@ -240,7 +291,7 @@ def fid_settings(etas: Sequence[str], solvers: Sequence[str] = ("ddim",)) -> lis
 
 def fid_table(model: Model, extractor, reference: tuple[np.ndarray, np.ndarray], num: int, batch_size: int,
               steps: Sequence[int], etas: Sequence[str], *, spacing: str, solvers: Sequence[str] = ("ddim",),
-              seed: int = 0, progress: bool = True) -> list[dict]:
+              seed: int = 0, labels=None, guidance=None, progress: bool = True) -> list[dict]:
     """FID of ``num`` samples for each sampler (DDIM at each eta, each other solver) and S, against
     reference statistics (mu, sigma). Only the features of each batch are kept."""
     from ddim_jax import fid as fid_lib
@@ -252,9 +303,11 @@ def fid_table(model: Model, extractor, reference: tuple[np.ndarray, np.ndarray],
             feats = np.concatenate([
                 extractor.extract(imgs, batch_size=max(batch_size, 50), progress=False)
                 for _, imgs in sample_batches(model, num, batch_size, s, solver=solver, eta=eta, sigma_hat=hat,
-                                              spacing=spacing, seed=seed, progress=progress, desc=f"{label} S={s}")])
+                                              spacing=spacing, seed=seed, labels=labels, guidance=guidance,
+                                              progress=progress, desc=f"{label} S={s}")])
             mu, sigma = fid_lib.compute_stats(feats)
             rows.append({"sampler": label, "solver": solver, "eta": eta_s, "steps": s, "num_samples": num,
+                         "guidance": guidance,
                          "fid": fid_lib.fid_from_stats(mu, sigma, *reference)})
     return rows
 
@@ -291,4 +344,4 @@ def plot_fid(rows: list[dict], path: str):
 
 __all__ = ["MODES", "Model", "load_model", "check_batch", "generate", "sample_batches", "consistency",
            "interpolation", "sequence", "reconstruction", "fid_table", "format_fid_table", "plot_fid", "save_grid",
-           "latents", "decode", "parse_eta", "fid_settings"]
+           "latents", "decode", "parse_eta", "fid_settings", "class_labels"]

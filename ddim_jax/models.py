@@ -51,19 +51,19 @@ class ModelKind:
 def _build_unet(spec: "ModelSpec"):
     from ddim_jax.unet import UNet
 
-    return UNet(out_ch=spec.channels, num_classes=spec.num_classes, **spec.arch)
+    return UNet(out_ch=spec.channels, num_classes=spec.num_labels, **spec.arch)
 
 
 def _unet_inputs(spec: "ModelSpec") -> tuple:
     x = jnp.zeros((1, spec.image_size, spec.image_size, spec.channels), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
-    return (x, t) if spec.num_classes is None else (x, t, jnp.zeros((1,), jnp.int32))
+    return (x, t) if spec.num_labels is None else (x, t, jnp.zeros((1,), jnp.int32))
 
 
 KINDS: dict[str, ModelKind] = {
     # DDPM's noise-prediction UNet (ddim_jax.unet.UNet); out_ch and num_classes come from the spec.
     "unet": ModelKind(_build_unet, ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
-                                    "resamp_with_conv"), _unet_inputs),
+                                    "resamp_with_conv", "norm_groups"), _unet_inputs),
 }
 
 _SHAPES: dict = {}  # param_shapes by architecture (tracing a network takes a while)
@@ -93,7 +93,12 @@ def _jsonable(v):
 class ModelSpec:
     """Everything needed to rebuild and use a model. ``info`` records provenance (where the model came
     from, the training step, the data block it was trained on); it is not part of the model and
-    takes no part in comparisons."""
+    takes no part in comparisons.
+
+    Conditioning: ``num_classes`` None is an unconditional model; else labels ``0 .. num_classes - 1``
+    are the classes, and ``null_label`` (``num_classes``, one extra embedding row, or None) is the
+    unconditional model a run trained with label dropout (``training.p_uncond``) also learned: with
+    it the model can sample unconditionally and with classifier-free guidance."""
 
     kind: str
     arch: Mapping[str, Any]
@@ -102,6 +107,7 @@ class ModelSpec:
     schedule: Mapping[str, Any]
     prediction_type: str = "epsilon"
     num_classes: int | None = None
+    null_label: int | None = None
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -122,6 +128,9 @@ class ModelSpec:
                                              or isinstance(self.num_classes, bool) or self.num_classes < 1):
             raise ValueError(f"num_classes must be None (unconditional) or a positive integer; "
                              f"got {self.num_classes!r}")
+        if self.null_label is not None and (self.num_classes is None or self.null_label != self.num_classes):
+            raise ValueError(f"null_label must be None or num_classes ({self.num_classes}), the extra label of "
+                             f"the unconditional model; got {self.null_label!r}")
         unknown = sorted(set(self.schedule) - set(_SCHEDULE_FIELDS))
         if unknown or "name" not in self.schedule:
             raise ValueError(f"schedule must have a name and only the fields {', '.join(_SCHEDULE_FIELDS)}; "
@@ -137,6 +146,11 @@ class ModelSpec:
     def build(self):
         """The network (a Flax module)."""
         return KINDS[self.kind].build(self)
+
+    @property
+    def num_labels(self) -> int | None:
+        """The labels the network takes: the classes and, if it has one, the null label."""
+        return None if self.num_classes is None else self.num_classes + (self.null_label is not None)
 
     def make_schedule(self) -> Schedule:
         s = dict(self.schedule)
@@ -157,11 +171,44 @@ class ModelSpec:
             _SHAPES[key] = jax.eval_shape(self.init, jax.random.key(0))
         return _SHAPES[key]
 
-    def eps_fn(self, params, y=None):
-        """``eps_fn(x, t)`` for the samplers (params and ``y`` are leaves, so jit caches hit)."""
-        from ddim_jax.unet import make_eps_fn
+    def eps_fn(self, params, y=None, guidance=None, *, rescale=0.0):
+        """``eps_fn(x, t)`` for the samplers (params, ``y`` and ``guidance`` are leaves, so jit caches hit).
 
-        return make_eps_fn(self.build(), params, y)
+        Unconditional models take neither ``y`` nor ``guidance``. A class-conditional model takes labels
+        ``y`` (a scalar or one per example, in ``[0, num_classes)``; None = the unconditional model, which
+        needs a null label) and optionally a classifier-free ``guidance`` scale (1 = no guidance, 0 = the
+        unconditional model; see :mod:`ddim_jax.guidance`) with its ``rescale``.
+        """
+        from ddim_jax.guidance import guided
+        from ddim_jax.unet import make_eps_fn, make_model_fn
+
+        if self.num_classes is None:
+            if y is not None or guidance is not None:
+                raise ValueError("this model is unconditional: labels and guidance do not apply")
+            return make_eps_fn(self.build(), params)
+        if (y is None or guidance is not None) and self.null_label is None:
+            raise ValueError("this class-conditional model has no null label (it was trained without label "
+                             "dropout): give labels, and no guidance")
+        if y is None:
+            if guidance is not None:
+                raise ValueError("guidance needs labels y to guide towards")
+            return make_eps_fn(self.build(), params, np.int32(self.null_label))
+        y = self.check_labels(y)
+        if guidance is None:
+            return make_eps_fn(self.build(), params, y)
+        return guided(make_model_fn(self.build(), params), y, guidance, null_label=self.null_label, rescale=rescale)
+
+    def check_labels(self, y):
+        """Integer labels in ``[0, num_classes)``, or a one-line ValueError (traced labels pass unchecked)."""
+        if isinstance(y, jax.core.Tracer):
+            return y
+        arr = np.asarray(y)
+        if not np.issubdtype(arr.dtype, np.integer) or arr.ndim > 1:
+            raise ValueError(f"labels must be integers, a scalar or one per example; got {arr.dtype} {arr.shape}")
+        if arr.size and (arr.min() < 0 or arr.max() >= self.num_classes):
+            bad = arr[(arr < 0) | (arr >= self.num_classes)].flat[0]
+            raise ValueError(f"labels must be in [0, {self.num_classes}) (the model's classes); got {bad}")
+        return y if isinstance(y, jax.Array) else arr.astype(np.int32)
 
     # -- storing it
 
@@ -182,7 +229,7 @@ class ModelSpec:
     def architecture(self) -> dict:
         """What fixes the parameter shapes (to compare a checkpoint with a config before reading arrays)."""
         d = self.to_dict()
-        return {k: d[k] for k in ("kind", "arch", "image_size", "channels", "num_classes")}
+        return {k: d[k] for k in ("kind", "arch", "image_size", "channels", "num_classes", "null_label")}
 
 
 def spec_from_config(config) -> ModelSpec:
@@ -191,11 +238,12 @@ def spec_from_config(config) -> ModelSpec:
     model, data, f = dict(d["model"]), d["data"], d["diffusion"]
     kind = model.pop("kind", "unet")
     num_classes = model.pop("num_classes", None)
+    null_label = num_classes if num_classes is not None and d["training"].get("p_uncond", 0.1) > 0 else None
     schedule = {"name": f["schedule"], "num_timesteps": f["num_timesteps"]}
     if f["schedule"] != "cosine":
         schedule.update(beta_start=f["beta_start"], beta_end=f["beta_end"])
     return ModelSpec(kind, model, data["image_size"], data["channels"], schedule, f["prediction_type"],
-                     num_classes, info={"data": dict(data)})
+                     num_classes, null_label, info={"data": dict(data)})
 
 
 # ---------------------------------------------------------------------------------------------

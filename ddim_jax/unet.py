@@ -24,16 +24,16 @@ Array = jax.Array
 PRESETS: dict[str, dict[str, Any]] = {
     # CIFAR-10 32x32: 35,746,307 parameters.
     "cifar10": dict(ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-                    dropout=0.1, resamp_with_conv=True, num_classes=None),
+                    dropout=0.1, resamp_with_conv=True, norm_groups=32, num_classes=None),
     # CelebA 64x64.
     "celeba64": dict(ch=128, out_ch=3, ch_mult=(1, 2, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
-                     dropout=0.1, resamp_with_conv=True, num_classes=None),
+                     dropout=0.1, resamp_with_conv=True, norm_groups=32, num_classes=None),
     # LSUN church / bedroom 256x256.
     "lsun256": dict(ch=128, out_ch=3, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,),
-                    dropout=0.0, resamp_with_conv=True, num_classes=None),
+                    dropout=0.0, resamp_with_conv=True, norm_groups=32, num_classes=None),
     # A small network for tests and CPU smoke runs on 8x8 to 32x32 images.
     "tiny": dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-                 dropout=0.0, resamp_with_conv=True, num_classes=None),
+                 dropout=0.0, resamp_with_conv=True, norm_groups=8, num_classes=None),
 }
 
 # Image side length each preset was trained at.
@@ -61,8 +61,8 @@ def timestep_embedding(t: Array, dim: int) -> Array:
     return emb
 
 
-def _group_norm(dtype, name: str) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=_NUM_GROUPS, epsilon=_NORM_EPS, dtype=dtype, use_fast_variance=False, name=name)
+def _group_norm(dtype, name: str, groups: int = _NUM_GROUPS) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, epsilon=_NORM_EPS, dtype=dtype, use_fast_variance=False, name=name)
 
 
 def _conv3x3(features: int, dtype, name: str, scale: float = 1.0, strides: int = 1, padding: Any = 1) -> nn.Conv:
@@ -80,13 +80,16 @@ class ResnetBlock(nn.Module):
     out_ch: int
     dropout: float
     dtype: Any = jnp.float32
+    groups: int = _NUM_GROUPS
 
     @nn.compact
     def __call__(self, x: Array, temb: Array, train: bool) -> Array:
-        h = nn.swish(_group_norm(self.dtype, "norm1")(x))
+        h = nn.swish(_group_norm(self.dtype, "norm1", self.groups)(x))
         h = _conv3x3(self.out_ch, self.dtype, "conv1")(h)
+        # The embedding is a per-channel shift, and norm2 removes each group's mean: with one channel
+        # per group (groups = channels) the network would never see t or the class.
         h = h + _dense(self.out_ch, self.dtype, "temb_proj")(nn.swish(temb))[:, None, None, :]
-        h = nn.swish(_group_norm(self.dtype, "norm2")(h))
+        h = nn.swish(_group_norm(self.dtype, "norm2", self.groups)(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = _conv3x3(self.out_ch, self.dtype, "conv2", scale=0.0)(h)
         if x.shape[-1] != self.out_ch:
@@ -98,11 +101,12 @@ class AttnBlock(nn.Module):
     """Single-head self-attention over all spatial positions, with a residual connection."""
 
     dtype: Any = jnp.float32
+    groups: int = _NUM_GROUPS
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b, hgt, wid, c = x.shape
-        h = _group_norm(self.dtype, "norm")(x)
+        h = _group_norm(self.dtype, "norm", self.groups)(x)
         q = _dense(c, self.dtype, "q")(h).reshape(b, hgt * wid, c)
         k = _dense(c, self.dtype, "k")(h).reshape(b, hgt * wid, c)
         v = _dense(c, self.dtype, "v")(h).reshape(b, hgt * wid, c)
@@ -149,6 +153,9 @@ class UNet(nn.Module):
     x's shape except ``out_ch`` channels, in x's dtype. ``dtype`` is the compute dtype; params are float32.
     Dropout is active only with ``train=True`` and then needs the ``'dropout'`` rng. Attention is applied at
     levels whose feature-map height is in ``attn_resolutions`` and always in the middle block.
+    ``norm_groups``: the GroupNorm groups (DDPM: 32). Every level's channel count must be a multiple of it,
+    and each group should hold several channels (DDPM: 4): the ResNet blocks add the timestep and class
+    embeddings as per-channel shifts, which a group of one channel normalises away.
     """
 
     ch: int = 128
@@ -159,6 +166,7 @@ class UNet(nn.Module):
     dropout: float = 0.1
     resamp_with_conv: bool = True
     num_classes: int | None = None
+    norm_groups: int = _NUM_GROUPS
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -189,32 +197,33 @@ class UNet(nn.Module):
         res = height
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
-                h = ResnetBlock(self.ch * mult, self.dropout, dt, name=f"down_{level}_block_{i}")(hs[-1], temb, train)
+                h = ResnetBlock(self.ch * mult, self.dropout, dt, self.norm_groups,
+                                name=f"down_{level}_block_{i}")(hs[-1], temb, train)
                 if res in self.attn_resolutions:
-                    h = AttnBlock(dt, name=f"down_{level}_attn_{i}")(h)
+                    h = AttnBlock(dt, self.norm_groups, name=f"down_{level}_attn_{i}")(h)
                 hs.append(h)
             if level != num_levels - 1:
                 hs.append(Downsample(self.resamp_with_conv, dt, name=f"down_{level}_downsample")(hs[-1]))
                 res //= 2
 
         h = hs[-1]
-        h = ResnetBlock(h.shape[-1], self.dropout, dt, name="mid_block_1")(h, temb, train)
-        h = AttnBlock(dt, name="mid_attn_1")(h)
-        h = ResnetBlock(h.shape[-1], self.dropout, dt, name="mid_block_2")(h, temb, train)
+        h = ResnetBlock(h.shape[-1], self.dropout, dt, self.norm_groups, name="mid_block_1")(h, temb, train)
+        h = AttnBlock(dt, self.norm_groups, name="mid_attn_1")(h)
+        h = ResnetBlock(h.shape[-1], self.dropout, dt, self.norm_groups, name="mid_block_2")(h, temb, train)
 
         for level in reversed(range(num_levels)):
             for i in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, hs.pop()], axis=-1)
                 h = ResnetBlock(self.ch * self.ch_mult[level], self.dropout, dt,
-                                name=f"up_{level}_block_{i}")(h, temb, train)
+                                self.norm_groups, name=f"up_{level}_block_{i}")(h, temb, train)
                 if res in self.attn_resolutions:
-                    h = AttnBlock(dt, name=f"up_{level}_attn_{i}")(h)
+                    h = AttnBlock(dt, self.norm_groups, name=f"up_{level}_attn_{i}")(h)
             if level != 0:
                 h = Upsample(self.resamp_with_conv, dt, name=f"up_{level}_upsample")(h)
                 res *= 2
         assert not hs
 
-        h = nn.swish(_group_norm(dt, "norm_out")(h))
+        h = nn.swish(_group_norm(dt, "norm_out", self.norm_groups)(h))
         h = _conv3x3(self.out_ch, dt, "conv_out", scale=0.0)(h)
         return h.astype(x.dtype)
 
@@ -249,6 +258,21 @@ class _EpsApply:
 
     def __call__(self, variables: dict, y: Array | None, x: Array, t: Array) -> Array:
         return self.model.apply(variables, x, t, y)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelApply:
+    """Callable ``(variables, x, t, y) -> output``; hash-equal for equal models (see :class:`_EpsApply`)."""
+
+    model: UNet
+
+    def __call__(self, variables: dict, x: Array, t: Array, y: Array) -> Array:
+        return self.model.apply(variables, x, t, y)
+
+
+def make_model_fn(model: UNet, params: dict) -> jax.tree_util.Partial:
+    """The conditional ``model_fn(x, t, y)`` of a class-conditional UNet (for :func:`ddim_jax.guided`)."""
+    return jax.tree_util.Partial(_ModelApply(model), {"params": params})
 
 
 def make_eps_fn(model: UNet, params: dict, y: Array | None = None) -> jax.tree_util.Partial:

@@ -25,7 +25,8 @@ CIFAR10_DIFFUSERS = dict(  # google/ddpm-cifar10-32's config.json
 )
 SMALL_DIFFUSERS = {**CIFAR10_DIFFUSERS, "sample_size": 16, "block_out_channels": (32, 64), "layers_per_block": 1,
                    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-                   "up_block_types": ("AttnUpBlock2D", "UpBlock2D"), "num_class_embeds": 5}
+                   "up_block_types": ("AttnUpBlock2D", "UpBlock2D"), "num_class_embeds": 5,
+                   "norm_num_groups": 8}  # 4 and 8 channels per group, as configs/digits.py
 
 
 _call_eps = jax.jit(lambda eps_fn, x, t: eps_fn(x, t))
@@ -89,7 +90,7 @@ def test_diffusers_small_parity_with_class_labels():
     model = _diffusers_model(SMALL_DIFFUSERS, seed=1)
     spec, params = conv.convert_diffusers(model.state_dict(), dict(model.config))
     assert spec.arch == dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0,
-                             resamp_with_conv=True)
+                             resamp_with_conv=True, norm_groups=8)
     assert (spec.image_size, spec.channels, spec.num_classes) == (16, 3, 5)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 3, 16, 16)).astype(np.float32)
@@ -116,6 +117,7 @@ def test_diffusers_legacy_attention_key_names():
     ("attention_head_dim", 8, "attention_head_dim=8"),
     ("flip_sin_to_cos", True, "flip_sin_to_cos=True"),
     ("norm_eps", 1e-5, "norm_eps=1e-05"),
+    ("norm_num_groups", 48, "norm_num_groups=48 .*dividing every block's channels"),
     ("up_block_types", ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), "up_block_types"),
     ("out_channels", 6, "out_channels=6 .*in_channels=3"),  # learned variance: not a spec's network
 ])

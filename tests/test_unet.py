@@ -134,6 +134,21 @@ def test_tiny_forward_depends_on_x_and_t(tiny_params):
     np.testing.assert_allclose(apply(x, jnp.int32(999)), out_same_t, atol=1e-6)
 
 
+def test_groups_of_one_channel_hide_the_timestep():
+    """The blocks add the timestep embedding as a per-channel shift; GroupNorm with one channel per group
+    subtracts it again, so such a network cannot see t (why configs with ch = 32 use norm_groups = 8)."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 8, 8, 1))
+    for groups, sees_t in ((32, False), (8, True)):
+        model = UNet(**{**TINY, "out_ch": 1, "ch_mult": (1,), "attn_resolutions": (), "norm_groups": groups})
+        params = jax.tree_util.tree_map(  # every parameter off its (partly zero) initial value
+            lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape),
+            init_params(model, jax.random.PRNGKey(0), 8, channels=1))
+        apply = jax.jit(model.apply)
+        out = [apply({"params": params}, x, jnp.array([t])) for t in (0, 500, 999)]
+        change = max(float(jnp.abs(o - out[0]).max()) for o in out[1:])
+        assert (change > 1e-2) if sees_t else (change < 1e-4), (groups, change)
+
+
 def test_other_image_sizes_and_out_channels():
     model = UNet(**{**TINY, "out_ch": 6})
     params = jax.tree_util.tree_map(jnp.zeros_like, param_shapes(model, 8, channels=1))

@@ -207,6 +207,8 @@ def test_command_line_errors_are_one_line(tmp_path):
     ({"data.channels": 2}, r"data.channels must be 1 \(grey\) or 3 \(RGB\)"),
     ({"model.ch_mul": (1, 2)}, "unknown config field model.ch_mul"),
     ({"model.kind": "transformer"}, "model kind must be one of unet"),
+    ({"model.norm_groups": 12}, r"model.norm_groups must be a positive integer dividing every level's channels \(32\)"),
+    ({"model.norm_groups": 32}, "model.norm_groups must be at most 16 .*cannot see the timestep"),
 ])
 def test_bad_training_configs(override, match):
     c = tiny_config(**{k: v for k, v in override.items() if "." not in k})

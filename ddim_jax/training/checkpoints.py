@@ -8,6 +8,8 @@ with, so it is compared with the given config on its own, whatever ``config.json
 
 from __future__ import annotations
 
+import dataclasses
+
 import errno
 import json
 import logging
@@ -228,6 +230,5 @@ def load_params(workdir: str, *, step: int | None = None, use_ema: bool = True) 
     spec = spec_from_config(with_defaults(meta["config"]))
     info = dict(spec.info, source=f"{os.path.abspath(workdir)} (step {meta['step']}, "
                                   f"{'EMA' if use_ema else 'raw'} params)", step=int(meta["step"]))
-    spec = ModelSpec(**{**{f: getattr(spec, f) for f in ("kind", "arch", "image_size", "channels", "schedule",
-                                                         "prediction_type", "num_classes")}, "info": info})
+    spec = dataclasses.replace(spec, info=info)
     return spec, host_tree(state.ema_params if use_ema else state.params)

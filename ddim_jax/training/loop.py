@@ -63,6 +63,19 @@ def check_batch_fits(config, num_processes: int) -> None:
                          f"{have / 2**30:.1f} GiB are available")
 
 
+def check_labels(config, source) -> None:
+    """A class-conditional config needs a labelled dataset with at most ``model.num_classes`` classes."""
+    k = config.model.num_classes
+    if k is None:
+        return
+    if source.num_classes is None:
+        raise ValueError(f"model.num_classes={k} needs class labels, and dataset {source.name!r} has none "
+                         "(a folder dataset is labelled by its sub-folders); set model.num_classes=None")
+    if source.num_classes > k:
+        raise ValueError(f"model.num_classes={k} but dataset {source.name!r} has {source.num_classes} classes "
+                         f"({', '.join(source.class_names[:12])}); set model.num_classes={source.num_classes}")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False,
           progress: bool = True, devices=None) -> TrainResult:
     """Trains (or resumes) the run in ``workdir`` on ``devices`` (default: all); returns when
@@ -87,6 +100,7 @@ def _train_locked(config, workdir, mesh, is_main, allow_config_change, progress)
     source = data_lib.make_source(config.data)
     if len(source) < 1:
         raise ValueError(f"dataset {config.data.dataset!r} is empty")
+    check_labels(config, source)
     cfg_path = os.path.join(workdir, "config.json")
     ckpt = Checkpointer(workdir, t_cfg.keep_checkpoints)
     try:
@@ -136,6 +150,7 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state) -> Trai
     train_step = cached_train_step(config, mesh)
     batch_sharding = NamedSharding(mesh, P(None, "data"))
     k, last = t_cfg.steps_per_dispatch, t_cfg.num_steps
+    conditional = spec.num_classes is not None
 
     def checkpoint(step):
         ckpt.save(state, {"step": step, "data_position": step, "seed": t_cfg.seed,
@@ -155,11 +170,14 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state) -> Trai
     try:
         while step < last:
             n = min(k, last - step)  # a shorter tail compiles once more
-            local = np.stack([data_lib.process_batch(source, t_cfg.batch_size, step + i, t_cfg.seed,
-                                                     jax.process_index(), jax.process_count()) for i in range(n)])
+            rows = [data_lib.process_batch(source, t_cfg.batch_size, step + i, t_cfg.seed, jax.process_index(),
+                                           jax.process_count(), labelled=conditional) for i in range(n)]
+            local = np.stack([r[0] for r in rows] if conditional else rows)
             images = jax.make_array_from_process_local_data(batch_sharding, local,
                                                             (n, t_cfg.batch_size) + local.shape[2:])
-            state, metrics = train_step(state, images)
+            labels = (jax.make_array_from_process_local_data(batch_sharding, np.stack([r[1] for r in rows]),
+                                                             (n, t_cfg.batch_size)) if conditional else None)
+            state, metrics = train_step(state, images, labels)
             if pending:  # one dispatch stays in flight; the bar shows the steps that have finished
                 jax.block_until_ready(pending[-1][1])
                 writer.completed(pending[-1][0])

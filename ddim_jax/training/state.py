@@ -77,22 +77,35 @@ def abstract_state(config, mesh) -> TrainState:
 
 
 def make_train_step(config, mesh, model=None):
-    """``(state, images) -> (state, metrics)``: ``images`` uint8 ``[k, global_batch, H, W, C]`` sharded over
-    the batch axis, k steps in one call; metrics have leading dim k. ``model`` (default: the config's
-    network) is anything with Flax's ``apply``."""
+    """``(state, images, labels=None) -> (state, metrics)``: ``images`` uint8 ``[k, global_batch, H, W, C]``
+    (and, for a class-conditional model, int32 ``labels`` ``[k, global_batch]``) sharded over the batch
+    axis, k steps in one call; metrics have leading dim k. ``model`` (default: the config's network) is
+    anything with Flax's ``apply``.
+
+    A class-conditional model sees each label replaced by the null label with probability
+    ``training.p_uncond`` (drawn per example from its key, like the timestep), so the one network
+    learns the conditional and the unconditional model that classifier-free guidance combines."""
     t_cfg = config.training
     seed, decay, flip = t_cfg.seed, t_cfg.ema_decay, config.data.random_flip
     spec = spec_from_config(config)
     model = spec.build() if model is None else model
     tx, schedule, prediction_type = make_optimizer(config), spec.make_schedule(), spec.prediction_type
     T = schedule.num_timesteps
+    conditional, p_uncond = spec.num_classes is not None, t_cfg.p_uncond
 
-    def one_step(state: TrainState, images):
+    def one_step(state: TrainState, batch):
+        images, labels = batch
         b = images.shape[0]
         device = jax.lax.axis_index("data")
         step_key = jax.random.fold_in(jax.random.key(seed), state.step)
         keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, device * b + jnp.arange(b))
-        kt, kn, kf = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(3))
+        kt, kn, kf, kd = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(4))
+        y = None
+        if conditional:
+            y = labels
+            if spec.null_label is not None:
+                drop = jax.vmap(lambda k: jax.random.bernoulli(k, p_uncond))(kd)
+                y = jnp.where(drop, spec.null_label, labels)
         x0 = images.astype(jnp.float32) / 127.5 - 1.0
         if flip:
             do_flip = jax.vmap(jax.random.bernoulli)(kf)
@@ -103,7 +116,7 @@ def make_train_step(config, mesh, model=None):
 
         def loss_fn(params):
             def eps_fn(x, tt):
-                return model.apply({"params": params}, x, tt, train=True, rngs={"dropout": dropout_key})
+                return model.apply({"params": params}, x, tt, y, train=True, rngs={"dropout": dropout_key})
 
             return jnp.mean(per_example_loss(eps_fn, schedule, x0, t, noise, prediction_type=prediction_type))
 
@@ -127,20 +140,28 @@ def make_train_step(config, mesh, model=None):
 
     on_cpu = mesh.devices.flat[0].platform == "cpu"
 
-    def per_device(state, images):
+    def per_device(state, images, labels):
         if not on_cpu:
-            return jax.lax.scan(one_step, state, images)
+            return jax.lax.scan(one_step, state, (images, labels))
         # XLA:CPU computes convolution filter gradients ~60x slower inside a while loop (a scan of
         # length 1 included), so on CPU the k steps are unrolled into straight-line code.
         metrics = []
         for i in range(images.shape[0]):
-            state, m = one_step(state, images[i])
+            state, m = one_step(state, (images[i], labels[i]))
             metrics.append(m)
         return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
 
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(None, "data")), out_specs=(P(), P()),
-                            check_vma=False)
-    return jax.jit(sharded, donate_argnums=0)
+    sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(None, "data"), P(None, "data")),
+                                    out_specs=(P(), P()), check_vma=False), donate_argnums=0)
+
+    def step(state, images, labels=None):
+        if conditional and labels is None:
+            raise ValueError("this model is class-conditional: the train step needs labels")
+        if labels is None:  # a placeholder the unconditional network never reads
+            labels = jnp.zeros(images.shape[:2], jnp.int32, device=NamedSharding(mesh, P(None, "data")))
+        return sharded(state, images, labels)
+
+    return step
 
 
 # Compiled programs by (config without the fields a resumed run may change, devices, what): repeated
