@@ -47,7 +47,8 @@ class Model:
 
     @property
     def eps_fn(self):
-        return self.spec.eps_fn(self.params)
+        """The unconditional ``eps_fn(x, t)`` (a class-conditional model's null label)."""
+        return self.conditioned()
 
     def conditioned(self, y=None, guidance=None):
         """``eps_fn(x, t)`` for labels ``y`` (sharded like the batch, or None) and a guidance scale."""

@@ -154,11 +154,16 @@ def make_train_step(config, mesh, model=None):
     sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(None, "data"), P(None, "data")),
                                     out_specs=(P(), P()), check_vma=False), donate_argnums=0)
 
+    placeholders = {}  # by shape: labels the unconditional network never reads, made once
+
     def step(state, images, labels=None):
         if conditional and labels is None:
             raise ValueError("this model is class-conditional: the train step needs labels")
-        if labels is None:  # a placeholder the unconditional network never reads
-            labels = jnp.zeros(images.shape[:2], jnp.int32, device=NamedSharding(mesh, P(None, "data")))
+        if labels is None:
+            shape = images.shape[:2]
+            if shape not in placeholders:
+                placeholders[shape] = jnp.zeros(shape, jnp.int32, device=NamedSharding(mesh, P(None, "data")))
+            labels = placeholders[shape]
         return sharded(state, images, labels)
 
     return step
