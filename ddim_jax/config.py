@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.image_size = 8
     d.channels = 1
     d.crop = "center"  # 'center', 'celeba' or 'none' (tfds and folder sources)
-    d.random_flip = True
+    d.random_flip = False  # digits are not mirror-symmetric; the paper's datasets flip (paper_config)
 
     c.model = m = ml_collections.ConfigDict()  # kind 'unet': ddim_jax.unet.UNet fields
     m.kind = "unet"
@@ -79,7 +79,7 @@ def paper_config(dataset: str, image_size: int, ch_mult: tuple, *, crop: str, dr
     """The DDPM/DDIM setup for a 3-channel dataset: ch 128, 2 res blocks, attention at 16x16,
     warmup 5000, EMA 0.9999, grad clip 1.0, linear betas 1e-4 .. 0.02 over T = 1000."""
     c = base_config()
-    c.data.update(dataset=dataset, image_size=image_size, channels=3, crop=crop)
+    c.data.update(dataset=dataset, image_size=image_size, channels=3, crop=crop, random_flip=True)
     c.diffusion.update(schedule="linear", beta_start=1e-4, beta_end=0.02, num_timesteps=1000)
     c.model.update(ch=128, ch_mult=ch_mult, num_res_blocks=2, attn_resolutions=(16,), dropout=dropout)
     c.training.update(batch_size=batch_size, num_steps=num_steps, lr=lr, warmup_steps=5000, ema_decay=0.9999,
