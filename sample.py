@@ -26,15 +26,15 @@ flags.DEFINE_string("checkpoint", None, "A model directory (python -m ddim_jax.c
 flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the newest).")
 flags.DEFINE_string("mode", "sample", "sample | consistency | interpolation | sequence | reconstruction | fid")
 flags.DEFINE_integer("steps", 50, "Number of sampling steps S.")
-flags.DEFINE_string("solver", "ddim", "Sampler: ddim | dpmpp_2m | dpmpp_3m | dpmpp_2m_sde | plms (eta is DDIM's; "
-                    "the others take none).")
+flags.DEFINE_string("solver", "ddim", "Sampler: ddim | dpmpp_2m | dpmpp_3m | dpmpp_2m_sde | unipc | plms (eta is "
+                    "DDIM's; the others take none).")
 flags.DEFINE_string("labels", "all", "Class-conditional models: 'all' (every class in turn), a comma-separated "
                     "list of classes (cycled over the samples), or 'none' (the unconditional model).")
 flags.DEFINE_float("guidance", None, "Classifier-free guidance scale for class-conditional models (1 = no "
                    "guidance, 0 = unconditional, > 1 = stronger; default: none).")
 flags.DEFINE_string("eta", "0", "eta (0 = DDIM, 1 = DDPM), or 'sigma_hat' for the larger DDPM variance.")
-flags.DEFINE_string("spacing", "uniform", "Timestep spacing: uniform | quadratic | leading | trailing | linspace "
-                    "| karras | exponential.")
+flags.DEFINE_string("spacing", None, "Timestep spacing: uniform | quadratic | leading | trailing | linspace "
+                    "| karras | exponential (default: the solver's, uniform for ddim and plms, trailing for dpmpp_*).")
 flags.DEFINE_integer("num_samples", None, "Number of samples N (default: 64; 50,000 in fid mode).")
 flags.DEFINE_integer("batch_size", 64, "Global batch size (a multiple of the device count).")
 flags.DEFINE_integer("seed", 0, "Seed of the latents x_T.")
@@ -44,7 +44,7 @@ flags.DEFINE_list("steps_list", ["10", "20", "50", "100", "1000"], "S values for
 flags.DEFINE_list("fid_steps", ["10", "20", "50", "100"], "S values of the FID table.")
 flags.DEFINE_list("fid_etas", ["0.0", "0.2", "0.5", "1.0", "sigma_hat"], "eta values of the FID table (DDIM rows).")
 flags.DEFINE_list("fid_solvers", ["ddim"], "Solvers of the FID table: ddim (one row per --fid_etas) and/or "
-                  "dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, plms (one row each).")
+                  "dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, unipc, plms (one row each).")
 flags.DEFINE_string("fid_stats", None, "Reference statistics .npz (default: computed from the training data and cached).")
 flags.DEFINE_string("inception_weights", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (local path).")
 flags.DEFINE_string("features", None, "Feature extractor for fid: inception | digits (default: digits for the "
@@ -189,7 +189,7 @@ def run_reconstruction(ex, model, a, out):
     if a.is_main:
         k = min(len(images), 10)
         _grid(np.concatenate([images[:k]] + [recons[s][:k] for s in a.steps_list]), grid_path, ncol=k)
-        files.write_json(json_path, {"num_images": len(images), "spacing": a.spacing,
+        files.write_json(json_path, {"num_images": len(images), "spacing": a.spacing or "uniform",
                                      "mse_per_dim_0_1": {str(s): e for s, e in errors.items()}})
         print("| S | " + " | ".join(map(str, a.steps_list)) + " |")
         print("|---" * (len(a.steps_list) + 1) + "|")
@@ -221,7 +221,8 @@ def run_fid(ex, model, a, out):
         files.write_json(json_path, {"features": extractor.name, "spacing": a.spacing, "labels": FLAGS.labels,
                                      "guidance": FLAGS.guidance, "rows": rows})
         cond = f", labels {FLAGS.labels}, guidance {FLAGS.guidance}" if model.num_classes is not None else ""
-        files.write_text(md_path, f"FID ({extractor.name} features, {a.num} samples, {a.spacing} spacing{cond})\n\n"
+        spacing = f"{a.spacing} spacing" if a.spacing else "each solver's default spacing"
+        files.write_text(md_path, f"FID ({extractor.name} features, {a.num} samples, {spacing}{cond})\n\n"
                                   f"{table}\n")
         ex.plot_fid(rows, plot_path)
         print(table)
@@ -260,9 +261,13 @@ def parse_conditioning(num_classes):
 
 def _output_name(mode: str) -> str:
     """``mode`` with the settings that are not the defaults: e.g. sample_dpmpp_2m_labels3-7_g3."""
+    from ddim_jax.solvers import resolve_spacing
+
     parts = [mode]
     if FLAGS.solver != "ddim" and mode != "fid":
         parts.append(FLAGS.solver)
+    if FLAGS.spacing is not None and (mode == "fid" or FLAGS.spacing != resolve_spacing(FLAGS.solver, None)):
+        parts.append(FLAGS.spacing)
     if FLAGS.labels.strip().lower() != "all":
         parts.append("labels" + FLAGS.labels.strip().lower().replace(",", "-"))
     if FLAGS.guidance is not None:
@@ -282,7 +287,7 @@ def parse_settings(T: int | None = None, num_classes=False):
 
     if FLAGS.mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}; got {FLAGS.mode!r}")
-    if FLAGS.spacing not in SPACINGS:
+    if FLAGS.spacing is not None and FLAGS.spacing not in SPACINGS:
         raise ValueError(f"--spacing must be one of {', '.join(SPACINGS)}; got {FLAGS.spacing!r}")
     if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
         raise ValueError("give exactly one of --workdir (a training run) or --checkpoint (a model directory)")

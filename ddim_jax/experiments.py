@@ -27,7 +27,7 @@ from ddim_jax.images import from_uint8, save_grid, to_uint8
 from ddim_jax.models import ModelSpec, load
 from ddim_jax.parallel import gather_rows, make_mesh, pad_rows, replicated, round_up, shard_rows
 from ddim_jax.sampling import ddim_encode, ddim_sample, slerp
-from ddim_jax.solvers import sample
+from ddim_jax.solvers import resolve_spacing, sample
 from ddim_jax.schedules import Schedule
 
 MODES = ("sample", "consistency", "interpolation", "sequence", "reconstruction", "fid")
@@ -147,11 +147,13 @@ def latents(model: Model, start: int, count: int, seed: int):
 
 
 def decode(model: Model, x_T, num_steps: int, *, solver: str = "ddim", eta: float = 0.0, sigma_hat: bool = False,
-           spacing: str = "uniform", key=None, clip_x0: float | None = 1.0, return_trajectory: bool = False,
+           spacing: str | None = None, key=None, clip_x0: float | None = 1.0, return_trajectory: bool = False,
            y=None, guidance=None):
     """Decoding of sharded latents with the model and ``solver`` (see :func:`ddim_jax.solvers.sample`),
     clipping x0 to [-1, 1] by default like the paper's code. ``return_trajectory`` is DDIM's. ``y``:
-    labels sharded like ``x_T`` (or None), ``guidance``: a classifier-free guidance scale (or None)."""
+    labels sharded like ``x_T`` (or None), ``guidance``: a classifier-free guidance scale (or None).
+    ``spacing=None`` is the solver's default (``ddim_jax.solvers.DEFAULT_SPACING``)."""
+    spacing = resolve_spacing(solver, spacing)
     eps_fn = model.conditioned(y, guidance)
     if return_trajectory:
         if solver != "ddim":
@@ -164,7 +166,7 @@ def decode(model: Model, x_T, num_steps: int, *, solver: str = "ddim", eta: floa
 
 
 def sample_batches(model: Model, num: int, batch_size: int, num_steps: int, *, solver: str = "ddim",
-                   eta: float = 0.0, sigma_hat: bool = False, spacing: str = "uniform", seed: int = 0,
+                   eta: float = 0.0, sigma_hat: bool = False, spacing: str | None = None, seed: int = 0,
                    clip_x0: float | None = 1.0, labels=None, guidance=None, progress: bool = True,
                    desc: str = "sampling"):
     """Yields ``(start, uint8 samples)`` for samples ``0 .. num - 1`` in batches of ``batch_size`` (the last
@@ -205,7 +207,7 @@ def generate(model: Model, num: int, batch_size: int, num_steps: int, **kwargs) 
 # Experiments.
 
 
-def consistency(model: Model, num: int, steps: Sequence[int], *, seed: int = 0, spacing: str = "uniform",
+def consistency(model: Model, num: int, steps: Sequence[int], *, seed: int = 0, spacing: str | None = None,
                 solver: str = "ddim", labels=None, guidance=None):
     """The same ``num`` latents decoded with each S in ``steps`` (Figure 4): uint8 ``[len(steps), num, ...]``."""
     rows = round_up(num, model.mesh.devices.size)
@@ -215,7 +217,7 @@ def consistency(model: Model, num: int, steps: Sequence[int], *, seed: int = 0, 
 
 
 def interpolation(model: Model, pairs: int, num_points: int, num_steps: int, *, seed: int = 0,
-                  spacing: str = "uniform", solver: str = "ddim", labels=None, guidance=None):
+                  spacing: str | None = None, solver: str = "ddim", labels=None, guidance=None):
     """Slerp between latent pairs (Figure 5), decoded with ``solver``: uint8 ``[pairs, num_points, ...]``.
     Pair ``i`` is decoded with the label of sample ``i`` (see :func:`class_labels`)."""
     z = gather_rows(latents(model, 0, round_up(2 * pairs, model.mesh.devices.size), seed))
@@ -229,7 +231,7 @@ def interpolation(model: Model, pairs: int, num_points: int, num_steps: int, *, 
     return out.reshape((pairs, num_points) + out.shape[1:])
 
 
-def sequence(model: Model, num: int, num_steps: int, columns: int = 10, *, seed: int = 0, spacing: str = "uniform",
+def sequence(model: Model, num: int, num_steps: int, columns: int = 10, *, seed: int = 0, spacing: str | None = None,
              labels=None, guidance=None):
     """The predicted x0 along the trajectory: uint8 ``[num, columns + 1, ...]`` (columns evenly spaced steps
     and the final sample)."""
@@ -242,12 +244,13 @@ def sequence(model: Model, num: int, num_steps: int, columns: int = 10, *, seed:
 
 
 def reconstruction(model: Model, images: np.ndarray, steps: Sequence[int], batch_size: int, *,
-                   spacing: str = "uniform", progress: bool = True):
+                   spacing: str | None = None, progress: bool = True):
     """Encode uint8 ``images`` to x_T and decode, for each S: ``({S: per-dimension MSE on [0, 1]},
     {S: reconstructions uint8})`` (the protocol of the paper's Table 2)."""
     from tqdm.auto import tqdm
 
     check_batch(model, batch_size)
+    spacing = resolve_spacing("ddim", spacing)
     x = from_uint8(images)
     errors, recons = {}, {}
     for s in steps:
@@ -291,10 +294,12 @@ def fid_settings(etas: Sequence[str], solvers: Sequence[str] = ("ddim",)) -> lis
 
 
 def fid_table(model: Model, extractor, reference: tuple[np.ndarray, np.ndarray], num: int, batch_size: int,
-              steps: Sequence[int], etas: Sequence[str], *, spacing: str, solvers: Sequence[str] = ("ddim",),
-              seed: int = 0, labels=None, guidance=None, progress: bool = True) -> list[dict]:
+              steps: Sequence[int], etas: Sequence[str], *, spacing: str | None = None,
+              solvers: Sequence[str] = ("ddim",), seed: int = 0, labels=None, guidance=None,
+              progress: bool = True) -> list[dict]:
     """FID of ``num`` samples for each sampler (DDIM at each eta, each other solver) and S, against
-    reference statistics (mu, sigma). Only the features of each batch are kept."""
+    reference statistics (mu, sigma); each solver on ``spacing`` or its default. Only the features of
+    each batch are kept."""
     from ddim_jax import fid as fid_lib
 
     rows = []
@@ -308,7 +313,7 @@ def fid_table(model: Model, extractor, reference: tuple[np.ndarray, np.ndarray],
                                               progress=progress, desc=f"{label} S={s}")])
             mu, sigma = fid_lib.compute_stats(feats)
             rows.append({"sampler": label, "solver": solver, "eta": eta_s, "steps": s, "num_samples": num,
-                         "guidance": guidance,
+                         "spacing": resolve_spacing(solver, spacing), "guidance": guidance,
                          "fid": fid_lib.fid_from_stats(mu, sigma, *reference)})
     return rows
 

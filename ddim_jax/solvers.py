@@ -1,4 +1,5 @@
-"""One sampling entry point for DDIM, the DPM-Solver++ multistep solvers (Lu et al. 2022) and PLMS.
+"""One sampling entry point for DDIM, the DPM-Solver++ multistep solvers (Lu et al. 2022), UniPC (Zhao et
+al. 2023) and PLMS.
 
 ``sample(eps_fn, schedule, x_T, num_steps, solver=...)`` with ``solver`` in :data:`SOLVERS`:
 
@@ -7,6 +8,8 @@
   deterministic (there is no eta).
 * ``"dpmpp_2m_sde"``: SDE-DPM-Solver++(2M), midpoint, data-prediction form (diffusers'
   ``algorithm_type="sde-dpmsolver++"``, ``solver_order=2``); stochastic, needs ``key``.
+* ``"unipc"``: UniPC with B(h) = expm1(-h) ("bh2") and a second-order predictor, data-prediction form
+  (diffusers' ``UniPCMultistepScheduler`` defaults); deterministic, one model call per step.
 * ``"plms"``: PNDM's pseudo linear multistep (Liu et al. 2022) as diffusers' ``PNDMScheduler`` with
   ``skip_prk_steps=True`` runs it; deterministic, S + 1 model calls (see below).
 
@@ -55,6 +58,20 @@ x.shape, float32)``, as :func:`ddim_sample` does, so the sample does not depend 
 sharded. The last step (onto x_0, h = +inf, sigma_t = 0) adds no noise and returns the data
 prediction, as in the ODE case. Handing diffusers' ``step(..., variance_noise=z_i)`` the same z_i gives
 the same samples to float32 round-off (diffusers computes ``1 - exp(-2h)``, we ``-expm1(-2h)``).
+
+UniPC: its predictor UniP-2 with B(h) = expm1(-h) is exactly the 2M update above (its rho = 1/2 and
+``D1 = (m0 - m1) / r0``), with the same per-step orders. Its corrector UniC runs after each model
+call but the first: the call at ``(x_s, s)`` gives ``m0``, which corrects x_s itself, from the sample
+``x_1`` the previous step started at (log-SNR ``lambda_1``, data prediction ``m1``; ``h = lambda_s - lambda_1``):
+
+* ``x_s <- (sigma_s / sigma_1) x_1 - alpha_s expm1(-h) (m1 + rho_0 (m2 - m1) / r + rho_1 (m0 - m1))``
+
+with the order of the previous step: order 1 takes ``rho_0 = 0``, ``rho_1 = 1/2``; order 2 takes
+``r = (lambda_2 - lambda_1) / h`` and solves ``[[1, 1], [r, 1]] (rho_0, rho_1) = (b_0, b_1)``,
+``b_0 = (expm1(-h) / -h - 1) / expm1(-h)``, ``b_1 = 2 ((expm1(-h) / -h - 1) / -h - 1/2) / expm1(-h)``.
+The predictor then starts from the corrected x_s; ``m0`` is not recomputed there, so UniPC costs
+no more calls than 2M, and it converges with order 3 (tests/test_solvers.py). Passing diffusers'
+``timesteps[::-1]`` as ``timesteps=`` gives its samples to float32 round-off.
 
 PLMS works on eps: each model call's output is converted to ``(x0, eps)`` (x0 clipped/thresholded if
 asked, eps then recomputed from it) and the step from s to t is DDIM's (eta = 0) with a combined eps
@@ -107,7 +124,8 @@ arguments (each step computes the three updates and selects by its order: a few 
 operations, nothing next to a model call), so another tau of the same length, and the other
 DPM-Solver++ order, reuse the compiled program: it is compiled once per (eps_fn, shapes, S,
 prediction_type, clip_x0, dynamic_threshold). The SDE variant is a second program of the same
-function (a static flag: it takes the key and draws noise); new keys do not recompile. PLMS is its
+function (a static flag: it takes the key and draws noise); new keys do not recompile; so is UniPC (a
+static flag adds the corrector). PLMS is its
 own scan, compiled once per (eps_fn, shapes, S, prediction_type, clip_x0, dynamic_threshold).
 Arithmetic is float32; x is carried (and fed to the model) in x_T's dtype.
 """
@@ -132,8 +150,23 @@ from ddim_jax.sampling import (
 )
 from ddim_jax.schedules import Schedule, _check_choice
 
-SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "plms")
-_ORDER = {"dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2}
+SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "plms")
+_ORDER = {"dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2, "unipc": 2}
+
+# The spacing each solver uses when none is given. DDIM keeps the paper's uniform tau; PLMS keeps PNDM's
+# (diffusers' "leading", uniform). DPM-Solver++ on the uniform tau {0, 100, ..., 900} takes its last
+# second-order step across t = 100 -> 0 (3.5 in log-SNR against 0.75 before it) and overshoots: 12x
+# DDIM's energy distance at 10 calls on the oracle, where "trailing" (first step at T - 1, last jump a
+# first-order one) gives 0.64x (benchmarks/RESULTS_solvers.md). "exponential" is better still on the
+# linear schedule but crowds the steps at t ~ T under the cosine schedule, so it is not the default.
+DEFAULT_SPACING = {"ddim": "uniform", "plms": "uniform", "dpmpp_2m": "trailing", "dpmpp_3m": "trailing",
+                   "dpmpp_2m_sde": "trailing", "unipc": "trailing"}
+
+
+def resolve_spacing(solver: str, spacing: str | None) -> str:
+    """``spacing``, or the solver's default (:data:`DEFAULT_SPACING`) when it is None."""
+    _check_choice("solver", solver, SOLVERS)
+    return DEFAULT_SPACING[solver] if spacing is None else spacing
 
 
 def step_orders(num_steps: int, solver_order: int) -> np.ndarray:
@@ -157,16 +190,39 @@ def _log_snr(a):
     return jnp.log(jnp.sqrt(a)) - jnp.log(jnp.sqrt(1.0 - a))
 
 
-@functools.partial(jax.jit, static_argnames=("sde", "prediction_type", "clip_x0", "dynamic_threshold"))
-def _dpmpp_scan(eps_fn, x_T, ts, a_s, a_t, orders, key, *, sde, prediction_type, clip_x0, dynamic_threshold):
+def _unic(x_last, a_last, as_, m0, m1, m2, lam_s, l1, l2, order):
+    """UniPC's corrector (UniC, B(h) = expm1(-h), data prediction) of the sample at s: from ``x_last`` at
+    the previous timestep (alpha-bar ``a_last``, data prediction ``m1``, log-SNR ``l1``) to s again, with
+    the new data prediction ``m0`` at s; order 2 also uses ``m2`` at ``l2``. ``order`` 0 = no correction."""
+    alpha_s, sigma_s, sigma_1 = jnp.sqrt(as_), jnp.sqrt(1.0 - as_), jnp.sqrt(1.0 - a_last)
+    h = jnp.where(order >= 1, lam_s - l1, 1.0)
+    em = jnp.expm1(-h)
+    b0 = (em / -h - 1.0) / em  # phi_2 / B(h) and 2 phi_3 / B(h) in UniPC's notation
+    b1 = 2.0 * ((em / -h - 1.0) / -h - 0.5) / em
+    # The older point's ratio (negative; r = 1 is s itself). Unused at order 1, where it is a finite
+    # placeholder (h = +inf after a zero-terminal-SNR start); a point at lambda = -inf gets rk = -inf, weight 0.
+    rk = jnp.where(order >= 2, (l2 - l1) / h, -1.0)
+    rho0 = (b0 - b1) / (1.0 - rk)  # solves [[1, 1], [rk, 1]] (rho0, rho1) = (b0, b1)
+    rho1 = jnp.where(order >= 2, b0 - rho0, 0.5)  # order 1: UniPC's fixed 1/2
+    D1 = jnp.where(order >= 2, rho0 * (m2 - m1) / rk, 0.0)
+    x_c = (sigma_s / sigma_1) * x_last - (alpha_s * em) * (m1 + D1 + rho1 * (m0 - m1))
+    return jnp.where(order >= 1, x_c, x_last)
+
+
+@functools.partial(jax.jit, static_argnames=("sde", "corrector", "prediction_type", "clip_x0", "dynamic_threshold"))
+def _dpmpp_scan(eps_fn, x_T, ts, a_s, a_t, orders, key, *, sde, corrector, prediction_type, clip_x0,
+                dynamic_threshold):
     def body(carry, inp):
-        x, m1, m2, l1, l2 = carry
-        i, t, as_, at, order = inp
+        x, m1, m2, l1, l2, x_last, a_last = carry
+        i, t, as_, at, order, c_order = inp
         m0, _ = predict_x0_eps(_model(eps_fn, x, t), x, as_, prediction_type)
         if clip_x0 is not None or dynamic_threshold is not None:
             m0 = threshold_x0(m0, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold)
         alpha_t, sigma_s, sigma_t = jnp.sqrt(at), jnp.sqrt(1.0 - as_), jnp.sqrt(1.0 - at)
         lam_s = _log_snr(as_)
+        if corrector:  # UniPC: correct x_s with the model output just computed there (no extra call)
+            x = jnp.where(c_order >= 1, _unic(x_last, a_last, as_, m0, m1, m2, lam_s, l1, l2, c_order),
+                          x.astype(jnp.float32))
         h = _log_snr(at) - lam_s
         em = jnp.expm1(-h)  # exp(-h) - 1: -1 at h = +inf (the step onto x_0)
         # Order 1; sigma_t / sigma_s and alpha_t * em are finite even at sigma_t = 0 or alpha_s = 0.
@@ -190,12 +246,13 @@ def _dpmpp_scan(eps_fn, x_T, ts, a_s, a_t, orders, key, *, sde, prediction_type,
         D2 = (D1_0 - D1_1) / (r0 + r1)
         x3 = x1 + (alpha_t * (em / hh + 1.0)) * D1 - (alpha_t * ((em + hh) / hh**2 - 0.5)) * D2
         x_next = jnp.where(order >= 3, x3, jnp.where(order == 2, x2, x1))
-        return (x_next.astype(x.dtype), m0, m1, lam_s, l1), None
+        return (x_next.astype(x_T.dtype), m0, m1, lam_s, l1, x.astype(jnp.float32), as_), None
 
     zeros = jnp.zeros(x_T.shape, jnp.float32)
-    init = (x_T, zeros, zeros, jnp.float32(0.0), jnp.float32(0.0))
+    init = (x_T, zeros, zeros, jnp.float32(0.0), jnp.float32(0.0), zeros, jnp.float32(0.5))
     steps = jnp.arange(ts.shape[0], dtype=jnp.int32)
-    (x0, *_), _ = jax.lax.scan(body, init, (steps, ts, a_s, a_t, orders))
+    c_orders = jnp.concatenate([jnp.zeros(1, orders.dtype), orders[:-1]])  # UniC's order: the last step's
+    (x0, *_), _ = jax.lax.scan(body, init, (steps, ts, a_s, a_t, orders, c_orders))
     return x0
 
 
@@ -257,7 +314,7 @@ def sample(
     num_steps: int | None = None,
     *,
     solver: str = "ddim",
-    spacing: str = "uniform",
+    spacing: str | None = None,
     timesteps=None,
     prediction_type: str = "epsilon",
     eta: float = 0.0,
@@ -269,15 +326,16 @@ def sample(
     """Decodes ``x_T`` into x_0 with ``solver`` (one of :data:`SOLVERS`) over the sub-sequence tau.
 
     tau is ``make_timesteps(T, num_steps, spacing)`` or the given increasing ``timesteps`` (give one
-    of the two); the S model calls visit ``tau_S, ..., tau_1`` and the last step lands on x_0
-    (alpha-bar 1), exactly as in :func:`ddim_sample`. ``prediction_type``, ``clip_x0`` and
-    ``dynamic_threshold`` act on the model's x0 prediction for every solver. ``eta`` and ``sigma_hat``
-    are DDIM's (eta > 0 or sigma_hat needs a key); the other solvers accept only ``eta = 0`` without
-    ``sigma_hat``. ``"dpmpp_2m_sde"`` needs ``key`` (step i's noise is ``fold_in(key, i)``); the
+    of the two); ``spacing=None`` is the solver's default (:data:`DEFAULT_SPACING`: ``"uniform"`` for
+    ddim and plms, ``"trailing"`` for the DPM-Solver++ solvers). The S model calls visit
+    ``tau_S, ..., tau_1`` and the last step lands on x_0 (alpha-bar 1), exactly as in :func:`ddim_sample`.
+    ``prediction_type``, ``clip_x0`` and ``dynamic_threshold`` act on the model's x0 prediction for every
+    solver. ``eta`` and ``sigma_hat`` are DDIM's (eta > 0 or sigma_hat needs a key); the other solvers
+    accept only ``eta = 0`` without ``sigma_hat``. ``"dpmpp_2m_sde"`` needs ``key`` (step i's noise is ``fold_in(key, i)``); the
     deterministic solvers ignore it. ``"plms"`` makes S + 1 model calls for S >= 2. Returns x_0 with
     x_T's shape and dtype. See the module docstring for the update formulas and the per-step orders.
     """
-    _check_choice("solver", solver, SOLVERS)
+    spacing = resolve_spacing(solver, spacing)
     if solver == "ddim":
         return ddim_sample(eps_fn, schedule, x_T, num_steps, spacing=spacing, timesteps=timesteps, eta=eta,
                            sigma_hat=sigma_hat, key=key, prediction_type=prediction_type, clip_x0=clip_x0,
@@ -303,4 +361,5 @@ def sample(
                           plan["weights"], plan["restart"], plan["push"], **opts)
     ts, prev = _decoding_steps(tau)
     return _dpmpp_scan(eps_fn, x_T, ts, schedule.alpha_bar(ts), schedule.alpha_bar(prev),
-                       step_orders(len(ts), _ORDER[solver]), key if sde else None, sde=sde, **opts)
+                       step_orders(len(ts), _ORDER[solver]), key if sde else None, sde=sde,
+                       corrector=solver == "unipc", **opts)

@@ -115,6 +115,19 @@ def test_fid_mode_writes_a_table_and_a_plot(workdir, tmp_path):
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in result["rows"])
     table = (tmp_path / "fid.md").read_text()
     assert (tmp_path / "fid.png").stat().st_size > 0 and "| sampler \\ S | 2 | 5 |" in table and "| dpmpp_2m |" in table
+    assert {(r["solver"], r["spacing"]) for r in result["rows"]} == {("ddim", "uniform"), ("dpmpp_2m", "trailing")}
+    assert "each solver's default spacing" in table
+
+
+@pytest.mark.parametrize("args,name", [
+    ([], "sample"), (["--solver=dpmpp_2m"], "sample_dpmpp_2m"),
+    (["--solver=dpmpp_2m", "--spacing=trailing"], "sample_dpmpp_2m"),  # its default: not named
+    (["--solver=dpmpp_2m", "--spacing=uniform"], "sample_dpmpp_2m_uniform"),
+    (["--spacing=quadratic"], "sample_quadratic"), (["--mode=fid", "--spacing=uniform"], "fid_uniform")])
+def test_output_names_say_the_settings_that_are_not_defaults(args, name):
+    sample.FLAGS.unparse_flags()
+    sample.FLAGS(["sample.py", *args])
+    assert sample._output_name(sample.FLAGS.mode) == name
 
 
 def test_reference_statistics_are_named_by_everything_that_changes_the_images():
