@@ -1,6 +1,7 @@
 """Quality of the embedded default (`python train.py`): are its samples recognisable digits?
 
-Draws N samples with DDIM (eta = 0, S = 50) from a run's EMA params and reports:
+Draws N samples with DDIM (eta = 0, S = 50; --solver, --eta and --steps change that) from a run's EMA
+params and reports:
   * a classifier fitted on the digits' training split (scikit-learn logistic regression on pixels,
     independent of this project's code) reading the samples: mean confidence, the share read with
     confidence >= 0.9, and how many samples fall in each class (all ten should be present);
@@ -10,6 +11,7 @@ Draws N samples with DDIM (eta = 0, S = 50) from a run's EMA params and reports:
   * a grid of the first 100 samples.
 
     python benchmarks/digits_quality.py --workdir=runs/digits [--num 1500] [--out benchmarks/results]
+        [--steps 50] [--solver ddim] [--eta 0]
 
 For a class-conditional run (configs/digits_cond.py) it samples every digit in turn (sample i asks
 for digit i mod 10) at each classifier-free guidance scale of --guidance (0 = the unconditional model,
@@ -30,6 +32,8 @@ def main():
     p.add_argument("--workdir", default="runs/digits")
     p.add_argument("--num", type=int, default=1500)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--solver", default="ddim", help="any of ddim_jax.SOLVERS (on its default spacing)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (1 = DDPM)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--guidance", default="0,1,2,3", help="guidance scales for a class-conditional run")
     args = p.parse_args()
@@ -46,7 +50,7 @@ def main():
     model = ex.load_model(args.workdir)
     if model.num_classes is not None:
         return conditional(model, args)
-    samples = ex.generate(model, args.num, 250, args.steps, seed=0)
+    samples = ex.generate(model, args.num, 250, args.steps, seed=0, solver=args.solver, eta=args.eta)
     train_x, train_y = load_digits("train")
     test_x, test_y = load_digits("test")
     flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0  # noqa: E731
@@ -69,9 +73,9 @@ def main():
     noise = np.random.default_rng(0).integers(0, 256, train_x.shape, dtype=np.uint8)
     fid_noise = fid.fid_from_features(feats(noise), f_test)
     os.makedirs(args.out, exist_ok=True)
-    grid = save_grid(samples[:100], os.path.join(args.out, "digits_samples.png"), ncol=10, scale=4)
+    grid = save_grid(samples[:100], os.path.join(args.out, f"digits_samples{suffix(args)}.png"), ncol=10, scale=4)
     save_grid(test_x[:100], os.path.join(args.out, "digits_real.png"), ncol=10, scale=4)  # to show beside it
-    print(f"run: {model.source}; {args.num} samples, DDIM S = {args.steps}, eta = 0")
+    print(f"run: {model.source}; {args.num} samples, {sampler(args)}")
     print("| measure | samples | held-out real digits |\n|---|---|---|")
     print(f"| logistic regression (held-out accuracy {held_out_acc:.3f}): mean confidence | {conf.mean():.3f} | "
           f"{real_conf.mean():.3f} |")
@@ -88,6 +92,17 @@ def main():
     print(f"| training digits vs held-out (the floor) | {fid_floor:.2f} |")
     print(f"| uniform noise vs held-out | {fid_noise:.2f} |")
     print(f"grid: {grid}")
+
+
+def sampler(args) -> str:
+    return f"{args.solver} S = {args.steps}" + (f", eta = {args.eta:g}" if args.solver == "ddim" else "")
+
+
+def suffix(args) -> str:
+    """The grids' file-name suffix: empty for the default sampler (DDIM, eta 0, S 50)."""
+    if (args.solver, args.eta, args.steps) == ("ddim", 0.0, 50):
+        return ""
+    return f"_{args.solver}_S{args.steps}" + (f"_eta{args.eta:g}" if args.solver == "ddim" and args.eta else "")
 
 
 def conditional(model, args):
@@ -107,17 +122,19 @@ def conditional(model, args):
     feats = lambda x: ext.extract(x, batch_size=500, progress=False)  # noqa: E731
     f_test = feats(test_x)
     asked = np.arange(args.num) % 10
-    print(f"run: {model.source}; {args.num} samples (digit i mod 10 asked for sample i), DDIM S = {args.steps}, "
-          f"eta = 0; digits CNN held-out accuracy {cnn_acc:.3f}")
+    print(f"run: {model.source}; {args.num} samples (digit i mod 10 asked for sample i), {sampler(args)}; "
+          f"digits CNN held-out accuracy {cnn_acc:.3f}")
     print("| guidance scale | requested digit read (CNN) | read with confidence >= 0.9 | FID (CNN features) |")
     print("|---|---|---|---|")
     os.makedirs(args.out, exist_ok=True)
     for scale in [float(v) for v in args.guidance.split(",")]:
-        samples = ex.generate(model, args.num, 250, args.steps, seed=0, labels="all", guidance=scale)
+        samples = ex.generate(model, args.num, 250, args.steps, seed=0, labels="all", guidance=scale,
+                              solver=args.solver, eta=args.eta)
         p = probs(samples)
         print(f"| {scale:g} | {np.mean(p.argmax(1) == asked):.3f} | {np.mean(p.max(1) >= 0.9):.3f} | "
               f"{fid.fid_from_features(feats(samples[:len(train_x)]), f_test):.2f} |", flush=True)
-        save_grid(samples[:100], os.path.join(args.out, f"digits_cond_samples_g{scale:g}.png"), ncol=10, scale=4)
+        save_grid(samples[:100], os.path.join(args.out, f"digits_cond_samples_g{scale:g}{suffix(args)}.png"),
+                  ncol=10, scale=4)
     real = probs(test_x)
     print(f"| (held-out real digits) | {np.mean(real.argmax(1) == load_digits('test')[1]):.3f} | "
           f"{np.mean(real.max(1) >= 0.9):.3f} | {fid.fid_from_features(feats(train_x), f_test):.2f} (training "

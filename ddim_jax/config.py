@@ -61,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.warmup_steps = 200
     t.grad_clip = 1.0
     t.ema_decay = 0.999
+    t.ema_warmup = True  # EMA decay min(ema_decay, (1 + step) / (10 + step)): the initial weights fade out fast
     t.p_uncond = 0.1  # class-conditional models: share of labels dropped to the null class (0 = no null class)
     t.seed = 0
     t.steps_per_dispatch = 1  # train steps per compiled call (lax.scan)
@@ -83,6 +84,7 @@ def paper_config(dataset: str, image_size: int, ch_mult: tuple, *, crop: str, dr
     c.diffusion.update(schedule="linear", beta_start=1e-4, beta_end=0.02, num_timesteps=1000)
     c.model.update(ch=128, ch_mult=ch_mult, num_res_blocks=2, attn_resolutions=(16,), dropout=dropout)
     c.training.update(batch_size=batch_size, num_steps=num_steps, lr=lr, warmup_steps=5000, ema_decay=0.9999,
+                      ema_warmup=False,
                       checkpoint_every=10_000, sample_every=10_000)
     return c
 
@@ -108,9 +110,16 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# Fields added after runs were saved without them, with the value that reproduces how those runs trained
+# (a field missing here takes base_config's default).
+_WHEN_ABSENT = {"training.ema_warmup": False}
+
+
 def with_defaults(d: dict) -> dict:
-    """A saved config with the fields it lacks (it was written before they existed) at their defaults."""
+    """A saved config with the fields it lacks (it was written before they existed) at the values that
+    reproduce how it trained: :data:`_WHEN_ABSENT`, else the defaults."""
     out = flatten(to_dict(base_config()))
+    out.update(_WHEN_ABSENT)
     out.update(flatten(to_dict(d)))
     nested: dict = {}
     for k, v in out.items():
@@ -169,6 +178,7 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
     need(_real(t.lr) and t.lr > 0, "training.lr", "a finite number > 0")
     need(_real(t.grad_clip) and t.grad_clip > 0, "training.grad_clip", "a finite number > 0")
     need(_real(t.ema_decay) and 0 <= t.ema_decay < 1, "training.ema_decay", "a number in [0, 1)")
+    need(isinstance(t.ema_warmup, bool), "training.ema_warmup", "True or False")
     if t.batch_size % num_devices:
         raise ValueError(f"training.batch_size ({t.batch_size}) must be divisible by the number of devices "
                          f"({num_devices})")

@@ -122,6 +122,20 @@ def test_a_run_saved_before_the_model_kind_field_resumes_without_override(tmp_pa
     assert train(tmp_path, num_steps=4, checkpoint_every=2).steps_run == 2
 
 
+def test_a_run_saved_before_ema_warmup_resumes_as_it_trained(tmp_path):
+    # A saved config without training.ema_warmup trained with the plain EMA: resuming it with today's
+    # default (warmup on) would change its numerics, so that is refused by name; saying False resumes.
+    train(tmp_path, num_steps=2, checkpoint_every=2, ema_warmup=False)
+    for meta in (tmp_path / "checkpoints").rglob("metadata"):
+        if meta.parent.name == "meta":
+            doc = json.loads(meta.read_text())
+            del doc["config"]["training"]["ema_warmup"]
+            meta.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="training.ema_warmup"):
+        train(tmp_path, num_steps=4, checkpoint_every=2)
+    assert train(tmp_path, num_steps=4, checkpoint_every=2, ema_warmup=False).steps_run == 2
+
+
 def test_a_corrupt_step_is_named_as_unreadable_not_as_another_architecture(tmp_path):
     train(tmp_path, num_steps=4, checkpoint_every=2, keep_checkpoints=2)
     meta = next((tmp_path / "checkpoints" / "2" / "meta").rglob("metadata"))
