@@ -141,7 +141,7 @@ def test_groups_of_one_channel_hide_the_timestep():
     for groups, sees_t in ((32, False), (8, True)):
         model = UNet(**{**TINY, "out_ch": 1, "ch_mult": (1,), "attn_resolutions": (), "norm_groups": groups})
         params = jax.tree_util.tree_map(  # every parameter off its (partly zero) initial value
-            lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape),
+            lambda p: p + 0.1 * np.random.default_rng(p.size).standard_normal(p.shape, np.float32),
             init_params(model, jax.random.PRNGKey(0), 8, channels=1))
         apply = jax.jit(model.apply)
         out = [apply({"params": params}, x, jnp.array([t])) for t in (0, 500, 999)]
