@@ -62,7 +62,8 @@ the same samples to float32 round-off (diffusers computes ``1 - exp(-2h)``, we `
 UniPC: its predictor UniP-2 with B(h) = expm1(-h) is exactly the 2M update above (its rho = 1/2 and
 ``D1 = (m0 - m1) / r0``), with the same per-step orders. Its corrector UniC runs after each model
 call but the first: the call at ``(x_s, s)`` gives ``m0``, which corrects x_s itself, from the sample
-``x_1`` the previous step started at (log-SNR ``lambda_1``, data prediction ``m1``; ``h = lambda_s - lambda_1``):
+``x_1`` the previous step started at (log-SNR ``lambda_1``, data prediction ``m1``;
+``h = lambda_s - lambda_1``):
 
 * ``x_s <- (sigma_s / sigma_1) x_1 - alpha_s expm1(-h) (m1 + rho_0 (m2 - m1) / r + rho_1 (m0 - m1))``
 
@@ -327,13 +328,14 @@ def sample(
 
     tau is ``make_timesteps(T, num_steps, spacing)`` or the given increasing ``timesteps`` (give one
     of the two); ``spacing=None`` is the solver's default (:data:`DEFAULT_SPACING`: ``"uniform"`` for
-    ddim and plms, ``"trailing"`` for the DPM-Solver++ solvers). The S model calls visit
+    ddim and plms, ``"trailing"`` for the DPM-Solver++ solvers and unipc). The S model calls visit
     ``tau_S, ..., tau_1`` and the last step lands on x_0 (alpha-bar 1), exactly as in :func:`ddim_sample`.
     ``prediction_type``, ``clip_x0`` and ``dynamic_threshold`` act on the model's x0 prediction for every
     solver. ``eta`` and ``sigma_hat`` are DDIM's (eta > 0 or sigma_hat needs a key); the other solvers
-    accept only ``eta = 0`` without ``sigma_hat``. ``"dpmpp_2m_sde"`` needs ``key`` (step i's noise is ``fold_in(key, i)``); the
-    deterministic solvers ignore it. ``"plms"`` makes S + 1 model calls for S >= 2. Returns x_0 with
-    x_T's shape and dtype. See the module docstring for the update formulas and the per-step orders.
+    accept only ``eta = 0`` without ``sigma_hat``. ``"dpmpp_2m_sde"`` needs ``key`` (step i's noise is
+    ``fold_in(key, i)``); the deterministic solvers ignore it. ``"plms"`` makes S + 1 model calls for
+    S >= 2. Returns x_0 with x_T's shape and dtype. See the module docstring for the update formulas and
+    the per-step orders.
     """
     spacing = resolve_spacing(solver, spacing)
     if solver == "ddim":
