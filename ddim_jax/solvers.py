@@ -247,7 +247,9 @@ def _dpmpp_scan(eps_fn, x_T, ts, a_s, a_t, orders, key, *, sde, corrector, predi
         D2 = (D1_0 - D1_1) / (r0 + r1)
         x3 = x1 + (alpha_t * (em / hh + 1.0)) * D1 - (alpha_t * ((em + hh) / hh**2 - 0.5)) * D2
         x_next = jnp.where(order >= 3, x3, jnp.where(order == 2, x2, x1))
-        return (x_next.astype(x_T.dtype), m0, m1, lam_s, l1, x.astype(jnp.float32), as_), None
+        if corrector:  # the corrected x_s and its alpha-bar: the next correction starts there
+            x_last, a_last = x.astype(jnp.float32), as_
+        return (x_next.astype(x_T.dtype), m0, m1, lam_s, l1, x_last, a_last), None
 
     zeros = jnp.zeros(x_T.shape, jnp.float32)
     init = (x_T, zeros, zeros, jnp.float32(0.0), jnp.float32(0.0), zeros, jnp.float32(0.5))
