@@ -50,6 +50,8 @@ flags.DEFINE_string("inception_weights", None, "pytorch-fid's pt_inception-2015-
 flags.DEFINE_string("features", None, "Feature extractor for fid: inception | digits (default: digits for the "
                     "digits dataset, else inception).")
 flags.DEFINE_string("data_dir", None, "tfds data_dir for reference statistics and reconstruction data.")
+flags.DEFINE_string("dtype", "float32", "The network's compute dtype: float32 | bfloat16 (mixed precision on "
+                    "accelerators; the sampler's arithmetic stays float32).")
 flags.DEFINE_string("compile_cache", None, "Persistent compilation cache directory ('' = off; default: "
                     "$JAX_COMPILATION_CACHE_DIR or ~/.cache/ddim_jax/jax).")
 FLAGS = flags.FLAGS
@@ -268,6 +270,8 @@ def _output_name(mode: str) -> str:
         parts.append(FLAGS.solver)
     if FLAGS.spacing is not None and (mode == "fid" or FLAGS.spacing != resolve_spacing(FLAGS.solver, None)):
         parts.append(FLAGS.spacing)
+    if FLAGS.dtype != "float32":
+        parts.append(FLAGS.dtype)
     if FLAGS.labels.strip().lower() != "all":
         parts.append("labels" + FLAGS.labels.strip().lower().replace(",", "-"))
     if FLAGS.guidance is not None:
@@ -282,6 +286,7 @@ def parse_settings(T: int | None = None, num_classes=False):
     import types
 
     from ddim_jax import experiments as ex
+    from ddim_jax.models import COMPUTE_DTYPES
     from ddim_jax.schedules import SPACINGS
     from ddim_jax.solvers import SOLVERS
 
@@ -299,6 +304,8 @@ def parse_settings(T: int | None = None, num_classes=False):
     if FLAGS.batch_size <= 0:
         raise ValueError(f"--batch_size must be >= 1; got {FLAGS.batch_size}")
     eta, sigma_hat = ex.parse_eta(FLAGS.eta)
+    if FLAGS.dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {FLAGS.dtype!r}")
     for name in FLAGS.fid_etas:
         ex.parse_eta(name)
     for name, values in (("solver", [FLAGS.solver]), ("fid_solvers", FLAGS.fid_solvers)):
@@ -339,7 +346,7 @@ def run():
     from ddim_jax import experiments as ex
 
     parse_settings()  # flag errors before loading anything
-    model = ex.load_model(FLAGS.workdir or FLAGS.checkpoint, step=FLAGS.step)
+    model = ex.load_model(FLAGS.workdir or FLAGS.checkpoint, step=FLAGS.step, dtype=FLAGS.dtype)
     a = parse_settings(model.schedule.num_timesteps, model.num_classes)
     a.is_main = jax.process_index() == 0
     # Outputs never go inside a model directory (replacing a model replaces the whole directory).

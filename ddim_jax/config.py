@@ -14,11 +14,12 @@ import ml_collections
 from ml_collections import config_dict
 
 from ddim_jax.diffusion import PREDICTION_TYPES
+from ddim_jax.models import COMPUTE_DTYPES
 from ddim_jax.schedules import SCHEDULES
 
 # Fields that may change when a run is resumed (extending training, logging cadence, where the data is).
 RESUMABLE_CHANGES = ("training.num_steps", "training.log_every", "training.sample_every",
-                     "training.checkpoint_every", "training.keep_checkpoints", "data.data_dir")
+                     "training.checkpoint_every", "training.keep_checkpoints", "training.remat", "data.data_dir")
 
 CROPS = ("center", "celeba", "none")
 
@@ -65,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.p_uncond = 0.1  # class-conditional models: share of labels dropped to the null class (0 = no null class)
     t.seed = 0
     t.steps_per_dispatch = 1  # train steps per compiled call (lax.scan)
+    t.compute_dtype = "float32"  # 'bfloat16': mixed precision (params, Adam, EMA, loss, softmax, norm stats in float32)
+    t.remat = False  # recompute each ResNet block's activations in the backward pass: less memory, same numbers
     t.log_every = 100
     t.checkpoint_every = 1000
     t.keep_checkpoints = 3
@@ -179,6 +182,9 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
     need(_real(t.grad_clip) and t.grad_clip > 0, "training.grad_clip", "a finite number > 0")
     need(_real(t.ema_decay) and 0 <= t.ema_decay < 1, "training.ema_decay", "a number in [0, 1)")
     need(isinstance(t.ema_warmup, bool), "training.ema_warmup", "True or False")
+    need(isinstance(t.remat, bool), "training.remat", "True or False")
+    need(isinstance(t.compute_dtype, str) and t.compute_dtype in COMPUTE_DTYPES, "training.compute_dtype",
+         f"one of {', '.join(COMPUTE_DTYPES)}")
     if t.batch_size % num_devices:
         raise ValueError(f"training.batch_size ({t.batch_size}) must be divisible by the number of devices "
                          f"({num_devices})")

@@ -34,12 +34,25 @@ SPEC_FILE = "spec.json"
 PARAMS_FILE = "params.safetensors"
 EXPORT_DIR = "model"  # a training workdir's exported EMA model
 
+# Compute dtypes a network may run in (parameters, optimizer state and the loss stay float32). float16
+# is not offered: without loss scaling its gradients underflow.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+    """The jnp dtype of a compute-dtype name, or a one-line ValueError naming the allowed ones."""
+    if not isinstance(name, str) or name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {name!r}")
+    return COMPUTE_DTYPES[name]
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelKind:
     """How to build one kind of network from a spec.
 
-    ``build(spec)`` returns the Flax module; ``arch_fields`` are the names ``spec.arch`` may hold;
+    ``build(spec, dtype, remat)`` returns the Flax module computing in ``dtype`` (a jnp dtype; parameters
+    stay float32) and, with ``remat``, recomputing activations in the backward pass (the same numbers,
+    less memory); ``arch_fields`` are the names ``spec.arch`` may hold;
     ``example_inputs(spec)`` are the positional arguments of one call (used to create parameters).
     """
 
@@ -48,10 +61,10 @@ class ModelKind:
     example_inputs: Callable[["ModelSpec"], tuple]
 
 
-def _build_unet(spec: "ModelSpec"):
+def _build_unet(spec: "ModelSpec", dtype, remat: bool):
     from ddim_jax.unet import UNet
 
-    return UNet(out_ch=spec.channels, num_classes=spec.num_labels, **spec.arch)
+    return UNet(out_ch=spec.channels, num_classes=spec.num_labels, dtype=dtype, remat=remat, **spec.arch)
 
 
 def _unet_inputs(spec: "ModelSpec") -> tuple:
@@ -143,9 +156,10 @@ class ModelSpec:
 
     # -- using it
 
-    def build(self):
-        """The network (a Flax module)."""
-        return KINDS[self.kind].build(self)
+    def build(self, dtype: str = "float32", remat: bool = False):
+        """The network (a Flax module) computing in ``dtype`` (see :data:`COMPUTE_DTYPES`), optionally
+        rematerialising activations in the backward pass. Neither changes the parameters."""
+        return KINDS[self.kind].build(self, compute_dtype(dtype), bool(remat))
 
     @property
     def num_labels(self) -> int | None:
@@ -171,32 +185,34 @@ class ModelSpec:
             _SHAPES[key] = jax.eval_shape(self.init, jax.random.key(0))
         return _SHAPES[key]
 
-    def eps_fn(self, params, y=None, guidance=None, *, rescale=0.0):
+    def eps_fn(self, params, y=None, guidance=None, *, rescale=0.0, dtype: str = "float32"):
         """``eps_fn(x, t)`` for the samplers (params, ``y`` and ``guidance`` are leaves, so jit caches hit).
 
         Unconditional models take neither ``y`` nor ``guidance``. A class-conditional model takes labels
         ``y`` (a scalar or one per example, in ``[0, num_classes)``; None = the unconditional model, which
         needs a null label) and optionally a classifier-free ``guidance`` scale (1 = no guidance, 0 = the
-        unconditional model; see :mod:`ddim_jax.guidance`) with its ``rescale``.
+        unconditional model; see :mod:`ddim_jax.guidance`) with its ``rescale``. ``dtype``: the network's
+        compute dtype (the sampler's own arithmetic stays float32).
         """
         from ddim_jax.guidance import guided
         from ddim_jax.unet import make_eps_fn, make_model_fn
 
+        net = self.build(dtype)
         if self.num_classes is None:
             if y is not None or guidance is not None:
                 raise ValueError("this model is unconditional: labels and guidance do not apply")
-            return make_eps_fn(self.build(), params)
+            return make_eps_fn(net, params)
         if (y is None or guidance is not None) and self.null_label is None:
             raise ValueError("this class-conditional model has no null label (it was trained without label "
                              "dropout): give labels, and no guidance")
         if y is None:
             if guidance is not None:
                 raise ValueError("guidance needs labels y to guide towards")
-            return make_eps_fn(self.build(), params, np.int32(self.null_label))
+            return make_eps_fn(net, params, np.int32(self.null_label))
         y = self.check_labels(y)
         if guidance is None:
-            return make_eps_fn(self.build(), params, y)
-        return guided(make_model_fn(self.build(), params), y, guidance, null_label=self.null_label, rescale=rescale)
+            return make_eps_fn(net, params, y)
+        return guided(make_model_fn(net, params), y, guidance, null_label=self.null_label, rescale=rescale)
 
     def check_labels(self, y):
         """Integer labels in ``[0, num_classes)``, or a one-line ValueError (traced labels pass unchecked)."""

@@ -150,7 +150,11 @@ class UNet(nn.Module):
 
     ``__call__(x, t, y=None, *, train=False)``: x [B, H, W, C] (NHWC), t [B] integer timesteps in [0, T-1]
     (a scalar is broadcast), y [B] int class labels (required iff ``num_classes`` is set). Returns eps with
-    x's shape except ``out_ch`` channels, in x's dtype. ``dtype`` is the compute dtype; params are float32.
+    x's shape except ``out_ch`` channels, in x's dtype. ``dtype`` is the compute dtype (bfloat16 for mixed
+    precision); params are float32 whatever it is, and the attention softmax and GroupNorm statistics are
+    computed in float32. ``remat`` recomputes each ResNet block's activations in the backward pass
+    (``jax.checkpoint``) instead of storing them: less memory for one more forward of those blocks, the
+    same numbers.
     Dropout is active only with ``train=True`` and then needs the ``'dropout'`` rng. Attention is applied at
     levels whose feature-map height is in ``attn_resolutions`` and always in the middle block.
     ``norm_groups``: the GroupNorm groups (DDPM: 32). Every level's channel count must be a multiple of it,
@@ -168,6 +172,7 @@ class UNet(nn.Module):
     num_classes: int | None = None
     norm_groups: int = _NUM_GROUPS
     dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: Array, t: Array, y: Array | None = None, *, train: bool = False) -> Array:
@@ -180,6 +185,8 @@ class UNet(nn.Module):
                              f"for ch_mult={self.ch_mult}, got shape {x.shape}")
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
         dt = self.dtype
+        # static_argnums counts self: (x, temb, train) are 1, 2, 3, and train selects the dropout branch.
+        Block = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock  # noqa: N806
 
         temb = timestep_embedding(t, self.ch)
         temb = _dense(4 * self.ch, dt, "temb_dense_0")(temb)
@@ -197,7 +204,7 @@ class UNet(nn.Module):
         res = height
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
-                h = ResnetBlock(self.ch * mult, self.dropout, dt, self.norm_groups,
+                h = Block(self.ch * mult, self.dropout, dt, self.norm_groups,
                                 name=f"down_{level}_block_{i}")(hs[-1], temb, train)
                 if res in self.attn_resolutions:
                     h = AttnBlock(dt, self.norm_groups, name=f"down_{level}_attn_{i}")(h)
@@ -207,14 +214,14 @@ class UNet(nn.Module):
                 res //= 2
 
         h = hs[-1]
-        h = ResnetBlock(h.shape[-1], self.dropout, dt, self.norm_groups, name="mid_block_1")(h, temb, train)
+        h = Block(h.shape[-1], self.dropout, dt, self.norm_groups, name="mid_block_1")(h, temb, train)
         h = AttnBlock(dt, self.norm_groups, name="mid_attn_1")(h)
-        h = ResnetBlock(h.shape[-1], self.dropout, dt, self.norm_groups, name="mid_block_2")(h, temb, train)
+        h = Block(h.shape[-1], self.dropout, dt, self.norm_groups, name="mid_block_2")(h, temb, train)
 
         for level in reversed(range(num_levels)):
             for i in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, hs.pop()], axis=-1)
-                h = ResnetBlock(self.ch * self.ch_mult[level], self.dropout, dt,
+                h = Block(self.ch * self.ch_mult[level], self.dropout, dt,
                                 self.norm_groups, name=f"up_{level}_block_{i}")(h, temb, train)
                 if res in self.attn_resolutions:
                     h = AttnBlock(dt, self.norm_groups, name=f"up_{level}_attn_{i}")(h)

@@ -123,7 +123,8 @@ def test_fid_mode_writes_a_table_and_a_plot(workdir, tmp_path):
     ([], "sample"), (["--solver=dpmpp_2m"], "sample_dpmpp_2m"),
     (["--solver=dpmpp_2m", "--spacing=trailing"], "sample_dpmpp_2m"),  # its default: not named
     (["--solver=dpmpp_2m", "--spacing=uniform"], "sample_dpmpp_2m_uniform"),
-    (["--spacing=quadratic"], "sample_quadratic"), (["--mode=fid", "--spacing=uniform"], "fid_uniform")])
+    (["--spacing=quadratic"], "sample_quadratic"), (["--mode=fid", "--spacing=uniform"], "fid_uniform"),
+    (["--dtype=bfloat16"], "sample_bfloat16")])
 def test_output_names_say_the_settings_that_are_not_defaults(args, name):
     sample.FLAGS.unparse_flags()
     sample.FLAGS(["sample.py", *args])
@@ -191,6 +192,7 @@ def test_model_directories_load_for_sampling_and_refuse_mismatched_params(workdi
     (["--eta=inf"], ValueError, "eta must be a finite number >= 0 or 'sigma_hat'"),
     (["--eta=nan"], ValueError, "eta must be a finite number >= 0 or 'sigma_hat'"),
     (["--spacing=cubic"], ValueError, "--spacing must be one of"),
+    (["--dtype=float16"], ValueError, "--dtype must be one of float32, bfloat16; got 'float16'"),
     (["--batch_size=0"], ValueError, "--batch_size must be >= 1"),
     (["--batch_size=12"], ValueError, r"batch_size must be a positive multiple of the number of devices \(8\)"),
     (["--batch_size=8000000000"], ValueError, r"batch_size=8000000000 needs about .* GiB"),

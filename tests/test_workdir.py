@@ -215,6 +215,7 @@ def test_command_line_errors_are_one_line(tmp_path):
     ({"lr": -1e-4}, "training.lr must be a finite number > 0"),
     ({"lr": float("nan")}, "training.lr must be a finite number > 0"),
     ({"ema_decay": 1.0}, r"training.ema_decay must be a number in \[0, 1\)"),
+    ({"compute_dtype": "float16"}, "training.compute_dtype must be one of float32, bfloat16; got 'float16'"),
     ({"lrr": 1e-4}, "unknown config field training.lrr; the training block has batch_size"),
     ({"diffusion.schedule": "cosinus"}, "diffusion.schedule must be one of"),
     ({"diffusion.prediction_type": "score"}, "diffusion.prediction_type must be one of"),

@@ -98,7 +98,7 @@ def make_train_step(config, mesh, model=None):
     t_cfg = config.training
     seed, decay, flip = t_cfg.seed, t_cfg.ema_decay, config.data.random_flip
     spec = spec_from_config(config)
-    model = spec.build() if model is None else model
+    model = spec.build(t_cfg.compute_dtype, t_cfg.remat) if model is None else model
     tx, schedule, prediction_type = make_optimizer(config), spec.make_schedule(), spec.prediction_type
     T = schedule.num_timesteps
     conditional, p_uncond = spec.num_classes is not None, t_cfg.p_uncond
@@ -183,12 +183,14 @@ def make_train_step(config, mesh, model=None):
 # Compiled programs by (config without the fields a resumed run may change, devices, what): repeated
 # ``train`` calls in one process (resuming in a notebook, the tests) reuse them.
 _CACHE: dict = {}
+# Fields the step's program does not depend on (remat may change on resume, but it changes the program).
+_NOT_IN_STEP = frozenset(RESUMABLE_CHANGES) - {"training.remat"}
 
 
 def cached_train_step(config, mesh):
     """``make_train_step`` for this config and mesh, built once per process."""
     d = flatten(to_dict(config))
-    key = (json.dumps({k: v for k, v in d.items() if k not in RESUMABLE_CHANGES}, sort_keys=True),
+    key = (json.dumps({k: v for k, v in d.items() if k not in _NOT_IN_STEP}, sort_keys=True),
            tuple(dev.id for dev in mesh.devices.flat), "step")
     if key not in _CACHE:
         _CACHE[key] = make_train_step(config, mesh)
