@@ -1,6 +1,7 @@
 """The training loop: check everything, lock the workdir, resume, step, log, checkpoint, export.
 
-Nothing in the workdir is written before the config is validated, the data is opened and the
+Nothing in the workdir is written before the config is validated, the data is opened, the step is
+compiled and found to fit in the device's memory (:mod:`ddim_jax.training.memory`), and the
 checkpoints are checked against the config; ``config.json`` is then written atomically. One
 process at a time may train in a workdir (:class:`ddim_jax.files.WorkdirLock`).
 """
@@ -27,6 +28,7 @@ from ddim_jax.config import config_differences, to_dict, validate_config
 from ddim_jax.images import save_grid
 from ddim_jax.parallel import host, make_mesh, on_main, round_up
 from ddim_jax.training.checkpoints import Checkpointer, resume
+from ddim_jax.training.memory import check_fits, memory_plan
 from ddim_jax.training.metrics import MetricsWriter, due
 from ddim_jax.training.state import TrainState, cached_train_step, init_state
 
@@ -101,6 +103,11 @@ def _train_locked(config, workdir, mesh, is_main, allow_config_change, progress)
     if len(source) < 1:
         raise ValueError(f"dataset {config.data.dataset!r} is empty")
     check_labels(config, source)
+    # Compiles the step (the loop's calls reuse it) and refuses a run that cannot fit, before writing anything.
+    plan = memory_plan(config, mesh, cached_train_step(config, mesh))
+    if is_main:
+        print(plan.summary(), flush=True)
+    check_fits(plan, config)
     cfg_path = os.path.join(workdir, "config.json")
     ckpt = Checkpointer(workdir, t_cfg.keep_checkpoints)
     try:

@@ -177,6 +177,7 @@ def make_train_step(config, mesh, model=None):
             labels = placeholders[shape]
         return sharded(state, images, labels)
 
+    step.jitted = sharded  # (state, images, labels): to compile ahead of time (training.memory)
     return step
 
 
