@@ -19,7 +19,8 @@ from ddim_jax.schedules import SCHEDULES
 
 # Fields that may change when a run is resumed (extending training, logging cadence, where the data is).
 RESUMABLE_CHANGES = ("training.num_steps", "training.log_every", "training.sample_every",
-                     "training.checkpoint_every", "training.keep_checkpoints", "training.remat", "data.data_dir")
+                     "training.checkpoint_every", "training.keep_checkpoints", "training.remat", "data.data_dir",
+                     "data.num_workers", "data.prefetch")
 
 CROPS = ("center", "celeba", "none")
 
@@ -36,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.channels = 1
     d.crop = "center"  # 'center', 'celeba' or 'none' (tfds and folder sources)
     d.random_flip = False  # digits are not mirror-symmetric; the paper's datasets flip (paper_config)
+    d.num_workers = -1  # threads decoding tfds images ahead of the step (-1 = the usable cores, 0 = in the loop)
+    d.prefetch = 2  # steps loaded ahead by those threads
 
     c.model = m = ml_collections.ConfigDict()  # kind 'unet': ddim_jax.unet.UNet fields
     m.kind = "unet"
@@ -196,6 +199,8 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
             raise ValueError(f"training.{name} ({t[name]}) must be {'0 or ' if name == 'sample_every' else ''}"
                              f"a multiple of training.steps_per_dispatch ({t.steps_per_dispatch})")
     need(d.channels in (1, 3), "data.channels", "1 (grey) or 3 (RGB)")
+    need(_int(d.num_workers) and d.num_workers >= -1, "data.num_workers", "an integer >= 0, or -1 (the usable cores)")
+    need(_int(d.prefetch) and d.prefetch >= 0, "data.prefetch", "an integer >= 0")
     need(_int(d.image_size) and d.image_size >= 1, "data.image_size", "a positive integer")
     need(d.crop in CROPS, "data.crop", f"one of {', '.join(CROPS)}")
     need(f.schedule in SCHEDULES, "diffusion.schedule", f"one of {', '.join(SCHEDULES)}")

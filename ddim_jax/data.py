@@ -11,7 +11,8 @@ with class labels where the data has them (``source.num_classes``, ``source.get_
   classes, as image-folder loaders do: ``root/cat/1.png`` has the label of ``cat``.
 * any tensorflow-datasets name (``cifar10``, ``celeb_a``, ``lsun/church_outdoor``, ...), read by
   random access through ``tfds.data_source`` from a prepared ``data_dir``; its ``label`` feature
-  (when it has one, e.g. cifar10) gives the classes.
+  (when it has one, e.g. cifar10) gives the classes. Its images are decoded, cropped and resized as
+  they are read, by :class:`BatchLoader`'s worker threads ahead of the training step.
 
 The batch order is a pure function of (seed, step): epoch ``e`` visits the examples in the
 permutation ``permutation(seed, e)``; the global batch of step ``s`` is the ``s``-th run of
@@ -61,38 +62,50 @@ class ArraySource:
         return self.images[idx], self.labels[idx]
 
 
-class TfdsSource:
-    """A tensorflow-datasets split read by random access, each image cropped and resized on load."""
+class RecordSource:
+    """Records read by random access and decoded on read: ``records[i]`` is a dict with an ``"image"``
+    (uint8 ``[H, W, C]`` or ``[H, W]``) and, when ``num_classes`` is given, a ``"label"``; each image is
+    cropped and resized to ``image_size`` on load. The training loop reads such a source through
+    :class:`BatchLoader`'s worker threads."""
 
-    def __init__(self, name: str, split: str, data_dir: str | None, image_size: int, crop: str):
-        import tensorflow_datasets as tfds
+    decodes_on_read = True
 
-        try:
-            self._ds = tfds.data_source(name, split=split, data_dir=data_dir)
-        except Exception as e:  # tfds raises several types for "not prepared"; all mean the same here
-            where = data_dir or "~/tensorflow_datasets"
-            raise RuntimeError(
-                f"dataset {name!r} (split {split!r}) is not prepared for random access in {where} ({type(e).__name__}). "
-                f"Prepare it once with network access: pip install -e '.[data]' && "
-                f"tfds build {name} --data_dir={where} --file_format=array_record") from None
-        self.name, self.image_size, self.crop = name, image_size, crop
-        features = getattr(getattr(self._ds, "dataset_info", None), "features", None)
-        label = features["label"] if features is not None and "label" in features else None
-        self.num_classes = getattr(label, "num_classes", None)  # a ClassLabel feature
-        self.class_names = tuple(label.names) if self.num_classes is not None else None
+    def __init__(self, records, name: str, image_size: int, crop: str, class_names: tuple[str, ...] | None = None):
+        self.records, self.name, self.image_size, self.crop = records, name, image_size, crop
+        self.class_names = class_names
+        self.num_classes = None if class_names is None else len(class_names)
 
     def __len__(self):
-        return len(self._ds)
+        return len(self.records)
 
     def get(self, indices) -> np.ndarray:
-        return np.stack([prepare_image(self._ds[int(i)]["image"], self.image_size, self.crop) for i in indices])
+        return np.stack([prepare_image(self.records[int(i)]["image"], self.image_size, self.crop) for i in indices])
 
     def get_labelled(self, indices) -> tuple[np.ndarray, np.ndarray]:
         if self.num_classes is None:
             raise ValueError(f"dataset {self.name!r} has no class label feature")
-        records = [self._ds[int(i)] for i in indices]
+        records = [self.records[int(i)] for i in indices]
         return (np.stack([prepare_image(r["image"], self.image_size, self.crop) for r in records]),
                 np.asarray([r["label"] for r in records], np.int32))
+
+
+def tfds_source(name: str, split: str, data_dir: str | None, image_size: int, crop: str) -> RecordSource:
+    """A tensorflow-datasets split read by random access (``tfds.data_source``); its ``label`` feature, when
+    it has one (e.g. cifar10), gives the classes."""
+    import tensorflow_datasets as tfds
+
+    try:
+        ds = tfds.data_source(name, split=split, data_dir=data_dir)
+    except Exception as e:  # tfds raises several types for "not prepared"; all mean the same here
+        where = data_dir or "~/tensorflow_datasets"
+        raise RuntimeError(
+            f"dataset {name!r} (split {split!r}) is not prepared for random access in {where} ({type(e).__name__}). "
+            f"Prepare it once with network access: pip install -e '.[data]' && "
+            f"tfds build {name} --data_dir={where} --file_format=array_record") from None
+    features = getattr(getattr(ds, "dataset_info", None), "features", None)
+    label = features["label"] if features is not None and "label" in features else None
+    names = tuple(label.names) if getattr(label, "num_classes", None) is not None else None  # a ClassLabel feature
+    return RecordSource(ds, name, image_size, crop, names)
 
 
 def prepare_image(image: np.ndarray, size: int, crop: str = "center") -> np.ndarray:
@@ -196,8 +209,8 @@ def make_source(data_config):
         return ArraySource(images, "digits", labels, tuple(map(str, range(10))))
     if name == "folder":
         return load_folder(data_config.folder, data_config.image_size, data_config.channels)
-    return TfdsSource(name, data_config.get("split", "train"), data_config.get("data_dir") or None,
-                      data_config.image_size, data_config.get("crop", "center"))
+    return tfds_source(name, data_config.get("split", "train"), data_config.get("data_dir") or None,
+                       data_config.image_size, data_config.get("crop", "center"))
 
 
 def batch_indices(num_examples: int, global_batch: int, step: int, seed: int) -> np.ndarray:
@@ -222,3 +235,69 @@ def process_batch(source, global_batch: int, step: int, seed: int, process_index
     per = global_batch // process_count
     rows = idx[process_index * per:(process_index + 1) * per]
     return source.get_labelled(rows) if labelled else source.get(rows)
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class BatchLoader:
+    """This process's batches of consecutive steps, as :func:`process_batch` gives them, loaded ahead.
+
+    A source that decodes on read (:class:`RecordSource`: tfds, and any records) is read image by image
+    by ``workers`` threads (JPEG/PNG decoding and resizing release the GIL), ``prefetch`` steps ahead of
+    the one asked for; the threads only fill slots of batches whose indices are fixed in advance, so the
+    batches are exactly :func:`process_batch`'s whatever the number of workers. In-memory sources, and
+    ``workers=0``, load in the caller's thread. Steps must be asked for in order (a jump starts over).
+    """
+
+    def __init__(self, source, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1, *,
+                 labelled: bool = False, workers: int = 0, prefetch: int = 2):
+        self.source, self.labelled, self.prefetch = source, labelled, max(int(prefetch), 0)
+        self._args = (global_batch, seed, process_index, process_count)
+        self._pool = None
+        if workers and getattr(source, "decodes_on_read", False):
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ddim_jax-data")
+        self._pending: dict[int, list] = {}  # step -> one future per image
+
+    def _rows(self, step: int) -> np.ndarray:
+        global_batch, seed, p, count = self._args
+        per = global_batch // count
+        return batch_indices(len(self.source), global_batch, step, seed)[p * per:(p + 1) * per]
+
+    def _read_one(self, i):
+        return self.source.get_labelled([i]) if self.labelled else self.source.get([i])
+
+    def __call__(self, step: int):
+        if self._pool is None:
+            global_batch, seed, p, count = self._args
+            return process_batch(self.source, global_batch, step, seed, p, count, labelled=self.labelled)
+        if step not in self._pending:
+            self._cancel()
+        for s in range(step, step + 1 + self.prefetch):
+            if s not in self._pending:
+                self._pending[s] = [self._pool.submit(self._read_one, i) for i in self._rows(s)]
+        parts = [f.result() for f in self._pending.pop(step)]
+        if self.labelled:
+            return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+        return np.concatenate(parts)
+
+    def _cancel(self):
+        for futures in self._pending.values():
+            for f in futures:
+                f.cancel()
+        self._pending.clear()
+
+    def close(self):
+        if self._pool is not None:
+            self._cancel()
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

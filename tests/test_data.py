@@ -76,3 +76,64 @@ def test_make_source_rejects_channels_other_than_1_or_3_for_every_dataset_kind(t
 def test_make_source_digits_with_valid_channels():
     src = data_lib.make_source(_data_config("digits", channels=1))
     assert len(src) == data_lib.DIGITS_TRAIN and src.get([0]).shape == (1, 8, 8, 1)
+
+
+class _SlowRecords:
+    """Records that decode a JPEG on read, each after a random delay, so that worker threads finish out of order."""
+
+    def __init__(self, n, seed=0):
+        import io
+
+        from PIL import Image
+
+        rng = np.random.default_rng(seed)
+        self.blobs, self.labels = [], rng.integers(0, 3, n)
+        for _ in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(buf, format="JPEG")
+            self.blobs.append(buf.getvalue())
+        self.delays = rng.uniform(0, 0.004, n)
+
+    def __len__(self):
+        return len(self.blobs)
+
+    def __getitem__(self, i):
+        import io
+        import time
+
+        from PIL import Image
+
+        time.sleep(self.delays[i])
+        if self.blobs[i] is None:
+            raise OSError(f"record {i} is unreadable")
+        return {"image": np.asarray(Image.open(io.BytesIO(self.blobs[i])).convert("RGB")), "label": self.labels[i]}
+
+
+def test_batch_loader_gives_process_batch_whatever_the_workers_and_processes():
+    src = data_lib.RecordSource(_SlowRecords(37), "slow", 8, "center", ("a", "b", "c"))
+    for labelled in (False, True):
+        want = [data_lib.process_batch(src, 12, s, 5, p, 2, labelled=labelled) for s in range(6) for p in range(2)]
+        for workers, prefetch in [(0, 2), (1, 0), (3, 2), (8, 5)]:
+            got = []
+            for p in range(2):
+                with data_lib.BatchLoader(src, 12, 5, p, 2, labelled=labelled, workers=workers,
+                                          prefetch=prefetch) as load:
+                    got.append([load(s) for s in range(6)])
+            got = [got[p][s] for s in range(6) for p in range(2)]
+            for a, b in zip(got, want):
+                for x, y in zip(*((a, b) if labelled else ((a,), (b,)))):
+                    np.testing.assert_array_equal(x, y)
+    with data_lib.BatchLoader(src, 12, 5, workers=2) as load:  # a jump back (a resumed run) starts over
+        assert [load(s).shape for s in (0, 1, 4, 2)] == [(12, 8, 8, 3)] * 4
+        np.testing.assert_array_equal(load(3), data_lib.process_batch(src, 12, 3, 5, 0, 1))
+
+
+def test_batch_loader_raises_a_worker_s_error_at_the_step_that_reads_it():
+    records = _SlowRecords(8)
+    src = data_lib.RecordSource(records, "slow", 8, "center")
+    bad = int(data_lib.batch_indices(8, 4, 1, 0)[2])  # the third image of step 1
+    records.blobs[bad] = None
+    with data_lib.BatchLoader(src, 4, 0, workers=2, prefetch=3) as load:
+        assert load(0).shape == (4, 8, 8, 3)  # step 1 was read ahead and failed; step 0 is whole
+        with pytest.raises(OSError, match=f"record {bad} is unreadable"):
+            load(1)

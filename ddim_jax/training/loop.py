@@ -167,6 +167,9 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state) -> Trai
         on_main(lambda: models.save(os.path.join(workdir, models.EXPORT_DIR), dataclasses.replace(spec, info=info),
                                     jax.tree.map(host, state.ema_params), overwrite=True), "exporting the model")
 
+    workers = config.data.num_workers if config.data.num_workers >= 0 else data_lib.usable_cores()
+    loader = data_lib.BatchLoader(source, t_cfg.batch_size, t_cfg.seed, jax.process_index(), jax.process_count(),
+                                  labelled=conditional, workers=workers, prefetch=config.data.prefetch)
     writer = MetricsWriter(workdir, start_step=start, total_steps=last, enabled=is_main, progress=progress)
     stop = _Stop()
     main_thread = threading.current_thread() is threading.main_thread()
@@ -177,8 +180,7 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state) -> Trai
     try:
         while step < last:
             n = min(k, last - step)  # a shorter tail compiles once more
-            rows = [data_lib.process_batch(source, t_cfg.batch_size, step + i, t_cfg.seed, jax.process_index(),
-                                           jax.process_count(), labelled=conditional) for i in range(n)]
+            rows = [loader(step + i) for i in range(n)]
             local = np.stack([r[0] for r in rows] if conditional else rows)
             images = jax.make_array_from_process_local_data(batch_sharding, local,
                                                             (n, t_cfg.batch_size) + local.shape[2:])
@@ -226,6 +228,7 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state) -> Trai
                 preempted = True
                 break
     finally:
+        loader.close()
         writer.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
