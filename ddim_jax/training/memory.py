@@ -78,7 +78,7 @@ def memory_plan(config, mesh, step=None) -> MemoryPlan:
     labels = jax.ShapeDtypeStruct((k, b), jnp.int32, sharding=rows)
     stats = step.jitted.lower(state, images, labels).compile().memory_analysis()
     per_device_batch = (_bytes(images) + _bytes(labels)) // mesh.devices.size
-    device = mesh.devices.flat[0]
+    device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())  # one of this host's
     return MemoryPlan(params=_bytes(state.params), ema=_bytes(state.ema_params), optimizer=_bytes(state.opt_state),
                       batch=per_device_batch, temporaries=int(getattr(stats, "temp_size_in_bytes", 0) or 0),
                       limit=device_memory(device), device=f"{device.platform}:{device.id}")
