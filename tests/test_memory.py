@@ -7,7 +7,7 @@ from helpers import tiny_config, train
 
 from ddim_jax import models
 from ddim_jax.parallel import make_mesh
-from ddim_jax.training import memory
+from ddim_jax.training import checkpoints, memory
 from ddim_jax.unet import count_params
 
 
@@ -31,4 +31,5 @@ def test_a_run_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, m
                                          r"training.compute_dtype='bfloat16'$"):
         train(tmp_path / "run")
     assert "memory per device (cpu:0)" in capsys.readouterr().out
-    assert not (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "model").exists()
+    assert checkpoints.step_dirs(str(tmp_path / "run")) == [] and not (tmp_path / "run" / "metrics.jsonl").exists()

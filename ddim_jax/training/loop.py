@@ -103,11 +103,6 @@ def _train_locked(config, workdir, mesh, is_main, allow_config_change, progress)
     if len(source) < 1:
         raise ValueError(f"dataset {config.data.dataset!r} is empty")
     check_labels(config, source)
-    # Compiles the step (the loop's calls reuse it) and refuses a run that cannot fit, before writing anything.
-    plan = memory_plan(config, mesh, cached_train_step(config, mesh))
-    if is_main:
-        print(plan.summary(), flush=True)
-    check_fits(plan, config)
     cfg_path = os.path.join(workdir, "config.json")
     ckpt = Checkpointer(workdir, t_cfg.keep_checkpoints)
     try:
@@ -119,12 +114,18 @@ def _train_locked(config, workdir, mesh, is_main, allow_config_change, progress)
             if diff:
                 raise ValueError(f"workdir {workdir!r} holds a run with a different config ({', '.join(diff[:8])}); "
                                  "use another --workdir, or pass --override_config to continue with the new one")
+        if restored is None:
+            _refuse_to_replace_a_trained_model(workdir)
+        # Compiles the step (the loop's calls reuse it) and refuses a run that cannot fit, before writing anything.
+        plan = memory_plan(config, mesh, cached_train_step(config, mesh))
+        if is_main:
+            print(plan.summary(), flush=True)
+        check_fits(plan, config)
         if restored is not None:
             state, meta = restored
             if is_main:
                 print(f"resuming from step {meta['step']} in {ckpt.dir}", flush=True)
         else:
-            _refuse_to_replace_a_trained_model(workdir)
             state = init_state(config, mesh)
         on_main(lambda: files.write_json(cfg_path, cfg_dict), "writing config.json")
         return _loop(config, workdir, mesh, is_main, progress, source, ckpt, state)
