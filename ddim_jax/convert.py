@@ -31,6 +31,7 @@ import re
 import sys
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
@@ -211,11 +212,17 @@ def _map_params(state_dict: Mapping[str, np.ndarray], unet_kwargs: dict, image_s
                 fmt: str, ignore: tuple[str, ...] = ()) -> dict:
     """Build our params from ``state_dict``; raises ConversionError on missing/unexpected keys, bad shapes
     or non-finite values."""
-    shapes = traverse_util.flatten_dict(param_shapes(UNet(**unet_kwargs), image_size, channels))
+    shapes = param_shapes(UNet(**unet_kwargs), image_size, channels)
     num_levels = len(unet_kwargs["ch_mult"])
+    return _map(state_dict, shapes, lambda path: _ref_key(path, fmt, num_levels), fmt, ignore)
+
+
+def _map(state_dict: Mapping[str, np.ndarray], shapes, ref_key, fmt: str, ignore: tuple[str, ...] = ()) -> dict:
+    """Params of the shapes ``shapes`` from ``state_dict``, our path -> ``ref_key(path)``; raises
+    ConversionError naming the first missing/unexpected key, bad shape or non-finite value."""
     flat, used, missing, mismatched, nonfinite = {}, set(), [], [], []
-    for path, spec in shapes.items():
-        key, leaf, expected = _ref_key(path, fmt, num_levels), path[-1], tuple(spec.shape)
+    for path, spec in traverse_util.flatten_dict(shapes).items():
+        key, leaf, expected = ref_key(path), path[-1], tuple(spec.shape)
         if key not in state_dict:
             missing.append(f"missing key '{key}' (model expects shape {_torch_layout(expected, leaf, 2)})")
             continue
@@ -238,6 +245,28 @@ def _map_params(state_dict: Mapping[str, np.ndarray], unet_kwargs: dict, image_s
                f"{len(mismatched)} shape mismatches, {len(nonfinite)} non-finite)" if len(problems) > 1 else ""
         raise ConversionError(f"{fmt} checkpoint: {problems[0]}{more}")
     return traverse_util.unflatten_dict(flat)
+
+
+def diffusers_key(path: tuple[str, ...]) -> str:
+    """A diffusers state-dict key for our path in a module named after diffusers' (list indices joined
+    with ``_``): ``("encoder", "down_blocks_0", "resnets_1", "conv1", "kernel")`` ->
+    ``encoder.down_blocks.0.resnets.1.conv1.weight``."""
+    *mods, leaf = path
+    parts = [re.sub(r"_(\d+)$", r".\1", m) for m in mods]
+    return ".".join(parts + [_LEAF[leaf]])
+
+
+def convert_autoencoder_kl(state_dict: Mapping[str, Any], **arch) -> dict:
+    """Params of ``ddim_jax.autoencoder.AutoencoderKL(**arch)`` from a diffusers ``AutoencoderKL`` state dict
+    (torch tensors or arrays; e.g. Stable Diffusion's ``vae/diffusion_pytorch_model.safetensors`` with
+    ``arch = autoencoder.SD_VAE``)."""
+    from ddim_jax.autoencoder import AutoencoderKL
+
+    model = AutoencoderKL(**arch)
+    x = jnp.zeros((1, 8, 8, model.in_channels), jnp.float32)
+    shapes = jax.eval_shape(lambda k: model.init(k, x)["params"], jax.random.key(0))
+    sd = {k: _to_numpy(k, v) for k, v in state_dict.items()}
+    return _map(sd, shapes, diffusers_key, "diffusers AutoencoderKL")
 
 
 # ----------------------------------------------------------------------------------------------

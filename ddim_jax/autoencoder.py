@@ -1,0 +1,190 @@
+"""The KL-regularised autoencoder of latent diffusion (Rombach et al. 2022), in diffusers'
+``AutoencoderKL`` layout so that Stable Diffusion's VAE weights convert by renaming.
+
+Encoder: conv_in, per level ``layers_per_block`` ResNet blocks and (except at the last level) a stride-2
+downsampling, a middle block (ResNet, single-head self-attention, ResNet), GroupNorm, SiLU, conv_out to
+``2 * latent_channels`` (mean and log-variance); ``quant_conv`` (1x1) on the moments. Decoder: the mirror
+image from ``post_quant_conv`` (1x1) and conv_in, with ``layers_per_block + 1`` ResNet blocks per level and
+nearest-neighbour upsampling followed by a 3x3 conv. NHWC throughout; parameter paths follow diffusers'
+module names with list indices joined by ``_`` (``encoder/down_blocks_0/resnets_1/conv1/kernel`` is
+``encoder.down_blocks.0.resnets.1.conv1.weight``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+_EPS = 1e-6
+
+# Stable Diffusion 1.x's VAE (f = 8, 4 latent channels): 83,653,863 parameters, latents scaled by 0.18215.
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_groups=32)
+
+
+def _norm(groups: int, name: str, dtype) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, epsilon=_EPS, dtype=dtype, use_fast_variance=False, name=name)
+
+
+def _conv(features: int, name: str, dtype, kernel: int = 3, strides: int = 1, padding: Any = 1) -> nn.Conv:
+    return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding, dtype=dtype, name=name)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with a residual; a 1x1 ``conv_shortcut`` when the channels change."""
+
+    out_ch: int
+    groups: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h = _conv(self.out_ch, "conv1", self.dtype)(nn.silu(_norm(self.groups, "norm1", self.dtype)(x)))
+        h = _conv(self.out_ch, "conv2", self.dtype)(nn.silu(_norm(self.groups, "norm2", self.dtype)(h)))
+        if x.shape[-1] != self.out_ch:
+            x = _conv(self.out_ch, "conv_shortcut", self.dtype, kernel=1, padding=0)(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the spatial positions, with a residual (diffusers' ``Attention``
+    with ``group_norm``, ``to_q/k/v`` and ``to_out.0``)."""
+
+    groups: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, hgt, wid, c = x.shape
+        h = _norm(self.groups, "group_norm", self.dtype)(x).reshape(b, hgt * wid, c)
+        q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h) for n in ("to_q", "to_k", "to_v"))
+        w = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
+        h = jnp.einsum("bij,bjc->bic", jax.nn.softmax(w, axis=-1).astype(v.dtype), v)
+        return x + nn.Dense(c, dtype=self.dtype, name="to_out_0")(h).reshape(b, hgt, wid, c)
+
+
+class MidBlock(nn.Module):
+    groups: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        x = ResnetBlock(c, self.groups, self.dtype, name="resnets_0")(x)
+        x = Attention(self.groups, self.dtype, name="attentions_0")(x)
+        return ResnetBlock(c, self.groups, self.dtype, name="resnets_1")(x)
+
+
+class Downsampler(nn.Module):
+    """Stride-2 3x3 conv after zero padding bottom and right by one (diffusers' ``padding=0``)."""
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return _conv(x.shape[-1], "conv", self.dtype, strides=2, padding="VALID")(x)
+
+
+class Upsampler(nn.Module):
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return _conv(x.shape[-1], "conv", self.dtype)(x)
+
+
+class LevelBlock(nn.Module):
+    """``num_layers`` ResNet blocks then an optional resampler (diffusers' Down/UpEncoderBlock2D)."""
+
+    out_ch: int
+    num_layers: int
+    groups: int
+    resample: str | None  # "down", "up" or None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        for i in range(self.num_layers):
+            x = ResnetBlock(self.out_ch, self.groups, self.dtype, name=f"resnets_{i}")(x)
+        if self.resample == "down":
+            x = Downsampler(self.dtype, name="downsamplers_0")(x)
+        elif self.resample == "up":
+            x = Upsampler(self.dtype, name="upsamplers_0")(x)
+        return x
+
+
+class Encoder(nn.Module):
+    block_out_channels: tuple
+    layers_per_block: int
+    out_channels: int
+    groups: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        chs = self.block_out_channels
+        h = _conv(chs[0], "conv_in", self.dtype)(x)
+        for i, ch in enumerate(chs):
+            h = LevelBlock(ch, self.layers_per_block, self.groups, "down" if i < len(chs) - 1 else None, self.dtype,
+                           name=f"down_blocks_{i}")(h)
+        h = MidBlock(self.groups, self.dtype, name="mid_block")(h)
+        h = nn.silu(_norm(self.groups, "conv_norm_out", self.dtype)(h))
+        return _conv(self.out_channels, "conv_out", self.dtype)(h)
+
+
+class Decoder(nn.Module):
+    block_out_channels: tuple
+    layers_per_block: int
+    out_channels: int
+    groups: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: Array) -> Array:
+        chs = tuple(reversed(self.block_out_channels))
+        h = _conv(chs[0], "conv_in", self.dtype)(z)
+        h = MidBlock(self.groups, self.dtype, name="mid_block")(h)
+        for i, ch in enumerate(chs):
+            h = LevelBlock(ch, self.layers_per_block + 1, self.groups, "up" if i < len(chs) - 1 else None, self.dtype,
+                           name=f"up_blocks_{i}")(h)
+        h = nn.silu(_norm(self.groups, "conv_norm_out", self.dtype)(h))
+        return _conv(self.out_channels, "conv_out", self.dtype)(h)
+
+
+class AutoencoderKL(nn.Module):
+    """``encode(x) -> (mean, logvar)`` of the latent posterior, ``decode(z) -> x``; ``__call__(x, key=None)``
+    reconstructs from the posterior's mean, or from a sample when given a ``key``. x in [-1, 1], NHWC; the
+    latents have ``H / 2^(levels - 1)`` sides and ``latent_channels`` channels (unscaled: multiply by the
+    model's scaling factor before diffusion)."""
+
+    block_out_channels: tuple = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    in_channels: int = 3
+    norm_groups: int = 32
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        args = (self.block_out_channels, self.layers_per_block)
+        self.encoder = Encoder(*args, 2 * self.latent_channels, self.norm_groups, self.dtype)
+        self.decoder = Decoder(*args, self.in_channels, self.norm_groups, self.dtype)
+        self.quant_conv = nn.Conv(2 * self.latent_channels, (1, 1), padding=0, dtype=self.dtype)
+        self.post_quant_conv = nn.Conv(self.latent_channels, (1, 1), padding=0, dtype=self.dtype)
+
+    def encode(self, x: Array) -> tuple[Array, Array]:
+        moments = self.quant_conv(self.encoder(x.astype(self.dtype))).astype(jnp.float32)
+        mean, logvar = jnp.split(moments, 2, axis=-1)
+        return mean, jnp.clip(logvar, -30.0, 20.0)
+
+    def decode(self, z: Array) -> Array:
+        return self.decoder(self.post_quant_conv(z.astype(self.dtype))).astype(jnp.float32)
+
+    def __call__(self, x: Array, key: Array | None = None) -> Array:
+        mean, logvar = self.encode(x)
+        z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+        return self.decode(z)

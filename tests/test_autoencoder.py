@@ -1,0 +1,67 @@
+"""The KL autoencoder (``ddim_jax.autoencoder``) against diffusers' AutoencoderKL: parameter layout at
+Stable Diffusion's size (no allocation), and numerical parity at a small random config."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from ddim_jax import autoencoder, convert
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+
+def _diffusers_vae(block_out_channels, layers_per_block, latent_channels, norm_groups, in_channels=3):
+    n = len(block_out_channels)
+    return diffusers.AutoencoderKL(in_channels=in_channels, out_channels=in_channels,
+                                   down_block_types=("DownEncoderBlock2D",) * n,
+                                   up_block_types=("UpDecoderBlock2D",) * n,
+                                   block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                                   latent_channels=latent_channels, norm_num_groups=norm_groups)
+
+
+def test_stable_diffusion_vae_has_diffusers_parameters_key_for_key():
+    with torch.device("meta"):  # shapes only: no 84M-parameter allocation
+        ref = _diffusers_vae(**autoencoder.SD_VAE)
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    model = autoencoder.AutoencoderKL(**autoencoder.SD_VAE)
+    shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 8, 8, 3)))["params"], jax.random.key(0))
+    flat = traverse_util.flatten_dict(shapes)
+    total = sum(int(np.prod(s.shape)) for s in flat.values())
+    assert total == sum(int(np.prod(s)) for s in want.values()) == 83_653_863  # diffusers' count for SD's VAE
+    got = {}
+    for path, s in flat.items():
+        shape = tuple(s.shape)  # ours HWIO / IO; diffusers OIHW / OI
+        got[convert.diffusers_key(path)] = (shape[::-1][:2] + shape[:2] if len(shape) == 4 else shape[::-1])
+    assert got == want
+
+
+def test_small_autoencoder_matches_diffusers():
+    torch.manual_seed(0)
+    arch = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_groups=8)
+    ref = _diffusers_vae(**arch).eval()
+    with torch.no_grad():  # diffusers zero-initialises nothing here, but make every weight matter
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    params = convert.convert_autoencoder_kl(ref.state_dict(), **arch)
+    model = autoencoder.AutoencoderKL(**arch)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
+        posterior = ref.encode(xt).latent_dist
+        mean_ref, logvar_ref = posterior.mean.numpy(), posterior.logvar.numpy()
+        rec_ref = ref.decode(posterior.mean).sample.numpy().transpose(0, 2, 3, 1)
+    mean, logvar = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"))(params, x)
+    assert mean.shape == (2, 8, 8, 4)
+    np.testing.assert_allclose(np.asarray(mean), mean_ref.transpose(0, 2, 3, 1), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(logvar), logvar_ref.transpose(0, 2, 3, 1), atol=1e-4, rtol=1e-4)
+    rec = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, x)
+    np.testing.assert_allclose(np.asarray(rec), rec_ref, atol=1e-4, rtol=1e-4)
+    assert np.abs(rec_ref).max() > 0.1  # the comparison is not between zeros
+    # A state dict that does not fit is refused by key.
+    sd = dict(ref.state_dict())
+    sd.pop("decoder.conv_in.bias")
+    with pytest.raises(convert.ConversionError, match="missing key 'decoder.conv_in.bias'"):
+        convert.convert_autoencoder_kl(sd, **arch)
