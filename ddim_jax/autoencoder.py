@@ -118,13 +118,17 @@ class LevelBlock(nn.Module):
         return x
 
 
-class Encoder(nn.Module):
+class _Tower(nn.Module):
+    """The fields an encoder and a decoder share."""
+
     block_out_channels: tuple
     layers_per_block: int
     out_channels: int
     groups: int
     dtype: Any = jnp.float32
 
+
+class Encoder(_Tower):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         chs = self.block_out_channels
@@ -137,13 +141,7 @@ class Encoder(nn.Module):
         return _conv(self.out_channels, "conv_out", self.dtype)(h)
 
 
-class Decoder(nn.Module):
-    block_out_channels: tuple
-    layers_per_block: int
-    out_channels: int
-    groups: int
-    dtype: Any = jnp.float32
-
+class Decoder(_Tower):
     @nn.compact
     def __call__(self, z: Array) -> Array:
         chs = tuple(reversed(self.block_out_channels))
