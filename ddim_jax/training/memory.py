@@ -69,16 +69,16 @@ def memory_plan(config, mesh, step=None) -> MemoryPlan:
     compiled here for the config's full dispatch of ``training.steps_per_dispatch`` steps)."""
     from ddim_jax.training.state import abstract_state, cached_train_step
 
-    t, d = config.training, config.data
+    t, data = config.training, config.data
     step = cached_train_step(config, mesh) if step is None else step
     state = abstract_state(config, mesh)
     k, b = t.steps_per_dispatch, t.batch_size
     rows = NamedSharding(mesh, P(None, "data"))
-    images = jax.ShapeDtypeStruct((k, b, d.image_size, d.image_size, d.channels), jnp.uint8, sharding=rows)
+    images = jax.ShapeDtypeStruct((k, b, data.image_size, data.image_size, data.channels), jnp.uint8, sharding=rows)
     labels = jax.ShapeDtypeStruct((k, b), jnp.int32, sharding=rows)
     stats = step.jitted.lower(state, images, labels).compile().memory_analysis()
     per_device_batch = (_bytes(images) + _bytes(labels)) // mesh.devices.size
-    device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())  # one of this host's
+    device = next(dev for dev in mesh.devices.flat if dev.process_index == jax.process_index())  # one of ours
     return MemoryPlan(params=_bytes(state.params), ema=_bytes(state.ema_params), optimizer=_bytes(state.opt_state),
                       batch=per_device_batch, temporaries=int(getattr(stats, "temp_size_in_bytes", 0) or 0),
                       limit=device_memory(device), device=f"{device.platform}:{device.id}")
