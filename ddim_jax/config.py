@@ -64,6 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.lr = 2e-3
     t.warmup_steps = 200
     t.grad_clip = 1.0
+    t.adam_b1 = 0.9  # Adam's decay rates (optax's defaults; GAN-trained autoencoders use 0.5, 0.9)
+    t.adam_b2 = 0.999
     t.ema_decay = 0.999
     t.ema_warmup = True  # EMA decay min(ema_decay, (1 + step) / (10 + step)): the initial weights fade out fast
     t.p_uncond = 0.1  # class-conditional models: share of labels dropped to the null class (0 = no null class)
@@ -78,6 +80,34 @@ def base_config() -> ml_collections.ConfigDict:
     t.num_sample_images = 64
     t.sample_steps = 50  # DDIM steps for the sample grids
     t.max_nonfinite = 10  # stop after this many non-finite losses in a row
+    return c
+
+
+def autoencoder_config() -> ml_collections.ConfigDict:
+    """The schema of an autoencoder run (``model.kind = 'autoencoder_kl'``): the data and training blocks of
+    :func:`base_config`, the autoencoder's fields (:class:`ddim_jax.autoencoder.AutoencoderKL`) in the model
+    block, and a loss block (latent diffusion's: L1 reconstruction + KL + a PatchGAN's hinge loss). A small
+    f = 4 autoencoder for 32x32 images (digits upscaled, ``configs/autoencoder_digits.py``)."""
+    base = base_config()
+    c = ml_collections.ConfigDict()
+    c.data = base.data
+    c.data.image_size = 32
+    c.model = m = ml_collections.ConfigDict()
+    m.kind = "autoencoder_kl"
+    m.block_out_channels = (32, 64, 64)  # one level per entry; each but the last halves the side: f = 4
+    m.layers_per_block = 1
+    m.latent_channels = 4
+    m.norm_groups = 8
+
+    c.loss = loss = ml_collections.ConfigDict()
+    loss.kl_weight = 1e-6  # on the per-image sums, as LDM's KL autoencoders
+    loss.disc_weight = 0.5  # adversarial term's weight (times the adaptive weight); 0 = no discriminator
+    loss.disc_start = 1000  # the step the discriminator's losses switch on
+    loss.disc_layers = 2  # PatchGAN stride-2 layers (taming's n_layers; 3 for 256x256 images)
+    loss.disc_channels = 64  # its first layer's channels (ndf)
+
+    c.training = base.training
+    c.training.update(lr=4.5e-4, warmup_steps=100, adam_b1=0.5, adam_b2=0.9, ema_decay=0.999, sample_steps=1)
     return c
 
 
@@ -121,10 +151,27 @@ def flatten(d: dict, prefix: str = "") -> dict:
 _WHEN_ABSENT = {"training.ema_warmup": False}
 
 
+def objective(config) -> str:
+    """What a config's model kind trains for (``"diffusion"`` or ``"autoencoder"``; an unknown kind counts as
+    diffusion, whose checks then name it)."""
+    from ddim_jax.models import KINDS
+
+    kind = to_dict(config)["model"].get("kind", "unet")
+    return KINDS[kind].objective if kind in KINDS else "diffusion"
+
+
+SCHEMAS = {"diffusion": base_config, "autoencoder": autoencoder_config}
+
+
+def schema(config) -> ml_collections.ConfigDict:
+    """The default config of the objective ``config`` trains for: the fields it must have."""
+    return SCHEMAS[objective(config)]()
+
+
 def with_defaults(d: dict) -> dict:
     """A saved config with the fields it lacks (it was written before they existed) at the values that
     reproduce how it trained: :data:`_WHEN_ABSENT`, else the defaults."""
-    out = flatten(to_dict(base_config()))
+    out = flatten(to_dict(schema(d)))
     out.update(_WHEN_ABSENT)
     out.update(flatten(to_dict(d)))
     nested: dict = {}
@@ -157,19 +204,27 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
 
     ``num_devices`` and ``num_processes`` are those the run will use (the global batch is split over them).
     """
-    schema = flatten(to_dict(base_config()))
+    from ddim_jax.models import KINDS
+
+    kind = to_dict(config).get("model", {}).get("kind", "unet")
+    if kind not in KINDS:
+        raise ValueError(f"model.kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    goal = objective(config)
+    default = SCHEMAS[goal]
+    fields = flatten(to_dict(default()))
     given = flatten(to_dict(config))
-    unknown = sorted(set(given) - set(schema))
+    unknown = sorted(set(given) - set(fields))
     if unknown:
         block = unknown[0].split(".")[0]
-        known = sorted(k for k in schema if k.startswith(block + "."))
+        known = sorted(k for k in fields if k.startswith(block + "."))
+        blocks = sorted({k.split(".")[0] for k in fields})
         allowed = (f"the {block} block has {', '.join(k.split('.', 1)[1] for k in known)}" if known
-                   else "the blocks are data, model, diffusion, training")
+                   else f"the blocks of a {kind} config are {', '.join(blocks)}")
         raise ValueError(f"unknown config field {unknown[0]}; {allowed}")
-    missing = sorted(set(schema) - set(given))
+    missing = sorted(set(fields) - set(given))
     if missing:
-        raise ValueError(f"config field {missing[0]} is missing (start configs from ddim_jax.config.base_config)")
-    t, d, m, f = config["training"], config["data"], config["model"], config["diffusion"]
+        raise ValueError(f"config field {missing[0]} is missing (start configs from ddim_jax.config.{default.__name__})")
+    t, d = config["training"], config["data"]
 
     def need(ok: bool, field: str, what: str):
         if not ok:
@@ -184,6 +239,8 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
     need(_real(t.lr) and t.lr > 0, "training.lr", "a finite number > 0")
     need(_real(t.grad_clip) and t.grad_clip > 0, "training.grad_clip", "a finite number > 0")
     need(_real(t.ema_decay) and 0 <= t.ema_decay < 1, "training.ema_decay", "a number in [0, 1)")
+    need(_real(t.adam_b1) and 0 <= t.adam_b1 < 1, "training.adam_b1", "a number in [0, 1)")
+    need(_real(t.adam_b2) and 0 <= t.adam_b2 < 1, "training.adam_b2", "a number in [0, 1)")
     need(isinstance(t.ema_warmup, bool), "training.ema_warmup", "True or False")
     need(isinstance(t.remat, bool), "training.remat", "True or False")
     need(isinstance(t.compute_dtype, str) and t.compute_dtype in COMPUTE_DTYPES, "training.compute_dtype",
@@ -203,6 +260,14 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
     need(_int(d.prefetch) and d.prefetch >= 0, "data.prefetch", "an integer >= 0")
     need(_int(d.image_size) and d.image_size >= 1, "data.image_size", "a positive integer")
     need(d.crop in CROPS, "data.crop", f"one of {', '.join(CROPS)}")
+    _CHECKS[goal](config, need)
+    from ddim_jax.models import spec_from_config
+
+    spec_from_config(config)  # the model block's own checks (kind, arguments, schedule)
+
+
+def _check_diffusion(config, need) -> None:
+    t, m, f = config["training"], config["model"], config["diffusion"]
     need(f.schedule in SCHEDULES, "diffusion.schedule", f"one of {', '.join(SCHEDULES)}")
     need(f.prediction_type in PREDICTION_TYPES, "diffusion.prediction_type", f"one of {', '.join(PREDICTION_TYPES)}")
     need(_int(f.num_timesteps) and f.num_timesteps >= 2, "diffusion.num_timesteps", "an integer >= 2")
@@ -217,6 +282,27 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
     need(not widths or widths[0] // m.norm_groups >= 2, "model.norm_groups",
          f"at most {widths[0] // 2 if widths else 1} (two or more channels per group at {widths[0] if widths else 0} "
          "channels; DDPM has 4), or the blocks cannot see the timestep")
-    from ddim_jax.models import spec_from_config
 
-    spec_from_config(config)  # the model block's own checks (kind, arguments, schedule)
+
+def _check_autoencoder(config, need) -> None:
+    t, d, m, loss = config["training"], config["data"], config["model"], config["loss"]
+    chans = m.block_out_channels
+    need(isinstance(chans, (tuple, list)) and len(chans) >= 1 and all(_int(c) and c >= 1 for c in chans),
+         "model.block_out_channels", "a non-empty tuple of positive integers (one per level)")
+    need(_int(m.layers_per_block) and m.layers_per_block >= 1, "model.layers_per_block", "a positive integer")
+    need(_int(m.latent_channels) and m.latent_channels >= 1, "model.latent_channels", "a positive integer")
+    need(_int(m.norm_groups) and m.norm_groups >= 1 and all(c % m.norm_groups == 0 for c in chans),
+         "model.norm_groups", f"a positive integer dividing every level's channels ({', '.join(map(str, chans))})")
+    f = 2 ** (len(chans) - 1)
+    need(d.image_size % f == 0, "data.image_size", f"a multiple of {f} (the autoencoder halves it {len(chans) - 1} times)")
+    need(t.remat is False, "training.remat", "False (remat is not offered for autoencoders)")
+    need(_real(loss.kl_weight) and loss.kl_weight >= 0, "loss.kl_weight", "a finite number >= 0")
+    need(_real(loss.disc_weight) and loss.disc_weight >= 0, "loss.disc_weight", "a finite number >= 0 (0: no discriminator)")
+    need(_int(loss.disc_start) and loss.disc_start >= 0, "loss.disc_start", "an integer >= 0")
+    need(_int(loss.disc_layers) and 1 <= loss.disc_layers and d.image_size >= 2 ** (loss.disc_layers + 1),
+         "loss.disc_layers", f"a positive integer with 2^(layers + 1) <= data.image_size ({d.image_size})")
+    need(_int(loss.disc_channels) and loss.disc_channels >= 8 and loss.disc_channels % 8 == 0, "loss.disc_channels",
+         "a positive multiple of 8")
+
+
+_CHECKS = {"diffusion": _check_diffusion, "autoencoder": _check_autoencoder}

@@ -5,7 +5,7 @@ with class labels where the data has them (``source.num_classes``, ``source.get_
 ``(images, int32 labels)``; ``num_classes`` is None for a source without labels):
 
 * ``digits``: scikit-learn's 1,797 real 8x8 handwritten digits, shipped inside scikit-learn (no
-  download, no network): the embedded default.
+  download, no network): the embedded default. At another ``image_size`` they are upscaled (bicubic).
 * ``folder``: the PNG/JPEG images under a directory (recursively), center-cropped and resized. When
   every image lies inside a sub-folder of the directory, the sub-folders (sorted by name) are the
   classes, as image-folder loaders do: ``root/cat/1.png`` has the label of ``cat``.
@@ -206,6 +206,9 @@ def make_source(data_config):
     name = data_config.dataset
     if name == "digits":
         images, labels = load_digits(data_config.get("split", "train"))
+        size = data_config.get("image_size", 8)
+        if size != images.shape[1]:  # upscaled (bicubic), e.g. to 32x32 for an f = 4 autoencoder
+            images = np.stack([prepare_image(im, size, "none") for im in images])
         return ArraySource(images, "digits", labels, tuple(map(str, range(10))))
     if name == "folder":
         return load_folder(data_config.folder, data_config.image_size, data_config.channels)

@@ -59,6 +59,8 @@ class ModelKind:
     build: Callable[["ModelSpec"], Any]
     arch_fields: tuple[str, ...]
     example_inputs: Callable[["ModelSpec"], tuple]
+    objective: str = "diffusion"  # what training optimises (ddim_jax.training.objectives); only diffusion
+    # models have a noise schedule and a prediction type
 
 
 def _build_unet(spec: "ModelSpec", dtype, remat: bool):
@@ -73,10 +75,25 @@ def _unet_inputs(spec: "ModelSpec") -> tuple:
     return (x, t) if spec.num_labels is None else (x, t, jnp.zeros((1,), jnp.int32))
 
 
+def _build_autoencoder_kl(spec: "ModelSpec", dtype, remat: bool):
+    from ddim_jax.autoencoder import AutoencoderKL
+
+    if remat:
+        raise ValueError("remat is not offered for autoencoder_kl (set training.remat=False)")
+    return AutoencoderKL(in_channels=spec.channels, dtype=dtype, **spec.arch)
+
+
+def _image_inputs(spec: "ModelSpec") -> tuple:
+    return (jnp.zeros((1, spec.image_size, spec.image_size, spec.channels), jnp.float32),)
+
+
 KINDS: dict[str, ModelKind] = {
     # DDPM's noise-prediction UNet (ddim_jax.unet.UNet); out_ch and num_classes come from the spec.
     "unet": ModelKind(_build_unet, ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
                                     "resamp_with_conv", "norm_groups"), _unet_inputs),
+    # Latent diffusion's KL autoencoder (ddim_jax.autoencoder.AutoencoderKL); in_channels = the spec's channels.
+    "autoencoder_kl": ModelKind(_build_autoencoder_kl, ("block_out_channels", "layers_per_block", "latent_channels",
+                                                        "norm_groups"), _image_inputs, objective="autoencoder"),
 }
 
 _SHAPES: dict = {}  # param_shapes by architecture (tracing a network takes a while)
@@ -117,8 +134,8 @@ class ModelSpec:
     arch: Mapping[str, Any]
     image_size: int
     channels: int
-    schedule: Mapping[str, Any]
-    prediction_type: str = "epsilon"
+    schedule: Mapping[str, Any] | None  # None for a kind that is not a diffusion model (an autoencoder)
+    prediction_type: str | None = "epsilon"
     num_classes: int | None = None
     null_label: int | None = None
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
@@ -134,7 +151,12 @@ class ModelSpec:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer; got {v!r}")
-        if self.prediction_type not in PREDICTION_TYPES:
+        if not self.is_diffusion:
+            if self.schedule is not None or self.prediction_type is not None or self.num_classes is not None:
+                raise ValueError(f"a {self.kind} model is not a diffusion model: its schedule, prediction_type and "
+                                 f"num_classes must be None; got {self.schedule!r}, {self.prediction_type!r}, "
+                                 f"{self.num_classes!r}")
+        elif self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; "
                              f"got {self.prediction_type!r}")
         if self.num_classes is not None and (not isinstance(self.num_classes, (int, np.integer))
@@ -144,14 +166,18 @@ class ModelSpec:
         if self.null_label is not None and (self.num_classes is None or self.null_label != self.num_classes):
             raise ValueError(f"null_label must be None or num_classes ({self.num_classes}), the extra label of "
                              f"the unconditional model; got {self.null_label!r}")
+        object.__setattr__(self, "arch", _frozen(dict(self.arch)))
+        object.__setattr__(self, "image_size", int(self.image_size))
+        object.__setattr__(self, "channels", int(self.channels))
+        if not self.is_diffusion:
+            return
+        if not isinstance(self.schedule, Mapping):
+            raise ValueError(f"schedule must be a mapping with a name; got {self.schedule!r}")
         unknown = sorted(set(self.schedule) - set(_SCHEDULE_FIELDS))
         if unknown or "name" not in self.schedule:
             raise ValueError(f"schedule must have a name and only the fields {', '.join(_SCHEDULE_FIELDS)}; "
                              f"got {dict(self.schedule)!r}")
-        object.__setattr__(self, "arch", _frozen(dict(self.arch)))
         object.__setattr__(self, "schedule", _frozen(dict(self.schedule)))
-        object.__setattr__(self, "image_size", int(self.image_size))
-        object.__setattr__(self, "channels", int(self.channels))
         self.make_schedule()  # a bad schedule fails here, not at sampling time
 
     # -- using it
@@ -162,11 +188,22 @@ class ModelSpec:
         return KINDS[self.kind].build(self, compute_dtype(dtype), bool(remat))
 
     @property
+    def is_diffusion(self) -> bool:
+        """Whether this is a diffusion model (with a schedule, sampled by the samplers)."""
+        return KINDS[self.kind].objective == "diffusion"
+
+    @property
     def num_labels(self) -> int | None:
         """The labels the network takes: the classes and, if it has one, the null label."""
         return None if self.num_classes is None else self.num_classes + (self.null_label is not None)
 
+    def _require_diffusion(self) -> None:
+        if not self.is_diffusion:
+            raise ValueError(f"this is a {self.kind} model, not a diffusion model: it has no noise schedule and "
+                             "does not sample")
+
     def make_schedule(self) -> Schedule:
+        self._require_diffusion()
         s = dict(self.schedule)
         return make_schedule(s.pop("name"), **s)
 
@@ -197,6 +234,7 @@ class ModelSpec:
         from ddim_jax.guidance import guided
         from ddim_jax.unet import make_eps_fn, make_model_fn
 
+        self._require_diffusion()
         net = self.build(dtype)
         if self.num_classes is None:
             if y is not None or guidance is not None:
@@ -251,8 +289,11 @@ class ModelSpec:
 def spec_from_config(config) -> ModelSpec:
     """The spec of the model a training config (ml_collections or its JSON dict) trains."""
     d = config if isinstance(config, Mapping) else json.loads(config.to_json())
-    model, data, f = dict(d["model"]), d["data"], d["diffusion"]
+    model, data = dict(d["model"]), d["data"]
     kind = model.pop("kind", "unet")
+    if kind in KINDS and KINDS[kind].objective != "diffusion":
+        return ModelSpec(kind, model, data["image_size"], data["channels"], None, None, info={"data": dict(data)})
+    f = d["diffusion"]
     num_classes = model.pop("num_classes", None)
     null_label = num_classes if num_classes is not None and d["training"].get("p_uncond", 0.1) > 0 else None
     schedule = {"name": f["schedule"], "num_timesteps": f["num_timesteps"]}

@@ -26,10 +26,11 @@ from ddim_jax import data as data_lib
 from ddim_jax import files, models
 from ddim_jax.config import config_differences, to_dict, validate_config
 from ddim_jax.images import save_grid
-from ddim_jax.parallel import host, make_mesh, on_main, round_up
+from ddim_jax.parallel import host, make_mesh, on_main
 from ddim_jax.training.checkpoints import Checkpointer, resume
 from ddim_jax.training.memory import check_fits, memory_plan
 from ddim_jax.training.metrics import MetricsWriter, due
+from ddim_jax.training.objectives import make_objective
 from ddim_jax.training.state import TrainState, cached_train_step, init_state
 
 log = logging.getLogger("ddim_jax")
@@ -67,7 +68,7 @@ def check_batch_fits(config, num_processes: int) -> None:
 
 def check_labels(config, source) -> None:
     """A class-conditional config needs a labelled dataset with at most ``model.num_classes`` classes."""
-    k = config.model.num_classes
+    k = config.model.get("num_classes")
     if k is None:
         return
     if source.num_classes is None:
@@ -149,10 +150,11 @@ def _refuse_to_replace_a_trained_model(workdir: str) -> None:
 
 
 def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state) -> TrainResult:
-    from ddim_jax import experiments
-
     t_cfg = config.training
-    spec = models.spec_from_config(config)
+    objective = make_objective(config)
+    spec = objective.spec
+    if is_main:
+        print(objective.summary(), flush=True)
     cfg_dict = to_dict(config)
     start = int(host(state.step))
     train_step = cached_train_step(config, mesh)
@@ -166,7 +168,8 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state) -> Trai
         # The EMA model in the one model format, for sample.py and for sharing.
         info = dict(spec.info, source=f"{os.path.abspath(workdir)} (step {step}, EMA params)", step=step)
         on_main(lambda: models.save(os.path.join(workdir, models.EXPORT_DIR), dataclasses.replace(spec, info=info),
-                                    jax.tree.map(host, state.ema_params), overwrite=True), "exporting the model")
+                                    jax.tree.map(host, objective.model_params(state.ema_params)), overwrite=True),
+                "exporting the model")
 
     workers = config.data.num_workers if config.data.num_workers >= 0 else data_lib.usable_cores()
     loader = data_lib.BatchLoader(source, t_cfg.batch_size, t_cfg.seed, jax.process_index(), jax.process_count(),
@@ -200,12 +203,11 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state) -> Trai
                 now = time.time()
                 sps = (step - last_log_step) / max(now - last_log_time, 1e-9)
                 last_log_time, last_log_step = now, step
-                losses = np.concatenate([x["loss"] for x in m])
                 finite = np.concatenate([x["finite"] for x in m])
-                norms = np.concatenate([x["grad_norm"] for x in m])
-                writer.write({"step": step, "loss": float(np.mean(losses[finite])) if finite.any() else float("nan"),
-                              "grad_norm": float(np.mean(norms[finite])) if finite.any() else float("nan"),
-                              "steps_per_sec": sps, "nonfinite_total": int(host(state.nonfinite_total))})
+                means = {name: float(np.mean(np.concatenate([x[name] for x in m])[finite])) if finite.any()
+                         else float("nan") for name in m[0] if name != "finite"}  # loss, grad_norm, the objective's
+                writer.write({"step": step, **means, "steps_per_sec": sps,
+                              "nonfinite_total": int(host(state.nonfinite_total))})
                 in_a_row = int(host(state.nonfinite_in_a_row))
                 if in_a_row >= t_cfg.max_nonfinite:
                     saved = ckpt.steps()
@@ -217,10 +219,8 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state) -> Trai
             if due(step, t_cfg.checkpoint_every, last):
                 checkpoint(step)
             if t_cfg.sample_every and due(step, t_cfg.sample_every, last):
-                model = experiments.Model(spec, state.ema_params, mesh)
-                n = t_cfg.num_sample_images
-                imgs = experiments.generate(model, n, round_up(n, mesh.devices.size), t_cfg.sample_steps,
-                                            seed=t_cfg.seed + 1, progress=False)
+                imgs = objective.preview(objective.model_params(state.ema_params), mesh, source,
+                                         t_cfg.num_sample_images, config)
                 on_main(lambda: save_grid(imgs, os.path.join(workdir, "samples", f"step_{step:08d}.png"),
                                           scale=max(1, 64 // config.data.image_size)), "writing a sample grid")
             if _should_stop(stop.requested, step % t_cfg.log_every == 0):

@@ -23,8 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddim_jax.config import RESUMABLE_CHANGES, flatten, to_dict
-from ddim_jax.diffusion import per_example_loss
-from ddim_jax.models import spec_from_config
+from ddim_jax.training.objectives import init_key, make_objective
 
 
 @flax.struct.dataclass
@@ -45,7 +44,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
     def lr(count):  # update k (0-based) uses lr * min((k + 1) / warmup, 1): the first update is not zero
         return t.lr * jnp.minimum((count + 1) / warmup, 1.0)
 
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), optax.adam(lr))
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip), optax.adam(lr, b1=t.adam_b1, b2=t.adam_b2))
 
 
 def ema_decay_at(step, decay: float, warmup: bool):
@@ -59,10 +58,10 @@ def ema_decay_at(step, decay: float, warmup: bool):
 
 
 def _init_fn(config):
-    spec, tx = spec_from_config(config), make_optimizer(config)
+    objective, tx = make_objective(config), make_optimizer(config)
 
     def init(key):
-        params = spec.init(key)
+        params = objective.init(key)
         z = jnp.zeros((), jnp.int32)
         return TrainState(step=z, params=params, ema_params=params, opt_state=tx.init(params),
                           nonfinite_in_a_row=z, nonfinite_total=z)
@@ -73,8 +72,7 @@ def _init_fn(config):
 def init_state(config, mesh) -> TrainState:
     """The initial state, created directly in its replicated sharding (compiled once per config and mesh)."""
     # The initial state depends on the architecture alone (Adam's state starts at zero whatever its settings).
-    key = (json.dumps(spec_from_config(config).architecture(), sort_keys=True), tuple(d.id for d in mesh.devices.flat),
-           "init")
+    key = (init_key(config), tuple(d.id for d in mesh.devices.flat), "init")
     if key not in _CACHE:
         _CACHE[key] = jax.jit(_init_fn(config), out_shardings=NamedSharding(mesh, P()))
     return _CACHE[key](jax.random.key(config.training.seed))
@@ -90,18 +88,12 @@ def make_train_step(config, mesh, model=None):
     """``(state, images, labels=None) -> (state, metrics)``: ``images`` uint8 ``[k, global_batch, H, W, C]``
     (and, for a class-conditional model, int32 ``labels`` ``[k, global_batch]``) sharded over the batch
     axis, k steps in one call; metrics have leading dim k. ``model`` (default: the config's network) is
-    anything with Flax's ``apply``.
-
-    A class-conditional model sees each label replaced by the null label with probability
-    ``training.p_uncond`` (drawn per example from its key, like the timestep), so the one network
-    learns the conditional and the unconditional model that classifier-free guidance combines."""
+    anything with Flax's ``apply``; the loss is the config's objective's
+    (:mod:`ddim_jax.training.objectives`)."""
     t_cfg = config.training
     seed, decay, flip = t_cfg.seed, t_cfg.ema_decay, config.data.random_flip
-    spec = spec_from_config(config)
-    model = spec.build(t_cfg.compute_dtype, t_cfg.remat) if model is None else model
-    tx, schedule, prediction_type = make_optimizer(config), spec.make_schedule(), spec.prediction_type
-    T = schedule.num_timesteps
-    conditional, p_uncond = spec.num_classes is not None, t_cfg.p_uncond
+    objective = make_objective(config, model)
+    tx, conditional = make_optimizer(config), objective.spec.num_classes is not None
 
     def one_step(state: TrainState, batch):
         images, labels = batch
@@ -109,31 +101,20 @@ def make_train_step(config, mesh, model=None):
         device = jax.lax.axis_index("data")
         step_key = jax.random.fold_in(jax.random.key(seed), state.step)
         keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, device * b + jnp.arange(b))
-        kt, kn, kf, kd = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(4))
-        y = None
-        if conditional:
-            y = labels
-            if spec.null_label is not None:
-                drop = jax.vmap(lambda k: jax.random.bernoulli(k, p_uncond))(kd)
-                y = jnp.where(drop, spec.null_label, labels)
         x0 = images.astype(jnp.float32) / 127.5 - 1.0
         if flip:
-            do_flip = jax.vmap(jax.random.bernoulli)(kf)
+            do_flip = jax.vmap(jax.random.bernoulli)(jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys))
             x0 = jnp.where(do_flip[:, None, None, None], x0[:, :, ::-1], x0)
-        t = jax.vmap(lambda k: jax.random.randint(k, (), 0, T, jnp.int32))(kt)
-        noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(kn)
         dropout_key = jax.random.fold_in(jax.random.fold_in(step_key, 1 << 30), device)
 
         def loss_fn(params):
-            def eps_fn(x, tt):
-                return model.apply({"params": params}, x, tt, y, train=True, rngs={"dropout": dropout_key})
+            return objective.loss(params, x0, labels, keys, state.step, dropout_key)
 
-            return jnp.mean(per_example_loss(eps_fn, schedule, x0, t, noise, prediction_type=prediction_type))
-
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        grads, loss = jax.lax.pmean((grads, loss), "data")
+        (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        metrics = dict({"loss": value}, **metrics)
+        grads, value, metrics = jax.lax.pmean((grads, value, metrics), "data")
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         d = ema_decay_at(state.step, decay, t_cfg.ema_warmup)
@@ -147,7 +128,7 @@ def make_train_step(config, mesh, model=None):
             nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
             nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1),
         )
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+        return new_state, dict(metrics, grad_norm=grad_norm, finite=finite)
 
     on_cpu = mesh.devices.flat[0].platform == "cpu"
 

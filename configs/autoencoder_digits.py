@@ -1,0 +1,18 @@
+"""The embedded digits' autoencoder: 8x8 digits upscaled to 32x32, an f = 4 KL autoencoder to 8x8x3 latents
+(LDM's f = 4 shape), trained with L1 + KL + a PatchGAN from half-way. The latent-diffusion configs name
+its workdir as their autoencoder.
+
+    python train.py --config=configs/autoencoder_digits.py        # into runs/autoencoder_digits
+"""
+
+from ddim_jax.config import autoencoder_config
+
+
+def get_config():
+    c = autoencoder_config()
+    c.data.image_size = 32
+    c.model.update(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=3, norm_groups=8)
+    c.loss.update(disc_start=1500, disc_layers=2, disc_channels=32)
+    c.training.update(num_steps=3000, batch_size=64, log_every=100, checkpoint_every=500, sample_every=500,
+                      num_sample_images=16)
+    return c

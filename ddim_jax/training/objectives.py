@@ -1,0 +1,221 @@
+"""What a run trains for, one entry per objective (:data:`OBJECTIVES`, chosen by the model kind's
+``objective``): the trainable parameters, the loss of one device's rows, the model a run exports and the
+preview grid it writes.
+
+* ``diffusion``: DDPM's denoising loss (eps, v or x0 target) at a uniform timestep; class-conditional
+  models see their labels dropped to the null label with probability ``training.p_uncond``.
+* ``autoencoder``: latent diffusion's KL autoencoder loss: L1 reconstruction + ``loss.kl_weight`` x KL to
+  N(0, I) (both per-image sums as LDM, here divided by the pixels per image so that the loss reads as a
+  per-pixel L1) and, from step ``loss.disc_start``, a PatchGAN discriminator's hinge loss with
+  taming-transformers' adaptive weight ``||grad_W rec|| / (||grad_W adv|| + 1e-4)`` at the decoder's last
+  layer ``W``, times ``loss.disc_weight``. The discriminator is trained in the same step on the same
+  batch (its parameters sit next to the autoencoder's in the train state; the autoencoder's loss sees
+  it frozen and its own loss sees the reconstructions frozen, so one gradient serves both).
+  No perceptual (LPIPS) term: none is shipped and nothing is downloaded; the run's log says so.
+
+The train step (:mod:`ddim_jax.training.state`) draws each example's key, normalises and flips the images,
+averages the gradients over devices and applies the update; an objective's ``loss`` runs inside the
+step's ``shard_map`` (``lax.pmean`` over ``'data'`` is available) and returns ``(value, metrics)``: the
+value is differentiated, the metrics (``loss`` is the value unless the objective reports its own) are
+averaged over devices and logged.
+"""
+
+from __future__ import annotations
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddim_jax.diffusion import per_example_loss
+from ddim_jax.models import KINDS, ModelSpec, spec_from_config
+
+
+def _fold(keys, i: int):
+    return jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+
+
+class Diffusion:
+    def __init__(self, config, spec: ModelSpec, model):
+        self.spec, self.model, self.p_uncond = spec, model, config.training.p_uncond
+        self.schedule = spec.make_schedule()
+
+    def init(self, key) -> dict:
+        return self.spec.init(key)
+
+    @staticmethod
+    def model_params(params) -> dict:
+        return params
+
+    def summary(self) -> str:
+        s = dict(self.spec.schedule)
+        return (f"objective: diffusion ({self.spec.prediction_type} target, {s['name']} schedule over "
+                f"{s['num_timesteps']} steps" + (f", labels dropped with p = {self.p_uncond}"
+                                                   if self.spec.null_label is not None else "") + ")")
+
+    def loss(self, params, x0, labels, keys, step, dropout_key):
+        spec, T = self.spec, self.schedule.num_timesteps
+        y = None
+        if spec.num_classes is not None:
+            y = labels
+            if spec.null_label is not None:
+                drop = jax.vmap(lambda k: jax.random.bernoulli(k, self.p_uncond))(_fold(keys, 3))
+                y = jnp.where(drop, spec.null_label, labels)
+        t = jax.vmap(lambda k: jax.random.randint(k, (), 0, T, jnp.int32))(_fold(keys, 0))
+        noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(_fold(keys, 1))
+
+        def eps_fn(x, tt):
+            return self.model.apply({"params": params}, x, tt, y, train=True, rngs={"dropout": dropout_key})
+
+        return jnp.mean(per_example_loss(eps_fn, self.schedule, x0, t, noise, prediction_type=spec.prediction_type)), {}
+
+    def preview(self, params, mesh, source, n: int, config):
+        """``n`` DDIM samples (``training.sample_steps`` steps) of the model being trained."""
+        from ddim_jax import experiments
+        from ddim_jax.parallel import round_up
+
+        model = experiments.Model(self.spec, params, mesh)
+        return experiments.generate(model, n, round_up(n, mesh.devices.size), config.training.sample_steps,
+                                    seed=config.training.seed + 1, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The autoencoder's losses (pure functions of arrays).
+
+
+def kl_to_standard_normal(mean, logvar):
+    """KL(N(mean, exp(logvar)) || N(0, I)) per example, summed over the latent's elements."""
+    kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+    return jnp.sum(kl.reshape(kl.shape[0], -1), axis=1)
+
+
+def hinge_discriminator_loss(logits_real, logits_fake):
+    """The discriminator's hinge loss: ``(mean(relu(1 - D(x))) + mean(relu(1 + D(x_rec)))) / 2``."""
+    return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
+
+
+def adaptive_weight(grad_rec, grad_adv, max_weight: float = 1e4):
+    """taming-transformers' balance of the adversarial term: ``||grad rec|| / (||grad adv|| + 1e-4)`` at the
+    decoder's last layer, clipped to ``[0, max_weight]``."""
+    w = jnp.linalg.norm(grad_rec.ravel()) / (jnp.linalg.norm(grad_adv.ravel()) + 1e-4)
+    return jnp.clip(w, 0.0, max_weight)
+
+
+class PatchDiscriminator(nn.Module):
+    """pix2pix's PatchGAN as taming-transformers' ``NLayerDiscriminator``: 4x4 convs, ``layers`` of them with
+    stride 2 and doubling channels (up to 8 x ``channels``), one with stride 1, then a 1-channel 4x4 conv:
+    one real/fake logit per overlapping patch. GroupNorm (8 groups) stands in for BatchNorm, so the
+    train state holds no batch statistics."""
+
+    layers: int = 3
+    channels: int = 64
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.normal(0.02)
+        conv = lambda ch, stride, bias=False: nn.Conv(ch, (4, 4), (stride, stride), padding=1,  # noqa: E731
+                                                      use_bias=bias, kernel_init=init)
+        h = nn.leaky_relu(conv(self.channels, 2, bias=True)(x), 0.2)
+        for n in range(1, self.layers + 1):
+            h = conv(self.channels * min(2 ** n, 8), 2 if n < self.layers else 1)(h)
+            h = nn.leaky_relu(nn.GroupNorm(num_groups=8, epsilon=1e-5)(h), 0.2)
+        return conv(1, 1, bias=True)(h)
+
+
+class Autoencoder:
+    def __init__(self, config, spec: ModelSpec, model):
+        self.spec, self.model, self.cfg = spec, model, config.loss
+        self.disc = (PatchDiscriminator(self.cfg.disc_layers, self.cfg.disc_channels)
+                     if self.cfg.disc_weight > 0 else None)
+
+    def init(self, key) -> dict:
+        params = {"autoencoder": self.spec.init(jax.random.fold_in(key, 0))}
+        if self.disc is not None:
+            x = jnp.zeros((1, self.spec.image_size, self.spec.image_size, self.spec.channels), jnp.float32)
+            params["discriminator"] = self.disc.init(jax.random.fold_in(key, 1), x)["params"]
+        return params
+
+    @staticmethod
+    def model_params(params) -> dict:
+        return params["autoencoder"]
+
+    def summary(self) -> str:
+        cfg = self.cfg
+        adv = (f"PatchGAN hinge x {cfg.disc_weight} x adaptive weight from step {cfg.disc_start}" if self.disc
+               else "no discriminator")
+        return (f"objective: autoencoder (L1 + {cfg.kl_weight:g} KL, {adv}; no perceptual loss: this library "
+                "ships no LPIPS weights)")
+
+    def _decode(self, params, z):
+        return self.model.apply({"params": params}, z, method="decode")
+
+    def loss(self, params, x0, labels, keys, step, dropout_key):
+        cfg, ae = self.cfg, params["autoencoder"]
+        mean, logvar = self.model.apply({"params": ae}, x0, method="encode")
+        noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(_fold(keys, 0))
+        z = mean + jnp.exp(0.5 * logvar) * noise
+        rec = self._decode(ae, z)
+        pixels = float(np.prod(x0.shape[1:]))
+        rec_loss = jnp.mean(jnp.abs(x0 - rec))
+        kl = jnp.mean(kl_to_standard_normal(mean, logvar)) / pixels
+        ae_loss = rec_loss + cfg.kl_weight * kl
+        metrics = {"rec_loss": rec_loss, "kl": kl * pixels}
+        if self.disc is None:
+            return ae_loss, dict(metrics, loss=ae_loss)
+        on = (step >= cfg.disc_start).astype(jnp.float32)
+        d = lambda p, x: self.disc.apply({"params": p}, x)  # noqa: E731
+        frozen_d = jax.lax.stop_gradient(params["discriminator"])
+        g_loss = -jnp.mean(d(frozen_d, rec))
+        weight = cfg.disc_weight * self._adaptive_weight(jax.lax.stop_gradient(ae), jax.lax.stop_gradient(z), x0,
+                                                         frozen_d)
+        ae_loss = ae_loss + on * weight * g_loss
+        d_loss = on * hinge_discriminator_loss(d(params["discriminator"], x0),
+                                               d(params["discriminator"], jax.lax.stop_gradient(rec)))
+        metrics.update(loss=ae_loss, g_loss=g_loss, disc_loss=d_loss, d_weight=weight)
+        return ae_loss + d_loss, metrics
+
+    def _adaptive_weight(self, ae, z, x0, disc):
+        """The adaptive weight from the gradients (averaged over devices) of the reconstruction and the
+        adversarial loss with respect to the decoder's last conv kernel."""
+        last = ae["decoder"]["conv_out"]
+
+        def parts(w):
+            p = dict(ae, decoder=dict(ae["decoder"], conv_out=dict(last, kernel=w)))
+            rec = self._decode(p, z)
+            return jnp.mean(jnp.abs(x0 - rec)), -jnp.mean(self.disc.apply({"params": disc}, rec))
+
+        _, vjp = jax.vjp(parts, last["kernel"])
+        (grad_rec,), (grad_adv,) = vjp((jnp.float32(1), jnp.float32(0))), vjp((jnp.float32(0), jnp.float32(1)))
+        grad_rec, grad_adv = jax.lax.pmean((grad_rec, grad_adv), "data")
+        return jax.lax.stop_gradient(adaptive_weight(grad_rec, grad_adv))
+
+    def preview(self, params, mesh, source, n: int, config):
+        """The first ``n`` training images over their reconstructions (from the posterior mean)."""
+        images = source.get(np.arange(min(n, len(source))))
+        x = images.astype(np.float32) / 127.5 - 1.0
+        rec = np.asarray(jax.jit(lambda p, x: self.model.apply({"params": p}, x))(params, x))
+        rec = np.clip(np.round((rec + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        return np.concatenate([images, rec])
+
+
+OBJECTIVES = {"diffusion": Diffusion, "autoencoder": Autoencoder}
+
+
+def make_objective(config, model=None):
+    """The objective of ``config``'s model kind, around ``model`` (default: the config's network, in
+    ``training.compute_dtype``, rematerialised with ``training.remat``)."""
+    spec = spec_from_config(config)
+    if model is None:
+        model = spec.build(config.training.compute_dtype, config.training.remat)
+    return OBJECTIVES[KINDS[spec.kind].objective](config, spec, model)
+
+
+def init_key(config) -> str:
+    """What fixes the trainable parameters' shapes: the model's architecture and the objective's own
+    networks (a discriminator's settings)."""
+    from ddim_jax.config import to_dict
+
+    d = to_dict(config)
+    return json.dumps([spec_from_config(config).architecture(), d.get("loss")], sort_keys=True)

@@ -1,0 +1,181 @@
+"""Training the KL autoencoder with train.py's loop: the loss terms against independent computations
+(diffusers' posterior KL, gradients of the whole loss), the PatchGAN's known geometry, the discriminator's
+switch-on step, and a tiny run end to end (export, load, exact resume, clear refusals)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import ROOT, leaves
+
+from ddim_jax import models, training
+from ddim_jax.config import autoencoder_config, validate_config
+from ddim_jax.data import load_digits, make_source
+from ddim_jax.training import objectives
+
+
+def ae_config(**training_overrides):
+    c = autoencoder_config()
+    c.data.image_size = 16
+    c.model.update(block_out_channels=(8, 16), layers_per_block=1, latent_channels=2, norm_groups=4)
+    c.loss.update(disc_start=2, disc_layers=1, disc_channels=8)
+    c.training.update(batch_size=8, num_steps=4, warmup_steps=1, log_every=2, checkpoint_every=2, sample_every=4,
+                      num_sample_images=4)
+    c.training.update(training_overrides)
+    return c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ae") / "run"
+    result = training.train(ae_config(), str(workdir), progress=False, devices=jax.devices()[:2])
+    return workdir, result
+
+
+def test_kl_matches_diffusers_posterior():
+    torch = pytest.importorskip("torch")
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    rng = np.random.default_rng(0)
+    mean, logvar = rng.normal(size=(3, 4, 4, 2)).astype(np.float32), rng.normal(size=(3, 4, 4, 2)).astype(np.float32)
+    moments = torch.from_numpy(np.concatenate([mean, logvar], -1).transpose(0, 3, 1, 2))
+    want = DiagonalGaussianDistribution(moments).kl().numpy()
+    np.testing.assert_allclose(objectives.kl_to_standard_normal(mean, logvar), want, rtol=1e-5)
+
+
+def test_patch_discriminator_has_pix2pix_geometry():
+    # pix2pix's 70x70 PatchGAN (3 layers) maps a 256x256 image to 30x30 logits.
+    d = objectives.PatchDiscriminator(layers=3, channels=64)
+    out = jax.eval_shape(lambda k: d.init_with_output(k, jnp.zeros((1, 256, 256, 3)))[0], jax.random.key(0))
+    assert out.shape == (1, 30, 30, 1)
+
+
+def _loss_terms(config, params, x0, keys):
+    """The autoencoder objective's pieces computed the long way: whole-tree gradients of each term."""
+    spec = models.spec_from_config(config)
+    net = spec.build()
+    mean, logvar = net.apply({"params": params["autoencoder"]}, x0, method="encode")
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), mean.shape[1:]))(keys)
+    disc = objectives.PatchDiscriminator(config.loss.disc_layers, config.loss.disc_channels)
+
+    def rec_of(ae):
+        return net.apply({"params": ae}, mean + jnp.exp(0.5 * logvar) * noise, method="decode")
+
+    l1 = lambda ae: jnp.mean(jnp.abs(x0 - rec_of(ae)))  # noqa: E731
+    adv = lambda ae: -jnp.mean(disc.apply({"params": params["discriminator"]}, rec_of(ae)))  # noqa: E731
+    g1 = jax.grad(l1)(params["autoencoder"])["decoder"]["conv_out"]["kernel"]
+    g2 = jax.grad(adv)(params["autoencoder"])["decoder"]["conv_out"]["kernel"]
+    weight = config.loss.disc_weight * jnp.linalg.norm(g1) / (jnp.linalg.norm(g2) + 1e-4)
+    kl = jnp.mean(0.5 * jnp.sum(mean ** 2 + jnp.exp(logvar) - 1 - logvar, axis=(1, 2, 3)))
+    return l1(params["autoencoder"]), kl, adv(params["autoencoder"]), weight
+
+
+@pytest.mark.parametrize("step", [0, 5])
+def test_loss_terms_and_the_discriminator_switch(step):
+    config = ae_config()
+    config.loss.disc_start = 5
+    obj = objectives.make_objective(config)
+    params = obj.init(jax.random.key(0))
+    x0 = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (4, 16, 16, 1)), jnp.float32)
+    keys = jax.random.split(jax.random.key(2), 4)
+
+    def loss(p):
+        return obj.loss(p, x0, None, keys, jnp.int32(step), None)
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    in_mesh = lambda f: jax.shard_map(f, mesh=mesh, in_specs=jax.sharding.PartitionSpec(),  # noqa: E731
+                                      out_specs=jax.sharding.PartitionSpec(), check_vma=False)
+    (value, m), grads = jax.jit(in_mesh(jax.value_and_grad(loss, has_aux=True)))(params)
+    l1, kl, adv, weight = jax.jit(lambda p: _loss_terms(config, p, x0, keys))(params)
+    pixels = 16 * 16
+    on = float(step >= 5)
+    np.testing.assert_allclose(m["rec_loss"], l1, rtol=1e-5)
+    np.testing.assert_allclose(m["kl"], kl, rtol=1e-4)
+    np.testing.assert_allclose(m["d_weight"], weight, rtol=1e-3)
+    np.testing.assert_allclose(m["loss"], l1 + 1e-6 * kl / pixels + on * weight * adv, rtol=1e-5)
+    disc_grad = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["discriminator"]))
+    if on:
+        assert disc_grad > 1e-6 and m["disc_loss"] > 0  # the discriminator learns from its hinge loss
+    else:
+        assert disc_grad == 0.0 and m["disc_loss"] == 0.0  # and not before disc_start
+
+
+def test_a_run_trains_exports_and_resumes_exactly(run, tmp_path):
+    workdir, result = run
+    assert result.steps_run == 4
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and {"rec_loss", "kl", "disc_loss", "d_weight"} <= set(rows[0])
+    assert rows[0]["disc_loss"] == 0.0 < rows[1]["disc_loss"]  # switched on at step 2
+    spec, params = models.load(str(workdir))
+    assert spec.kind == "autoencoder_kl" and spec.schedule is None and spec.info["step"] == 4
+    assert "discriminator" not in params and set(params) >= {"encoder", "decoder"}
+    assert (workdir / "samples" / "step_00000004.png").is_file()  # originals over reconstructions
+    # Interrupted at 2 and resumed, the run ends bitwise where the uninterrupted one did.
+    part = tmp_path / "split"
+    training.train(ae_config(num_steps=2), str(part), progress=False, devices=jax.devices()[:2])
+    rest = training.train(ae_config(), str(part), progress=False, devices=jax.devices()[:2])
+    assert rest.steps_run == 2
+    for a, b in zip(leaves(result.state), leaves(rest.state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_autoencoder_reconstructs_after_training(run):
+    workdir, _ = run
+    spec, params = models.load(str(workdir))
+    x = make_source(ae_config().data).get(np.arange(8)).astype(np.float32) / 127.5 - 1
+    rec = jax.jit(lambda p, x: spec.build().apply({"params": p}, x))(params, x)
+    assert rec.shape == x.shape and np.all(np.isfinite(rec))
+
+
+def test_diffusion_tools_refuse_an_autoencoder(run):
+    workdir, _ = run
+    spec, params = models.load(str(workdir))
+    with pytest.raises(ValueError, match="autoencoder_kl model, not a diffusion model"):
+        spec.eps_fn(params)
+    out = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--workdir={workdir}", "--mode=sample",
+                          f"--output={workdir.parent / 'out'}"], text=True, capture_output=True, timeout=120,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "not a diffusion model" in out.stderr.strip().splitlines()[-1]
+
+
+def test_digits_upscale_to_the_configured_size():
+    src = make_source(ae_config().data)
+    small, _ = load_digits()
+    assert src.get(np.arange(3)).shape == (3, 16, 16, 1)
+    # Bicubic upscaling keeps the digit: box-downsampling it back lands near the 8x8 original.
+    back = src.get(np.arange(50)).astype(np.float32).reshape(50, 8, 2, 8, 2, 1).mean(axis=(2, 4))
+    assert np.abs(back - small[:50]).mean() < 20  # of 255
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("loss.kl_weight", -1.0, "loss.kl_weight must be a finite number >= 0"),
+    ("loss.disc_layers", 4, r"loss.disc_layers must be a positive integer with 2\^\(layers \+ 1\) <= data.image_size"),
+    ("loss.disc_channels", 12, "loss.disc_channels must be a positive multiple of 8"),
+    ("loss.klweight", 1.0, "unknown config field loss.klweight; the loss block has disc_channels"),
+    ("model.ch", 32, "unknown config field model.ch; the model block has block_out_channels"),
+    ("model.norm_groups", 3, r"model.norm_groups must be a positive integer dividing every level's channels \(8, 16\)"),
+    ("data.image_size", 15, "data.image_size must be a multiple of 2"),
+    ("training.remat", True, "training.remat must be False"),
+])
+def test_bad_autoencoder_configs(field, value, match):
+    c = ae_config()
+    block, name = field.split(".")
+    c[block][name] = value
+    with pytest.raises(ValueError, match=match):
+        validate_config(c)
+
+
+def test_a_diffusion_workdir_refuses_an_autoencoder_config(tmp_path):
+    from helpers import train
+
+    train(tmp_path, num_steps=2, checkpoint_every=2)
+    with pytest.raises(ValueError, match="different"):
+        training.train(ae_config(), str(tmp_path), progress=False, devices=jax.devices()[:1])
+    assert not (tmp_path / "checkpoints" / "4").exists()
+
