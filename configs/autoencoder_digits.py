@@ -11,8 +11,8 @@ from ddim_jax.config import autoencoder_config
 def get_config():
     c = autoencoder_config()
     c.data.image_size = 32
-    c.model.update(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=3, norm_groups=8)
-    c.loss.update(disc_start=1500, disc_layers=2, disc_channels=32)
-    c.training.update(num_steps=3000, batch_size=64, log_every=100, checkpoint_every=500, sample_every=500,
+    c.model.update(block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=3, norm_groups=8)
+    c.loss.update(disc_start=1250, disc_layers=2, disc_channels=32)
+    c.training.update(num_steps=2500, batch_size=32, log_every=100, checkpoint_every=500, sample_every=500,
                       num_sample_images=16)
     return c
