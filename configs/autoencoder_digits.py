@@ -5,13 +5,14 @@ its workdir as their autoencoder.
     python train.py --config=configs/autoencoder_digits.py        # into runs/autoencoder_digits
 """
 
+from ddim_jax.autoencoder import DIGITS_F4
 from ddim_jax.config import autoencoder_config
 
 
 def get_config():
     c = autoencoder_config()
     c.data.image_size = 32
-    c.model.update(block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=3, norm_groups=8)
+    c.model.update(**DIGITS_F4)
     c.loss.update(disc_start=1250, disc_layers=2, disc_channels=32)
     c.training.update(num_steps=2500, batch_size=32, log_every=100, checkpoint_every=500, sample_every=500,
                       num_sample_images=16)

@@ -23,6 +23,10 @@ _EPS = 1e-6
 
 # Stable Diffusion 1.x's VAE (f = 8, 4 latent channels): 83,653,863 parameters, latents scaled by 0.18215.
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_groups=32)
+# Latent diffusion's f = 4 KL autoencoder (CompVis ``kl-f4``: ch 128, ch_mult 1, 2, 4, z = 3).
+LDM_KL_F4 = dict(block_out_channels=(128, 256, 512), layers_per_block=2, latent_channels=3, norm_groups=32)
+# The embedded digits' f = 4 autoencoder (configs/autoencoder_digits.py).
+DIGITS_F4 = dict(block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=3, norm_groups=8)
 
 
 def _norm(groups: int, name: str, dtype) -> nn.GroupNorm:

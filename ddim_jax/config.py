@@ -94,9 +94,9 @@ def autoencoder_config() -> ml_collections.ConfigDict:
     c.data.image_size = 32
     c.model = m = ml_collections.ConfigDict()
     m.kind = "autoencoder_kl"
-    m.block_out_channels = (32, 64, 64)  # one level per entry; each but the last halves the side: f = 4
+    m.block_out_channels = (16, 32, 32)  # one level per entry; each but the last halves the side: f = 4
     m.layers_per_block = 1
-    m.latent_channels = 4
+    m.latent_channels = 3
     m.norm_groups = 8
 
     c.loss = loss = ml_collections.ConfigDict()
