@@ -46,6 +46,13 @@ def compute_dtype(name: str):
     return COMPUTE_DTYPES[name]
 
 
+def run_once_options(platform: str) -> dict | None:
+    """XLA options for a program that runs once (parameter initialisation): on CPU, no LLVM
+    optimisation, which compiles a random initialiser 2-4x faster (3.6 -> 1.8 s for the tiny UNet's,
+    10.7 -> 2.5 s for a small autoencoder with its discriminator). Accelerators keep their defaults."""
+    return {"xla_backend_optimization_level": 0} if platform == "cpu" else None
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelKind:
     """How to build one kind of network from a spec.
@@ -213,7 +220,7 @@ class ModelSpec:
 
     def init_params(self, key) -> dict:
         """Freshly initialised parameters, computed in one compiled program."""
-        return jax.jit(self.init)(key)
+        return jax.jit(self.init, compiler_options=run_once_options(jax.devices()[0].platform))(key)
 
     def param_shapes(self) -> dict:
         """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, computing nothing."""

@@ -237,7 +237,10 @@ class UNet(nn.Module):
 
 def init_params(model: UNet, key: Array, image_size: int, channels: int = 3) -> dict:
     """Initial params of ``model`` for [1, image_size, image_size, channels] inputs (float32)."""
-    return jax.jit(functools.partial(_init, model, image_size, channels))(key)
+    from ddim_jax.models import run_once_options
+
+    return jax.jit(functools.partial(_init, model, image_size, channels),
+                   compiler_options=run_once_options(jax.devices()[0].platform))(key)
 
 
 def _init(model: UNet, image_size: int, channels: int, key: Array) -> dict:

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddim_jax.config import RESUMABLE_CHANGES, flatten, to_dict
+from ddim_jax.models import run_once_options
 from ddim_jax.training.objectives import init_key, make_objective
 
 
@@ -74,7 +75,8 @@ def init_state(config, mesh) -> TrainState:
     # The initial state depends on the architecture alone (Adam's state starts at zero whatever its settings).
     key = (init_key(config), tuple(d.id for d in mesh.devices.flat), "init")
     if key not in _CACHE:
-        _CACHE[key] = jax.jit(_init_fn(config), out_shardings=NamedSharding(mesh, P()))
+        _CACHE[key] = jax.jit(_init_fn(config), out_shardings=NamedSharding(mesh, P()),
+                              compiler_options=run_once_options(mesh.devices.flat[0].platform))
     return _CACHE[key](jax.random.key(config.training.seed))
 
 
