@@ -190,3 +190,68 @@ class AutoencoderKL(nn.Module):
         mean, logvar = self.encode(x)
         z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
         return self.decode(z)
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-codebook-vector quantisation (van den Oord et al. 2017) with straight-through gradients.
+
+    ``__call__(z) -> (z_q, loss, indices)``: ``z_q`` is ``z``'s nearest codebook vectors in the forward pass and
+    passes the gradient to ``z`` unchanged; ``loss = mean((z_q - sg(z))^2) + beta * mean((sg(z_q) - z)^2)``
+    (codebook term, then the commitment term). taming-transformers' and diffusers' ``legacy`` default puts
+    ``beta`` on the codebook term instead. Parameter ``embedding/embedding`` is diffusers'
+    ``quantize.embedding.weight``."""
+
+    num_embeddings: int
+    embedding_dim: int
+    beta: float = 0.25
+
+    @nn.compact
+    def __call__(self, z: Array) -> tuple[Array, Array, Array]:
+        n = self.num_embeddings
+        init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -1.0 / n, 1.0 / n)  # noqa: E731
+        e = nn.Embed(n, self.embedding_dim, name="embedding", embedding_init=init).embedding
+        z = z.astype(jnp.float32)
+        flat = z.reshape(-1, z.shape[-1])
+        d = (jnp.sum(flat ** 2, axis=1, keepdims=True) - 2.0 * flat @ e.T + jnp.sum(e ** 2, axis=1)[None, :])
+        indices = jnp.argmin(d, axis=1)
+        z_q = e[indices].reshape(z.shape)
+        sg = jax.lax.stop_gradient
+        loss = jnp.mean(jnp.square(z_q - sg(z))) + self.beta * jnp.mean(jnp.square(sg(z_q) - z))
+        return z + sg(z_q - z), loss, indices.reshape(z.shape[:-1])
+
+
+class AutoencoderVQ(nn.Module):
+    """The VQ-regularised autoencoder of latent diffusion in diffusers' ``VQModel`` layout:
+    ``encode(x) -> z`` (``vq_embed_dim`` channels, the latents a diffusion model sees), ``quantize(z) ->
+    (z_q, vq_loss, indices)``, ``decode(z) -> x`` (quantising first), ``__call__(x) -> x_rec``."""
+
+    block_out_channels: tuple = (64,)
+    layers_per_block: int = 1
+    latent_channels: int = 3
+    num_embeddings: int = 256
+    embedding_dim: int | None = None  # diffusers' vq_embed_dim (None: latent_channels)
+    beta: float = 0.25
+    in_channels: int = 3
+    norm_groups: int = 32
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        args = (self.block_out_channels, self.layers_per_block)
+        dim = self.embedding_dim or self.latent_channels
+        self.encoder = Encoder(*args, self.latent_channels, self.norm_groups, self.dtype)
+        self.decoder = Decoder(*args, self.in_channels, self.norm_groups, self.dtype)
+        self.quant_conv = nn.Conv(dim, (1, 1), padding=0, dtype=self.dtype)
+        self.quantize = VectorQuantizer(self.num_embeddings, dim, self.beta)
+        self.post_quant_conv = nn.Conv(self.latent_channels, (1, 1), padding=0, dtype=self.dtype)
+
+    def encode(self, x: Array) -> Array:
+        return self.quant_conv(self.encoder(x.astype(self.dtype))).astype(jnp.float32)
+
+    def decode_quantized(self, z_q: Array) -> Array:
+        return self.decoder(self.post_quant_conv(z_q.astype(self.dtype))).astype(jnp.float32)
+
+    def decode(self, z: Array) -> Array:
+        return self.decode_quantized(self.quantize(z)[0])
+
+    def __call__(self, x: Array) -> Array:
+        return self.decode(self.encode(x))

@@ -83,24 +83,33 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def autoencoder_config() -> ml_collections.ConfigDict:
-    """The schema of an autoencoder run (``model.kind = 'autoencoder_kl'``): the data and training blocks of
-    :func:`base_config`, the autoencoder's fields (:class:`ddim_jax.autoencoder.AutoencoderKL`) in the model
-    block, and a loss block (latent diffusion's: L1 reconstruction + KL + a PatchGAN's hinge loss). A small
-    f = 4 autoencoder for 32x32 images (digits upscaled, ``configs/autoencoder_digits.py``)."""
+def autoencoder_config(kind: str = "autoencoder_kl") -> ml_collections.ConfigDict:
+    """The schema of an autoencoder run: the data and training blocks of :func:`base_config`, the
+    autoencoder's fields in the model block (``kind = 'autoencoder_kl'``:
+    :class:`ddim_jax.autoencoder.AutoencoderKL`; ``'autoencoder_vq'``: :class:`~ddim_jax.autoencoder.AutoencoderVQ`),
+    and a loss block (latent diffusion's: L1 reconstruction + KL or VQ loss + a PatchGAN's hinge loss). The
+    defaults are the small f = 4 autoencoder of the upscaled digits (``autoencoder.DIGITS_F4``,
+    ``configs/autoencoder_digits.py``)."""
+    if kind not in ("autoencoder_kl", "autoencoder_vq"):
+        raise ValueError(f"kind must be autoencoder_kl or autoencoder_vq; got {kind!r}")
     base = base_config()
     c = ml_collections.ConfigDict()
     c.data = base.data
     c.data.image_size = 32
     c.model = m = ml_collections.ConfigDict()
-    m.kind = "autoencoder_kl"
+    m.kind = kind
     m.block_out_channels = (16, 32, 32)  # one level per entry; each but the last halves the side: f = 4
     m.layers_per_block = 1
     m.latent_channels = 3
     m.norm_groups = 8
+    if kind == "autoencoder_vq":
+        m.num_embeddings = 256  # codebook size
+        m.embedding_dim = config_dict.placeholder(int)  # codebook vectors' size (None: latent_channels)
+        m.beta = 0.25  # commitment weight
 
     c.loss = loss = ml_collections.ConfigDict()
-    loss.kl_weight = 1e-6  # on the per-image sums, as LDM's KL autoencoders
+    loss.kl_weight = 1e-6  # KL autoencoders: on the per-image sums, as LDM's
+    loss.codebook_weight = 1.0  # VQ autoencoders: the VQ loss's weight (codebook + beta x commitment)
     loss.disc_weight = 0.5  # adversarial term's weight (times the adaptive weight); 0 = no discriminator
     loss.disc_start = 1000  # the step the discriminator's losses switch on
     loss.disc_layers = 2  # PatchGAN stride-2 layers (taming's n_layers; 3 for 256x256 images)
@@ -165,7 +174,8 @@ SCHEMAS = {"diffusion": base_config, "autoencoder": autoencoder_config}
 
 def schema(config) -> ml_collections.ConfigDict:
     """The default config of the objective ``config`` trains for: the fields it must have."""
-    return SCHEMAS[objective(config)]()
+    goal = objective(config)
+    return SCHEMAS[goal](to_dict(config)["model"]["kind"]) if goal == "autoencoder" else SCHEMAS[goal]()
 
 
 def with_defaults(d: dict) -> dict:
@@ -211,7 +221,7 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
         raise ValueError(f"model.kind must be one of {', '.join(KINDS)}; got {kind!r}")
     goal = objective(config)
     default = SCHEMAS[goal]
-    fields = flatten(to_dict(default()))
+    fields = flatten(to_dict(schema(config)))
     given = flatten(to_dict(config))
     unknown = sorted(set(given) - set(fields))
     if unknown:
@@ -223,7 +233,8 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
         raise ValueError(f"unknown config field {unknown[0]}; {allowed}")
     missing = sorted(set(fields) - set(given))
     if missing:
-        raise ValueError(f"config field {missing[0]} is missing (start configs from ddim_jax.config.{default.__name__})")
+        raise ValueError(f"config field {missing[0]} is missing (start configs from "
+                         f"ddim_jax.config.{default.__name__})")
     t, d = config["training"], config["data"]
 
     def need(ok: bool, field: str, what: str):
@@ -294,10 +305,18 @@ def _check_autoencoder(config, need) -> None:
     need(_int(m.norm_groups) and m.norm_groups >= 1 and all(c % m.norm_groups == 0 for c in chans),
          "model.norm_groups", f"a positive integer dividing every level's channels ({', '.join(map(str, chans))})")
     f = 2 ** (len(chans) - 1)
-    need(d.image_size % f == 0, "data.image_size", f"a multiple of {f} (the autoencoder halves it {len(chans) - 1} times)")
+    need(d.image_size % f == 0, "data.image_size",
+         f"a multiple of {f} (the autoencoder halves it {len(chans) - 1} times)")
     need(t.remat is False, "training.remat", "False (remat is not offered for autoencoders)")
     need(_real(loss.kl_weight) and loss.kl_weight >= 0, "loss.kl_weight", "a finite number >= 0")
-    need(_real(loss.disc_weight) and loss.disc_weight >= 0, "loss.disc_weight", "a finite number >= 0 (0: no discriminator)")
+    need(_real(loss.codebook_weight) and loss.codebook_weight >= 0, "loss.codebook_weight", "a finite number >= 0")
+    if m.kind == "autoencoder_vq":
+        need(_int(m.num_embeddings) and m.num_embeddings >= 2, "model.num_embeddings", "an integer >= 2")
+        need(m.embedding_dim is None or (_int(m.embedding_dim) and m.embedding_dim >= 1), "model.embedding_dim",
+             "None (latent_channels) or a positive integer")
+        need(_real(m.beta) and m.beta >= 0, "model.beta", "a finite number >= 0")
+    need(_real(loss.disc_weight) and loss.disc_weight >= 0, "loss.disc_weight",
+         "a finite number >= 0 (0: no discriminator)")
     need(_int(loss.disc_start) and loss.disc_start >= 0, "loss.disc_start", "an integer >= 0")
     need(_int(loss.disc_layers) and 1 <= loss.disc_layers and d.image_size >= 2 ** (loss.disc_layers + 1),
          "loss.disc_layers", f"a positive integer with 2^(layers + 1) <= data.image_size ({d.image_size})")

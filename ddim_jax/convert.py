@@ -269,6 +269,17 @@ def convert_autoencoder_kl(state_dict: Mapping[str, Any], **arch) -> dict:
     return _map(sd, shapes, diffusers_key, "diffusers AutoencoderKL")
 
 
+def convert_autoencoder_vq(state_dict: Mapping[str, Any], **arch) -> dict:
+    """Params of ``ddim_jax.autoencoder.AutoencoderVQ(**arch)`` from a diffusers ``VQModel`` state dict."""
+    from ddim_jax.autoencoder import AutoencoderVQ
+
+    model = AutoencoderVQ(**arch)
+    x = jnp.zeros((1, 8, 8, model.in_channels), jnp.float32)
+    shapes = jax.eval_shape(lambda k: model.init(k, x)["params"], jax.random.key(0))
+    sd = {k: _to_numpy(k, v) for k, v in state_dict.items()}
+    return _map(sd, shapes, diffusers_key, "diffusers VQModel")
+
+
 # ----------------------------------------------------------------------------------------------
 # diffusers UNet2DModel
 

@@ -82,12 +82,13 @@ def _unet_inputs(spec: "ModelSpec") -> tuple:
     return (x, t) if spec.num_labels is None else (x, t, jnp.zeros((1,), jnp.int32))
 
 
-def _build_autoencoder_kl(spec: "ModelSpec", dtype, remat: bool):
-    from ddim_jax.autoencoder import AutoencoderKL
+def _build_autoencoder(spec: "ModelSpec", dtype, remat: bool):
+    from ddim_jax.autoencoder import AutoencoderKL, AutoencoderVQ
 
     if remat:
-        raise ValueError("remat is not offered for autoencoder_kl (set training.remat=False)")
-    return AutoencoderKL(in_channels=spec.channels, dtype=dtype, **spec.arch)
+        raise ValueError(f"remat is not offered for {spec.kind} (set training.remat=False)")
+    cls = {"autoencoder_kl": AutoencoderKL, "autoencoder_vq": AutoencoderVQ}[spec.kind]
+    return cls(in_channels=spec.channels, dtype=dtype, **spec.arch)
 
 
 def _image_inputs(spec: "ModelSpec") -> tuple:
@@ -99,8 +100,12 @@ KINDS: dict[str, ModelKind] = {
     "unet": ModelKind(_build_unet, ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
                                     "resamp_with_conv", "norm_groups"), _unet_inputs),
     # Latent diffusion's KL autoencoder (ddim_jax.autoencoder.AutoencoderKL); in_channels = the spec's channels.
-    "autoencoder_kl": ModelKind(_build_autoencoder_kl, ("block_out_channels", "layers_per_block", "latent_channels",
-                                                        "norm_groups"), _image_inputs, objective="autoencoder"),
+    "autoencoder_kl": ModelKind(_build_autoencoder, ("block_out_channels", "layers_per_block", "latent_channels",
+                                                     "norm_groups"), _image_inputs, objective="autoencoder"),
+    # Its VQ-regularised sibling (ddim_jax.autoencoder.AutoencoderVQ, diffusers' VQModel layout).
+    "autoencoder_vq": ModelKind(_build_autoencoder, ("block_out_channels", "layers_per_block", "latent_channels",
+                                                     "num_embeddings", "embedding_dim", "beta", "norm_groups"),
+                                _image_inputs, objective="autoencoder"),
 }
 
 _SHAPES: dict = {}  # param_shapes by architecture (tracing a network takes a while)

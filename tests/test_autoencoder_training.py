@@ -154,7 +154,7 @@ def test_digits_upscale_to_the_configured_size():
     ("loss.kl_weight", -1.0, "loss.kl_weight must be a finite number >= 0"),
     ("loss.disc_layers", 4, r"loss.disc_layers must be a positive integer with 2\^\(layers \+ 1\) <= data.image_size"),
     ("loss.disc_channels", 12, "loss.disc_channels must be a positive multiple of 8"),
-    ("loss.klweight", 1.0, "unknown config field loss.klweight; the loss block has disc_channels"),
+    ("loss.klweight", 1.0, "unknown config field loss.klweight; the loss block has codebook_weight, disc_channels"),
     ("model.ch", 32, "unknown config field model.ch; the model block has block_out_channels"),
     ("model.norm_groups", 3, r"model.norm_groups must be a positive integer dividing every level's channels \(8\)"),
     ("model.block_out_channels", (8, 8, 8, 8, 8, 8), "data.image_size must be a multiple of 32"),
@@ -179,3 +179,24 @@ def test_a_diffusion_workdir_refuses_an_autoencoder_config(tmp_path):
     with pytest.raises(ValueError, match="holds a run with a different config"):
         training.train(ae_config(), str(tmp_path), progress=False, devices=jax.devices()[:1])
     assert (tmp_path / "config.json").read_text() == before and not (tmp_path / "model").exists()
+
+
+def test_a_vq_autoencoder_trains_and_uses_its_codebook(tmp_path):
+    c = autoencoder_config("autoencoder_vq")
+    c.data.image_size = 16
+    c.model.update(block_out_channels=(8,), layers_per_block=1, latent_channels=2, num_embeddings=16, norm_groups=4)
+    c.loss.update(disc_weight=0.0)
+    c.training.update(batch_size=8, num_steps=6, warmup_steps=1, log_every=3, checkpoint_every=6, sample_every=0,
+                      lr=1e-2)
+    for field, bad, match in (("num_embeddings", 1, "model.num_embeddings must be an integer >= 2"),
+                              ("beta", float("inf"), "model.beta must be a finite number >= 0")):
+        wrong = autoencoder_config("autoencoder_vq")
+        wrong.model[field] = bad
+        with pytest.raises(ValueError, match=match):
+            validate_config(wrong)
+    training.train(c, str(tmp_path), progress=False, devices=jax.devices()[:1])
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["rec_loss"] < rows[0]["rec_loss"] and 1 <= rows[-1]["codes_used"] <= 16
+    assert {"vq_loss", "codes_used"} <= set(rows[0]) and "kl" not in rows[0]
+    spec, params = models.load(str(tmp_path))
+    assert spec.kind == "autoencoder_vq" and params["quantize"]["embedding"]["embedding"].shape == (16, 2)

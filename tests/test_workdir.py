@@ -222,7 +222,7 @@ def test_command_line_errors_are_one_line(tmp_path):
     ({"data.channels": 2}, r"data.channels must be 1 \(grey\) or 3 \(RGB\)"),
     ({"data.num_workers": -2}, r"data.num_workers must be an integer >= 0, or -1 \(the usable cores\); got -2"),
     ({"model.ch_mul": (1, 2)}, "unknown config field model.ch_mul"),
-    ({"model.kind": "transformer"}, "model.kind must be one of unet, autoencoder_kl; got 'transformer'"),
+    ({"model.kind": "transformer"}, "model.kind must be one of unet, autoencoder_kl, autoencoder_vq; got 'transformer'"),
     ({"adam_b1": 1.0}, r"training.adam_b1 must be a number in \[0, 1\)"),
     ({"model.norm_groups": 12}, r"model.norm_groups must be a positive integer dividing every level's channels \(32\)"),
     ({"model.norm_groups": 32}, "model.norm_groups must be at most 16 .*cannot see the timestep"),

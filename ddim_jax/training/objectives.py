@@ -4,14 +4,16 @@ preview grid it writes.
 
 * ``diffusion``: DDPM's denoising loss (eps, v or x0 target) at a uniform timestep; class-conditional
   models see their labels dropped to the null label with probability ``training.p_uncond``.
-* ``autoencoder``: latent diffusion's KL autoencoder loss: L1 reconstruction + ``loss.kl_weight`` x KL to
-  N(0, I) (both per-image sums as LDM, here divided by the pixels per image so that the loss reads as a
-  per-pixel L1) and, from step ``loss.disc_start``, a PatchGAN discriminator's hinge loss with
-  taming-transformers' adaptive weight ``||grad_W rec|| / (||grad_W adv|| + 1e-4)`` at the decoder's last
-  layer ``W``, times ``loss.disc_weight``. The discriminator is trained in the same step on the same
-  batch (its parameters sit next to the autoencoder's in the train state; the autoencoder's loss sees
-  it frozen and its own loss sees the reconstructions frozen, so one gradient serves both).
-  No perceptual (LPIPS) term: none is shipped and nothing is downloaded; the run's log says so.
+* ``autoencoder``: latent diffusion's autoencoder loss: L1 reconstruction, a regulariser and, from step
+  ``loss.disc_start``, a PatchGAN discriminator's hinge loss weighted by taming-transformers' adaptive
+  weight ``||grad_W rec|| / (||grad_W adv|| + 1e-4)`` at the decoder's last layer ``W``, times
+  ``loss.disc_weight``. The regulariser: for a KL autoencoder ``loss.kl_weight`` x KL to N(0, I) (both
+  per-image sums as LDM, here divided by the pixels per image so that the loss reads as a per-pixel L1);
+  for a VQ autoencoder ``loss.codebook_weight`` x the VQ loss (codebook + beta x commitment; the number of
+  codes in use is logged). The discriminator is trained in the same step on the same batch (its
+  parameters sit next to the autoencoder's in the train state; the autoencoder's loss sees it frozen and
+  its own loss sees the reconstructions frozen, so one gradient serves both). No perceptual (LPIPS)
+  term: none is shipped and nothing is downloaded; the run's log says so.
 
 The train step (:mod:`ddim_jax.training.state`) draws each example's key, normalises and flips the images,
 averages the gradients over devices and applies the update; an objective's ``loss`` runs inside the
@@ -145,23 +147,35 @@ class Autoencoder:
         cfg = self.cfg
         adv = (f"PatchGAN hinge x {cfg.disc_weight} x adaptive weight from step {cfg.disc_start}" if self.disc
                else "no discriminator")
-        return (f"objective: autoencoder (L1 + {cfg.kl_weight:g} KL, {adv}; no perceptual loss: this library "
-                "ships no LPIPS weights)")
+        reg = (f"{cfg.codebook_weight:g} VQ loss" if self.spec.kind == "autoencoder_vq" else f"{cfg.kl_weight:g} KL")
+        return (f"objective: autoencoder (L1 + {reg}, {adv}; no perceptual loss: this library ships no LPIPS "
+                "weights)")
+
+    def _latent(self, ae, x0, keys):
+        """``(z, regulariser, metrics)``: the decoder's input and the weighted regularisation term. KL: a
+        sample of the posterior, ``kl_weight`` x KL / pixels; VQ: the quantised latents,
+        ``codebook_weight`` x the VQ loss."""
+        if self.spec.kind == "autoencoder_vq":
+            z = self.model.apply({"params": ae}, x0, method="encode")
+            z_q, vq_loss, indices = self.model.apply({"params": ae}, z, method=lambda m, z: m.quantize(z))
+            used = jnp.zeros(self.spec.arch["num_embeddings"], jnp.float32).at[indices.ravel()].max(1.0)
+            return z_q, self.cfg.codebook_weight * vq_loss, {"vq_loss": vq_loss, "codes_used": jnp.sum(used)}
+        mean, logvar = self.model.apply({"params": ae}, x0, method="encode")
+        noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(_fold(keys, 0))
+        kl = jnp.mean(kl_to_standard_normal(mean, logvar))
+        return mean + jnp.exp(0.5 * logvar) * noise, self.cfg.kl_weight * kl / float(np.prod(x0.shape[1:])), {"kl": kl}
 
     def _decode(self, params, z):
-        return self.model.apply({"params": params}, z, method="decode")
+        method = "decode_quantized" if self.spec.kind == "autoencoder_vq" else "decode"
+        return self.model.apply({"params": params}, z, method=method)
 
     def loss(self, params, x0, labels, keys, step, dropout_key):
         cfg, ae = self.cfg, params["autoencoder"]
-        mean, logvar = self.model.apply({"params": ae}, x0, method="encode")
-        noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(_fold(keys, 0))
-        z = mean + jnp.exp(0.5 * logvar) * noise
+        z, reg, metrics = self._latent(ae, x0, keys)
         rec = self._decode(ae, z)
-        pixels = float(np.prod(x0.shape[1:]))
         rec_loss = jnp.mean(jnp.abs(x0 - rec))
-        kl = jnp.mean(kl_to_standard_normal(mean, logvar)) / pixels
-        ae_loss = rec_loss + cfg.kl_weight * kl
-        metrics = {"rec_loss": rec_loss, "kl": kl * pixels}
+        ae_loss = rec_loss + reg
+        metrics["rec_loss"] = rec_loss
         if self.disc is None:
             return ae_loss, dict(metrics, loss=ae_loss)
         on = (step >= cfg.disc_start).astype(jnp.float32)
