@@ -635,3 +635,24 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _cond_unet_key(path: tuple[str, ...]) -> str:
+    # ``time_embedding.linear_1`` is a name, not a list index.
+    return re.sub(r"^time_embedding\.linear\.(\d)\.", r"time_embedding.linear_\1.", diffusers_key(path))
+
+
+def convert_unet2d_condition(state_dict: Mapping[str, Any], **arch) -> dict:
+    """Params of ``ddim_jax.cond_unet.UNet2DCondition(**arch)`` from a diffusers ``UNet2DConditionModel``
+    state dict (e.g. Stable Diffusion's ``unet/diffusion_pytorch_model.safetensors`` with
+    ``arch = cond_unet.SD15``)."""
+    from ddim_jax.cond_unet import UNet2DCondition
+
+    model = UNet2DCondition(**arch)
+    n = len(model.block_out_channels)
+    x = jnp.zeros((1, 2 ** (n + 1), 2 ** (n + 1), model.in_channels), jnp.float32)
+    ctx = jnp.zeros((1, 1, model.cross_attention_dim), jnp.float32)
+    y = None if model.num_class_embeds is None else jnp.zeros((1,), jnp.int32)
+    shapes = jax.eval_shape(lambda k: model.init(k, x, jnp.zeros((1,)), ctx, y)["params"], jax.random.key(0))
+    sd = {k: _to_numpy(k, v) for k, v in state_dict.items()}
+    return _map(sd, shapes, _cond_unet_key, "diffusers UNet2DConditionModel")

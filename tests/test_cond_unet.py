@@ -1,0 +1,136 @@
+"""The cross-attention UNet (``ddim_jax.cond_unet``) against diffusers' UNet2DConditionModel: Stable
+Diffusion 1.5's parameter layout key for key (no allocation), and numerical parity at small random configs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from ddim_jax import cond_unet, convert
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+
+def _diffusers_unet(arch):
+    a = dict(arch)
+    return diffusers.UNet2DConditionModel(
+        in_channels=a["in_channels"], out_channels=a["out_channels"], down_block_types=a["down_block_types"],
+        up_block_types=a["up_block_types"], block_out_channels=a["block_out_channels"],
+        layers_per_block=a["layers_per_block"], attention_head_dim=a["attention_head_dim"],
+        cross_attention_dim=a["cross_attention_dim"], norm_num_groups=a["norm_groups"], norm_eps=a["norm_eps"],
+        use_linear_projection=a.get("use_linear_projection", False), flip_sin_to_cos=a["flip_sin_to_cos"],
+        freq_shift=a["freq_shift"], num_class_embeds=a.get("num_class_embeds"))
+
+
+def test_sd15_unet_has_diffusers_parameters_key_for_key():
+    with torch.device("meta"):  # shapes only: no 860M-parameter allocation
+        ref = _diffusers_unet(cond_unet.SD15)
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    model = cond_unet.UNet2DCondition(**cond_unet.SD15)
+    shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 4)), jnp.zeros((1,)),
+                                                 jnp.zeros((1, 1, 768)))["params"], jax.random.key(0))
+    flat = traverse_util.flatten_dict(shapes)
+    total = sum(int(np.prod(s.shape)) for s in flat.values())
+    assert total == sum(int(np.prod(s)) for s in want.values()) == 859_520_964  # SD 1.5's UNet
+    got = {}
+    for path, s in flat.items():
+        shape = tuple(s.shape)  # ours HWIO / IO; diffusers OIHW / OI (1x1 convs: OI11)
+        if len(shape) == 4:
+            shape = (shape[3], shape[2], shape[0], shape[1])
+        elif len(shape) == 2 and path[-1] == "kernel":
+            shape = shape[::-1]
+        got[convert._cond_unet_key(path)] = shape
+    assert got == want
+
+
+SMALL = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, attention_head_dim=2,
+             cross_attention_dim=16, in_channels=4, out_channels=4, norm_groups=8, norm_eps=1e-5,
+             flip_sin_to_cos=True, freq_shift=0)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(use_linear_projection=False),
+    dict(use_linear_projection=True, num_class_embeds=5, down_block_types=("CrossAttnDownBlock2D",) * 2,
+         up_block_types=("CrossAttnUpBlock2D",) * 2, attention_head_dim=(2, 4), flip_sin_to_cos=False, freq_shift=1),
+])
+def test_small_unet_matches_diffusers(variant):
+    arch = dict(SMALL, **variant)
+    torch.manual_seed(0)
+    ref = _diffusers_unet(arch).eval()
+    with torch.no_grad():  # make every weight matter (diffusers zero-initialises nothing here, but perturb anyway)
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    params = convert.convert_unet2d_condition(ref.state_dict(), **arch)
+    model = cond_unet.UNet2DCondition(**arch)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+    ctx = rng.standard_normal((2, 5, 16)).astype(np.float32)
+    t = np.array([10, 900])
+    y = np.array([1, 3]) if arch.get("num_class_embeds") else None
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(ctx),
+                   class_labels=None if y is None else torch.from_numpy(y)).sample.numpy().transpose(0, 2, 3, 1)
+    got = jax.jit(lambda p: model.apply({"params": p}, x, t, ctx, y))(params)
+    assert np.abs(want).mean() > 0.05  # not a comparison of near-zeros
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
+    # The context reaches the output.
+    other = jax.jit(lambda p: model.apply({"params": p}, x, t, ctx[::-1], y))(params)
+    assert np.abs(np.asarray(other) - np.asarray(got)).max() > 1e-3
+
+
+def test_a_missing_key_is_refused_by_name():
+    ref = _diffusers_unet(SMALL)
+    sd = dict(ref.state_dict())
+    sd.pop("time_embedding.linear_1.weight")
+    with pytest.raises(convert.ConversionError, match="missing key 'time_embedding.linear_1.weight'"):
+        convert.convert_unet2d_condition(sd, **SMALL)
+
+
+def _random_params(module, *inputs, seed=0):
+    """Random weights of ``module``'s shapes, drawn on the host (compiling Flax's initialisers takes seconds):
+    kernels N(0, 1 / fan_in), norm scales 1 + N(0, 0.05^2), biases N(0, 0.05^2)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs)["params"])
+
+    def draw(path, s):
+        noise = rng.standard_normal(s.shape).astype(np.float32)
+        name = path[-1].key
+        if name in ("kernel", "embedding"):
+            return jnp.asarray(noise / np.sqrt(max(np.prod(s.shape[:-1]), 1)))
+        return jnp.asarray((1.0 if name == "scale" else 0.0) + 0.05 * noise)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def test_ddim_samples_an_sd_architecture_model_with_given_text_embeddings():
+    """Stable Diffusion's pipeline at a small random size: text embeddings computed elsewhere, DDIM over
+    latents with classifier-free guidance against the empty prompt's embedding, the VAE's decoder."""
+    from ddim_jax import autoencoder
+    from ddim_jax.guidance import guided
+    from ddim_jax.schedules import make_schedule
+    from ddim_jax.solvers import sample
+
+    unet = cond_unet.UNet2DCondition(**SMALL)
+    x_T = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+    prompt = jax.random.normal(jax.random.key(2), (7, 16))  # the text encoder's output for one prompt
+    table = jnp.stack([prompt, jnp.zeros_like(prompt)])  # index 1: the empty prompt's (the null "label")
+
+    params = _random_params(unet, x_T, jnp.zeros((2,)), table[jnp.zeros(2, jnp.int32)])
+
+    def model_fn(p, x, t, which):
+        return unet.apply({"params": p}, x, t, table[jnp.broadcast_to(which, x.shape[:1])])
+
+    schedule = make_schedule("scaled_linear", num_timesteps=1000, beta_start=0.00085, beta_end=0.012)
+    fn = jax.tree_util.Partial(model_fn, params)
+    plain = sample(jax.tree_util.Partial(model_fn, params, which=0), schedule, x_T, 5)
+    at_one = sample(guided(fn, 0, 1.0, null_label=1), schedule, x_T, 5)
+    at_7 = sample(guided(fn, 0, 7.5, null_label=1), schedule, x_T, 5)  # same program, a new scale
+    np.testing.assert_allclose(at_one, plain, atol=1e-4)  # scale 1 is the conditional model
+    assert np.abs(np.asarray(at_7) - np.asarray(plain)).max() > 1e-2
+    vae = autoencoder.AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_groups=8)
+    vae_params = _random_params(vae, jnp.zeros((1, 16, 16, 3)))
+    images = jax.jit(lambda p, z: vae.apply({"params": p}, z / 0.18215, method="decode"))(vae_params, at_7)
+    assert images.shape == (2, 16, 16, 3) and np.all(np.isfinite(images))
