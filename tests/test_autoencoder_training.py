@@ -111,6 +111,8 @@ def test_a_run_trains_exports_and_resumes_exactly(run, tmp_path):
     spec, params = models.load(str(workdir))
     assert spec.kind == "autoencoder_kl" and spec.schedule is None and spec.info["step"] == 4
     assert "discriminator" not in params and set(params) >= {"encoder", "decoder"}
+    _, raw = models.load(str(workdir), use_ema=False)  # a checkpoint's raw params: the autoencoder's alone too
+    assert jax.tree.structure(raw) == jax.tree.structure(params)
     assert (workdir / "samples" / "step_00000004.png").is_file()  # originals over reconstructions
     # Interrupted at 2 and resumed, the run ends bitwise where the uninterrupted one did.
     part = tmp_path / "split"

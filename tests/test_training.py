@@ -7,6 +7,7 @@ small UNet, a few steps. tests/test_workdir.py has the workdir's guarantees.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -171,7 +172,8 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     port = str(_free_port())
     two = str(tmp_path / "two")
     procs = [subprocess.Popen([sys.executable, str(path), str(p), "2", port, two], cwd=ROOT, text=True,
-                              env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                              env=dict(env, XLA_FLAGS=re.sub(r"device_count=\d+", "device_count=2",
+                                                             os.environ["XLA_FLAGS"])),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for p in range(2)]
     one = tmp_path / "one"  # the reference, meanwhile: one process with four devices (this one)
     c = tiny_config(num_steps=4)
