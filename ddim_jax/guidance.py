@@ -2,7 +2,9 @@
 
 :func:`guided` turns a class-conditional model ``model_fn(x_t, t, labels)`` (trained with label
 dropout, so that ``null_label`` gives the unconditional model) into an ``eps_fn`` that every sampler
-and solver accepts (:func:`ddim_jax.ddim_sample`, :func:`ddim_jax.sample`, the encoder).
+and solver accepts (:func:`ddim_jax.ddim_sample`, :func:`ddim_jax.sample`, the encoder);
+:func:`guided_context` does the same for a model conditioned on context arrays (text embeddings for a
+cross-attention UNet), guided away from a null context (the empty prompt's embedding).
 
 Convention (diffusers' ``guidance_scale``)::
 
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["guided"]
+__all__ = ["guided", "guided_context"]
 
 
 def guided(model_fn, y, scale, *, null_label, rescale=0.0):
@@ -100,12 +102,58 @@ def _guided_output(model_fn, y, scale, null_label, rescale, x_t, t):
     if out.shape != (2 * B,) + tuple(x_t.shape[1:]):
         raise ValueError(f"model_fn returned shape {tuple(out.shape)} for a batch of shape "
                          f"{(2 * B,) + tuple(x_t.shape[1:])}; expected that shape")
-    cond = out[:B].astype(jnp.float32)
-    uncond = out[B:].astype(jnp.float32)
+    return _combine(out[:B].astype(jnp.float32), out[B:].astype(jnp.float32), scale, rescale).astype(x_t.dtype)
+
+
+def guided_context(model_fn, context, scale, *, null_context, rescale=0.0):
+    """The classifier-free-guided ``eps_fn(x_t, t)`` of ``model_fn(x_t, t, context)`` for a context array.
+
+    ``context``: ``[M, D]`` (one for the whole batch) or ``[B, M, D]`` (one per example), e.g. a text
+    encoder's output; ``null_context``: the unconditional model's context (``[M, D]`` or ``[B, M, D]``, e.g.
+    the empty prompt's embedding). Like :func:`guided`: one ``model_fn`` call on ``[x_t; x_t]`` with the
+    contexts ``[context; null_context]``, ``uncond + scale * (cond - uncond)``, optional ``rescale``; the
+    contexts and the scale are leaves of the returned Partial (new ones do not recompile).
+    """
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be callable as model_fn(x_t, t, context); got {type(model_fn).__name__}")
+    if not isinstance(model_fn, jax.tree_util.Partial):
+        model_fn = jax.tree_util.Partial(model_fn)
+    arrays = {}
+    for name, c in (("context", context), ("null_context", null_context)):
+        arr = c if isinstance(c, jax.Array) else np.asarray(c)
+        if arr.ndim not in (2, 3) or not jnp.issubdtype(arr.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a float array [M, D] or [batch, M, D]; got dtype {arr.dtype} and "
+                             f"shape {tuple(arr.shape)}")
+        if not bool(jnp.all(jnp.isfinite(arr))):
+            raise ValueError(f"{name} has non-finite values")
+        arrays[name] = arr
+    if arrays["context"].shape[-2:] != arrays["null_context"].shape[-2:]:
+        raise ValueError(f"context {tuple(arrays['context'].shape)} and null_context "
+                         f"{tuple(arrays['null_context'].shape)} must have the same [M, D]")
+    scale = _check_real("scale", scale, -math.inf, math.inf, "a finite real number (1 = no guidance, "
+                        "0 = the unconditional model)")
+    rescale = _check_real("rescale", rescale, 0.0, 1.0, "a number in [0, 1] (0 = no rescale)")
+    return jax.tree_util.Partial(_guided_context_output, model_fn, arrays["context"], arrays["null_context"], scale,
+                                 rescale)
+
+
+def _guided_context_output(model_fn, context, null_context, scale, rescale, x_t, t):
+    B = x_t.shape[0]
+    for name, c in (("context", context), ("null_context", null_context)):
+        if c.ndim == 3 and c.shape[0] != B:
+            raise ValueError(f"{name} has {c.shape[0]} rows but the batch x_t has {B} examples; give one per "
+                             "example or one [M, D] for all")
+    per_batch = lambda c: jnp.broadcast_to(c, (B,) + c.shape[-2:])  # noqa: E731
+    out = model_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
+                   jnp.concatenate([per_batch(context), per_batch(null_context)]))
+    return _combine(out[:B].astype(jnp.float32), out[B:].astype(jnp.float32), scale, rescale).astype(x_t.dtype)
+
+
+def _combine(cond, uncond, scale, rescale):
     g = cond + (scale - 1.0) * (cond - uncond)  # = uncond + scale * (cond - uncond); exact at scale 1
     axes = tuple(range(1, g.ndim))
     std_c = jnp.std(cond, axis=axes, keepdims=True)
     std_g = jnp.std(g, axis=axes, keepdims=True)
     factor = jnp.where(std_g > 0, std_c / jnp.where(std_g > 0, std_g, 1.0), 1.0)
     g = g + rescale * (g * factor - g)  # rescale * rescaled + (1 - rescale) * g; exact at rescale 0
-    return g.astype(x_t.dtype)
+    return g

@@ -109,25 +109,21 @@ def test_ddim_samples_an_sd_architecture_model_with_given_text_embeddings():
     """Stable Diffusion's pipeline at a small random size: text embeddings computed elsewhere, DDIM over
     latents with classifier-free guidance against the empty prompt's embedding, the VAE's decoder."""
     from ddim_jax import autoencoder
-    from ddim_jax.guidance import guided
+    from ddim_jax.guidance import guided_context
     from ddim_jax.schedules import make_schedule
     from ddim_jax.solvers import sample
 
     unet = cond_unet.UNet2DCondition(**SMALL)
     x_T = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
     prompt = jax.random.normal(jax.random.key(2), (7, 16))  # the text encoder's output for one prompt
-    table = jnp.stack([prompt, jnp.zeros_like(prompt)])  # index 1: the empty prompt's (the null "label")
-
-    params = _random_params(unet, x_T, jnp.zeros((2,)), table[jnp.zeros(2, jnp.int32)])
-
-    def model_fn(p, x, t, which):
-        return unet.apply({"params": p}, x, t, table[jnp.broadcast_to(which, x.shape[:1])])
-
+    empty = jnp.zeros_like(prompt)  # the empty prompt's
+    params = _random_params(unet, x_T, jnp.zeros((2,)), jnp.stack([prompt, prompt]))
+    model_fn = jax.tree_util.Partial(lambda p, x, t, c: unet.apply({"params": p}, x, t, c), params)
     schedule = make_schedule("scaled_linear", num_timesteps=1000, beta_start=0.00085, beta_end=0.012)
-    fn = jax.tree_util.Partial(model_fn, params)
-    plain = sample(jax.tree_util.Partial(model_fn, params, which=0), schedule, x_T, 5)
-    at_one = sample(guided(fn, 0, 1.0, null_label=1), schedule, x_T, 5)
-    at_7 = sample(guided(fn, 0, 7.5, null_label=1), schedule, x_T, 5)  # same program, a new scale
+    plain = sample(jax.tree_util.Partial(lambda p, x, t: unet.apply({"params": p}, x, t, jnp.stack([prompt] * 2)),
+                                         params), schedule, x_T, 5)
+    at_one = sample(guided_context(model_fn, prompt, 1.0, null_context=empty), schedule, x_T, 5)
+    at_7 = sample(guided_context(model_fn, prompt, 7.5, null_context=empty), schedule, x_T, 5)  # same program
     np.testing.assert_allclose(at_one, plain, atol=1e-4)  # scale 1 is the conditional model
     assert np.abs(np.asarray(at_7) - np.asarray(plain)).max() > 1e-2
     vae = autoencoder.AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_groups=8)

@@ -192,3 +192,28 @@ def test_bad_arguments():
         dj.guided(None, 0, 1.0, null_label=2)
     with pytest.raises(ValueError, match=r"null_label must be an integer outside \[0, 2\)"):
         _two_gaussians().conditional_eps_fn(SCHED, null_label=1)
+
+
+def test_context_guidance_combines_the_prompt_and_the_null_context():
+    from ddim_jax.guidance import guided_context
+
+    def model_fn(x, t, c):  # any model whose output depends on its context row by row
+        return x * jnp.mean(c, axis=(1, 2))[:, None] + t[:, None] * 0.01
+
+    x = jnp.arange(6.0).reshape(3, 2)
+    t = jnp.array([1, 2, 3])
+    prompt, null = jnp.full((4, 5), 2.0), jnp.full((4, 5), 0.5)
+    eps = guided_context(model_fn, prompt, 3.0, null_context=null)
+    cond, uncond = model_fn(x, t, jnp.stack([prompt] * 3)), model_fn(x, t, jnp.stack([null] * 3))
+    np.testing.assert_allclose(eps(x, t), uncond + 3.0 * (cond - uncond), rtol=1e-6)
+    per_example = jnp.stack([prompt, null, prompt])  # one context per example
+    np.testing.assert_allclose(guided_context(model_fn, per_example, 1.0, null_context=null)(x, t),
+                               model_fn(x, t, per_example), rtol=1e-6)
+    with pytest.raises(ValueError, match="null_context must be a float array"):
+        guided_context(model_fn, prompt, 2.0, null_context=jnp.zeros((4,)))
+    with pytest.raises(ValueError, match="context has non-finite values"):
+        guided_context(model_fn, prompt.at[0, 0].set(jnp.nan), 2.0, null_context=null)
+    with pytest.raises(ValueError, match="must have the same"):
+        guided_context(model_fn, prompt, 2.0, null_context=jnp.zeros((3, 5)))
+    with pytest.raises(ValueError, match="context has 2 rows but the batch x_t has 3"):
+        guided_context(model_fn, per_example[:2], 2.0, null_context=null)(x, t)
