@@ -99,10 +99,7 @@ def _guided_output(model_fn, y, scale, null_label, rescale, x_t, t):
                          "example or a scalar")
     labels = jnp.concatenate([jnp.broadcast_to(y, (B,)), jnp.full((B,), null_label, jnp.int32)])
     out = model_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), labels)
-    if out.shape != (2 * B,) + tuple(x_t.shape[1:]):
-        raise ValueError(f"model_fn returned shape {tuple(out.shape)} for a batch of shape "
-                         f"{(2 * B,) + tuple(x_t.shape[1:])}; expected that shape")
-    return _combine(out[:B].astype(jnp.float32), out[B:].astype(jnp.float32), scale, rescale).astype(x_t.dtype)
+    return _combine(out, x_t, scale, rescale)
 
 
 def guided_context(model_fn, context, scale, *, null_context, rescale=0.0):
@@ -112,7 +109,8 @@ def guided_context(model_fn, context, scale, *, null_context, rescale=0.0):
     encoder's output; ``null_context``: the unconditional model's context (``[M, D]`` or ``[B, M, D]``, e.g.
     the empty prompt's embedding). Like :func:`guided`: one ``model_fn`` call on ``[x_t; x_t]`` with the
     contexts ``[context; null_context]``, ``uncond + scale * (cond - uncond)``, optional ``rescale``; the
-    contexts and the scale are leaves of the returned Partial (new ones do not recompile).
+    contexts and the scale are leaves of the returned Partial (new ones do not recompile). Build it
+    outside jit (the contexts are checked for finite values).
     """
     if not callable(model_fn):
         raise TypeError(f"model_fn must be callable as model_fn(x_t, t, context); got {type(model_fn).__name__}")
@@ -146,14 +144,20 @@ def _guided_context_output(model_fn, context, null_context, scale, rescale, x_t,
     per_batch = lambda c: jnp.broadcast_to(c, (B,) + c.shape[-2:])  # noqa: E731
     out = model_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
                    jnp.concatenate([per_batch(context), per_batch(null_context)]))
-    return _combine(out[:B].astype(jnp.float32), out[B:].astype(jnp.float32), scale, rescale).astype(x_t.dtype)
+    return _combine(out, x_t, scale, rescale)
 
 
-def _combine(cond, uncond, scale, rescale):
+def _combine(out, x_t, scale, rescale):
+    """The guided output from the model's output ``out`` on ``[x_t; x_t]`` (conditional half first)."""
+    B = x_t.shape[0]
+    if out.shape != (2 * B,) + tuple(x_t.shape[1:]):
+        raise ValueError(f"model_fn returned shape {tuple(out.shape)} for a batch of shape "
+                         f"{(2 * B,) + tuple(x_t.shape[1:])}; expected that shape")
+    cond, uncond = out[:B].astype(jnp.float32), out[B:].astype(jnp.float32)
     g = cond + (scale - 1.0) * (cond - uncond)  # = uncond + scale * (cond - uncond); exact at scale 1
     axes = tuple(range(1, g.ndim))
     std_c = jnp.std(cond, axis=axes, keepdims=True)
     std_g = jnp.std(g, axis=axes, keepdims=True)
     factor = jnp.where(std_g > 0, std_c / jnp.where(std_g > 0, std_g, 1.0), 1.0)
     g = g + rescale * (g * factor - g)  # rescale * rescaled + (1 - rescale) * g; exact at rescale 0
-    return g
+    return g.astype(x_t.dtype)

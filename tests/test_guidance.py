@@ -217,3 +217,5 @@ def test_context_guidance_combines_the_prompt_and_the_null_context():
         guided_context(model_fn, prompt, 2.0, null_context=jnp.zeros((3, 5)))
     with pytest.raises(ValueError, match="context has 2 rows but the batch x_t has 3"):
         guided_context(model_fn, per_example[:2], 2.0, null_context=null)(x, t)
+    with pytest.raises(ValueError, match=r"model_fn returned shape \(6, 1\)"):
+        guided_context(lambda x, t, c: x[:, :1], prompt, 2.0, null_context=null)(x, t)
