@@ -120,7 +120,7 @@ def main():
                             NamedSharding(mesh, P(None, "data")))
     labels = jax.device_put(np.zeros((1, a.batch), np.int32), NamedSharding(mesh, P(None, "data")))
     state = init_state(c, mesh)
-    compiled = step.jitted.lower(state, images, labels).compile()
+    compiled = step.jitted.lower(state, images, labels, {}).compile()
     instrs, comps = parse_hlo(compiled.as_text())
     for _ in range(2):
         state, m = step(state, images, labels)

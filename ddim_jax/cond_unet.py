@@ -288,3 +288,40 @@ class _MidBlock(nn.Module):
         h = SpatialTransformer(self.heads, self.transformer_layers, self.groups, self.linear_projection, self.dtype,
                                name="attentions_0")(h, context)
         return ResnetBlock(c, self.groups, self.eps, self.dtype, name="resnets_1")(h, temb)
+
+
+class ClassConditionedUNet(nn.Module):
+    """Latent diffusion's class-conditional model: a class embedder tau_theta(y) turning each label into
+    ``context_tokens`` learned tokens of ``cross_attention_dim`` values (``class_tokens``, one row per label,
+    the null label included), which every spatial transformer of a :class:`UNet2DCondition` (``unet``)
+    attends to. ``__call__(x, t, y, *, train=False)`` is the signature of :class:`ddim_jax.unet.UNet`
+    (no dropout: ``train`` changes nothing), so the samplers and classifier-free guidance use it alike."""
+
+    num_labels: int
+    block_out_channels: tuple = (64, 128)
+    down_block_types: tuple = ("CrossAttnDownBlock2D", "DownBlock2D")
+    up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D")
+    layers_per_block: int = 1
+    attention_head_dim: Any = 4
+    transformer_layers_per_block: Any = 1
+    cross_attention_dim: int = 64
+    norm_groups: int = 8
+    use_linear_projection: bool = True
+    context_tokens: int = 1
+    in_channels: int = 4
+    out_channels: int = 4
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, t: Array, y: Array | None = None, *, train: bool = False) -> Array:
+        del train
+        if y is None:
+            raise ValueError("a ClassConditionedUNet needs labels y")
+        y = jnp.broadcast_to(jnp.asarray(y, jnp.int32), (x.shape[0],))
+        m, d = self.context_tokens, self.cross_attention_dim
+        context = nn.Embed(self.num_labels, m * d, name="class_tokens")(y).reshape(x.shape[0], m, d)
+        return UNet2DCondition(self.block_out_channels, self.down_block_types, self.up_block_types,
+                               self.layers_per_block, self.attention_head_dim, self.transformer_layers_per_block,
+                               d, self.in_channels, self.out_channels, self.norm_groups,
+                               use_linear_projection=self.use_linear_projection, dtype=self.dtype,
+                               name="unet")(x, t, context.astype(self.dtype))

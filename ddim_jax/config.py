@@ -25,7 +25,12 @@ RESUMABLE_CHANGES = ("training.num_steps", "training.log_every", "training.sampl
 CROPS = ("center", "celeba", "none")
 
 
-def base_config() -> ml_collections.ConfigDict:
+def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
+    """The schema of a diffusion run (the embedded digits' defaults). ``kind``: the model block's network,
+    ``'unet'`` (DDPM's UNet) or ``'cross_attention_unet'`` (latent diffusion's class-conditional UNet with
+    cross-attention, :class:`ddim_jax.cond_unet.ClassConditionedUNet`)."""
+    if kind not in ("unet", "cross_attention_unet"):
+        raise ValueError(f"kind must be unet or cross_attention_unet; got {kind!r}")
     c = ml_collections.ConfigDict()
 
     c.data = d = ml_collections.ConfigDict()
@@ -50,6 +55,25 @@ def base_config() -> ml_collections.ConfigDict:
     m.resamp_with_conv = True
     m.norm_groups = 32  # GroupNorm groups (DDPM's 32); keep several channels per group (configs/digits.py: 8)
     m.num_classes = config_dict.placeholder(int)  # None = unconditional; else the data's classes (labels 0..K-1)
+    if kind == "cross_attention_unet":
+        c.model = m = ml_collections.ConfigDict()  # diffusers' UNet2DConditionModel blocks + a class embedder
+        m.kind = kind
+        m.block_out_channels = (64, 128)
+        m.down_block_types = ("CrossAttnDownBlock2D", "DownBlock2D")
+        m.up_block_types = ("UpBlock2D", "CrossAttnUpBlock2D")
+        m.layers_per_block = 1
+        m.attention_head_dim = 4  # heads (diffusers' name), one value or one per level
+        m.transformer_layers_per_block = 1
+        m.cross_attention_dim = 64  # each class token's size (d_tau)
+        m.context_tokens = 1  # tokens per class (M)
+        m.norm_groups = 8
+        m.use_linear_projection = True
+        m.num_classes = 10  # the data's classes; this kind is class-conditional
+
+    c.latent = lat = ml_collections.ConfigDict()  # latent diffusion (Rombach et al.): diffuse an autoencoder's latents
+    lat.autoencoder = ""  # '' = pixel space; else a trained autoencoder: a model directory or its training workdir
+    lat.scale_factor = 0.0  # latents are multiplied by this; 0 = 1/std of the first training images' latents
+    lat.autoencoder_spec = ""  # written when the run starts: the autoencoder's spec (JSON), the run's record
 
     c.diffusion = f = ml_collections.ConfigDict()
     f.schedule = "cosine"  # for the 8x8 digits; the paper's configs use 'linear' (paper_config)
@@ -174,8 +198,15 @@ SCHEMAS = {"diffusion": base_config, "autoencoder": autoencoder_config}
 
 def schema(config) -> ml_collections.ConfigDict:
     """The default config of the objective ``config`` trains for: the fields it must have."""
-    goal = objective(config)
-    return SCHEMAS[goal](to_dict(config)["model"]["kind"]) if goal == "autoencoder" else SCHEMAS[goal]()
+    kind = to_dict(config)["model"].get("kind", "unet")
+    return SCHEMAS[objective(config)](kind if kind in trainable_kinds() else "unet")
+
+
+def trainable_kinds() -> list[str]:
+    """The model kinds train.py trains (context-conditioned kinds are converted, not trained: no text data)."""
+    from ddim_jax.models import KINDS
+
+    return [k for k, v in KINDS.items() if v.conditioning != "context"]
 
 
 def with_defaults(d: dict) -> dict:
@@ -214,11 +245,9 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
 
     ``num_devices`` and ``num_processes`` are those the run will use (the global batch is split over them).
     """
-    from ddim_jax.models import KINDS
-
     kind = to_dict(config).get("model", {}).get("kind", "unet")
-    if kind not in KINDS:
-        raise ValueError(f"model.kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    if kind not in trainable_kinds():
+        raise ValueError(f"model.kind must be one of {', '.join(trainable_kinds())}; got {kind!r}")
     goal = objective(config)
     default = SCHEMAS[goal]
     fields = flatten(to_dict(schema(config)))
@@ -274,17 +303,27 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
     _CHECKS[goal](config, need)
     from ddim_jax.models import spec_from_config
 
+    if goal == "diffusion" and config.latent.autoencoder and not config.latent.autoencoder_spec:
+        return  # the model's shape is the autoencoder's latents': checked once it is read (training.latent)
     spec_from_config(config)  # the model block's own checks (kind, arguments, schedule)
 
 
 def _check_diffusion(config, need) -> None:
-    t, m, f = config["training"], config["model"], config["diffusion"]
+    t, m, f, lat = config["training"], config["model"], config["diffusion"], config["latent"]
     need(f.schedule in SCHEDULES, "diffusion.schedule", f"one of {', '.join(SCHEDULES)}")
     need(f.prediction_type in PREDICTION_TYPES, "diffusion.prediction_type", f"one of {', '.join(PREDICTION_TYPES)}")
     need(_int(f.num_timesteps) and f.num_timesteps >= 2, "diffusion.num_timesteps", "an integer >= 2")
+    need(_real(t.p_uncond) and 0 <= t.p_uncond < 1, "training.p_uncond", "a number in [0, 1)")
+    need(isinstance(lat.autoencoder, str), "latent.autoencoder",
+         "'' (pixel space) or the path of a trained autoencoder (a model directory or its training workdir)")
+    need(_real(lat.scale_factor) and lat.scale_factor >= 0, "latent.scale_factor",
+         "a finite number > 0, or 0 (estimated from the data)")
+    need(isinstance(lat.autoencoder_spec, str), "latent.autoencoder_spec", "a string (written when the run starts)")
+    if m.kind == "cross_attention_unet":
+        _check_cross_attention_unet(config, need)
+        return
     need(m.num_classes is None or (_int(m.num_classes) and m.num_classes >= 1), "model.num_classes",
          "None (unconditional) or the number of classes of the data")
-    need(_real(t.p_uncond) and 0 <= t.p_uncond < 1, "training.p_uncond", "a number in [0, 1)")
     widths = sorted({m.ch * k for k in m.ch_mult}) if _int(m.ch) and all(_int(k) for k in m.ch_mult) else []
     need(_int(m.norm_groups) and m.norm_groups >= 1 and all(w % m.norm_groups == 0 for w in widths),
          "model.norm_groups", f"a positive integer dividing every level's channels ({', '.join(map(str, widths))})")
@@ -293,6 +332,26 @@ def _check_diffusion(config, need) -> None:
     need(not widths or widths[0] // m.norm_groups >= 2, "model.norm_groups",
          f"at most {widths[0] // 2 if widths else 1} (two or more channels per group at {widths[0] if widths else 0} "
          "channels; DDPM has 4), or the blocks cannot see the timestep")
+
+
+def _check_cross_attention_unet(config, need) -> None:
+    t, m = config["training"], config["model"]
+    chans = m.block_out_channels
+    need(isinstance(chans, (tuple, list)) and len(chans) >= 1 and all(_int(c) and c >= 1 for c in chans),
+         "model.block_out_channels", "a non-empty tuple of positive integers (one per level)")
+    need(_int(m.num_classes) and m.num_classes >= 1, "model.num_classes",
+         "the number of classes of the data (a cross_attention_unet is class-conditional)")
+    need(_int(m.layers_per_block) and m.layers_per_block >= 1, "model.layers_per_block", "a positive integer")
+    need(_int(m.norm_groups) and m.norm_groups >= 1 and all(c % m.norm_groups == 0 for c in chans),
+         "model.norm_groups", f"a positive integer dividing every level's channels ({', '.join(map(str, chans))})")
+    heads = m.attention_head_dim
+    heads = heads if isinstance(heads, (tuple, list)) else [heads] * len(chans)
+    need(len(heads) == len(chans) and all(_int(h) and h >= 1 and c % h == 0 for h, c in zip(heads, chans)),
+         "model.attention_head_dim", f"heads dividing each level's channels ({', '.join(map(str, chans))}), one "
+         "value or one per level")
+    for name in ("cross_attention_dim", "context_tokens"):
+        need(_int(m[name]) and m[name] >= 1, f"model.{name}", "a positive integer")
+    need(t.remat is False, "training.remat", "False (remat is not offered for cross_attention_unet)")
 
 
 def _check_autoencoder(config, need) -> None:

@@ -2,7 +2,9 @@
 
 A :class:`ModelSpec` says everything needed to rebuild and use a trained network: its kind and that
 kind's arguments, the image size and channels, the noise schedule (in this project's names), the
-prediction type and the conditioning. A model directory holds exactly two files::
+prediction type and the conditioning. A latent diffusion model's spec also holds its autoencoder's spec
+and the scale factor of its latents; its parameters are ``{"denoiser": ..., "autoencoder": ...}``. A
+model directory holds exactly two files::
 
     spec.json            {"format": "ddim_jax.model", "version": 1, "spec": {...}}
     params.safetensors   the float32 parameters, keys joined with "/" (e.g. "down_0_block_0/conv1/kernel")
@@ -68,6 +70,8 @@ class ModelKind:
     example_inputs: Callable[["ModelSpec"], tuple]
     objective: str = "diffusion"  # what training optimises (ddim_jax.training.objectives); only diffusion
     # models have a noise schedule and a prediction type
+    conditioning: str = "labels"  # what a diffusion model's y is: class labels, or context arrays [B, M, d]
+    # (text-encoder outputs computed elsewhere; such models are converted, not trained by train.py)
 
 
 def _build_unet(spec: "ModelSpec", dtype, remat: bool):
@@ -95,6 +99,31 @@ def _image_inputs(spec: "ModelSpec") -> tuple:
     return (jnp.zeros((1, spec.image_size, spec.image_size, spec.channels), jnp.float32),)
 
 
+def _build_cross_attention_unet(spec: "ModelSpec", dtype, remat: bool):
+    from ddim_jax.cond_unet import ClassConditionedUNet
+
+    if remat:
+        raise ValueError(f"remat is not offered for {spec.kind} (set training.remat=False)")
+    if spec.num_classes is None:
+        raise ValueError("a cross_attention_unet attends to class tokens: it needs num_classes (an unconditional "
+                         "model is kind unet)")
+    return ClassConditionedUNet(num_labels=spec.num_labels, in_channels=spec.channels, out_channels=spec.channels,
+                                dtype=dtype, **spec.arch)
+
+
+def _build_context_unet(spec: "ModelSpec", dtype, remat: bool):
+    from ddim_jax.cond_unet import UNet2DCondition
+
+    if remat:
+        raise ValueError(f"remat is not offered for {spec.kind}")
+    return UNet2DCondition(in_channels=spec.channels, out_channels=spec.channels, dtype=dtype, **spec.arch)
+
+
+def _context_unet_inputs(spec: "ModelSpec") -> tuple:
+    x = jnp.zeros((1, spec.image_size, spec.image_size, spec.channels), jnp.float32)
+    return x, jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, spec.arch.get("cross_attention_dim", 768)), jnp.float32)
+
+
 KINDS: dict[str, ModelKind] = {
     # DDPM's noise-prediction UNet (ddim_jax.unet.UNet); out_ch and num_classes come from the spec.
     "unet": ModelKind(_build_unet, ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
@@ -106,6 +135,20 @@ KINDS: dict[str, ModelKind] = {
     "autoencoder_vq": ModelKind(_build_autoencoder, ("block_out_channels", "layers_per_block", "latent_channels",
                                                      "num_embeddings", "embedding_dim", "beta", "norm_groups"),
                                 _image_inputs, objective="autoencoder"),
+    # Latent diffusion's conditional UNet (ddim_jax.cond_unet.ClassConditionedUNet): diffusers'
+    # UNet2DConditionModel blocks, cross-attending to context_tokens learned tokens per class.
+    "cross_attention_unet": ModelKind(_build_cross_attention_unet,
+                                      ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
+                                       "attention_head_dim", "transformer_layers_per_block", "cross_attention_dim",
+                                       "norm_groups", "use_linear_projection", "context_tokens"), _unet_inputs),
+    # Stable Diffusion's UNet (ddim_jax.cond_unet.UNet2DCondition) conditioned on given context arrays
+    # (text-encoder outputs [B, M, cross_attention_dim]); python -m ddim_jax.convert writes it from a diffusers
+    # Stable Diffusion folder.
+    "unet2d_condition": ModelKind(_build_context_unet,
+                                  ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
+                                   "attention_head_dim", "transformer_layers_per_block", "cross_attention_dim",
+                                   "norm_groups", "norm_eps", "use_linear_projection", "flip_sin_to_cos",
+                                   "freq_shift"), _context_unet_inputs, conditioning="context"),
 }
 
 _SHAPES: dict = {}  # param_shapes by architecture (tracing a network takes a while)
@@ -140,7 +183,12 @@ class ModelSpec:
     Conditioning: ``num_classes`` None is an unconditional model; else labels ``0 .. num_classes - 1``
     are the classes, and ``null_label`` (``num_classes``, one extra embedding row, or None) is the
     unconditional model a run trained with label dropout (``training.p_uncond``) also learned: with
-    it the model can sample unconditionally and with classifier-free guidance."""
+    it the model can sample unconditionally and with classifier-free guidance.
+
+    Latent diffusion: ``autoencoder`` is the spec of the autoencoder whose latents the model diffuses
+    (``image_size`` and ``channels`` are then the latents', :attr:`output_shape` the images'), and
+    ``scale_factor`` multiplies its latents (1 / their std on the training data; SD's VAE: 0.18215).
+    :meth:`encode` and :meth:`decode` map between images and the diffusion's space."""
 
     kind: str
     arch: Mapping[str, Any]
@@ -150,6 +198,8 @@ class ModelSpec:
     prediction_type: str | None = "epsilon"
     num_classes: int | None = None
     null_label: int | None = None
+    autoencoder: "ModelSpec | None" = None  # a latent diffusion model's (frozen) autoencoder
+    scale_factor: float | None = None  # latents = scale_factor x the autoencoder's; None: not estimated yet
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -181,6 +231,7 @@ class ModelSpec:
         object.__setattr__(self, "arch", _frozen(dict(self.arch)))
         object.__setattr__(self, "image_size", int(self.image_size))
         object.__setattr__(self, "channels", int(self.channels))
+        self._check_latent()
         if not self.is_diffusion:
             return
         if not isinstance(self.schedule, Mapping):
@@ -191,6 +242,54 @@ class ModelSpec:
                              f"got {dict(self.schedule)!r}")
         object.__setattr__(self, "schedule", _frozen(dict(self.schedule)))
         self.make_schedule()  # a bad schedule fails here, not at sampling time
+
+    def _check_latent(self) -> None:
+        ae = self.autoencoder
+        if isinstance(ae, Mapping):
+            ae = ModelSpec.from_dict(ae)
+            object.__setattr__(self, "autoencoder", ae)
+        if ae is None:
+            if self.scale_factor is not None:
+                raise ValueError("scale_factor applies to latent diffusion models (with an autoencoder)")
+            return
+        if not isinstance(ae, ModelSpec) or ae.is_diffusion or ae.autoencoder is not None:
+            raise ValueError(f"autoencoder must be the spec of an autoencoder model; got "
+                             f"{getattr(ae, 'kind', type(ae).__name__)!r}")
+        if not self.is_diffusion:
+            raise ValueError(f"a {self.kind} model cannot have an autoencoder (only diffusion models are latent)")
+        if self.scale_factor is not None:
+            if (not isinstance(self.scale_factor, (int, float, np.floating)) or isinstance(self.scale_factor, bool)
+                    or not np.isfinite(self.scale_factor) or self.scale_factor <= 0):
+                raise ValueError(f"scale_factor must be a finite number > 0; got {self.scale_factor!r}")
+            object.__setattr__(self, "scale_factor", float(self.scale_factor))
+        size, ch = ae.latent_shape
+        if (self.image_size, self.channels) != (size, ch):
+            raise ValueError(f"a latent model's image_size and channels are its autoencoder's latents' ({size}, {ch}); "
+                             f"got ({self.image_size}, {self.channels})")
+        object.__setattr__(self, "autoencoder", dataclasses.replace(ae, info={}))
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """An autoencoder's latents: ``(side, channels)``."""
+        if self.is_diffusion:
+            raise ValueError(f"a {self.kind} model has no latents (it is not an autoencoder)")
+        a = self.arch
+        ch = (a.get("embedding_dim") or a["latent_channels"]) if self.kind == "autoencoder_vq" else a["latent_channels"]
+        f = 2 ** (len(a["block_out_channels"]) - 1)
+        if self.image_size % f:
+            raise ValueError(f"the autoencoder's image_size {self.image_size} is not a multiple of its factor {f}")
+        return self.image_size // f, ch
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """The images the model generates ``(H, W, C)``: its own shape, or its autoencoder's images."""
+        src = self.autoencoder or self
+        return (src.image_size, src.image_size, src.channels)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """What the sampler draws and denoises: the images, or a latent model's latents."""
+        return (self.image_size, self.image_size, self.channels)
 
     # -- using it
 
@@ -228,26 +327,65 @@ class ModelSpec:
         return jax.jit(self.init, compiler_options=run_once_options(jax.devices()[0].platform))(key)
 
     def param_shapes(self) -> dict:
-        """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, computing nothing."""
+        """The model's parameter tree (a latent model's: ``{"denoiser", "autoencoder"}``) as
+        ``jax.ShapeDtypeStruct`` leaves, computing nothing."""
         key = json.dumps(self.architecture(), sort_keys=True)
         if key not in _SHAPES:
-            _SHAPES[key] = jax.eval_shape(self.init, jax.random.key(0))
+            shapes = jax.eval_shape(self.init, jax.random.key(0))
+            if self.autoencoder is not None:
+                shapes = {"denoiser": shapes, "autoencoder": self.autoencoder.param_shapes()}
+            _SHAPES[key] = shapes
         return _SHAPES[key]
 
-    def eps_fn(self, params, y=None, guidance=None, *, rescale=0.0, dtype: str = "float32"):
+    def network_params(self, params) -> dict:
+        """The params of the network :meth:`build` makes (a latent model's denoiser) from the model's."""
+        return params if self.autoencoder is None else params["denoiser"]
+
+    def _require_scale(self) -> float:
+        if self.scale_factor is None:
+            raise ValueError("this latent model's scale_factor has not been estimated yet (training estimates it "
+                             "from the data when it starts)")
+        return self.scale_factor
+
+    def encode(self, params, x, noise=None):
+        """Images ``x`` in [-1, 1] -> the diffusion's space: ``x`` itself, or a latent model's scaled latents
+        (a KL autoencoder's posterior mean, or ``mean + std * noise`` given standard-normal ``noise`` of
+        the latents' shape; a VQ autoencoder's latents before quantisation, as LDM's)."""
+        if self.autoencoder is None:
+            return x
+        ae, scale = self.autoencoder, self._require_scale()
+        net, p = ae.build(), {"params": params["autoencoder"]}
+        if ae.kind == "autoencoder_vq":
+            return net.apply(p, x, method="encode") * scale
+        mean, logvar = net.apply(p, x, method="encode")
+        z = mean if noise is None else mean + jnp.exp(0.5 * logvar) * noise
+        return z * scale
+
+    def decode(self, params, z):
+        """The diffusion's space -> images in about [-1, 1] (a latent model decodes ``z / scale_factor``)."""
+        if self.autoencoder is None:
+            return z
+        net = self.autoencoder.build()
+        return net.apply({"params": params["autoencoder"]}, z / self._require_scale(), method="decode")
+
+    def eps_fn(self, params, y=None, guidance=None, *, rescale=0.0, dtype: str = "float32", null_context=None):
         """``eps_fn(x, t)`` for the samplers (params, ``y`` and ``guidance`` are leaves, so jit caches hit).
 
         Unconditional models take neither ``y`` nor ``guidance``. A class-conditional model takes labels
         ``y`` (a scalar or one per example, in ``[0, num_classes)``; None = the unconditional model, which
         needs a null label) and optionally a classifier-free ``guidance`` scale (1 = no guidance, 0 = the
-        unconditional model; see :mod:`ddim_jax.guidance`) with its ``rescale``. ``dtype``: the network's
-        compute dtype (the sampler's own arithmetic stays float32).
+        unconditional model; see :mod:`ddim_jax.guidance`) with its ``rescale``. A context-conditioned model
+        (kind ``unet2d_condition``) takes context arrays ``y`` (``[B, M, d]`` or one ``[M, d]`` for all) and,
+        for guidance, ``null_context`` (the empty prompt's). ``dtype``: the network's compute dtype (the
+        sampler's own arithmetic stays float32).
         """
         from ddim_jax.guidance import guided
         from ddim_jax.unet import make_eps_fn, make_model_fn
 
         self._require_diffusion()
-        net = self.build(dtype)
+        net, params = self.build(dtype), self.network_params(params)
+        if KINDS[self.kind].conditioning == "context":
+            return self._context_eps_fn(net, params, y, guidance, null_context, rescale)
         if self.num_classes is None:
             if y is not None or guidance is not None:
                 raise ValueError("this model is unconditional: labels and guidance do not apply")
@@ -264,6 +402,22 @@ class ModelSpec:
             return make_eps_fn(net, params, y)
         return guided(make_model_fn(net, params), y, guidance, null_label=self.null_label, rescale=rescale)
 
+    def _context_eps_fn(self, net, params, context, guidance, null_context, rescale):
+        from ddim_jax.guidance import guided_context
+        from ddim_jax.unet import make_model_fn
+
+        d = self.arch.get("cross_attention_dim", 768)
+        if context is None or np.ndim(context) not in (2, 3) or np.shape(context)[-1] != d:
+            raise ValueError(f"this {self.kind} model conditions on context arrays (e.g. text-encoder outputs) of "
+                             f"shape [B, M, {d}] or [M, {d}]; got {None if context is None else np.shape(context)} "
+                             "(sample it from Python: spec.eps_fn(params, context, guidance, null_context=...))")
+        if guidance is None:
+            return jax.tree_util.Partial(_with_context, make_model_fn(net, params), jnp.asarray(context, jnp.float32))
+        if null_context is None:
+            raise ValueError("guidance needs null_context: the context of the empty prompt")
+        return guided_context(make_model_fn(net, params), context, guidance, null_context=null_context,
+                              rescale=rescale)
+
     def check_labels(self, y):
         """Integer labels in ``[0, num_classes)``, or a one-line ValueError (traced labels pass unchecked)."""
         if isinstance(y, jax.core.Tracer):
@@ -279,7 +433,12 @@ class ModelSpec:
     # -- storing it
 
     def to_dict(self) -> dict:
-        return _jsonable({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.autoencoder is None:  # pixel-space models keep the spec.json they always had
+            del d["autoencoder"], d["scale_factor"]
+        else:
+            d["autoencoder"] = {k: v for k, v in self.autoencoder.to_dict().items() if k != "info"}
+        return _jsonable(d)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelSpec":
@@ -295,7 +454,15 @@ class ModelSpec:
     def architecture(self) -> dict:
         """What fixes the parameter shapes (to compare a checkpoint with a config before reading arrays)."""
         d = self.to_dict()
-        return {k: d[k] for k in ("kind", "arch", "image_size", "channels", "num_classes", "null_label")}
+        out = {k: d[k] for k in ("kind", "arch", "image_size", "channels", "num_classes", "null_label")}
+        if self.autoencoder is not None:
+            out["autoencoder"] = self.autoencoder.architecture()
+        return out
+
+
+def _with_context(model_fn, context, x, t):
+    """``eps_fn(x, t)`` of a context-conditioned model: ``context`` per example, or one for the batch."""
+    return model_fn(x, t, jnp.broadcast_to(context, (x.shape[0],) + context.shape[-2:]))
 
 
 def spec_from_config(config) -> ModelSpec:
@@ -311,8 +478,17 @@ def spec_from_config(config) -> ModelSpec:
     schedule = {"name": f["schedule"], "num_timesteps": f["num_timesteps"]}
     if f["schedule"] != "cosine":
         schedule.update(beta_start=f["beta_start"], beta_end=f["beta_end"])
-    return ModelSpec(kind, model, data["image_size"], data["channels"], schedule, f["prediction_type"],
-                     num_classes, null_label, info={"data": dict(data)})
+    size, channels, latent = data["image_size"], data["channels"], {}
+    lat = d.get("latent") or {}
+    if lat.get("autoencoder"):
+        if not lat.get("autoencoder_spec"):
+            raise ValueError(f"latent.autoencoder_spec is empty: the autoencoder {lat['autoencoder']!r} has not been "
+                             "read yet (ddim_jax.training.latent.resolve fills it in)")
+        ae = ModelSpec.from_dict(json.loads(lat["autoencoder_spec"]))
+        size, channels = ae.latent_shape
+        latent = dict(autoencoder=ae, scale_factor=lat.get("scale_factor") or None)
+    return ModelSpec(kind, model, size, channels, schedule, f["prediction_type"], num_classes, null_label,
+                     info={"data": dict(data)}, **latent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +512,8 @@ def save(path: str, spec: ModelSpec, params, *, overwrite: bool = False) -> str:
     """
     from safetensors.numpy import save_file
 
+    if spec.autoencoder is not None:
+        spec._require_scale()
     flat = _flatten(jax.tree.map(lambda a: np.asarray(a, np.float32), params))
     _check_params(flat, spec, os.fspath(path))
     bad = [k for k, v in flat.items() if not np.all(np.isfinite(v))]

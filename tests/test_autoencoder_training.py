@@ -85,7 +85,7 @@ def test_loss_terms_and_the_discriminator_switch():
     keys = jax.random.split(jax.random.key(2), 4)
     # One device's loss, inside a mapped axis named 'data' (the objective averages over it).
     value_and_grad = jax.jit(jax.vmap(jax.value_and_grad(
-        lambda p, step: obj.loss(p, x0, None, keys, step, None), has_aux=True), (None, 0), axis_name="data"))
+        lambda p, step: obj.loss(p, {}, x0, None, keys, step, None), has_aux=True), (None, 0), axis_name="data"))
     l1, kl, adv, weight = jax.jit(lambda p: _loss_terms(config, p, x0, keys))(params)
     pixels = 16 * 16
     for step in (4, 5):  # the discriminator's terms switch on at disc_start = 5

@@ -21,9 +21,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from ddim_jax.config import config_differences, flatten, with_defaults
-from ddim_jax.models import KINDS, ModelSpec, spec_from_config
+from ddim_jax.models import ModelSpec, spec_from_config
 from ddim_jax.parallel import host, host_tree, make_mesh
-from ddim_jax.training.objectives import OBJECTIVES
+from ddim_jax.training.objectives import make_objective
 from ddim_jax.training.state import TrainState, abstract_state
 
 log = logging.getLogger("ddim_jax")
@@ -232,5 +232,10 @@ def load_params(workdir: str, *, step: int | None = None, use_ema: bool = True) 
     info = dict(spec.info, source=f"{os.path.abspath(workdir)} (step {meta['step']}, "
                                   f"{'EMA' if use_ema else 'raw'} params)", step=int(meta["step"]))
     spec = dataclasses.replace(spec, info=info)
-    params = OBJECTIVES[KINDS[spec.kind].objective].model_params(state.ema_params if use_ema else state.params)
+    frozen = {}
+    if spec.autoencoder is not None:
+        from ddim_jax.training.latent import load_copy
+
+        frozen = load_copy(workdir)
+    params = make_objective(config).model_params(state.ema_params if use_ema else state.params, frozen)
     return spec, host_tree(params)

@@ -27,6 +27,7 @@ from ddim_jax import files, models
 from ddim_jax.config import config_differences, to_dict, validate_config
 from ddim_jax.images import save_grid
 from ddim_jax.parallel import host, make_mesh, on_main
+from ddim_jax.training import latent
 from ddim_jax.training.checkpoints import Checkpointer, resume
 from ddim_jax.training.memory import check_fits, memory_plan
 from ddim_jax.training.metrics import MetricsWriter, due
@@ -85,25 +86,31 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
     ``training.num_steps`` are done, after a SIGTERM (having saved), or raises after ``max_nonfinite``
     non-finite losses in a row."""
     mesh = make_mesh(devices)
+    config, first_stage = latent.resolve(config, workdir)  # a latent model's autoencoder (reads, writes nothing)
     validate_config(config, mesh.devices.size, jax.process_count())
     check_batch_fits(config, jax.process_count())
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     lock = on_main(lambda: files.WorkdirLock(workdir).acquire(), "locking the workdir")
     try:
-        return _train_locked(config, workdir, mesh, is_main, allow_config_change, progress)
+        return _train_locked(config, workdir, mesh, is_main, allow_config_change, progress, first_stage)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train_locked(config, workdir, mesh, is_main, allow_config_change, progress) -> TrainResult:
+def _train_locked(config, workdir, mesh, is_main, allow_config_change, progress, first_stage) -> TrainResult:
     t_cfg = config.training
-    cfg_dict = to_dict(config)
     source = data_lib.make_source(config.data)
     if len(source) < 1:
         raise ValueError(f"dataset {config.data.dataset!r} is empty")
     check_labels(config, source)
+    if first_stage is not None and not config.latent.scale_factor:
+        config = latent.with_scale(config, latent.estimate_scale(first_stage, source))
+        if is_main:
+            print(f"latent scale factor {config.latent.scale_factor:.6g} (1 / std of the first training images' "
+                  "latents)", flush=True)
+    cfg_dict = to_dict(config)
     cfg_path = os.path.join(workdir, "config.json")
     ckpt = Checkpointer(workdir, t_cfg.keep_checkpoints)
     try:
@@ -128,8 +135,12 @@ def _train_locked(config, workdir, mesh, is_main, allow_config_change, progress)
                 print(f"resuming from step {meta['step']} in {ckpt.dir}", flush=True)
         else:
             state = init_state(config, mesh)
+        if first_stage is not None:
+            on_main(lambda: latent.save_copy(workdir, first_stage, config.latent.scale_factor),
+                    "copying the autoencoder")
         on_main(lambda: files.write_json(cfg_path, cfg_dict), "writing config.json")
-        return _loop(config, workdir, mesh, is_main, progress, source, ckpt, state)
+        frozen = jax.device_put(latent.frozen_params(first_stage), NamedSharding(mesh, P()))
+        return _loop(config, workdir, mesh, is_main, progress, source, ckpt, state, frozen)
     finally:
         ckpt.wait()
         ckpt.close()
@@ -149,7 +160,7 @@ def _refuse_to_replace_a_trained_model(workdir: str) -> None:
                            "use a new --workdir")
 
 
-def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state) -> TrainResult:
+def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state, frozen) -> TrainResult:
     t_cfg = config.training
     objective = make_objective(config)
     spec = objective.spec
@@ -168,7 +179,8 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state) -> Trai
         # The EMA model in the one model format, for sample.py and for sharing.
         info = dict(spec.info, source=f"{os.path.abspath(workdir)} (step {step}, EMA params)", step=step)
         on_main(lambda: models.save(os.path.join(workdir, models.EXPORT_DIR), dataclasses.replace(spec, info=info),
-                                    jax.tree.map(host, objective.model_params(state.ema_params)), overwrite=True),
+                                    jax.tree.map(host, objective.model_params(state.ema_params, frozen)),
+                                    overwrite=True),
                 "exporting the model")
 
     workers = config.data.num_workers if config.data.num_workers >= 0 else data_lib.usable_cores()
@@ -190,7 +202,7 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state) -> Trai
                                                             (n, t_cfg.batch_size) + local.shape[2:])
             labels = (jax.make_array_from_process_local_data(batch_sharding, np.stack([r[1] for r in rows]),
                                                              (n, t_cfg.batch_size)) if conditional else None)
-            state, metrics = train_step(state, images, labels)
+            state, metrics = train_step(state, images, labels, frozen)
             if pending:  # one dispatch stays in flight; the bar shows the steps that have finished
                 jax.block_until_ready(pending[-1][1])
                 writer.completed(pending[-1][0])
@@ -219,7 +231,7 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state) -> Trai
             if due(step, t_cfg.checkpoint_every, last):
                 checkpoint(step)
             if t_cfg.sample_every and due(step, t_cfg.sample_every, last):
-                imgs = objective.preview(objective.model_params(state.ema_params), mesh, source,
+                imgs = objective.preview(objective.model_params(state.ema_params, frozen), mesh, source,
                                          t_cfg.num_sample_images, config)
                 on_main(lambda: save_grid(imgs, os.path.join(workdir, "samples", f"step_{step:08d}.png"),
                                           scale=max(1, 64 // config.data.image_size)), "writing a sample grid")

@@ -76,10 +76,13 @@ def memory_plan(config, mesh, step=None) -> MemoryPlan:
     rows = NamedSharding(mesh, P(None, "data"))
     images = jax.ShapeDtypeStruct((k, b, data.image_size, data.image_size, data.channels), jnp.uint8, sharding=rows)
     labels = jax.ShapeDtypeStruct((k, b), jnp.int32, sharding=rows)
-    stats = step.jitted.lower(state, images, labels).compile().memory_analysis()
+    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
+                          step.objective.frozen_shapes())
+    stats = step.jitted.lower(state, images, labels, frozen).compile().memory_analysis()
     per_device_batch = (_bytes(images) + _bytes(labels)) // mesh.devices.size
     device = next(dev for dev in mesh.devices.flat if dev.process_index == jax.process_index())  # one of ours
-    return MemoryPlan(params=_bytes(state.params), ema=_bytes(state.ema_params), optimizer=_bytes(state.opt_state),
+    return MemoryPlan(params=_bytes(state.params) + _bytes(frozen), ema=_bytes(state.ema_params),
+                      optimizer=_bytes(state.opt_state),
                       batch=per_device_batch, temporaries=int(getattr(stats, "temp_size_in_bytes", 0) or 0),
                       limit=device_memory(device), device=f"{device.platform}:{device.id}")
 

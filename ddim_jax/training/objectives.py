@@ -3,7 +3,9 @@
 preview grid it writes.
 
 * ``diffusion``: DDPM's denoising loss (eps, v or x0 target) at a uniform timestep; class-conditional
-  models see their labels dropped to the null label with probability ``training.p_uncond``.
+  models see their labels dropped to the null label with probability ``training.p_uncond``. A latent
+  model's images are first encoded by its frozen autoencoder (a posterior sample, times the scale
+  factor; see :mod:`ddim_jax.training.latent`).
 * ``autoencoder``: latent diffusion's autoencoder loss: L1 reconstruction, a regulariser and, from step
   ``loss.disc_start``, a PatchGAN discriminator's hinge loss weighted by taming-transformers' adaptive
   weight ``||grad_W rec|| / (||grad_W adv|| + 1e-4)`` at the decoder's last layer ``W``, times
@@ -19,7 +21,9 @@ The train step (:mod:`ddim_jax.training.state`) draws each example's key, normal
 averages the gradients over devices and applies the update; an objective's ``loss`` runs inside the
 step's ``shard_map`` (``lax.pmean`` over ``'data'`` is available) and returns ``(value, metrics)``: the
 value is differentiated, the metrics (``loss`` is the value unless the objective reports its own) are
-averaged over devices and logged.
+averaged over devices and logged. ``frozen`` holds the parameters the run uses but does not train (a
+latent model's autoencoder: ``{"autoencoder": ...}``; else ``{}``); ``model_params(params, frozen)`` is
+the model a run exports.
 """
 
 from __future__ import annotations
@@ -47,18 +51,25 @@ class Diffusion:
     def init(self, key) -> dict:
         return self.spec.init(key)
 
-    @staticmethod
-    def model_params(params) -> dict:
-        return params
+    def frozen_shapes(self) -> dict:
+        return {} if self.spec.autoencoder is None else {"autoencoder": self.spec.autoencoder.param_shapes()}
+
+    def model_params(self, params, frozen) -> dict:
+        return params if self.spec.autoencoder is None else {"denoiser": params, **frozen}
 
     def summary(self) -> str:
         s = dict(self.spec.schedule)
         return (f"objective: diffusion ({self.spec.prediction_type} target, {s['name']} schedule over "
                 f"{s['num_timesteps']} steps" + (f", labels dropped with p = {self.p_uncond}"
-                                                   if self.spec.null_label is not None else "") + ")")
+                                                   if self.spec.null_label is not None else "") + ")"
+                + (f", on its {self.spec.autoencoder.kind}'s latents x {self.spec.scale_factor:.5g}"
+                   if self.spec.autoencoder is not None else ""))
 
-    def loss(self, params, x0, labels, keys, step, dropout_key):
+    def loss(self, params, frozen, x0, labels, keys, step, dropout_key):
         spec, T = self.spec, self.schedule.num_timesteps
+        if spec.autoencoder is not None:
+            noise = jax.vmap(lambda k: jax.random.normal(k, spec.sample_shape, jnp.float32))(_fold(keys, 4))
+            x0 = spec.encode(frozen, x0, noise)
         y = None
         if spec.num_classes is not None:
             y = labels
@@ -140,7 +151,11 @@ class Autoencoder:
         return params
 
     @staticmethod
-    def model_params(params) -> dict:
+    def frozen_shapes() -> dict:
+        return {}
+
+    @staticmethod
+    def model_params(params, frozen) -> dict:
         return params["autoencoder"]
 
     def summary(self) -> str:
@@ -169,7 +184,7 @@ class Autoencoder:
         method = "decode_quantized" if self.spec.kind == "autoencoder_vq" else "decode"
         return self.model.apply({"params": params}, z, method=method)
 
-    def loss(self, params, x0, labels, keys, step, dropout_key):
+    def loss(self, params, frozen, x0, labels, keys, step, dropout_key):
         cfg, ae = self.cfg, params["autoencoder"]
         z, reg, metrics = self._latent(ae, x0, keys)
         rec = self._decode(ae, z)

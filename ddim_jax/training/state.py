@@ -87,17 +87,18 @@ def abstract_state(config, mesh) -> TrainState:
 
 
 def make_train_step(config, mesh, model=None):
-    """``(state, images, labels=None) -> (state, metrics)``: ``images`` uint8 ``[k, global_batch, H, W, C]``
-    (and, for a class-conditional model, int32 ``labels`` ``[k, global_batch]``) sharded over the batch
-    axis, k steps in one call; metrics have leading dim k. ``model`` (default: the config's network) is
-    anything with Flax's ``apply``; the loss is the config's objective's
-    (:mod:`ddim_jax.training.objectives`)."""
+    """``(state, images, labels=None, frozen=None) -> (state, metrics)``: ``images`` uint8
+    ``[k, global_batch, H, W, C]`` (and, for a class-conditional model, int32 ``labels``
+    ``[k, global_batch]``) sharded over the batch axis, k steps in one call; metrics have leading dim k.
+    ``frozen``: the parameters used but not trained (a latent model's autoencoder, see
+    :mod:`ddim_jax.training.latent`; replicated). ``model`` (default: the config's network) is anything
+    with Flax's ``apply``; the loss is the config's objective's (:mod:`ddim_jax.training.objectives`)."""
     t_cfg = config.training
     seed, decay, flip = t_cfg.seed, t_cfg.ema_decay, config.data.random_flip
     objective = make_objective(config, model)
     tx, conditional = make_optimizer(config), objective.spec.num_classes is not None
 
-    def one_step(state: TrainState, batch):
+    def one_step(state: TrainState, batch, frozen):
         images, labels = batch
         b = images.shape[0]
         device = jax.lax.axis_index("data")
@@ -110,7 +111,7 @@ def make_train_step(config, mesh, model=None):
         dropout_key = jax.random.fold_in(jax.random.fold_in(step_key, 1 << 30), device)
 
         def loss_fn(params):
-            return objective.loss(params, x0, labels, keys, state.step, dropout_key)
+            return objective.loss(params, frozen, x0, labels, keys, state.step, dropout_key)
 
         (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         metrics = dict({"loss": value}, **metrics)
@@ -134,23 +135,23 @@ def make_train_step(config, mesh, model=None):
 
     on_cpu = mesh.devices.flat[0].platform == "cpu"
 
-    def per_device(state, images, labels):
+    def per_device(state, images, labels, frozen):
         if not on_cpu:
-            return jax.lax.scan(one_step, state, (images, labels))
+            return jax.lax.scan(lambda s, b: one_step(s, b, frozen), state, (images, labels))
         # XLA:CPU computes convolution filter gradients ~60x slower inside a while loop (a scan of
         # length 1 included), so on CPU the k steps are unrolled into straight-line code.
         metrics = []
         for i in range(images.shape[0]):
-            state, m = one_step(state, (images[i], labels[i]))
+            state, m = one_step(state, (images[i], labels[i]), frozen)
             metrics.append(m)
         return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
 
-    sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(None, "data"), P(None, "data")),
+    sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(None, "data"), P(None, "data"), P()),
                                     out_specs=(P(), P()), check_vma=False), donate_argnums=0)
 
     placeholders = {}  # by shape: labels the unconditional network never reads, made once
 
-    def step(state, images, labels=None):
+    def step(state, images, labels=None, frozen=None):
         if conditional and labels is None:
             raise ValueError("this model is class-conditional: the train step needs labels")
         if labels is None:
@@ -158,9 +159,14 @@ def make_train_step(config, mesh, model=None):
             if shape not in placeholders:
                 placeholders[shape] = jnp.zeros(shape, jnp.int32, device=NamedSharding(mesh, P(None, "data")))
             labels = placeholders[shape]
-        return sharded(state, images, labels)
+        if frozen is None:
+            if objective.frozen_shapes():
+                raise ValueError("this latent model's train step needs its frozen autoencoder params (frozen=)")
+            frozen = {}
+        return sharded(state, images, labels, frozen)
 
-    step.jitted = sharded  # (state, images, labels): to compile ahead of time (training.memory)
+    step.jitted = sharded  # (state, images, labels, frozen): to compile ahead of time (training.memory)
+    step.objective = objective
     return step
 
 

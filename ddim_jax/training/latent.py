@@ -1,0 +1,134 @@
+"""Latent diffusion in a training run: the frozen autoencoder and the scale of its latents.
+
+A diffusion config whose ``latent.autoencoder`` names a trained autoencoder (a model directory, or the
+workdir of an autoencoder run) diffuses that autoencoder's latents. When the run starts:
+
+* :func:`resolve` reads the autoencoder, from the run's own copy ``workdir/autoencoder`` when there is
+  one (a resumed run keeps the autoencoder it started with, whatever the named path holds now), and
+  records its spec in ``latent.autoencoder_spec``;
+* :func:`estimate_scale` sets ``latent.scale_factor`` when it is 0: 1 / the standard deviation of the
+  latents (posterior samples, as LDM's ``scale_by_std``) of the first :data:`SCALE_IMAGES` training
+  images, so the diffused latents have unit variance like the images the schedules were designed for;
+* :func:`save_copy` writes the copy (with the scale in its ``info``) next to the checkpoints, which hold
+  the denoiser alone; the exported model (``workdir/model``) holds both networks.
+
+Latents are encoded on the fly in the train step (the autoencoder's params are an argument of the
+compiled step, not constants baked into it): encoding costs one encoder pass per image per step, while
+a latent cache would fix each image's posterior sample and flip for the whole run and would have to be
+invalidated with the data or the autoencoder (``benchmarks/latent_cost.py`` measures the encoder's share).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddim_jax import models
+
+COPY_DIR = "autoencoder"  # the run's copy of its frozen autoencoder
+SCALE_IMAGES = 1024  # training images whose latents give the scale factor
+
+
+@dataclasses.dataclass
+class FirstStage:
+    """A run's frozen autoencoder: its spec, params, where it was read and whether that is the run's copy."""
+
+    spec: models.ModelSpec
+    params: dict
+    source: str
+    is_copy: bool
+
+
+def resolve(config, workdir: str):
+    """``(config, first_stage)``: ``config`` with ``latent.autoencoder_spec`` (and, from the run's copy, a
+    previously estimated ``latent.scale_factor``) filled in, and the :class:`FirstStage`; ``(config, None)``
+    for a pixel-space config. Nothing is written."""
+    lat = config.get("latent")
+    if lat is None or not lat.get("autoencoder"):
+        return config, None
+    path = lat.autoencoder
+    copy = os.path.join(workdir, COPY_DIR)
+    if models.is_model_dir(copy):
+        spec, params = models.load(copy)
+        first, scale = FirstStage(spec, params, copy, True), spec.info.get("scale_factor")
+    else:
+        if not isinstance(path, str) or not os.path.exists(path):
+            raise FileNotFoundError(f"latent.autoencoder: {path!r} does not exist (train the autoencoder first, e.g. "
+                                    "python train.py --config=configs/autoencoder_digits.py)")
+        spec, params = models.load(path)
+        first, scale = FirstStage(spec, params, os.path.abspath(path), False), None
+    if spec.is_diffusion:
+        raise ValueError(f"latent.autoencoder: {path!r} holds a {spec.kind} diffusion model, not an autoencoder")
+    d = config.data
+    if (spec.image_size, spec.channels) != (d.image_size, d.channels):
+        raise ValueError(f"latent.autoencoder: {path!r} encodes {spec.image_size}x{spec.image_size}x{spec.channels} "
+                         f"images; data.image_size and data.channels give {d.image_size}x{d.image_size}x{d.channels}")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.latent.autoencoder_spec = json.dumps({k: v for k, v in spec.to_dict().items() if k != "info"},
+                                                    sort_keys=True)
+        if not config.latent.scale_factor and scale:
+            config.latent.scale_factor = float(scale)
+    return config, first
+
+
+def estimate_scale(first: FirstStage, source, *, num: int = SCALE_IMAGES, batch: int = 128) -> float:
+    """1 / std of the latents of ``source``'s first ``num`` images (a KL autoencoder's posterior samples,
+    drawn from a fixed key; a VQ autoencoder's latents before quantisation)."""
+    ae, params = first.spec, first.params
+    net = ae.build()
+    kl = ae.kind == "autoencoder_kl"
+
+    @jax.jit
+    def encode(x, key):
+        if not kl:
+            return net.apply({"params": params}, x, method="encode")
+        mean, logvar = net.apply({"params": params}, x, method="encode")
+        return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+
+    n = min(num, len(source))
+    total, total_sq, count = 0.0, 0.0, 0
+    for i, start in enumerate(range(0, n, batch)):
+        idx = np.arange(start, min(start + batch, n))
+        x = source.get(idx).astype(np.float32) / 127.5 - 1.0
+        z = np.asarray(encode(x, jax.random.fold_in(jax.random.key(0), i)), np.float64)
+        total, total_sq, count = total + z.sum(), total_sq + np.square(z).sum(), count + z.size
+    mean = total / count
+    std = float(np.sqrt(max(total_sq / count - mean ** 2, 0.0)))
+    if not np.isfinite(std) or std <= 0:
+        raise ValueError(f"the latents of {first.source} have standard deviation {std}: no scale factor can be "
+                         "estimated; set latent.scale_factor")
+    return 1.0 / std
+
+
+def with_scale(config, scale: float):
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.latent.scale_factor = float(scale)
+    return config
+
+
+def save_copy(workdir: str, first: FirstStage, scale: float) -> None:
+    """Writes the run's copy of its autoencoder (once: an existing copy is what the run started with)."""
+    if first.is_copy:
+        return
+    info = {"source": first.source, "scale_factor": float(scale)}
+    models.save(os.path.join(workdir, COPY_DIR), dataclasses.replace(first.spec, info=info), first.params)
+
+
+def frozen_params(first: FirstStage | None) -> dict:
+    """The step's frozen argument: ``{"autoencoder": params}``, or ``{}`` in pixel space."""
+    return {} if first is None else {"autoencoder": first.params}
+
+
+def load_copy(workdir: str) -> dict:
+    """The frozen params of a latent run from its copy (to export a checkpoint's model)."""
+    copy = os.path.join(workdir, COPY_DIR)
+    if not models.is_model_dir(copy):
+        raise FileNotFoundError(f"{workdir} trained a latent model but its autoencoder copy {copy} is missing")
+    return {"autoencoder": models.load(copy)[1]}
