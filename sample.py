@@ -78,15 +78,17 @@ def _int_list(name, values):
 def reference_name(data: dict) -> str:
     """The cache name of a training set's reference statistics: everything that changes its images
     (dataset, folder, image size, channels, crop), so statistics of other images are never reused."""
-    if data["dataset"] == "digits":
-        return "digits-train"
+    if data["dataset"] == "digits":  # 8x8, or upscaled to data.image_size
+        size = data.get("image_size", 8)
+        return "digits-train" if size == 8 else f"digits-train-{size}px"
     where = data.get("folder", "") if data["dataset"] == "folder" else ""
     tag = f"{data['dataset']}{'-' + where.strip('/').replace('/', '_') if where else ''}-train"
     return f"{tag}-{data['image_size']}px-{data.get('channels', 3)}ch-{data.get('crop', 'center')}"
 
 
 def _dataset_images(model, split, num):
-    """uint8 images of the model's training dataset (``split``), at most ``num``."""
+    """uint8 images of the model's training dataset (``split``) as training saw them (size, channels), at
+    most ``num``."""
     import ml_collections
 
     from ddim_jax import data as data_lib
@@ -95,8 +97,6 @@ def _dataset_images(model, split, num):
     if not d:
         raise ValueError("this mode needs the training data, which a converted checkpoint does not name; "
                          "use --workdir")
-    if d["dataset"] == "digits":
-        return data_lib.load_digits(split)[0][:num]
     if FLAGS.data_dir:
         d["data_dir"] = FLAGS.data_dir
     d["split"] = split
@@ -189,14 +189,15 @@ def run_reconstruction(ex, model, a, out):
     images = _dataset_images(model, "test", a.num)
     errors, recons = ex.reconstruction(model, images, a.steps_list, a.batch_size, spacing=a.spacing)
     if a.is_main:
-        k = min(len(images), 10)
-        _grid(np.concatenate([images[:k]] + [recons[s][:k] for s in a.steps_list]), grid_path, ncol=k)
+        k, rows = min(len(images), 10), list(errors)  # each S, then a latent model's autoencoder alone
+        _grid(np.concatenate([images[:k]] + [recons[s][:k] for s in rows]), grid_path, ncol=k)
         files.write_json(json_path, {"num_images": len(images), "spacing": a.spacing or "uniform",
                                      "mse_per_dim_0_1": {str(s): e for s, e in errors.items()}})
-        print("| S | " + " | ".join(map(str, a.steps_list)) + " |")
-        print("|---" * (len(a.steps_list) + 1) + "|")
-        print("| MSE | " + " | ".join(f"{errors[s]:.2e}" for s in a.steps_list) + " |")
-        print(f"wrote {json_path} and {grid_path} (first row: originals; then one row per S)")
+        print("| S | " + " | ".join(map(str, rows)) + " |")
+        print("|---" * (len(rows) + 1) + "|")
+        print("| MSE | " + " | ".join(f"{errors[s]:.2e}" for s in rows) + " |")
+        extra = "; last row: the autoencoder alone" if "autoencoder" in errors else ""
+        print(f"wrote {json_path} and {grid_path} (first row: originals; then one row per S{extra})")
 
 
 def run_fid(ex, model, a, out):

@@ -9,6 +9,10 @@ device count).
 Class-conditional models take ``labels`` (one per sample, see :func:`class_labels`; None = the
 unconditional model) and an optional classifier-free ``guidance`` scale (1 = no guidance) in every
 experiment; both are arguments of the compiled sampler, so changing them does not recompile.
+
+Latent diffusion models run every experiment in their autoencoder's latent space (x_T, slerp, the
+trajectory, DDIM's encoder) and decode to images at the end; x0 is not clipped there (latents are not
+bounded like pixels).
 """
 
 from __future__ import annotations
@@ -48,6 +52,17 @@ class Model:
         compute_dtype(self.dtype)  # a bad name fails here
         self.params = jax.device_put(self.params, replicated(self.mesh))
         self.schedule: Schedule = self.spec.make_schedule()
+        self.clip_x0 = 1.0 if self.spec.autoencoder is None else None  # the paper's clipping, in pixel space only
+        self._decode = jax.jit(self.spec.decode)
+        self._encode = jax.jit(self.spec.encode)
+
+    def to_images(self, x):
+        """Samples -> images in about [-1, 1] (a latent model's autoencoder decodes them)."""
+        return x if self.spec.autoencoder is None else self._decode(self.params, x)
+
+    def from_images(self, x):
+        """Images in [-1, 1] -> the diffusion's space (a latent model's scaled posterior means)."""
+        return x if self.spec.autoencoder is None else self._encode(self.params, x)
 
     @property
     def eps_fn(self):
@@ -64,11 +79,17 @@ class Model:
 
     @property
     def image_size(self) -> int:
-        return self.spec.image_size
+        """The generated images' side (a latent model's: its autoencoder's images)."""
+        return self.spec.output_shape[0]
 
     @property
     def channels(self) -> int:
-        return self.spec.channels
+        return self.spec.output_shape[2]
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """What the sampler denoises: images, or a latent model's latents."""
+        return self.spec.sample_shape
 
     @property
     def prediction_type(self) -> str:
@@ -149,31 +170,36 @@ def latents(model: Model, start: int, count: int, seed: int):
     """x_T of samples ``start .. start + count - 1``, ``[count, H, W, C]``, sharded over the batch
     (``count`` must divide by the device count)."""
     idx, _ = shard_rows(np.arange(start, start + count, dtype=np.int32), model.mesh)
-    return _draw_latents(jax.random.key(seed), idx, (model.image_size, model.image_size, model.channels))
+    return _draw_latents(jax.random.key(seed), idx, model.sample_shape)
 
 
 def decode(model: Model, x_T, num_steps: int, *, solver: str = "ddim", eta: float = 0.0, sigma_hat: bool = False,
-           spacing: str | None = None, key=None, clip_x0: float | None = 1.0, return_trajectory: bool = False,
+           spacing: str | None = None, key=None, clip_x0="model", return_trajectory: bool = False,
            y=None, guidance=None):
-    """Decoding of sharded latents with the model and ``solver`` (see :func:`ddim_jax.solvers.sample`),
-    clipping x0 to [-1, 1] by default like the paper's code. ``return_trajectory`` is DDIM's. ``y``:
-    labels sharded like ``x_T`` (or None), ``guidance``: a classifier-free guidance scale (or None).
+    """Images decoded from sharded x_T with the model and ``solver`` (see :func:`ddim_jax.solvers.sample`);
+    ``clip_x0="model"`` clips x0 to [-1, 1] in pixel space, like the paper's code, and not in a latent
+    space. ``return_trajectory`` is DDIM's (x0, x_T, predicted x0 per step; all decoded to images).
+    ``y``: labels sharded like ``x_T`` (or None), ``guidance``: a classifier-free guidance scale (or None).
     ``spacing=None`` is the solver's default (``ddim_jax.solvers.DEFAULT_SPACING``)."""
     spacing = resolve_spacing(solver, spacing)
+    clip_x0 = model.clip_x0 if isinstance(clip_x0, str) and clip_x0 == "model" else clip_x0
     eps_fn = model.conditioned(y, guidance)
     if return_trajectory:
         if solver != "ddim":
             raise ValueError(f"the trajectory of predicted x0 is drawn with DDIM; got solver={solver!r}")
-        return ddim_sample(eps_fn, model.schedule, x_T, num_steps, eta=eta, sigma_hat=sigma_hat,
-                           spacing=spacing, key=key, clip_x0=clip_x0, prediction_type=model.prediction_type,
-                           return_trajectory=True)
-    return sample(eps_fn, model.schedule, x_T, num_steps, solver=solver, eta=eta, sigma_hat=sigma_hat,
-                  spacing=spacing, key=key, clip_x0=clip_x0, prediction_type=model.prediction_type)
+        x0, x_T, preds = ddim_sample(eps_fn, model.schedule, x_T, num_steps, eta=eta, sigma_hat=sigma_hat,
+                                     spacing=spacing, key=key, clip_x0=clip_x0, prediction_type=model.prediction_type,
+                                     return_trajectory=True)
+        if model.spec.autoencoder is not None:
+            preds = jnp.stack([model.to_images(p) for p in preds])
+        return model.to_images(x0), x_T, preds
+    return model.to_images(sample(eps_fn, model.schedule, x_T, num_steps, solver=solver, eta=eta, sigma_hat=sigma_hat,
+                                  spacing=spacing, key=key, clip_x0=clip_x0, prediction_type=model.prediction_type))
 
 
 def sample_batches(model: Model, num: int, batch_size: int, num_steps: int, *, solver: str = "ddim",
                    eta: float = 0.0, sigma_hat: bool = False, spacing: str | None = None, seed: int = 0,
-                   clip_x0: float | None = 1.0, labels=None, guidance=None, progress: bool = True,
+                   clip_x0="model", labels=None, guidance=None, progress: bool = True,
                    desc: str = "sampling"):
     """Yields ``(start, uint8 samples)`` for samples ``0 .. num - 1`` in batches of ``batch_size`` (the last
     batch padded and trimmed, so every batch has one shape and one compilation). Memory use does not grow
@@ -252,22 +278,27 @@ def sequence(model: Model, num: int, num_steps: int, columns: int = 10, *, seed:
 def reconstruction(model: Model, images: np.ndarray, steps: Sequence[int], batch_size: int, *,
                    spacing: str | None = None, progress: bool = True):
     """Encode uint8 ``images`` to x_T and decode, for each S: ``({S: per-dimension MSE on [0, 1]},
-    {S: reconstructions uint8})`` (the protocol of the paper's Table 2)."""
+    {S: reconstructions uint8})`` (the protocol of the paper's Table 2). A latent model encodes the
+    images to latents first and decodes the result; its autoencoder alone (image -> latents -> image) is
+    then the entry ``"autoencoder"``, the floor every S is measured against."""
     from tqdm.auto import tqdm
 
     check_batch(model, batch_size)
     spacing = resolve_spacing("ddim", spacing)
     x = from_uint8(images)
     errors, recons = {}, {}
-    for s in steps:
+    for s in list(steps) + (["autoencoder"] if model.spec.autoencoder is not None else []):
         sq, out = 0.0, []
         for start in tqdm(range(0, len(x), batch_size), desc=f"reconstruct S={s}", disable=not progress):
             chunk = pad_rows(x[start:start + batch_size], batch_size)
             x0, _ = shard_rows(chunk, model.mesh)
             k = min(batch_size, len(x) - start)
-            x_T = ddim_encode(model.eps_fn, model.schedule, x0, s, spacing=spacing,
-                              prediction_type=model.prediction_type)
-            rec = gather_rows(decode(model, x_T, s, spacing=spacing, clip_x0=None), k)
+            if s == "autoencoder":
+                rec = gather_rows(model.to_images(model.from_images(x0)), k)
+            else:
+                x_T = ddim_encode(model.eps_fn, model.schedule, model.from_images(x0), s, spacing=spacing,
+                                  prediction_type=model.prediction_type)
+                rec = gather_rows(decode(model, x_T, s, spacing=spacing, clip_x0=None), k)
             sq += float(np.sum(((np.clip(rec, -1, 1) + 1) / 2 - (chunk[:k] + 1) / 2) ** 2))
             out.append(to_uint8(rec))
         errors[s] = sq / x.size

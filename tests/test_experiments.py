@@ -138,6 +138,7 @@ def test_reference_statistics_are_named_by_everything_that_changes_the_images():
         {"dataset": "folder", "folder": "/data/a"}, {"dataset": "folder", "folder": "/data/b"}]}
     assert len(names) == 7
     assert sample.reference_name({"dataset": "digits"}) == "digits-train"  # the digits cache keeps its name
+    assert sample.reference_name({"dataset": "digits", "image_size": 32}) == "digits-train-32px"  # upscaled
 
 
 def test_sample_mode_with_a_higher_order_solver(workdir, tmp_path):
