@@ -3,7 +3,7 @@
 The output is the project's one model format (:mod:`ddim_jax.models`: ``spec.json`` and
 ``params.safetensors``); load it with :func:`ddim_jax.models.load`.
 
-Two source formats, read from local files only:
+Three source formats, read from local files only:
 
 - ``diffusers``: a ``UNet2DModel`` directory (``config.json`` and ``diffusion_pytorch_model.safetensors``
   or ``.bin``), as in google/ddpm-cifar10-32, ddpm-celebahq-256 and ddpm-church-256. A pipeline directory
@@ -14,10 +14,13 @@ Two source formats, read from local files only:
 - ``ddim``: a state dict of the ``Model`` in ermongroup/ddim ``models/diffusion.py`` (pesser's converted
   DDPM checkpoints, ``.ckpt``/``.pth``), a training checkpoint list whose index 4 holds the EMA weights,
   or a DataParallel state dict (``module.`` prefix). These all use DDPM's schedule.
+- ``stable_diffusion``: a diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``scheduler/``; the
+  text encoder is not read): one latent diffusion model directory holding the UNet (kind
+  ``unet2d_condition``), the VAE and its scaling factor (:func:`convert_stable_diffusion`).
 
 Command line::
 
-    python -m ddim_jax.convert SRC DST [--format auto|diffusers|ddim] [--overwrite] [--image-size N]
+    python -m ddim_jax.convert SRC DST [--format auto|diffusers|ddim|stable_diffusion] [--overwrite] [--image-size N]
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ _DIFFUSERS_SCHEDULER_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001
                                      beta_schedule="linear", trained_betas=None, prediction_type="epsilon",
                                      rescale_betas_zero_snr=False)
 
+FORMATS = ("auto", "diffusers", "ddim", "stable_diffusion")
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
@@ -571,14 +575,21 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "auto", o
     dst = os.path.abspath(os.fspath(dst))
     if not os.path.exists(src):
         raise FileNotFoundError(f"source not found: {src}")
-    if fmt not in ("auto", "diffusers", "ddim"):
-        raise ConversionError(f"unknown format {fmt!r}: choose auto, diffusers or ddim")
+    if fmt not in FORMATS:
+        raise ConversionError(f"unknown format {fmt!r}: choose {', '.join(FORMATS)}")
     _check_destination(dst, overwrite)
     loaded = None
+    if fmt == "auto" and os.path.isdir(src) and _is_sd_folder(src):
+        fmt = "stable_diffusion"
     if fmt == "auto":
         fmt, loaded = _detect_format(src)
     source = {"path": src, "format": fmt, "entry": None}
-    if fmt == "diffusers":
+    if fmt == "stable_diffusion":
+        if not (os.path.isdir(src) and _is_sd_folder(src)):
+            raise ConversionError(f"stable_diffusion format needs a folder with unet/config.json and vae/config.json: "
+                                  f"{src}")
+        spec, params = convert_stable_diffusion(src)
+    elif fmt == "diffusers":
         weights, config_dir = _find_diffusers_weights(src)
         config_path = os.path.join(config_dir, "config.json")
         if not os.path.isfile(config_path):
@@ -609,13 +620,130 @@ def _describe(spec: ModelSpec) -> str:
     return json.dumps(d, sort_keys=True)
 
 
+def _cond_unet_key(path: tuple[str, ...]) -> str:
+    # ``time_embedding.linear_1`` is a name, not a list index.
+    return re.sub(r"^time_embedding\.linear\.(\d)\.", r"time_embedding.linear_\1.", diffusers_key(path))
+
+
+def convert_unet2d_condition(state_dict: Mapping[str, Any], **arch) -> dict:
+    """Params of ``ddim_jax.cond_unet.UNet2DCondition(**arch)`` from a diffusers ``UNet2DConditionModel``
+    state dict (e.g. Stable Diffusion's ``unet/diffusion_pytorch_model.safetensors`` with
+    ``arch = cond_unet.SD15``)."""
+    from ddim_jax.cond_unet import UNet2DCondition
+
+    model = UNet2DCondition(**arch)
+    n = len(model.block_out_channels)
+    x = jnp.zeros((1, 2 ** (n + 1), 2 ** (n + 1), model.in_channels), jnp.float32)
+    ctx = jnp.zeros((1, 1, model.cross_attention_dim), jnp.float32)
+    y = None if model.num_class_embeds is None else jnp.zeros((1,), jnp.int32)
+    shapes = jax.eval_shape(lambda k: model.init(k, x, jnp.zeros((1,)), ctx, y)["params"], jax.random.key(0))
+    sd = {k: _to_numpy(k, v) for k, v in state_dict.items()}
+    return _map(sd, shapes, _cond_unet_key, "diffusers UNet2DConditionModel")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stable Diffusion folders (diffusers' pipeline layout: unet/, vae/, scheduler/)
+
+# UNet2DConditionModel settings this UNet2DCondition does not implement, with the values it does.
+_SD_UNET_FIXED = {"act_fn": "silu", "center_input_sample": False, "class_embed_type": None,
+                  "addition_embed_type": None, "num_class_embeds": None, "time_embedding_type": "positional",
+                  "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
+                  "dual_cross_attention": False, "resnet_time_scale_shift": "default", "conv_in_kernel": 3,
+                  "conv_out_kernel": 3, "encoder_hid_dim": None, "time_cond_proj_dim": None,
+                  "class_embeddings_concat": False, "attention_type": "default", "time_embedding_dim": None,
+                  "timestep_post_act": None, "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+                  "mid_block_scale_factor": 1, "downsample_padding": 1, "cross_attention_norm": None}
+_SD_VAE_FIXED = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True,
+                 "mid_block_add_attention": True, "shift_factor": None, "latents_mean": None, "latents_std": None}
+
+
+def _sd_fixed(config: Mapping[str, Any], fixed: Mapping[str, Any], where: str) -> None:
+    for k, v in fixed.items():
+        if k in config and config[k] != v and not (v is False and config[k] in ([False], None)):
+            raise ConversionError(f"{where}: {k}={config[k]!r} is not supported (ddim_jax implements {k}={v!r})")
+
+
+def convert_stable_diffusion(folder: str | os.PathLike) -> tuple[ModelSpec, dict]:
+    """``(spec, params)`` of the latent diffusion model in a local diffusers Stable Diffusion 1.x/2.x folder:
+    ``unet/`` (a ``UNet2DConditionModel``) and ``vae/`` (an ``AutoencoderKL``), each a ``config.json`` and
+    its weights (safetensors: no torch needed), and ``scheduler/scheduler_config.json`` (the schedule and
+    prediction type; without it DDPM's). The spec is a ``unet2d_condition`` model over the VAE's latents,
+    scaled by the VAE's ``scaling_factor`` (0.18215 for SD 1.x); sample it with given text-encoder outputs
+    (``spec.eps_fn(params, context, guidance, null_context=...)``; no text encoder ships)."""
+    folder = os.fspath(folder)
+    parts = {}
+    for name in ("unet", "vae"):
+        weights, config_dir = _find_diffusers_weights(os.path.join(folder, name))
+        config_path = os.path.join(config_dir, "config.json")
+        if not os.path.isfile(config_path):
+            raise ConversionError(f"{config_path} not found (a Stable Diffusion folder has {name}/config.json)")
+        parts[name] = (_read_json(config_path), weights, config_path)
+    (uc, unet_weights, unet_where), (vc, vae_weights, vae_where) = parts["unet"], parts["vae"]
+    _sd_fixed(uc, _SD_UNET_FIXED, unet_where)
+    _sd_fixed(vc, _SD_VAE_FIXED, vae_where)
+    for k in ("down_block_types", "up_block_types"):
+        blocks = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}[k]
+        if any(b != blocks for b in vc.get(k, [blocks])):
+            raise ConversionError(f"{vae_where}: {k}={vc[k]!r} is not supported (only {blocks})")
+    if vc.get("out_channels", 3) != vc.get("in_channels", 3):
+        raise ConversionError(f"{vae_where}: in_channels and out_channels must be equal")
+    try:
+        heads = uc.get("num_attention_heads") or uc.get("attention_head_dim", 8)
+        arch = dict(block_out_channels=tuple(uc["block_out_channels"]), down_block_types=tuple(uc["down_block_types"]),
+                    up_block_types=tuple(uc["up_block_types"]), layers_per_block=int(uc.get("layers_per_block", 2)),
+                    attention_head_dim=tuple(heads) if isinstance(heads, list) else int(heads),
+                    transformer_layers_per_block=uc.get("transformer_layers_per_block", 1),
+                    cross_attention_dim=int(uc.get("cross_attention_dim", 1280)),
+                    norm_groups=int(uc.get("norm_num_groups", 32)), norm_eps=float(uc.get("norm_eps", 1e-5)),
+                    use_linear_projection=bool(uc.get("use_linear_projection", False)),
+                    flip_sin_to_cos=bool(uc.get("flip_sin_to_cos", True)), freq_shift=float(uc.get("freq_shift", 0)))
+        if isinstance(arch["transformer_layers_per_block"], list):
+            arch["transformer_layers_per_block"] = tuple(arch["transformer_layers_per_block"])
+        ae_arch = dict(block_out_channels=tuple(vc.get("block_out_channels", (64,))),
+                       layers_per_block=int(vc.get("layers_per_block", 1)),
+                       latent_channels=int(vc.get("latent_channels", 4)),
+                       norm_groups=int(vc.get("norm_num_groups", 32)))
+        ae = ModelSpec("autoencoder_kl", ae_arch, int(vc.get("sample_size", 512)), int(vc.get("in_channels", 3)),
+                       None, None)
+        size, latent_ch = ae.latent_shape
+        for k, want in (("in_channels", latent_ch), ("out_channels", latent_ch)):
+            if int(uc.get(k, 4)) != want:
+                raise ConversionError(f"{unet_where}: {k}={uc.get(k, 4)} but the VAE's latents have {want} channels")
+    except KeyError as e:
+        raise ConversionError(f"{unet_where}: the field {e.args[0]} is missing") from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConversionError):
+            raise
+        raise ConversionError(f"Stable Diffusion folder {folder}: {_one_line(e)}") from None
+    sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    sched = _read_json(sched_path) if os.path.isfile(sched_path) else None
+    schedule, prediction_type = diffusers_schedule(sched, sched_path)
+    scale = float(vc.get("scaling_factor", 0.18215))
+    try:
+        spec = ModelSpec("unet2d_condition", arch, size, latent_ch, schedule, prediction_type, autoencoder=ae,
+                         scale_factor=scale)
+    except ValueError as e:
+        raise ConversionError(f"Stable Diffusion folder {folder}: {e}") from None
+    net_arch = dict(arch, in_channels=latent_ch, out_channels=latent_ch)
+    params = {"denoiser": convert_unet2d_condition(read_state_dict(unet_weights)[0], **net_arch),
+              "autoencoder": convert_autoencoder_kl(read_state_dict(vae_weights)[0], in_channels=ae.channels,
+                                                    **ae_arch)}
+    return spec, params
+
+
+def _is_sd_folder(src: str) -> bool:
+    return all(os.path.isfile(os.path.join(src, d, "config.json")) for d in ("unet", "vae"))
+
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddim_jax.convert",
                                      description="Convert a DDPM/DDIM PyTorch checkpoint (local files) to a "
                                                  "ddim_jax model directory.")
-    parser.add_argument("src", help="diffusers UNet2DModel directory / weights file, or ermongroup/ddim .ckpt/.pth")
+    parser.add_argument("src", help="diffusers UNet2DModel directory / weights file, a diffusers Stable Diffusion "
+                                    "folder (unet/, vae/, scheduler/), or an ermongroup/ddim .ckpt/.pth")
     parser.add_argument("dst", help=f"output model directory ({models.SPEC_FILE} + {models.PARAMS_FILE})")
-    parser.add_argument("--format", default="auto", choices=("auto", "diffusers", "ddim"))
+    parser.add_argument("--format", default="auto", choices=FORMATS)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory at DST")
     parser.add_argument("--image-size", type=int, default=None,
                         help="training image size (default: diffusers sample_size; ddim: 16 px at the first "
@@ -636,23 +764,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def _cond_unet_key(path: tuple[str, ...]) -> str:
-    # ``time_embedding.linear_1`` is a name, not a list index.
-    return re.sub(r"^time_embedding\.linear\.(\d)\.", r"time_embedding.linear_\1.", diffusers_key(path))
-
-
-def convert_unet2d_condition(state_dict: Mapping[str, Any], **arch) -> dict:
-    """Params of ``ddim_jax.cond_unet.UNet2DCondition(**arch)`` from a diffusers ``UNet2DConditionModel``
-    state dict (e.g. Stable Diffusion's ``unet/diffusion_pytorch_model.safetensors`` with
-    ``arch = cond_unet.SD15``)."""
-    from ddim_jax.cond_unet import UNet2DCondition
-
-    model = UNet2DCondition(**arch)
-    n = len(model.block_out_channels)
-    x = jnp.zeros((1, 2 ** (n + 1), 2 ** (n + 1), model.in_channels), jnp.float32)
-    ctx = jnp.zeros((1, 1, model.cross_attention_dim), jnp.float32)
-    y = None if model.num_class_embeds is None else jnp.zeros((1,), jnp.int32)
-    shapes = jax.eval_shape(lambda k: model.init(k, x, jnp.zeros((1,)), ctx, y)["params"], jax.random.key(0))
-    sd = {k: _to_numpy(k, v) for k, v in state_dict.items()}
-    return _map(sd, shapes, _cond_unet_key, "diffusers UNet2DConditionModel")

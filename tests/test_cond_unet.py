@@ -130,3 +130,58 @@ def test_ddim_samples_an_sd_architecture_model_with_given_text_embeddings():
     vae_params = _random_params(vae, jnp.zeros((1, 16, 16, 3)))
     images = jax.jit(lambda p, z: vae.apply({"params": p}, z / 0.18215, method="decode"))(vae_params, at_7)
     assert images.shape == (2, 16, 16, 3) and np.all(np.isfinite(images))
+
+
+def _sd_folder(root, **unet_config_changes):
+    """A Stable Diffusion folder in diffusers' pipeline layout at a small random size (safetensors)."""
+    torch.manual_seed(0)
+    unet = _diffusers_unet(SMALL)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                                  latent_channels=4, norm_num_groups=8, sample_size=16,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2,
+                                  scaling_factor=0.3)
+    with torch.no_grad():  # diffusers zero-initialises some output layers: random weights everywhere
+        for p in list(unet.parameters()) + list(vae.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    unet.register_to_config(sample_size=8, **unet_config_changes)
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    vae.save_pretrained(root / "vae", safe_serialization=True)
+    diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                            prediction_type="epsilon").save_pretrained(root / "scheduler")
+    return unet.eval(), vae.eval()
+
+
+def test_a_stable_diffusion_folder_converts_to_one_latent_model(tmp_path):
+    from ddim_jax import models
+
+    unet, vae = _sd_folder(tmp_path / "sd")
+    assert convert.main([str(tmp_path / "sd"), str(tmp_path / "out")]) == 0
+    spec, params = models.load(tmp_path / "out")
+    assert spec.kind == "unet2d_condition" and spec.scale_factor == 0.3 and spec.sample_shape == (8, 8, 4)
+    assert spec.output_shape == (16, 16, 3) and spec.schedule["name"] == "scaled_linear"
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)
+    ctx = np.random.default_rng(1).normal(size=(2, 7, 16)).astype(np.float32)
+    t = np.array([10, 900])
+    with torch.no_grad():
+        want = unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+                    encoder_hidden_states=torch.from_numpy(ctx)).sample.numpy().transpose(0, 2, 3, 1)
+        image = vae.decode(torch.from_numpy(x.transpose(0, 3, 1, 2)) / 0.3).sample.numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(spec.eps_fn(params, ctx)(x, t), want, atol=1e-4)
+    np.testing.assert_allclose(spec.decode(params, x), image, atol=1e-4)
+    guided = spec.eps_fn(params, ctx[0], 1.0, null_context=np.zeros((7, 16), np.float32))  # scale 1: conditional
+    with torch.no_grad():
+        one = unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+                   encoder_hidden_states=torch.from_numpy(np.stack([ctx[0]] * 2))).sample.numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(guided(x, t), one, atol=1e-4)
+    with pytest.raises(ValueError, match=r"conditions on context arrays .* of shape \[B, M, 16\]"):
+        spec.eps_fn(params)
+    with pytest.raises(ValueError, match="guidance needs null_context"):
+        spec.eps_fn(params, ctx, 3.0)
+
+
+def test_a_stable_diffusion_folder_with_an_unsupported_setting_is_refused(tmp_path, capsys):
+    _sd_folder(tmp_path / "sd", class_embed_type="timestep")
+    assert convert.main([str(tmp_path / "sd"), str(tmp_path / "out")]) == 2
+    assert "class_embed_type='timestep' is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
