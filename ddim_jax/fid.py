@@ -154,9 +154,9 @@ class FeatureExtractor:
     """
 
     def __init__(self, name: str, dim: int, apply_fn: Callable, params, channels: int,
-                 image_size: int | None = None):
+                 image_size: int | None = None, box_filter: bool = False):
         self.name, self.dim, self.params = name, dim, params
-        self.channels, self.image_size = channels, image_size
+        self.channels, self.image_size, self.box_filter = channels, image_size, box_filter
         # An already-jitted apply_fn is kept as is, so extractors sharing one reuse its compilations.
         self._fn = apply_fn if hasattr(apply_fn, "lower") else jax.jit(apply_fn)
 
@@ -186,6 +186,8 @@ class FeatureExtractor:
             images = images[..., None]
         if images.ndim != 4:
             raise ValueError(f"images must be [N, H, W, C]; got shape {images.shape}")
+        if self.box_filter and self.image_size is not None:
+            images = box_downsample(images, self.image_size)
         if self.image_size is not None and images.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(f"{self.name} features need {self.image_size}x{self.image_size} images; "
                              f"got {images.shape[1]}x{images.shape[2]}")
@@ -227,18 +229,32 @@ def _inception_apply(params, x):
 # ----------------------------------------------------------------------------------------------
 # The digits extractor.
 
+
+def box_downsample(images: np.ndarray, size: int) -> np.ndarray:
+    """Square uint8 images ``[N, k*size, k*size, C]`` -> ``[N, size, size, C]``: the mean of each k x k block,
+    rounded (the upscaled digits of a latent model, read at the digits' 8x8). Other shapes are returned
+    as they are."""
+    n, h, w = images.shape[:3]
+    if h != w or h == size or h % size:
+        return images
+    f = h // size
+    out = images.reshape(n, size, f, size, f, -1).astype(np.float32).mean((2, 4))
+    return np.round(out).astype(images.dtype) if images.dtype == np.uint8 else out.astype(images.dtype)
+
+
 @jax.jit
 def _digits_apply(params, x):
     return digits_classifier.DigitsCNN().apply({"params": params}, x, features_only=True)
 
 
 def digits_feature_extractor(cache: bool = True) -> FeatureExtractor:
-    """64-d penultimate features of the digits CNN (:mod:`ddim_jax.digits_classifier`): 8x8 images,
-    1 channel (3-channel images are averaged). The trained weights are cached, so it is trained once;
+    """64-d penultimate features of the digits CNN (:mod:`ddim_jax.digits_classifier`): 8x8 images (larger
+    ones of a multiple of that size are box-filtered to 8x8), 1 channel (3-channel images are averaged).
+    The trained weights are cached, so it is trained once;
     ``.test_accuracy`` holds the classifier's held-out accuracy."""
     params, acc = digits_classifier.load_digits_classifier(cache=cache)
     ext = FeatureExtractor("digits_cnn", digits_classifier.DIGITS_FEATURE_DIM, _digits_apply,
-                           jax.tree_util.tree_map(jnp.asarray, params), channels=1, image_size=8)
+                           jax.tree_util.tree_map(jnp.asarray, params), channels=1, image_size=8, box_filter=True)
     ext.test_accuracy = acc
     return ext
 

@@ -464,5 +464,14 @@ def test_digits_fid_separates_real_digits_from_noise(digits_extractor):
     # Dropping half of the classes (a mode-dropping generator) is seen too (~4x).
     _, labels = digits_classifier.digits_data("test")
     assert fid.fid_from_features(f_train, f_test[labels < 5]) > 2 * fid_real
-    with pytest.raises(ValueError, match="8x8"):
-        digits_extractor.extract(np.zeros((2, 32, 32, 1), np.uint8))
+
+
+def test_digits_features_read_upscaled_digits_at_8x8(digits_extractor):
+    # A latent model of the upscaled digits generates 32x32 images: each 4x4 block's mean is the 8x8 pixel.
+    test, _ = digits_classifier.digits_data("test")
+    big = np.repeat(np.repeat(test[:40], 4, axis=1), 4, axis=2)
+    np.testing.assert_array_equal(fid.box_downsample(big, 8), test[:40])
+    np.testing.assert_allclose(digits_extractor.extract(big, progress=False),
+                               digits_extractor.extract(test[:40], progress=False), rtol=1e-6)
+    with pytest.raises(ValueError, match="digits_cnn features need 8x8 images; got 12x12"):
+        digits_extractor.extract(np.zeros((2, 12, 12, 1), np.uint8), progress=False)
