@@ -1,0 +1,116 @@
+"""The latent diffusion claim, measured: training-step and sampling cost of the same denoiser on 32x32x1
+pixels and on the 8x8x3 latents of the digits' f = 4 autoencoder (configs/latent_digits.py's network and
+autoencoder architecture), in the same process on the same devices.
+
+    python benchmarks/latent_cost.py [--batch 64] [--steps 20] [--sample_steps 50]
+
+The pixel rows: the same network on the images, and a cheaper pixel-space peer without attention at
+32x32 (the quadratic cost a latent model avoids). Per row: the median seconds of one train step (the
+latent step includes encoding the batch with the frozen autoencoder), the encoder's own share, XLA's
+temporaries for the step, and the seconds to draw a batch of samples with DDIM (the latent row includes
+decoding them). The autoencoder's weights are random (speed does not depend on them), so this needs no
+trained run.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20, help="timed train steps per row")
+    p.add_argument("--sample_steps", type=int, default=50)
+    args = p.parse_args()
+
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from configs.latent_digits import get_config
+    from ddim_jax import experiments as ex
+    from ddim_jax import models
+    from ddim_jax.autoencoder import DIGITS_F4
+    from ddim_jax.parallel import make_mesh
+    from ddim_jax.training import latent
+    from ddim_jax.training.memory import memory_plan
+    from ddim_jax.training.state import init_state, make_train_step
+
+    mesh = make_mesh()
+    tmp = tempfile.mkdtemp()
+    ae = models.ModelSpec("autoencoder_kl", DIGITS_F4, 32, 1, None, None)
+    models.save(os.path.join(tmp, "ae"), ae, ae.init_params(jax.random.key(0)))
+    rows = []
+    for name in ("pixel 32x32x1", "pixel 32x32x1, no attention at 32x32", "latent 8x8x3"):
+        c = get_config()
+        c.training.batch_size = args.batch
+        if name.startswith("pixel"):
+            c.latent.autoencoder = ""
+        else:
+            c.latent.autoencoder = os.path.join(tmp, "ae")
+            c.latent.scale_factor = 1.0
+        if "no attention" in name:  # a cheaper pixel-space peer: attention only at 16x16
+            c.model.update(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                           up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+        c, first = latent.resolve(c, os.path.join(tmp, "unused"))
+        frozen = jax.device_put(latent.frozen_params(first), NamedSharding(mesh, P()))
+        step = make_train_step(c, mesh)
+        state = init_state(c, mesh)
+        rng = np.random.default_rng(0)
+        rowsharding = NamedSharding(mesh, P(None, "data"))
+        images = jax.device_put(rng.integers(0, 256, (1, args.batch, 32, 32, 1), dtype=np.uint8), rowsharding)
+        labels = jax.device_put(rng.integers(0, 10, (1, args.batch), dtype=np.int32), rowsharding)
+        for _ in range(2):
+            state, m = step(state, images, labels, frozen)
+        jax.block_until_ready(m)
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            state, m = step(state, images, labels, frozen)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+        plan = memory_plan(c, mesh, step)
+        spec = models.spec_from_config(c)
+        encode_s = 0.0
+        if first is not None:
+            x = jax.device_put(np.asarray(images[0], np.float32) / 127.5 - 1.0, NamedSharding(mesh, P("data")))
+            enc = jax.jit(spec.encode)
+            params = {"autoencoder": frozen["autoencoder"]}
+            enc(params, x).block_until_ready()
+            t = []
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                enc(params, x).block_until_ready()
+                t.append(time.perf_counter() - t0)
+            encode_s = statistics.median(t)
+        model_params = step.objective.model_params(jax.device_get(state.ema_params), jax.device_get(frozen))
+        model = ex.Model(spec, model_params, mesh)
+        ex.generate(model, args.batch, args.batch, args.sample_steps, labels="all", progress=False)  # compile
+        t0 = time.perf_counter()
+        ex.generate(model, args.batch, args.batch, args.sample_steps, labels="all", progress=False)
+        sample_s = time.perf_counter() - t0
+        rows.append((name, statistics.median(times), encode_s, plan.temporaries, sample_s))
+        print(f"{name}: step {rows[-1][1] * 1e3:.1f} ms, encoder {encode_s * 1e3:.1f} ms, temporaries "
+              f"{plan.temporaries / 2**20:.0f} MiB, {args.batch} samples x {args.sample_steps} DDIM steps "
+              f"{sample_s:.2f} s", flush=True)
+    px, px16, lt = rows
+    print(f"\n{jax.device_count()} {jax.devices()[0].platform} device(s), batch {args.batch}, "
+          f"{args.sample_steps} DDIM steps")
+    print("| space | train step (ms) | of which encoding (ms) | step temporaries (MiB) | sampling a batch (s) |")
+    print("|---|---|---|---|---|")
+    for name, step_s, enc_s, temp, samp in rows:
+        print(f"| {name} | {step_s * 1e3:.1f} | {enc_s * 1e3:.1f} | {temp / 2**20:.0f} | {samp:.2f} |")
+    for label, row in (("pixel / latent", px), ("pixel, no attention at 32x32 / latent", px16)):
+        print(f"| {label} | {row[1] / lt[1]:.1f}x | | {row[3] / max(lt[3], 1):.1f}x | {row[4] / lt[4]:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
