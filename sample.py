@@ -146,12 +146,30 @@ def run_sample(ex, model, a, out):
             first.extend(imgs[:100 - len(first)])
         arr.flush()
         del arr
-    _grid(np.stack(first), grid_path)
+    sources = a.cond.get("sources")
+    if sources is None:
+        _grid(np.stack(first), grid_path)
+    else:  # what the model was given, its samples, the held-out images they came from
+        k = min(10, len(first))
+        _grid(np.concatenate([_observed(model, sources[:k]), np.stack(first[:k]), sources[:k]]), grid_path, ncol=k)
     labels = ex.class_labels(model, a.cond["labels"], a.num)
     if labels is not None:
         files.atomic_write(os.path.join(out, "labels.npy"), lambda f: np.save(f, labels))
-    print(f"wrote {a.num} samples to {npy_path}{'' if labels is None else ' (their labels in labels.npy)'} and a "
-          f"grid to {grid_path}")
+    grid = "a grid" if sources is None else "a grid (rows: the observations, the samples, the originals)"
+    print(f"wrote {a.num} samples to {npy_path}{'' if labels is None else ' (their labels in labels.npy)'} and "
+          f"{grid} to {grid_path}")
+
+
+def _observed(model, images):
+    """uint8 pictures of what a concat-conditioned model is given of ``images`` (at their size)."""
+    import numpy as np
+
+    from ddim_jax import concat
+    from ddim_jax.images import to_uint8
+
+    cond = concat.get(model.spec.concat)
+    x = images.astype(np.float32) / 127.5 - 1.0
+    return to_uint8(np.asarray(cond.condition(cond.observe(x), images.shape[1]))[..., :images.shape[-1]])
 
 
 def _grid_mode(name, compute, caption):
@@ -350,6 +368,11 @@ def run():
     model = ex.load_model(FLAGS.workdir or FLAGS.checkpoint, step=FLAGS.step, dtype=FLAGS.dtype)
     a = parse_settings(model.schedule.num_timesteps, model.num_classes)
     a.is_main = jax.process_index() == 0
+    if model.spec.concat is not None:  # conditioned by concatenation: on held-out images' observations
+        if FLAGS.mode != "sample":
+            raise ValueError(f"--mode={FLAGS.mode} is not offered for a concat-conditioned model "
+                             f"({model.spec.concat}); --mode=sample draws from held-out images' observations")
+        a.cond["sources"] = _dataset_images(model, "test", a.num)
     # Outputs never go inside a model directory (replacing a model replaces the whole directory).
     name = _output_name(FLAGS.mode)
     out = FLAGS.output or (os.path.join(FLAGS.workdir, name) if FLAGS.workdir

@@ -13,6 +13,7 @@ import math
 import ml_collections
 from ml_collections import config_dict
 
+from ddim_jax.concat import CONDITIONS
 from ddim_jax.diffusion import PREDICTION_TYPES
 from ddim_jax.models import COMPUTE_DTYPES
 from ddim_jax.schedules import SCHEDULES
@@ -77,6 +78,7 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
 
     c.diffusion = f = ml_collections.ConfigDict()
     f.schedule = "cosine"  # for the 8x8 digits; the paper's configs use 'linear' (paper_config)
+    f.concat = ""  # conditioning by concatenation: '' = none, or a task of ddim_jax.concat.CONDITIONS
     f.beta_start = 1e-4
     f.beta_end = 0.02
     f.num_timesteps = 1000
@@ -314,6 +316,8 @@ def _check_diffusion(config, need) -> None:
     need(f.prediction_type in PREDICTION_TYPES, "diffusion.prediction_type", f"one of {', '.join(PREDICTION_TYPES)}")
     need(_int(f.num_timesteps) and f.num_timesteps >= 2, "diffusion.num_timesteps", "an integer >= 2")
     need(_real(t.p_uncond) and 0 <= t.p_uncond < 1, "training.p_uncond", "a number in [0, 1)")
+    need(f.concat == "" or f.concat in CONDITIONS, "diffusion.concat",
+         f"'' (no concat conditioning) or one of {', '.join(sorted(CONDITIONS))}")
     need(isinstance(lat.autoencoder, str), "latent.autoencoder",
          "'' (pixel space) or the path of a trained autoencoder (a model directory or its training workdir)")
     need(_real(lat.scale_factor) and lat.scale_factor >= 0, "latent.scale_factor",

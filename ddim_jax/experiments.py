@@ -55,6 +55,7 @@ class Model:
         self.clip_x0 = 1.0 if self.spec.autoencoder is None else None  # the paper's clipping, in pixel space only
         self._decode = jax.jit(self.spec.decode)
         self._encode = jax.jit(self.spec.encode)
+        self._condition = jax.jit(lambda x: self.spec.condition(self.spec.observe(x)))
 
     def to_images(self, x):
         """Samples -> images in about [-1, 1] (a latent model's autoencoder decodes them)."""
@@ -69,9 +70,14 @@ class Model:
         """The unconditional ``eps_fn(x, t)`` (a class-conditional model's null label)."""
         return self.conditioned()
 
-    def conditioned(self, y=None, guidance=None):
-        """``eps_fn(x, t)`` for labels ``y`` (sharded like the batch, or None) and a guidance scale."""
-        return self.spec.eps_fn(self.params, y, guidance, dtype=self.dtype)
+    def conditioned(self, y=None, guidance=None, concat=None):
+        """``eps_fn(x, t)`` for labels ``y`` (sharded like the batch, or None), a guidance scale and a
+        concat-conditioned model's extra channels (:meth:`condition_of`)."""
+        return self.spec.eps_fn(self.params, y, guidance, dtype=self.dtype, concat=concat)
+
+    def condition_of(self, images):
+        """A concat-conditioned model's extra channels for images in [-1, 1]: what it is given of them."""
+        return self._condition(images)
 
     @property
     def num_classes(self) -> int | None:
@@ -156,6 +162,29 @@ def _rows(labels, start: int, count: int, mesh):
     return shard_rows(pad_rows(labels[start:start + count], count), mesh)[0]
 
 
+def _check_sources(model: Model, sources):
+    if (sources is None) != (model.spec.concat is None):
+        raise ValueError(f"this model is conditioned by concatenation ({model.spec.concat}): give sources, the "
+                         "images whose observations condition the samples" if model.spec.concat else
+                         "sources apply to concat-conditioned models only")
+    if sources is None:
+        return None
+    sources = np.asarray(sources)
+    want = (model.image_size, model.image_size, model.channels)
+    if sources.ndim != 4 or sources.shape[1:] != want or len(sources) < 1 or sources.dtype != np.uint8:
+        raise ValueError(f"sources must be uint8 images [N, {want[0]}, {want[1]}, {want[2]}] with N >= 1; got "
+                         f"{sources.dtype} {sources.shape}")
+    return sources
+
+
+def _conditions(model: Model, sources, start: int, count: int):
+    """The extra channels of samples ``start .. start + count - 1`` (source ``i mod N``), sharded, or None."""
+    if sources is None:
+        return None
+    rows = sources[np.arange(start, start + count) % len(sources)].astype(np.float32) / 127.5 - 1.0
+    return model.condition_of(shard_rows(rows, model.mesh)[0])
+
+
 def _noise_key(seed: int):
     """The key of the samplers' per-step noise (eta > 0, sigma_hat, SDE solvers), apart from x_T's."""
     return jax.random.fold_in(jax.random.key(seed), 1 << 30)
@@ -175,15 +204,16 @@ def latents(model: Model, start: int, count: int, seed: int):
 
 def decode(model: Model, x_T, num_steps: int, *, solver: str = "ddim", eta: float = 0.0, sigma_hat: bool = False,
            spacing: str | None = None, key=None, clip_x0="model", return_trajectory: bool = False,
-           y=None, guidance=None):
+           y=None, guidance=None, concat=None):
     """Images decoded from sharded x_T with the model and ``solver`` (see :func:`ddim_jax.solvers.sample`);
     ``clip_x0="model"`` clips x0 to [-1, 1] in pixel space, like the paper's code, and not in a latent
     space. ``return_trajectory`` is DDIM's (x0, x_T, predicted x0 per step; all decoded to images).
-    ``y``: labels sharded like ``x_T`` (or None), ``guidance``: a classifier-free guidance scale (or None).
+    ``y``: labels sharded like ``x_T`` (or None), ``guidance``: a classifier-free guidance scale (or None),
+    ``concat``: a concat-conditioned model's extra channels, sharded like ``x_T``.
     ``spacing=None`` is the solver's default (``ddim_jax.solvers.DEFAULT_SPACING``)."""
     spacing = resolve_spacing(solver, spacing)
     clip_x0 = model.clip_x0 if isinstance(clip_x0, str) and clip_x0 == "model" else clip_x0
-    eps_fn = model.conditioned(y, guidance)
+    eps_fn = model.conditioned(y, guidance, concat)
     if return_trajectory:
         if solver != "ddim":
             raise ValueError(f"the trajectory of predicted x0 is drawn with DDIM; got solver={solver!r}")
@@ -199,23 +229,27 @@ def decode(model: Model, x_T, num_steps: int, *, solver: str = "ddim", eta: floa
 
 def sample_batches(model: Model, num: int, batch_size: int, num_steps: int, *, solver: str = "ddim",
                    eta: float = 0.0, sigma_hat: bool = False, spacing: str | None = None, seed: int = 0,
-                   clip_x0="model", labels=None, guidance=None, progress: bool = True,
+                   clip_x0="model", labels=None, guidance=None, sources=None, progress: bool = True,
                    desc: str = "sampling"):
     """Yields ``(start, uint8 samples)`` for samples ``0 .. num - 1`` in batches of ``batch_size`` (the last
     batch padded and trimmed, so every batch has one shape and one compilation). Memory use does not grow
-    with ``num``. ``labels``: see :func:`class_labels`; ``guidance``: a classifier-free guidance scale."""
+    with ``num``. ``labels``: see :func:`class_labels`; ``guidance``: a classifier-free guidance scale.
+    ``sources``: a concat-conditioned model's uint8 images (the generated images' shape); sample ``i`` is
+    drawn given what the model observes of source ``i mod len(sources)`` (e.g. its low-resolution version)."""
     from tqdm.auto import tqdm
 
     if not isinstance(num, (int, np.integer)) or num < 1:
         raise ValueError(f"the number of samples must be >= 1; got {num}")
     check_batch(model, batch_size)
     labels = class_labels(model, labels, num)
+    sources = _check_sources(model, sources)
     noise_key = _noise_key(seed)
     with tqdm(total=num, desc=desc, unit="img", disable=not progress or jax.process_index() != 0) as bar:
         for b, start in enumerate(range(0, num, batch_size)):
             x = decode(model, latents(model, start, batch_size, seed), num_steps, solver=solver, eta=eta,
                        sigma_hat=sigma_hat, spacing=spacing, key=jax.random.fold_in(noise_key, b), clip_x0=clip_x0,
-                       y=_rows(labels, start, batch_size, model.mesh), guidance=guidance)
+                       y=_rows(labels, start, batch_size, model.mesh), guidance=guidance,
+                       concat=_conditions(model, sources, start, batch_size))
             k = min(batch_size, num - start)
             yield start, to_uint8(gather_rows(x, k))
             bar.update(k)

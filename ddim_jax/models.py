@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddim_jax import concat as concat_lib
 from ddim_jax import files
 from ddim_jax.diffusion import PREDICTION_TYPES
 from ddim_jax.schedules import Schedule, make_schedule
@@ -81,7 +82,7 @@ def _build_unet(spec: "ModelSpec", dtype, remat: bool):
 
 
 def _unet_inputs(spec: "ModelSpec") -> tuple:
-    x = jnp.zeros((1, spec.image_size, spec.image_size, spec.channels), jnp.float32)
+    x = jnp.zeros((1, spec.image_size, spec.image_size, spec.input_channels), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     return (x, t) if spec.num_labels is None else (x, t, jnp.zeros((1,), jnp.int32))
 
@@ -107,7 +108,7 @@ def _build_cross_attention_unet(spec: "ModelSpec", dtype, remat: bool):
     if spec.num_classes is None:
         raise ValueError("a cross_attention_unet attends to class tokens: it needs num_classes (an unconditional "
                          "model is kind unet)")
-    return ClassConditionedUNet(num_labels=spec.num_labels, in_channels=spec.channels, out_channels=spec.channels,
+    return ClassConditionedUNet(num_labels=spec.num_labels, in_channels=spec.input_channels, out_channels=spec.channels,
                                 dtype=dtype, **spec.arch)
 
 
@@ -116,11 +117,11 @@ def _build_context_unet(spec: "ModelSpec", dtype, remat: bool):
 
     if remat:
         raise ValueError(f"remat is not offered for {spec.kind}")
-    return UNet2DCondition(in_channels=spec.channels, out_channels=spec.channels, dtype=dtype, **spec.arch)
+    return UNet2DCondition(in_channels=spec.input_channels, out_channels=spec.channels, dtype=dtype, **spec.arch)
 
 
 def _context_unet_inputs(spec: "ModelSpec") -> tuple:
-    x = jnp.zeros((1, spec.image_size, spec.image_size, spec.channels), jnp.float32)
+    x = jnp.zeros((1, spec.image_size, spec.image_size, spec.input_channels), jnp.float32)
     return x, jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, spec.arch.get("cross_attention_dim", 768)), jnp.float32)
 
 
@@ -188,7 +189,11 @@ class ModelSpec:
     Latent diffusion: ``autoencoder`` is the spec of the autoencoder whose latents the model diffuses
     (``image_size`` and ``channels`` are then the latents', :attr:`output_shape` the images'), and
     ``scale_factor`` multiplies its latents (1 / their std on the training data; SD's VAE: 0.18215).
-    :meth:`encode` and :meth:`decode` map between images and the diffusion's space."""
+    :meth:`encode` and :meth:`decode` map between images and the diffusion's space.
+
+    Conditioning by concatenation: ``concat`` names an entry of :data:`ddim_jax.concat.CONDITIONS`; the
+    network then sees ``x_t`` with :meth:`condition`'s extra channels (an observation of the image: a
+    low-resolution version, a masked one) at the sample's resolution, and ``eps_fn`` needs them."""
 
     kind: str
     arch: Mapping[str, Any]
@@ -200,6 +205,7 @@ class ModelSpec:
     null_label: int | None = None
     autoencoder: "ModelSpec | None" = None  # a latent diffusion model's (frozen) autoencoder
     scale_factor: float | None = None  # latents = scale_factor x the autoencoder's; None: not estimated yet
+    concat: str | None = None  # conditioning by concatenation (ddim_jax.concat.CONDITIONS), or None
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -232,6 +238,10 @@ class ModelSpec:
         object.__setattr__(self, "image_size", int(self.image_size))
         object.__setattr__(self, "channels", int(self.channels))
         self._check_latent()
+        if self.concat is not None:
+            if not self.is_diffusion:
+                raise ValueError(f"concat applies to diffusion models; a {self.kind} model has none")
+            concat_lib.get(self.concat)
         if not self.is_diffusion:
             return
         if not isinstance(self.schedule, Mapping):
@@ -285,6 +295,27 @@ class ModelSpec:
         """The images the model generates ``(H, W, C)``: its own shape, or its autoencoder's images."""
         src = self.autoencoder or self
         return (src.image_size, src.image_size, src.channels)
+
+    @property
+    def input_channels(self) -> int:
+        """The network's input channels: the sample's, and a concat-conditioned model's extra ones."""
+        if self.concat is None:
+            return self.channels
+        return self.channels + concat_lib.get(self.concat).channels(self.output_shape[2])
+
+    def observe(self, images):
+        """What a concat-conditioned model is given of images ``[N, H, W, C]`` in [-1, 1] (e.g. their
+        low-resolution version); see :mod:`ddim_jax.concat`."""
+        return concat_lib.get(self._require_concat()).observe(images)
+
+    def condition(self, observations):
+        """Observations (:meth:`observe`) -> the extra channels at the sample's resolution."""
+        return concat_lib.get(self._require_concat()).condition(observations, self.image_size)
+
+    def _require_concat(self) -> str:
+        if self.concat is None:
+            raise ValueError("this model is not conditioned by concatenation (spec.concat is None)")
+        return self.concat
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -368,7 +399,8 @@ class ModelSpec:
         net = self.autoencoder.build()
         return net.apply({"params": params["autoencoder"]}, z / self._require_scale(), method="decode")
 
-    def eps_fn(self, params, y=None, guidance=None, *, rescale=0.0, dtype: str = "float32", null_context=None):
+    def eps_fn(self, params, y=None, guidance=None, *, rescale=0.0, dtype: str = "float32", null_context=None,
+               concat=None):
         """``eps_fn(x, t)`` for the samplers (params, ``y`` and ``guidance`` are leaves, so jit caches hit).
 
         Unconditional models take neither ``y`` nor ``guidance``. A class-conditional model takes labels
@@ -376,47 +408,51 @@ class ModelSpec:
         needs a null label) and optionally a classifier-free ``guidance`` scale (1 = no guidance, 0 = the
         unconditional model; see :mod:`ddim_jax.guidance`) with its ``rescale``. A context-conditioned model
         (kind ``unet2d_condition``) takes context arrays ``y`` (``[B, M, d]`` or one ``[M, d]`` for all) and,
-        for guidance, ``null_context`` (the empty prompt's). ``dtype``: the network's compute dtype (the
-        sampler's own arithmetic stays float32).
+        for guidance, ``null_context`` (the empty prompt's). A concat-conditioned model takes ``concat``,
+        its :meth:`condition` channels ``[B, H, W, k]`` (the same for the guided and unguided halves).
+        ``dtype``: the network's compute dtype (the sampler's own arithmetic stays float32).
         """
-        from ddim_jax.guidance import guided
-        from ddim_jax.unet import make_eps_fn, make_model_fn
+        from ddim_jax.guidance import guided, guided_context
+        from ddim_jax.unet import make_model_fn
 
         self._require_diffusion()
-        net, params = self.build(dtype), self.network_params(params)
+        if (concat is None) != (self.concat is None):
+            raise ValueError(f"this model is conditioned by concatenation ({self.concat}): give "
+                             "concat=spec.condition(observations)" if self.concat else
+                             "concat applies to concat-conditioned models only")
+        model_fn = make_model_fn(self.build(dtype), self.network_params(params))  # (x, t, y) -> output
+        if concat is not None:
+            want = (self.image_size, self.image_size, self.input_channels - self.channels)
+            if np.ndim(concat) != 4 or tuple(np.shape(concat)[1:]) != want:
+                raise ValueError(f"concat must be [B, {want[0]}, {want[1]}, {want[2]}] (spec.condition's output); "
+                                 f"got {np.shape(concat)}")
+            model_fn = jax.tree_util.Partial(_with_concat, model_fn, jnp.asarray(concat, jnp.float32))
         if KINDS[self.kind].conditioning == "context":
-            return self._context_eps_fn(net, params, y, guidance, null_context, rescale)
+            d = self.arch.get("cross_attention_dim", 768)
+            if y is None or np.ndim(y) not in (2, 3) or np.shape(y)[-1] != d:
+                raise ValueError(f"this {self.kind} model conditions on context arrays (e.g. text-encoder outputs) "
+                                 f"of shape [B, M, {d}] or [M, {d}]; got {None if y is None else np.shape(y)} "
+                                 "(sample it from Python: spec.eps_fn(params, context, guidance, null_context=...))")
+            if guidance is None:
+                return jax.tree_util.Partial(_with_context, model_fn, jnp.asarray(y, jnp.float32))
+            if null_context is None:
+                raise ValueError("guidance needs null_context: the context of the empty prompt")
+            return guided_context(model_fn, y, guidance, null_context=null_context, rescale=rescale)
         if self.num_classes is None:
             if y is not None or guidance is not None:
                 raise ValueError("this model is unconditional: labels and guidance do not apply")
-            return make_eps_fn(net, params)
+            return jax.tree_util.Partial(_with_labels, model_fn, None)
         if (y is None or guidance is not None) and self.null_label is None:
             raise ValueError("this class-conditional model has no null label (it was trained without label "
                              "dropout): give labels, and no guidance")
         if y is None:
             if guidance is not None:
                 raise ValueError("guidance needs labels y to guide towards")
-            return make_eps_fn(net, params, np.int32(self.null_label))
+            return jax.tree_util.Partial(_with_labels, model_fn, np.int32(self.null_label))
         y = self.check_labels(y)
         if guidance is None:
-            return make_eps_fn(net, params, y)
-        return guided(make_model_fn(net, params), y, guidance, null_label=self.null_label, rescale=rescale)
-
-    def _context_eps_fn(self, net, params, context, guidance, null_context, rescale):
-        from ddim_jax.guidance import guided_context
-        from ddim_jax.unet import make_model_fn
-
-        d = self.arch.get("cross_attention_dim", 768)
-        if context is None or np.ndim(context) not in (2, 3) or np.shape(context)[-1] != d:
-            raise ValueError(f"this {self.kind} model conditions on context arrays (e.g. text-encoder outputs) of "
-                             f"shape [B, M, {d}] or [M, {d}]; got {None if context is None else np.shape(context)} "
-                             "(sample it from Python: spec.eps_fn(params, context, guidance, null_context=...))")
-        if guidance is None:
-            return jax.tree_util.Partial(_with_context, make_model_fn(net, params), jnp.asarray(context, jnp.float32))
-        if null_context is None:
-            raise ValueError("guidance needs null_context: the context of the empty prompt")
-        return guided_context(make_model_fn(net, params), context, guidance, null_context=null_context,
-                              rescale=rescale)
+            return jax.tree_util.Partial(_with_labels, model_fn, y)
+        return guided(model_fn, y, guidance, null_label=self.null_label, rescale=rescale)
 
     def check_labels(self, y):
         """Integer labels in ``[0, num_classes)``, or a one-line ValueError (traced labels pass unchecked)."""
@@ -434,7 +470,9 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if self.autoencoder is None:  # pixel-space models keep the spec.json they always had
+        if self.concat is None:  # models without these features keep the spec.json they always had
+            del d["concat"]
+        if self.autoencoder is None:
             del d["autoencoder"], d["scale_factor"]
         else:
             d["autoencoder"] = {k: v for k, v in self.autoencoder.to_dict().items() if k != "info"}
@@ -455,9 +493,21 @@ class ModelSpec:
         """What fixes the parameter shapes (to compare a checkpoint with a config before reading arrays)."""
         d = self.to_dict()
         out = {k: d[k] for k in ("kind", "arch", "image_size", "channels", "num_classes", "null_label")}
+        if self.concat is not None:
+            out["concat"] = self.concat
         if self.autoencoder is not None:
             out["autoencoder"] = self.autoencoder.architecture()
         return out
+
+
+def _with_labels(model_fn, y, x, t):
+    """``eps_fn(x, t)`` of ``model_fn(x, t, y)`` for fixed labels ``y`` (None for an unconditional model)."""
+    return model_fn(x, t, y)
+
+
+def _with_concat(model_fn, c, x, t, y):
+    """``model_fn`` of a concat-conditioned network: its input is ``x`` with the condition's channels."""
+    return model_fn(concat_lib.with_condition(x, c), t, y)
 
 
 def _with_context(model_fn, context, x, t):
@@ -488,7 +538,7 @@ def spec_from_config(config) -> ModelSpec:
         size, channels = ae.latent_shape
         latent = dict(autoencoder=ae, scale_factor=lat.get("scale_factor") or None)
     return ModelSpec(kind, model, size, channels, schedule, f["prediction_type"], num_classes, null_label,
-                     info={"data": dict(data)}, **latent)
+                     info={"data": dict(data)}, concat=f.get("concat") or None, **latent)
 
 
 # ---------------------------------------------------------------------------------------------

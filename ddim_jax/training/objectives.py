@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddim_jax.concat import with_condition
 from ddim_jax.diffusion import per_example_loss
 from ddim_jax.models import KINDS, ModelSpec, spec_from_config
 
@@ -63,10 +64,12 @@ class Diffusion:
                 f"{s['num_timesteps']} steps" + (f", labels dropped with p = {self.p_uncond}"
                                                    if self.spec.null_label is not None else "") + ")"
                 + (f", on its {self.spec.autoencoder.kind}'s latents x {self.spec.scale_factor:.5g}"
-                   if self.spec.autoencoder is not None else ""))
+                   if self.spec.autoencoder is not None else "")
+                + (f", conditioned by concatenation on {self.spec.concat}" if self.spec.concat else ""))
 
     def loss(self, params, frozen, x0, labels, keys, step, dropout_key):
         spec, T = self.spec, self.schedule.num_timesteps
+        cond = None if spec.concat is None else spec.condition(spec.observe(x0))  # from the clean images
         if spec.autoencoder is not None:
             noise = jax.vmap(lambda k: jax.random.normal(k, spec.sample_shape, jnp.float32))(_fold(keys, 4))
             x0 = spec.encode(frozen, x0, noise)
@@ -80,6 +83,7 @@ class Diffusion:
         noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(_fold(keys, 1))
 
         def eps_fn(x, tt):
+            x = x if cond is None else with_condition(x, cond)
             return self.model.apply({"params": params}, x, tt, y, train=True, rngs={"dropout": dropout_key})
 
         return jnp.mean(per_example_loss(eps_fn, self.schedule, x0, t, noise, prediction_type=spec.prediction_type)), {}
@@ -90,8 +94,9 @@ class Diffusion:
         from ddim_jax.parallel import round_up
 
         model = experiments.Model(self.spec, params, mesh)
+        sources = None if self.spec.concat is None else source.get(range(min(n, len(source))))
         return experiments.generate(model, n, round_up(n, mesh.devices.size), config.training.sample_steps,
-                                    seed=config.training.seed + 1, progress=False)
+                                    seed=config.training.seed + 1, progress=False, sources=sources)
 
 
 # ---------------------------------------------------------------------------------------------
