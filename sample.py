@@ -165,10 +165,10 @@ def _observed(model, images):
     import numpy as np
 
     from ddim_jax import concat
-    from ddim_jax.images import to_uint8
+    from ddim_jax.images import from_uint8, to_uint8
 
     cond = concat.get(model.spec.concat)
-    x = images.astype(np.float32) / 127.5 - 1.0
+    x = from_uint8(images)
     return to_uint8(np.asarray(cond.condition(cond.observe(x), images.shape[1]))[..., :images.shape[-1]])
 
 

@@ -27,15 +27,14 @@ def main():
     from ddim_jax import concat, digits_classifier
     from ddim_jax import experiments as ex
     from ddim_jax.data import load_digits
-    from ddim_jax.images import save_grid, to_uint8
+    from ddim_jax.images import from_uint8, save_grid, to_uint8
 
     model = ex.load_model(args.workdir)
     if model.spec.concat != "superres2x":
         p.error(f"{args.workdir} is not a superres2x model (its concat is {model.spec.concat!r})")
     test_x, test_y = load_digits("test")
     cond = concat.get("superres2x")
-    x = test_x.astype(np.float32) / 127.5 - 1.0
-    view = np.asarray(cond.observe(x))
+    view = np.asarray(cond.observe(from_uint8(test_x)))
     bilinear = to_uint8(np.asarray(cond.condition(view, 8)))
     samples = ex.generate(model, len(test_x), 100, args.steps, sources=test_x, seed=0)
 
@@ -47,7 +46,7 @@ def main():
 
     def row(name, imgs):
         err = np.mean((imgs.astype(np.float64) / 255 - test_x.astype(np.float64) / 255) ** 2)
-        own = np.asarray(cond.observe(imgs.astype(np.float32) / 127.5 - 1.0))
+        own = np.asarray(cond.observe(from_uint8(imgs)))
         consistency = np.mean(((own - view) / 2) ** 2)
         acc = np.mean(read(imgs) == test_y)
         psnr = f"{10 * np.log10(1 / err):.1f}" if err > 0 else "-"

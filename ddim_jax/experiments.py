@@ -181,7 +181,7 @@ def _conditions(model: Model, sources, start: int, count: int):
     """The extra channels of samples ``start .. start + count - 1`` (source ``i mod N``), sharded, or None."""
     if sources is None:
         return None
-    rows = sources[np.arange(start, start + count) % len(sources)].astype(np.float32) / 127.5 - 1.0
+    rows = from_uint8(sources[np.arange(start, start + count) % len(sources)])
     return model.condition_of(shard_rows(rows, model.mesh)[0])
 
 
@@ -221,7 +221,7 @@ def decode(model: Model, x_T, num_steps: int, *, solver: str = "ddim", eta: floa
                                      spacing=spacing, key=key, clip_x0=clip_x0, prediction_type=model.prediction_type,
                                      return_trajectory=True)
         if model.spec.autoencoder is not None:
-            preds = jnp.stack([model.to_images(p) for p in preds])
+            preds = jax.vmap(model.to_images)(preds)  # every step's x0 in one call
         return model.to_images(x0), x_T, preds
     return model.to_images(sample(eps_fn, model.schedule, x_T, num_steps, solver=solver, eta=eta, sigma_hat=sigma_hat,
                                   spacing=spacing, key=key, clip_x0=clip_x0, prediction_type=model.prediction_type))

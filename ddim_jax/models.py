@@ -281,14 +281,17 @@ class ModelSpec:
     @property
     def latent_shape(self) -> tuple[int, int]:
         """An autoencoder's latents: ``(side, channels)``."""
-        if self.is_diffusion:
-            raise ValueError(f"a {self.kind} model has no latents (it is not an autoencoder)")
+        self._require_autoencoder()
         a = self.arch
         ch = (a.get("embedding_dim") or a["latent_channels"]) if self.kind == "autoencoder_vq" else a["latent_channels"]
         f = 2 ** (len(a["block_out_channels"]) - 1)
         if self.image_size % f:
             raise ValueError(f"the autoencoder's image_size {self.image_size} is not a multiple of its factor {f}")
         return self.image_size // f, ch
+
+    def _require_autoencoder(self) -> None:
+        if self.is_diffusion:
+            raise ValueError(f"a {self.kind} model has no latents (it is not an autoencoder)")
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
@@ -378,19 +381,23 @@ class ModelSpec:
                              "from the data when it starts)")
         return self.scale_factor
 
+    def latents(self, params, x, noise=None):
+        """An autoencoder's latents of images ``x`` in [-1, 1]: a KL autoencoder's posterior mean, or
+        ``mean + std * noise`` given standard-normal ``noise`` of the latents' shape; a VQ autoencoder's
+        latents before quantisation (as LDM's). ``params``: the autoencoder's."""
+        self._require_autoencoder()
+        net, p = self.build(), {"params": params}
+        if self.kind == "autoencoder_vq":
+            return net.apply(p, x, method="encode")
+        mean, logvar = net.apply(p, x, method="encode")
+        return mean if noise is None else mean + jnp.exp(0.5 * logvar) * noise
+
     def encode(self, params, x, noise=None):
-        """Images ``x`` in [-1, 1] -> the diffusion's space: ``x`` itself, or a latent model's scaled latents
-        (a KL autoencoder's posterior mean, or ``mean + std * noise`` given standard-normal ``noise`` of
-        the latents' shape; a VQ autoencoder's latents before quantisation, as LDM's)."""
+        """Images ``x`` in [-1, 1] -> the diffusion's space: ``x`` itself, or a latent model's autoencoder's
+        :meth:`latents` times the scale factor."""
         if self.autoencoder is None:
             return x
-        ae, scale = self.autoencoder, self._require_scale()
-        net, p = ae.build(), {"params": params["autoencoder"]}
-        if ae.kind == "autoencoder_vq":
-            return net.apply(p, x, method="encode") * scale
-        mean, logvar = net.apply(p, x, method="encode")
-        z = mean if noise is None else mean + jnp.exp(0.5 * logvar) * noise
-        return z * scale
+        return self.autoencoder.latents(params["autoencoder"], x, noise) * self._require_scale()
 
     def decode(self, params, z):
         """The diffusion's space -> images in about [-1, 1] (a latent model decodes ``z / scale_factor``)."""

@@ -25,10 +25,10 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ddim_jax import models
+from ddim_jax.images import from_uint8
 
 COPY_DIR = "autoencoder"  # the run's copy of its frozen autoencoder
 SCALE_IMAGES = 1024  # training images whose latents give the scale factor
@@ -81,21 +81,16 @@ def estimate_scale(first: FirstStage, source, *, num: int = SCALE_IMAGES, batch:
     """1 / std of the latents of ``source``'s first ``num`` images (a KL autoencoder's posterior samples,
     drawn from a fixed key; a VQ autoencoder's latents before quantisation)."""
     ae, params = first.spec, first.params
-    net = ae.build()
-    kl = ae.kind == "autoencoder_kl"
+    side, channels = ae.latent_shape
 
     @jax.jit
     def encode(x, key):
-        if not kl:
-            return net.apply({"params": params}, x, method="encode")
-        mean, logvar = net.apply({"params": params}, x, method="encode")
-        return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+        return ae.latents(params, x, jax.random.normal(key, (x.shape[0], side, side, channels)))
 
     n = min(num, len(source))
     total, total_sq, count = 0.0, 0.0, 0
     for i, start in enumerate(range(0, n, batch)):
-        idx = np.arange(start, min(start + batch, n))
-        x = source.get(idx).astype(np.float32) / 127.5 - 1.0
+        x = from_uint8(source.get(np.arange(start, min(start + batch, n))))
         z = np.asarray(encode(x, jax.random.fold_in(jax.random.key(0), i)), np.float64)
         total, total_sq, count = total + z.sum(), total_sq + np.square(z).sum(), count + z.size
     mean = total / count
