@@ -140,6 +140,11 @@ def autoencoder_config(kind: str = "autoencoder_kl") -> ml_collections.ConfigDic
     loss.disc_start = 1000  # the step the discriminator's losses switch on
     loss.disc_layers = 2  # PatchGAN stride-2 layers (taming's n_layers; 3 for 256x256 images)
     loss.disc_channels = 64  # its first layer's channels (ndf)
+    # LPIPS (VGG16) perceptual term, from local files (ddim_jax.lpips; nothing is downloaded): '' = none.
+    loss.lpips_vgg16 = ""  # torchvision's VGG16 weights (vgg16-397923af.pth, or .safetensors with its keys)
+    loss.lpips_heads = ""  # LPIPS' linear heads (the lpips package's weights/v0.1/vgg.pth)
+    loss.perceptual_weight = 1.0  # the LPIPS term's weight (LDM's), when the two files are given
+    loss.lpips_sha256 = ""  # written when the run starts: the two files' digest, so a resume notices a change
 
     c.training = base.training
     c.training.update(lr=4.5e-4, warmup_steps=100, adam_b1=0.5, adam_b2=0.9, ema_decay=0.999, sample_steps=1)
@@ -385,6 +390,16 @@ def _check_autoencoder(config, need) -> None:
          "loss.disc_layers", f"a positive integer with 2^(layers + 1) <= data.image_size ({d.image_size})")
     need(_int(loss.disc_channels) and loss.disc_channels >= 8 and loss.disc_channels % 8 == 0, "loss.disc_channels",
          "a positive multiple of 8")
+    for name in ("lpips_vgg16", "lpips_heads"):
+        need(isinstance(loss[name], str), f"loss.{name}", "'' (no perceptual term) or the path of a local weights file")
+    need(bool(loss.lpips_vgg16) == bool(loss.lpips_heads),
+         "loss.lpips_heads" if loss.lpips_vgg16 else "loss.lpips_vgg16",
+         "given with the other LPIPS file (the VGG16 trunk and LPIPS' heads), or both ''")
+    need(_real(loss.perceptual_weight) and loss.perceptual_weight >= 0, "loss.perceptual_weight",
+         "a finite number >= 0")
+    need(not loss.lpips_vgg16 or d.image_size >= 16, "data.image_size",
+         ">= 16 with an LPIPS term (VGG16 pools the images 4 times)")
+    need(isinstance(loss.lpips_sha256, str), "loss.lpips_sha256", "a string (written when the run starts)")
 
 
 _CHECKS = {"diffusion": _check_diffusion, "autoencoder": _check_autoencoder}

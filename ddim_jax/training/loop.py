@@ -27,7 +27,7 @@ from ddim_jax import files, models
 from ddim_jax.config import config_differences, to_dict, validate_config
 from ddim_jax.images import save_grid
 from ddim_jax.parallel import host, make_mesh, on_main
-from ddim_jax.training import latent
+from ddim_jax.training import latent, perceptual
 from ddim_jax.training.checkpoints import Checkpointer, resume
 from ddim_jax.training.memory import check_fits, memory_plan
 from ddim_jax.training.metrics import MetricsWriter, due
@@ -88,18 +88,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
     mesh = make_mesh(devices)
     config, first_stage = latent.resolve(config, workdir)  # a latent model's autoencoder (reads, writes nothing)
     validate_config(config, mesh.devices.size, jax.process_count())
+    config, frozen = perceptual.resolve(config)  # an autoencoder's LPIPS weights (reads, writes nothing)
+    frozen.update(latent.frozen_params(first_stage))
     check_batch_fits(config, jax.process_count())
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     lock = on_main(lambda: files.WorkdirLock(workdir).acquire(), "locking the workdir")
     try:
-        return _train_locked(config, workdir, mesh, is_main, allow_config_change, progress, first_stage)
+        return _train_locked(config, workdir, mesh, is_main, allow_config_change, progress, first_stage, frozen)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train_locked(config, workdir, mesh, is_main, allow_config_change, progress, first_stage) -> TrainResult:
+def _train_locked(config, workdir, mesh, is_main, allow_config_change, progress, first_stage,
+                  frozen) -> TrainResult:
     t_cfg = config.training
     source = data_lib.make_source(config.data)
     if len(source) < 1:
@@ -139,7 +142,7 @@ def _train_locked(config, workdir, mesh, is_main, allow_config_change, progress,
             on_main(lambda: latent.save_copy(workdir, first_stage, config.latent.scale_factor),
                     "copying the autoencoder")
         on_main(lambda: files.write_json(cfg_path, cfg_dict), "writing config.json")
-        frozen = jax.device_put(latent.frozen_params(first_stage), NamedSharding(mesh, P()))
+        frozen = jax.device_put(frozen, NamedSharding(mesh, P()))  # what the step uses but does not train
         return _loop(config, workdir, mesh, is_main, progress, source, ckpt, state, frozen)
     finally:
         ckpt.wait()

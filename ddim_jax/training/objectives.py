@@ -14,16 +14,20 @@ preview grid it writes.
   for a VQ autoencoder ``loss.codebook_weight`` x the VQ loss (codebook + beta x commitment; the number of
   codes in use is logged). The discriminator is trained in the same step on the same batch (its
   parameters sit next to the autoencoder's in the train state; the autoencoder's loss sees it frozen and
-  its own loss sees the reconstructions frozen, so one gradient serves both). No perceptual (LPIPS)
-  term: none is shipped and nothing is downloaded; the run's log says so.
+  its own loss sees the reconstructions frozen, so one gradient serves both). With LPIPS weights given
+  (``loss.lpips_vgg16``, ``loss.lpips_heads``; :mod:`ddim_jax.training.perceptual`) the reconstruction
+  term is LDM's ``L1 + loss.perceptual_weight x LPIPS(x, x_rec)`` (each image's LPIPS distance added to
+  each of its pixels' L1, so here to their mean), and the adaptive weight balances the adversarial term
+  against that sum, as LDM's. None is shipped and nothing is downloaded: without the files the term is
+  absent and the run's log says so.
 
 The train step (:mod:`ddim_jax.training.state`) draws each example's key, normalises and flips the images,
 averages the gradients over devices and applies the update; an objective's ``loss`` runs inside the
 step's ``shard_map`` (``lax.pmean`` over ``'data'`` is available) and returns ``(value, metrics)``: the
 value is differentiated, the metrics (``loss`` is the value unless the objective reports its own) are
 averaged over devices and logged. ``frozen`` holds the parameters the run uses but does not train (a
-latent model's autoencoder: ``{"autoencoder": ...}``; else ``{}``); ``model_params(params, frozen)`` is
-the model a run exports.
+latent model's autoencoder: ``{"autoencoder": ...}``; an autoencoder's LPIPS network: ``{"lpips": ...}``;
+else ``{}``); ``model_params(params, frozen)`` is the model a run exports.
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddim_jax import lpips
 from ddim_jax.concat import with_condition
 from ddim_jax.diffusion import per_example_loss
 from ddim_jax.models import KINDS, ModelSpec, spec_from_config
+from ddim_jax.training.perceptual import enabled as perceptual_enabled
 
 
 def _fold(keys, i: int):
@@ -147,6 +153,7 @@ class Autoencoder:
         self.spec, self.model, self.cfg = spec, model, config.loss
         self.disc = (PatchDiscriminator(self.cfg.disc_layers, self.cfg.disc_channels)
                      if self.cfg.disc_weight > 0 else None)
+        self.perceptual = perceptual_enabled(self.cfg)
 
     def init(self, key) -> dict:
         params = {"autoencoder": self.spec.init(jax.random.fold_in(key, 0))}
@@ -155,9 +162,8 @@ class Autoencoder:
             params["discriminator"] = self.disc.init(jax.random.fold_in(key, 1), x)["params"]
         return params
 
-    @staticmethod
-    def frozen_shapes() -> dict:
-        return {}
+    def frozen_shapes(self) -> dict:
+        return {"lpips": lpips.param_shapes()} if self.perceptual else {}
 
     @staticmethod
     def model_params(params, frozen) -> dict:
@@ -168,8 +174,12 @@ class Autoencoder:
         adv = (f"PatchGAN hinge x {cfg.disc_weight} x adaptive weight from step {cfg.disc_start}" if self.disc
                else "no discriminator")
         reg = (f"{cfg.codebook_weight:g} VQ loss" if self.spec.kind == "autoencoder_vq" else f"{cfg.kl_weight:g} KL")
-        return (f"objective: autoencoder (L1 + {reg}, {adv}; no perceptual loss: this library ships no LPIPS "
-                "weights)")
+        if self.perceptual:
+            rec = f"L1 + {cfg.perceptual_weight:g} x LPIPS (VGG16 {cfg.lpips_vgg16}, heads {cfg.lpips_heads})"
+        else:
+            rec = ("L1, no perceptual loss: no LPIPS weights given (loss.lpips_vgg16, loss.lpips_heads; nothing is "
+                   "downloaded)")
+        return f"objective: autoencoder ({rec} + {reg}, {adv})"
 
     def _latent(self, ae, x0, keys):
         """``(z, regulariser, metrics)``: the decoder's input and the weighted regularisation term. KL: a
@@ -193,9 +203,9 @@ class Autoencoder:
         cfg, ae = self.cfg, params["autoencoder"]
         z, reg, metrics = self._latent(ae, x0, keys)
         rec = self._decode(ae, z)
-        rec_loss = jnp.mean(jnp.abs(x0 - rec))
+        rec_loss, terms = self._rec_loss(x0, rec, frozen)
+        metrics.update(terms)
         ae_loss = rec_loss + reg
-        metrics["rec_loss"] = rec_loss
         if self.disc is None:
             return ae_loss, dict(metrics, loss=ae_loss)
         on = (step >= cfg.disc_start).astype(jnp.float32)
@@ -203,22 +213,31 @@ class Autoencoder:
         frozen_d = jax.lax.stop_gradient(params["discriminator"])
         g_loss = -jnp.mean(d(frozen_d, rec))
         weight = cfg.disc_weight * self._adaptive_weight(jax.lax.stop_gradient(ae), jax.lax.stop_gradient(z), x0,
-                                                         frozen_d)
+                                                         frozen_d, frozen)
         ae_loss = ae_loss + on * weight * g_loss
         d_loss = on * hinge_discriminator_loss(d(params["discriminator"], x0),
                                                d(params["discriminator"], jax.lax.stop_gradient(rec)))
         metrics.update(loss=ae_loss, g_loss=g_loss, disc_loss=d_loss, d_weight=weight)
         return ae_loss + d_loss, metrics
 
-    def _adaptive_weight(self, ae, z, x0, disc):
-        """The adaptive weight from the gradients (averaged over devices) of the reconstruction and the
-        adversarial loss with respect to the decoder's last conv kernel."""
+    def _rec_loss(self, x0, rec, frozen):
+        """``(loss, terms)``: the reconstruction term, mean L1 (``rec_loss``) plus ``perceptual_weight`` x mean
+        LPIPS (``p_loss``) when the run has one."""
+        terms = {"rec_loss": jnp.mean(jnp.abs(x0 - rec))}
+        if not self.perceptual:
+            return terms["rec_loss"], terms
+        terms["p_loss"] = jnp.mean(lpips.distance(frozen["lpips"], x0, rec))
+        return terms["rec_loss"] + self.cfg.perceptual_weight * terms["p_loss"], terms
+
+    def _adaptive_weight(self, ae, z, x0, disc, frozen):
+        """The adaptive weight from the gradients (averaged over devices) of the reconstruction term (with its
+        perceptual part) and the adversarial loss with respect to the decoder's last conv kernel."""
         last = ae["decoder"]["conv_out"]
 
         def parts(w):
             p = dict(ae, decoder=dict(ae["decoder"], conv_out=dict(last, kernel=w)))
             rec = self._decode(p, z)
-            return jnp.mean(jnp.abs(x0 - rec)), -jnp.mean(self.disc.apply({"params": disc}, rec))
+            return self._rec_loss(x0, rec, frozen)[0], -jnp.mean(self.disc.apply({"params": disc}, rec))
 
         _, vjp = jax.vjp(parts, last["kernel"])
         (grad_rec,), (grad_adv,) = vjp((jnp.float32(1), jnp.float32(0))), vjp((jnp.float32(0), jnp.float32(1)))

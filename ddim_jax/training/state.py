@@ -91,7 +91,8 @@ def make_train_step(config, mesh, model=None):
     ``[k, global_batch, H, W, C]`` (and, for a class-conditional model, int32 ``labels``
     ``[k, global_batch]``) sharded over the batch axis, k steps in one call; metrics have leading dim k.
     ``frozen``: the parameters used but not trained (a latent model's autoencoder, see
-    :mod:`ddim_jax.training.latent`; replicated). ``model`` (default: the config's network) is anything
+    :mod:`ddim_jax.training.latent`; an autoencoder's LPIPS network, :mod:`ddim_jax.training.perceptual`;
+    replicated). ``model`` (default: the config's network) is anything
     with Flax's ``apply``; the loss is the config's objective's (:mod:`ddim_jax.training.objectives`)."""
     t_cfg = config.training
     seed, decay, flip = t_cfg.seed, t_cfg.ema_decay, config.data.random_flip
@@ -161,7 +162,8 @@ def make_train_step(config, mesh, model=None):
             labels = placeholders[shape]
         if frozen is None:
             if objective.frozen_shapes():
-                raise ValueError("this latent model's train step needs its frozen autoencoder params (frozen=)")
+                raise ValueError(f"this train step needs the frozen params {sorted(objective.frozen_shapes())} "
+                                 "(frozen=)")
             frozen = {}
         return sharded(state, images, labels, frozen)
 
