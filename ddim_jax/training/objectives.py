@@ -233,14 +233,13 @@ class Autoencoder:
         """The adaptive weight from the gradients (averaged over devices) of the reconstruction term (with its
         perceptual part) and the adversarial loss with respect to the decoder's last conv kernel."""
         last = ae["decoder"]["conv_out"]
-
-        def parts(w):
-            p = dict(ae, decoder=dict(ae["decoder"], conv_out=dict(last, kernel=w)))
-            rec = self._decode(p, z)
-            return self._rec_loss(x0, rec, frozen)[0], -jnp.mean(self.disc.apply({"params": disc}, rec))
-
-        _, vjp = jax.vjp(parts, last["kernel"])
-        (grad_rec,), (grad_adv,) = vjp((jnp.float32(1), jnp.float32(0))), vjp((jnp.float32(0), jnp.float32(1)))
+        rec, vjp = jax.vjp(lambda w: self._decode(dict(ae, decoder=dict(ae["decoder"], conv_out=dict(last, kernel=w))),
+                                                  z), last["kernel"])
+        # Each loss's gradient at the reconstruction, then through the last layer: one backward pass through
+        # LPIPS' VGG and one through the discriminator.
+        at_rec = (jax.grad(lambda r: self._rec_loss(x0, r, frozen)[0])(rec),
+                  jax.grad(lambda r: -jnp.mean(self.disc.apply({"params": disc}, r)))(rec))
+        (grad_rec,), (grad_adv,) = vjp(at_rec[0]), vjp(at_rec[1])
         grad_rec, grad_adv = jax.lax.pmean((grad_rec, grad_adv), "data")
         return jax.lax.stop_gradient(adaptive_weight(grad_rec, grad_adv))
 

@@ -1,0 +1,79 @@
+"""What the LPIPS term costs an autoencoder's train step: configs/autoencoder_digits.py's step (L1 + KL, the
+PatchGAN and its adaptive weight switched on) without and with ``loss.perceptual_weight`` x LPIPS (VGG16),
+in the same process on the same devices.
+
+    python benchmarks/lpips_cost.py [--batch 32] [--steps 10] [--image_size 32]
+
+The LPIPS weights are random arrays of VGG16's and the heads' shapes (speed does not depend on their
+values), so this needs no weights file. Per row: the median seconds of one train step and XLA's
+temporaries for it.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10, help="timed train steps per row")
+    p.add_argument("--image_size", type=int, default=32)
+    args = p.parse_args()
+
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from configs.autoencoder_digits import get_config
+    from ddim_jax import lpips
+    from ddim_jax.parallel import make_mesh
+    from ddim_jax.training.memory import memory_plan
+    from ddim_jax.training.state import init_state, make_train_step
+
+    mesh = make_mesh()
+    rng = np.random.default_rng(0)
+    weights = jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(np.float32), lpips.param_shapes())
+    rows = []
+    for name in ("L1 + KL + PatchGAN", "L1 + KL + PatchGAN + LPIPS"):
+        c = get_config()
+        c.data.image_size = args.image_size
+        c.training.batch_size = args.batch
+        c.loss.disc_start = 0
+        frozen = {}
+        if "LPIPS" in name:  # the objective reads these names only to know the term is on
+            c.loss.update(lpips_vgg16="random", lpips_heads="random")
+            frozen = {"lpips": weights}
+        frozen = jax.device_put(frozen, NamedSharding(mesh, P()))
+        step, state = make_train_step(c, mesh), init_state(c, mesh)
+        images = jax.device_put(rng.integers(0, 256, (1, args.batch, args.image_size, args.image_size, 1),
+                                             dtype=np.uint8), NamedSharding(mesh, P(None, "data")))
+        for _ in range(2):
+            state, m = step(state, images, None, frozen)
+        jax.block_until_ready(m)
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            state, m = step(state, images, None, frozen)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+        plan = memory_plan(c, mesh, step)
+        rows.append((name, statistics.median(times), plan.temporaries))
+        print(f"{name}: step {rows[-1][1] * 1e3:.1f} ms, temporaries {plan.temporaries / 2**20:.0f} MiB", flush=True)
+    print(f"\n{jax.device_count()} {jax.devices()[0].platform} device(s), batch {args.batch}, "
+          f"{args.image_size}x{args.image_size}x1 images")
+    print("| loss | train step (ms) | step temporaries (MiB) |")
+    print("|---|---|---|")
+    for name, step_s, temp in rows:
+        print(f"| {name} | {step_s * 1e3:.1f} | {temp / 2**20:.0f} |")
+    print(f"| with / without LPIPS | {rows[1][1] / rows[0][1]:.2f}x | {rows[1][2] / max(rows[0][2], 1):.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
