@@ -112,13 +112,14 @@ def test_encode_and_decode_are_the_autoencoder_with_the_scale():
 def test_class_conditioned_unet_is_unet2dcondition_on_its_class_tokens():
     m = ClassConditionedUNet(num_labels=11, in_channels=2, out_channels=2, **UNET)
     x, t, y = jax.random.normal(jax.random.key(0), (3, 4, 4, 2)), jnp.array([0, 500, 999]), jnp.array([0, 4, 10])
-    params = m.init(jax.random.key(1), x, t, y)["params"]
+    params = jax.jit(m.init, compiler_options=models.run_once_options("cpu"))(jax.random.key(1), x, t, y)["params"]
     tokens = params["class_tokens"]["embedding"][y].reshape(3, 2, 8)  # tau_theta(y): two 8-value tokens per label
     unet = UNet2DCondition(UNET["block_out_channels"], UNET["down_block_types"], UNET["up_block_types"], 1, 2, 1, 8,
                            2, 2, 4, use_linear_projection=True)
-    want = unet.apply({"params": params["unet"]}, x, t, tokens)
-    np.testing.assert_allclose(m.apply({"params": params}, x, t, y), want, rtol=1e-5, atol=1e-6)
-    other = m.apply({"params": params}, x, t, jnp.array([1, 5, 9]))
+    want = jax.jit(unet.apply)({"params": params["unet"]}, x, t, tokens)
+    apply = jax.jit(m.apply)
+    np.testing.assert_allclose(apply({"params": params}, x, t, y), want, rtol=1e-5, atol=1e-6)
+    other = apply({"params": params}, x, t, jnp.array([1, 5, 9]))
     assert np.abs(np.asarray(other) - np.asarray(want)).max() > 1e-4  # the label reaches the output
 
 
@@ -168,7 +169,7 @@ def test_latent_loss_is_the_pixel_loss_on_the_encoded_latents(run):
     pixel_cfg.model.update(UNET)
     pixel_cfg.data.update(image_size=4, channels=2)
     pix = objectives.make_objective(pixel_cfg)
-    params = lat.init(jax.random.key(3))
+    params = jax.jit(lat.init, compiler_options=models.run_once_options("cpu"))(jax.random.key(3))
     x = load_digits("train")[0][:4].astype(np.float32) / 127.5 - 1.0
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(4))
     labels = jnp.array([1, 2, 3, 4])
@@ -177,8 +178,9 @@ def test_latent_loss_is_the_pixel_loss_on_the_encoded_latents(run):
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 4), (4, 4, 2)))(keys)
     z = cfg.latent.scale_factor * (mean + jnp.exp(0.5 * logvar) * noise)
     frozen = latent.frozen_params(first)
-    want = pix.loss(params, {}, z, labels, keys, 0, jax.random.key(0))[0]
-    np.testing.assert_allclose(lat.loss(params, frozen, x, labels, keys, 0, jax.random.key(0))[0], want, rtol=1e-5)
+    want = jax.jit(lambda p, z: pix.loss(p, {}, z, labels, keys, 0, jax.random.key(0))[0])(params, z)
+    got = jax.jit(lambda p, f, x: lat.loss(p, f, x, labels, keys, 0, jax.random.key(0))[0])(params, frozen, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_resume_uses_the_runs_copy_when_the_named_autoencoder_changes(run, tmp_path):
