@@ -111,6 +111,8 @@ def _read(path: str, what: str) -> dict:
 
     if not isinstance(path, str) or not path:
         raise ValueError(f"{what}: expected the path of a local weights file; got {path!r}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what}: {path!r} is a directory; name the weights file in it")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what}: {path!r} does not exist (LPIPS weights are not downloaded; see "
                                 "ddim_jax.lpips for the files it reads)")

@@ -140,6 +140,8 @@ def test_loader_refusals(weights, tmp_path):
     vgg, heads, ref = weights
     with pytest.raises(FileNotFoundError, match="VGG16 weights: '/nowhere/vgg16.pth' does not exist"):
         lpips.load_params("/nowhere/vgg16.pth", str(heads))
+    with pytest.raises(IsADirectoryError, match="LPIPS heads: .* is a directory; name the weights file in it"):
+        lpips.load_params(str(vgg), str(tmp_path))
     sd = {f"features.{k}": v for k, v in ref.features.state_dict().items() if not k.startswith("28.")}
     torch.save(sd, tmp_path / "truncated.pth")
     with pytest.raises(KeyError, match=r"no VGG16 layer features.28 \(conv5_3\)"):
