@@ -229,9 +229,13 @@ def test_a_run_records_its_lpips_weights_and_refuses_others(weights, tmp_path, c
     assert not (tmp_path / "new" / "config.json").exists()
 
 
-def test_an_autoencoder_without_lpips_says_so():
+def test_an_autoencoder_without_lpips_says_so(weights):
     obj = objectives.make_objective(ae_config())
     assert obj.frozen_shapes() == {} and "no perceptual loss: no LPIPS weights given" in obj.summary()
+    off = lpips_config(weights)
+    off.loss.perceptual_weight = 0.0
+    obj = objectives.make_objective(off)
+    assert obj.frozen_shapes() == {} and "no perceptual loss: loss.perceptual_weight is 0" in obj.summary()
 
 
 @pytest.mark.parametrize("updates,match", [

@@ -176,6 +176,8 @@ class Autoencoder:
         reg = (f"{cfg.codebook_weight:g} VQ loss" if self.spec.kind == "autoencoder_vq" else f"{cfg.kl_weight:g} KL")
         if self.perceptual:
             rec = f"L1 + {cfg.perceptual_weight:g} x LPIPS (VGG16 {cfg.lpips_vgg16}, heads {cfg.lpips_heads})"
+        elif cfg.get("lpips_vgg16"):
+            rec = "L1, no perceptual loss: loss.perceptual_weight is 0"
         else:
             rec = ("L1, no perceptual loss: no LPIPS weights given (loss.lpips_vgg16, loss.lpips_heads; nothing is "
                    "downloaded)")
