@@ -5,20 +5,20 @@ in the same process on the same devices.
     python benchmarks/lpips_cost.py [--batch 32] [--steps 10] [--image_size 32]
 
 The LPIPS weights are random arrays of VGG16's and the heads' shapes (speed does not depend on their
-values), so this needs no weights file. Per row: the median seconds of one train step and XLA's
-temporaries for it.
+values), so this needs no weights file. The two steps are timed in alternation. Per row: the median
+seconds of one train step and XLA's temporaries for it.
 """
 
 import argparse
-import os
 import statistics
 import sys
-import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _machine import ROOT, interleaved
+
+sys.path.insert(0, str(ROOT))
 
 
 def main():
@@ -40,7 +40,9 @@ def main():
     mesh = make_mesh()
     rng = np.random.default_rng(0)
     weights = jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(np.float32), lpips.param_shapes())
-    rows = []
+    images = jax.device_put(rng.integers(0, 256, (1, args.batch, args.image_size, args.image_size, 1), dtype=np.uint8),
+                            NamedSharding(mesh, P(None, "data")))
+    runs, plans, states = {}, {}, {}
     for name in ("L1 + KL + PatchGAN", "L1 + KL + PatchGAN + LPIPS"):
         c = get_config()
         c.data.image_size = args.image_size
@@ -51,21 +53,17 @@ def main():
             c.loss.update(lpips_vgg16="random", lpips_heads="random")
             frozen = {"lpips": weights}
         frozen = jax.device_put(frozen, NamedSharding(mesh, P()))
-        step, state = make_train_step(c, mesh), init_state(c, mesh)
-        images = jax.device_put(rng.integers(0, 256, (1, args.batch, args.image_size, args.image_size, 1),
-                                             dtype=np.uint8), NamedSharding(mesh, P(None, "data")))
-        for _ in range(2):
-            state, m = step(state, images, None, frozen)
-        jax.block_until_ready(m)
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            state, m = step(state, images, None, frozen)
+        step, states[name] = make_train_step(c, mesh), init_state(c, mesh)
+        plans[name] = memory_plan(c, mesh, step).temporaries
+
+        def run(name=name, step=step, frozen=frozen):
+            states[name], m = step(states[name], images, None, frozen)
             jax.block_until_ready(m)
-            times.append(time.perf_counter() - t0)
-        plan = memory_plan(c, mesh, step)
-        rows.append((name, statistics.median(times), plan.temporaries))
-        print(f"{name}: step {rows[-1][1] * 1e3:.1f} ms, temporaries {plan.temporaries / 2**20:.0f} MiB", flush=True)
+
+        run(), run()  # compile and warm up
+        runs[name] = run
+    times = interleaved(runs, args.steps)  # alternating, so background load hits both rows alike
+    rows = [(name, statistics.median(times[name]), plans[name]) for name in runs]
     print(f"\n{jax.device_count()} {jax.devices()[0].platform} device(s), batch {args.batch}, "
           f"{args.image_size}x{args.image_size}x1 images")
     print("| loss | train step (ms) | step temporaries (MiB) |")

@@ -215,7 +215,7 @@ class Autoencoder:
         frozen_d = jax.lax.stop_gradient(params["discriminator"])
         g_loss = -jnp.mean(d(frozen_d, rec))
         weight = cfg.disc_weight * self._adaptive_weight(jax.lax.stop_gradient(ae), jax.lax.stop_gradient(z), x0,
-                                                         frozen_d, frozen)
+                                                         jax.lax.stop_gradient(rec), frozen_d, frozen)
         ae_loss = ae_loss + on * weight * g_loss
         d_loss = on * hinge_discriminator_loss(d(params["discriminator"], x0),
                                                d(params["discriminator"], jax.lax.stop_gradient(rec)))
@@ -231,14 +231,15 @@ class Autoencoder:
         terms["p_loss"] = jnp.mean(lpips.distance(frozen["lpips"], x0, rec))
         return terms["rec_loss"] + self.cfg.perceptual_weight * terms["p_loss"], terms
 
-    def _adaptive_weight(self, ae, z, x0, disc, frozen):
+    def _adaptive_weight(self, ae, z, x0, rec, disc, frozen):
         """The adaptive weight from the gradients (averaged over devices) of the reconstruction term (with its
         perceptual part) and the adversarial loss with respect to the decoder's last conv kernel."""
         last = ae["decoder"]["conv_out"]
-        rec, vjp = jax.vjp(lambda w: self._decode(dict(ae, decoder=dict(ae["decoder"], conv_out=dict(last, kernel=w))),
-                                                  z), last["kernel"])
-        # Each loss's gradient at the reconstruction, then through the last layer: one backward pass through
-        # LPIPS' VGG and one through the discriminator.
+        _, vjp = jax.vjp(lambda w: self._decode(dict(ae, decoder=dict(ae["decoder"], conv_out=dict(last, kernel=w))),
+                                                z), last["kernel"])
+        # Each loss's gradient at the loss's own reconstruction ``rec``, then through the last layer. At that
+        # same ``rec`` XLA computes LPIPS' VGG forward passes and its backward pass once, for this and for the
+        # loss's own gradient (the compiled step holds one VGG backward; benchmarks/lpips_cost.py).
         at_rec = (jax.grad(lambda r: self._rec_loss(x0, r, frozen)[0])(rec),
                   jax.grad(lambda r: -jnp.mean(self.disc.apply({"params": disc}, r)))(rec))
         (grad_rec,), (grad_adv,) = vjp(at_rec[0]), vjp(at_rec[1])
