@@ -6,7 +6,7 @@ with class labels where the data has them (``source.num_classes``, ``source.get_
 
 * ``digits``: scikit-learn's 1,797 real 8x8 handwritten digits, shipped inside scikit-learn (no
   download, no network): the embedded default. At another ``image_size`` they are upscaled (bicubic).
-* ``folder``: the PNG/JPEG images under a directory (recursively), center-cropped and resized. When
+* ``folder``: the PNG/JPEG images under a directory (recursively; 16-bit PNGs scaled to 8 bits), center-cropped and resized. When
   every image lies inside a sub-folder of the directory, the sub-folders (sorted by name) are the
   classes, as image-folder loaders do: ``root/cat/1.png`` has the label of ``cat``.
 * any tensorflow-datasets name (``cifar10``, ``celeb_a``, ``lsun/church_outdoor``, ...), read by
@@ -170,10 +170,13 @@ def _read_image(path: pathlib.Path, mode: str) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert(mode))
+            if not im.mode.startswith("I"):
+                return np.asarray(im.convert(mode))
+            wide = np.asarray(im, np.int64)  # 16-bit grey (0..65535): PIL's convert would clip it at 255
     except Exception as e:  # UnidentifiedImageError, truncated data (OSError), broken chunks (SyntaxError), ...
         detail = (str(e).splitlines() or [""])[0]
         raise ValueError(f"data.folder: cannot read image {path} ({type(e).__name__}: {detail})") from None
+    return np.asarray(Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8)).convert(mode))
 
 
 def load_folder(path: str, image_size: int, channels: int = 3) -> ArraySource:

@@ -57,6 +57,20 @@ def test_a_truncated_image_is_a_one_line_error_naming_the_file(tmp_path):
     _assert_one_line(e)
 
 
+def test_16_bit_pngs_are_scaled_to_8_bits_not_clipped(tmp_path):
+    from PIL import Image
+
+    gradient = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)
+    im = Image.fromarray(gradient)
+    assert im.mode == "I;16"
+    im.save(tmp_path / "deep.png")
+    want = np.round(gradient / 257.0)  # 65535 / 255 = 257
+    for channels in (1, 3):
+        got = data_lib.load_folder_images(str(tmp_path), 16, channels=channels)
+        assert got.shape == (1, 16, 16, channels) and got.dtype == np.uint8
+        np.testing.assert_allclose(got[0], np.repeat(want[..., None], channels, -1), atol=1)
+
+
 @pytest.mark.parametrize("channels", [2, 0, 4, 3.0, True])
 def test_folder_channels_other_than_1_or_3_is_a_one_line_error(tmp_path, channels):
     _write_pngs(tmp_path, [(8, 8)])
