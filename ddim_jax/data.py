@@ -6,9 +6,10 @@ with class labels where the data has them (``source.num_classes``, ``source.get_
 
 * ``digits``: scikit-learn's 1,797 real 8x8 handwritten digits, shipped inside scikit-learn (no
   download, no network): the embedded default. At another ``image_size`` they are upscaled (bicubic).
-* ``folder``: the PNG/JPEG images under a directory (recursively; 16-bit PNGs scaled to 8 bits), center-cropped and resized. When
-  every image lies inside a sub-folder of the directory, the sub-folders (sorted by name) are the
-  classes, as image-folder loaders do: ``root/cat/1.png`` has the label of ``cat``.
+* ``folder``: the PNG/JPEG images under a directory (recursively; 16-bit PNGs scaled to 8 bits),
+  center-cropped and resized. When every image lies inside a sub-folder of the directory, the
+  sub-folders (sorted by name) are the classes, as image-folder loaders do: ``root/cat/1.png`` has
+  the label of ``cat``.
 * any tensorflow-datasets name (``cifar10``, ``celeb_a``, ``lsun/church_outdoor``, ...), read by
   random access through ``tfds.data_source`` from a prepared ``data_dir``; its ``label`` feature
   (when it has one, e.g. cifar10) gives the classes. Its images are decoded, cropped and resized as
