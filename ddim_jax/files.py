@@ -63,8 +63,10 @@ def replace_dir(dst: str, *, overwrite: bool, may_replace: Callable[[str], bool]
     An existing ``dst`` is refused unless ``overwrite``, and even then only if ``may_replace(dst)``
     (or it is an empty directory). The old ``dst`` is renamed aside, the new one renamed in, and only
     then is the old one deleted; on any error the temporary directory is removed and ``dst`` is untouched.
+    A symlink ``dst`` stays a link: the directory it points to is the one replaced. Files written into the
+    new directory get the mode ``open()`` gives (whatever mode their writer created them with).
     """
-    dst = os.path.abspath(dst)
+    dst = os.path.realpath(dst) if os.path.islink(dst) and os.path.isdir(dst) else os.path.abspath(dst)
     if os.path.lexists(dst):
         if not overwrite:
             raise FileExistsError(f"{dst} exists; pass overwrite (--overwrite) to replace it")
@@ -76,6 +78,10 @@ def replace_dir(dst: str, *, overwrite: bool, may_replace: Callable[[str], bool]
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
+        for d, _, names in os.walk(tmp):
+            for name in names:
+                if not os.path.islink(os.path.join(d, name)):
+                    os.chmod(os.path.join(d, name), 0o666 & ~_umask())
         _fsync_dir(tmp)
         old = None
         if os.path.lexists(dst):

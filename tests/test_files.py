@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
@@ -69,6 +70,39 @@ def test_replace_dir_refuses_keeps_and_swaps(tmp_path):
         with files.replace_dir(str(other), overwrite=True, may_replace=lambda p: False):
             pass
     assert (other / "cat.jpg").exists()
+
+
+def test_replace_dir_through_a_symlink_replaces_its_target_and_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "disk" / "model"
+    target.mkdir(parents=True)
+    (target / "f").write_text("one")
+    link = tmp_path / "models" / "model"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    with files.replace_dir(str(link), overwrite=True) as tmp:
+        open(os.path.join(tmp, "f"), "w").write("two")
+    assert link.is_symlink() and (link / "f").read_text() == "two"
+    assert os.listdir(link.parent) == ["model"] and os.listdir(target.parent) == ["model"]  # no ".old" left
+
+
+def test_files_written_into_a_replaced_dir_get_the_usual_permissions(tmp_path):
+    from ddim_jax import models
+
+    old = os.umask(0o022)
+    try:
+        with files.replace_dir(str(tmp_path / "d"), overwrite=False) as tmp:
+            fd = os.open(os.path.join(tmp, "private"), os.O_CREAT | os.O_WRONLY, 0o600)  # as safetensors writes
+            os.close(fd)
+        spec = models.ModelSpec("unet", dict(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                                             dropout=0.0, resamp_with_conv=True, norm_groups=8), 8, 3,
+                                {"name": "linear", "num_timesteps": 10}, "epsilon")
+        params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), spec.param_shapes())
+        model = models.save(str(tmp_path / "m"), spec, params)
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "d" / "private").st_mode & 0o777 == 0o644
+    assert {f: os.stat(os.path.join(model, f)).st_mode & 0o777 for f in os.listdir(model)} == {
+        models.PARAMS_FILE: 0o644, models.SPEC_FILE: 0o644}
 
 
 def test_a_second_holder_is_refused_with_the_holders_pid(tmp_path):
