@@ -2,12 +2,18 @@
 
 :func:`cache_dir`: ``$DDIM_JAX_CACHE``, else ``$XDG_CACHE_HOME/ddim_jax``, else ``~/.cache/ddim_jax``.
 Files are written into it with :func:`ddim_jax.files.atomic_write`, so a reader (another process
-sharing the cache) sees the old file or the whole new one, never half a file.
+sharing the cache) sees the old file or the whole new one, never half a file. A cached file that
+cannot be read (truncated by a full disk, written by something else) is recomputed and replaced, with
+a warning: :func:`read_cached`.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
 def cache_dir() -> str:
@@ -17,6 +23,20 @@ def cache_dir() -> str:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         path = os.path.join(base, "ddim_jax")
     return os.path.expanduser(path)
+
+
+def read_cached(path: str, read: Callable[[str], T]) -> T | None:
+    """``read(path)`` of a cached file; None when there is none, or when ``read`` fails on it: then a
+    one-line warning names the file, and the caller recomputes it and writes it over the broken one."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return read(path)
+    except Exception as e:  # noqa: BLE001 - whatever is wrong with a cached file, it is recomputed
+        detail = " ".join(str(e).split())[:200]
+        print(f"warning: {path}: unreadable cache file ({type(e).__name__}: {detail}); recomputing it",
+              file=sys.stderr)
+        return None
 
 
 def enable_compilation_cache(path: str | None = None) -> str | None:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ddim_jax.cache import cache_dir
+from ddim_jax.cache import cache_dir, read_cached
 from ddim_jax.files import atomic_write
 from ddim_jax.data import DIGITS_TRAIN, load_digits
 
@@ -122,14 +122,24 @@ def _cache_path() -> str:
     return os.path.join(cache_dir(), f"digits_cnn-{tag}.npz")
 
 
+def _read_cache(path: str) -> tuple[dict, float]:
+    with np.load(path) as z:
+        acc = float(z["__accuracy__"])
+        flat = {k: z[k] for k in z.files if not k.startswith("__")}
+    want = jax.eval_shape(lambda: DigitsCNN().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))["params"]
+    want = {k: v.shape for k, v in traverse_util.flatten_dict(want, sep="/").items()}
+    if {k: v.shape for k, v in flat.items()} != want:
+        raise ValueError("it holds other arrays than the digits CNN's parameters")
+    return traverse_util.unflatten_dict(flat, sep="/"), acc
+
+
 def load_digits_classifier(cache: bool = True, verbose: bool = True) -> tuple[dict, float]:
-    """(params, held-out accuracy) of the digits CNN: read from the cache, else trained once and cached."""
+    """(params, held-out accuracy) of the digits CNN: read from the cache, else trained once and cached (a
+    cached file that cannot be read is trained again and replaced, with a warning)."""
     path = _cache_path()
-    if cache and os.path.exists(path):
-        with np.load(path) as z:
-            acc = float(z["__accuracy__"])
-            params = traverse_util.unflatten_dict({k: z[k] for k in z.files if not k.startswith("__")}, sep="/")
-        return params, acc
+    cached = read_cached(path, _read_cache) if cache else None
+    if cached is not None:
+        return cached
     t0 = time.perf_counter()
     with jax.default_device(jax.devices("cpu")[0]):  # the same weights whatever accelerator is present
         params, acc = train_digits_classifier()

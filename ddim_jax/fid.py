@@ -21,6 +21,7 @@ Files are cached under :func:`ddim_jax.cache.cache_dir` (``$DDIM_JAX_CACHE``, el
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Callable
 
 import jax
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddim_jax import digits_classifier, inception
-from ddim_jax.cache import cache_dir
+from ddim_jax.cache import cache_dir, read_cached
 from ddim_jax.files import atomic_write
 from ddim_jax.parallel import pad_rows
 
@@ -117,10 +118,19 @@ def save_stats(path: str, mu, sigma, **metadata) -> None:
 
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(mu, sigma, metadata) from a ``.npz`` written by :func:`save_stats` or by pytorch-fid."""
-    with np.load(path) as z:
-        mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
-        meta = {k: z[k].item() if z[k].ndim == 0 else z[k] for k in z.files if k not in ("mu", "sigma")}
+    """(mu, sigma, metadata) from a ``.npz`` written by :func:`save_stats` or by pytorch-fid. Any other
+    file (it is never unpickled), or statistics that are not finite, is a one-line ValueError naming it."""
+    try:
+        with np.load(path) as z:
+            mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+            meta = {k: z[k].item() if z[k].ndim == 0 else z[k] for k in z.files if k not in ("mu", "sigma")}
+    except (ValueError, EOFError, KeyError, AttributeError, TypeError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not FID statistics (an .npz with arrays mu and sigma; "
+                         f"{type(e).__name__})") from None
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean [F] and a covariance [F, F]")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: the statistics are not finite (mu or sigma holds NaN or inf)")
     return mu, sigma, meta
 
 
@@ -129,11 +139,13 @@ def reference_stats(name: str, images_fn: Callable[[], np.ndarray], extractor: "
     """(mu, sigma) of dataset ``name``'s features, computed once from ``images_fn()`` and cached.
 
     The cache file (default ``<cache dir>/stats/<name>-<extractor>.npz``) records the extractor and the
-    number of images; a file made with another extractor is an error, not silently reused.
+    number of images; a file made with another extractor is an error, not silently reused, and one that
+    cannot be read is computed again and replaced (with a warning).
     """
     path = path or os.path.join(cache_dir(), "stats", f"{name.replace('/', '_')}-{extractor.name}.npz")
-    if os.path.exists(path):
-        mu, sigma, meta = load_stats(path)
+    cached = read_cached(path, load_stats)  # a broken file is recomputed and replaced
+    if cached is not None:
+        mu, sigma, meta = cached
         if meta.get("extractor", extractor.name) != extractor.name:
             raise ValueError(f"{path!r} holds {meta['extractor']!r} statistics, not {extractor.name!r}")
         return mu, sigma

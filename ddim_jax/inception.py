@@ -23,6 +23,7 @@ Weights are not downloaded: :func:`load_inception_params` reads a local copy of 
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Sequence
 
 import flax.linen as nn
@@ -234,14 +235,14 @@ _WRAPPER_NAMES = {
 }
 
 
-def convert_state_dict(state_dict) -> dict:
+def convert_state_dict(state_dict, source: str = "the state dict") -> dict:
     """pytorch-fid / torchvision Inception state dict (tensors or arrays) -> Flax ``params``.
 
     Accepts the keys of ``pt_inception-2015-12-05-6726825d.pth`` (``Mixed_5b.branch1x1.conv.weight``,
     ``...bn.running_var``; ``fc.*`` and ``AuxLogits.*`` are ignored) and those of pytorch-fid's
     ``InceptionV3`` wrapper (``blocks.2.0.branch1x1.conv.weight``). Each conv + BatchNorm pair becomes
-    one folded ``{"kernel": [kh, kw, cin, cout], "bias": [cout]}``. Raises ``KeyError`` naming any
-    layer of the network the state dict lacks.
+    one folded ``{"kernel": [kh, kw, cin, cout], "bias": [cout]}``. A state dict that lacks a layer of
+    the network, or holds one of another shape, is a one-line ValueError naming ``source``.
     """
     sd = {}
     for k, v in state_dict.items():
@@ -258,9 +259,10 @@ def convert_state_dict(state_dict) -> dict:
         top = layer.split(".")[0]
         if top in ("AuxLogits", "fc"):
             continue
-        w = sd[layer + ".conv.weight"]  # [cout, cin, kh, kw]
-        gamma, beta = sd[layer + ".bn.weight"], sd[layer + ".bn.bias"]
-        mean, var = sd[layer + ".bn.running_mean"], sd[layer + ".bn.running_var"]
+        names = ("conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var")
+        if not all(f"{layer}.{n}" in sd for n in names):
+            continue  # reported as missing below
+        w, gamma, beta, mean, var = (sd[f"{layer}.{n}"] for n in names)  # w: [cout, cin, kh, kw]
         scale = gamma / np.sqrt(var + BN_EPS)
         kernel = np.transpose(w, (2, 3, 1, 0)) * scale  # -> [kh, kw, cin, cout]
         bias = beta - mean * scale
@@ -269,12 +271,7 @@ def convert_state_dict(state_dict) -> dict:
             node = node.setdefault(part, {})
         node["conv"] = {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32)}
 
-    # Every layer of the network must be there (a wrong or truncated file fails loudly here).
-    expected = _param_paths(_abstract_params())
-    got = _param_paths(params)
-    missing = sorted(expected - got)
-    if missing:
-        raise KeyError(f"state dict lacks {len(missing)} Inception layers, e.g. {missing[:3]}")
+    _check_params(params, source)
     return params
 
 
@@ -284,14 +281,19 @@ def _abstract_params():
     return jax.eval_shape(lambda: FIDInceptionV3().init(jax.random.PRNGKey(0), jnp.zeros((1, 299, 299, 3))))["params"]
 
 
-def _param_paths(tree, prefix=()) -> set:
-    out = set()
-    for k, v in tree.items():
-        if isinstance(v, dict) or hasattr(v, "items"):
-            out |= _param_paths(v, prefix + (k,))
-        else:
-            out.add("/".join(prefix + (k,)))
-    return out
+def _check_params(params: dict, source: str) -> None:
+    """Every parameter of the network, in its shape, and nothing else: a wrong or truncated file fails
+    loudly here, in one line naming ``source``."""
+    want = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(_abstract_params()).items()}
+    got = {"/".join(k): np.shape(v) for k, v in traverse_util.flatten_dict(params).items()}
+    missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    if missing or extra:
+        parts = ([f"lacks {len(missing)} of the {len(want)} Inception parameters (e.g. {missing[0]})"] if missing
+                 else []) + ([f"has {len(extra)} unknown ones (e.g. {extra[0]})"] if extra else [])
+        raise ValueError(f"{source} {' and '.join(parts)}; expected pytorch-fid's {FID_WEIGHTS_FILE}")
+    wrong = [k for k in sorted(want) if got[k] != want[k]]
+    if wrong:
+        raise ValueError(f"{source}: {wrong[0]} has shape {got[wrong[0]]}; the FID Inception's is {want[wrong[0]]}")
 
 
 def default_weights_path() -> str:
@@ -314,17 +316,29 @@ def load_inception_params(path: str | None = None) -> dict:
         raise FileNotFoundError(
             f"FID Inception weights not found at {path!r}: download {FID_WEIGHTS_FILE} (pytorch-fid's "
             f"FID weights) from {FID_WEIGHTS_URL} and pass its path or set DDIM_JAX_INCEPTION_WEIGHTS")
+    what = f"FID Inception weights {path}"
     if path.endswith(".npz"):
-        with np.load(path) as z:
-            return traverse_util.unflatten_dict({k: z[k] for k in z.files}, sep="/")
+        try:
+            with np.load(path) as z:
+                params = traverse_util.unflatten_dict({tuple(k.split("/")): z[k] for k in z.files})
+        except (ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{what}: not an .npz of save_inception_params ({type(e).__name__})") from None
+        _check_params(params, what)
+        return params
     try:
         import torch
     except ImportError:
         raise ImportError(
             f"reading {path!r} needs torch (pip install torch); or convert it once elsewhere with "
             "ddim_jax.inception.save_inception_params and load the .npz") from None
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    return convert_state_dict(state_dict)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a file it cannot read
+        raise ValueError(f"{what}: torch.load cannot read it ({type(e).__name__}); expected pytorch-fid's "
+                         f"{FID_WEIGHTS_FILE}") from None
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{what}: holds a {type(state_dict).__name__}, not a state dict")
+    return convert_state_dict(state_dict, what)
 
 
 def save_inception_params(params: dict, path: str) -> None:

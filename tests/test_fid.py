@@ -109,6 +109,44 @@ def test_stats_round_trip_and_reference_cache(tmp_path):
         fid.reference_stats("toy", images_fn, other, path=path)
 
 
+def _one_line_naming(error: pytest.ExceptionInfo, path) -> str:
+    msg = str(error.value)
+    assert "\n" not in msg and str(path) in msg and "allow_pickle" not in msg, msg
+    return msg
+
+
+def test_bad_statistics_files_are_one_line_errors_naming_them(tmp_path):
+    mu, sigma = np.zeros(4), np.eye(4)
+    cases = {"nan.npz": dict(mu=np.full(4, np.nan), sigma=sigma),
+             "inf.npz": dict(mu=mu, sigma=np.diag([1, 1, 1, np.inf])), "nosigma.npz": dict(mu=mu), "shape.npz": dict(mu=mu, sigma=np.eye(3))}
+    for name, arrays in cases.items():
+        np.savez(tmp_path / name, **arrays)
+    (tmp_path / "random.npz").write_bytes(np.random.default_rng(0).bytes(1000))
+    (tmp_path / "empty.npz").write_bytes(b"")
+    np.save(tmp_path / "array.npy", mu)
+    for name, match in [("nan.npz", "not finite"), ("inf.npz", "not finite"), ("nosigma.npz", "mu and sigma"),
+                        ("shape.npz", r"mu \(4,\) and sigma \(3, 3\)"), ("random.npz", "mu and sigma"),
+                        ("empty.npz", "mu and sigma"), ("array.npy", "mu and sigma")]:
+        with pytest.raises(ValueError, match=match) as e:
+            fid.load_stats(str(tmp_path / name))
+        _one_line_naming(e, tmp_path / name)
+
+
+def test_a_broken_reference_cache_is_recomputed_with_a_warning(tmp_path, capsys):
+    ext = fid.FeatureExtractor("meanpix", 3, lambda p, x: x.mean(axis=(1, 2)), None, channels=3)
+    images = np.random.default_rng(1).integers(0, 256, size=(8, 4, 4, 3), dtype=np.uint8)
+    path = tmp_path / "ref.npz"
+    want = fid.reference_stats("toy", lambda: images, ext, path=str(path), progress=False)
+    good = path.read_bytes()
+    for broken in (good[:len(good) // 2], b"", np.random.default_rng(2).bytes(300)):
+        path.write_bytes(broken)
+        got = fid.reference_stats("toy", lambda: images, ext, path=str(path), progress=False)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(fid.load_stats(str(path))[0], want[0])  # replaced by good statistics
+        err = capsys.readouterr().err
+        assert f"warning: {path}" in err and "recomputing" in err and len(err.strip().splitlines()) == 1
+
+
 # ----------------------------------------------------------------------------------------------
 # The cache and the module layout.
 
@@ -150,6 +188,24 @@ def test_missing_inception_weights_is_a_one_line_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05") as e:
         inception.load_inception_params(str(tmp_path / "absent.pth"))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["junk.pth", "empty.pth", "keys.pth", "list.pth", "junk.npz", "empty.npz",
+                                  "keys.npz"])
+def test_bad_inception_weights_are_one_line_errors_naming_the_file(tmp_path, name):
+    path = tmp_path / name
+    if name.startswith("junk"):
+        path.write_bytes(np.random.default_rng(0).bytes(5000))
+    elif name.startswith("empty"):
+        path.write_bytes(b"")
+    elif name == "keys.npz":
+        np.savez(path, **{"Mixed_5b/branch1x1/conv/kernel": np.zeros((1, 1, 192, 64), np.float32)})
+    else:
+        torch = pytest.importorskip("torch")
+        torch.save({"conv.weight": torch.zeros(2, 3)} if name == "keys.pth" else [1, 2], path)
+    with pytest.raises(ValueError, match="FID Inception weights") as e:
+        inception.load_inception_params(str(path))
+    _one_line_naming(e, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,7 +466,7 @@ def test_converter_rejects_an_incomplete_state_dict():
     sd = {"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3), "Conv2d_1a_3x3.bn.weight": torch.ones(32),
           "Conv2d_1a_3x3.bn.bias": torch.zeros(32), "Conv2d_1a_3x3.bn.running_mean": torch.zeros(32),
           "Conv2d_1a_3x3.bn.running_var": torch.ones(32)}
-    with pytest.raises(KeyError, match="lacks"):
+    with pytest.raises(ValueError, match="lacks"):
         inception.convert_state_dict(sd)
 
 
@@ -443,6 +499,32 @@ def test_digits_classifier_is_accurate_and_cached(digits_extractor, monkeypatch)
     images, _ = digits_classifier.digits_data("test")
     np.testing.assert_array_equal(again.extract(images[:40], progress=False),
                                   digits_extractor.extract(images[:40], progress=False))
+
+
+def test_a_broken_digits_cnn_cache_is_retrained_with_a_warning(tmp_path, monkeypatch, capsys):
+    import jax
+
+    monkeypatch.setenv("DDIM_JAX_CACHE", str(tmp_path))
+    trained = []
+
+    def quick_training():  # stands in for the few seconds of real training
+        trained.append(1)
+        images = np.zeros((1, 8, 8, 1), np.float32)
+        return jax.device_get(digits_classifier.DigitsCNN().init(jax.random.key(len(trained)), images)["params"]), 0.5
+
+    monkeypatch.setattr(digits_classifier, "train_digits_classifier", quick_training)
+    first, _ = digits_classifier.load_digits_classifier(verbose=False)
+    (path,) = tmp_path.iterdir()
+    good = path.read_bytes()
+    np.savez(tmp_path / "other.npz", __accuracy__=0.9, **{"features/kernel": np.zeros((3, 3))})
+    for broken in (good[:len(good) // 2], b"", (tmp_path / "other.npz").read_bytes()):
+        path.write_bytes(broken)
+        params, acc = digits_classifier.load_digits_classifier(verbose=False)
+        assert acc == 0.5 and jax.tree.structure(params) == jax.tree.structure(first)
+        err = capsys.readouterr().err
+        assert f"warning: {path}" in err and "recomputing" in err and len(err.strip().splitlines()) == 1
+        assert digits_classifier.load_digits_classifier(verbose=False)[1] == 0.5  # the cache was replaced
+    assert len(trained) == 4
 
 
 def test_digits_fid_separates_real_digits_from_noise(digits_extractor):
