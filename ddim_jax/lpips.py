@@ -135,8 +135,8 @@ def convert_vgg16(state_dict, source: str = "the state dict") -> dict:
         i = TORCHVISION_INDEX[name]
         w, b = found.get((i, "weight")), found.get((i, "bias"))
         if w is None or b is None:
-            raise KeyError(f"{source} has no VGG16 layer features.{i} ({name}); expected torchvision's vgg16 state "
-                           "dict (keys features.<i>.weight/bias)")
+            raise ValueError(f"{source} has no VGG16 layer features.{i} ({name}); expected torchvision's vgg16 "
+                             "state dict (keys features.<i>.weight/bias)")
         if w.shape != (ch, cin, 3, 3) or b.shape != (ch,):
             raise ValueError(f"{source}: features.{i} ({name}) has weight {w.shape} and bias {b.shape}; VGG16's are "
                              f"{(ch, cin, 3, 3)} and {(ch,)}")
@@ -156,8 +156,8 @@ def convert_heads(state_dict, source: str = "the state dict") -> dict:
     for i, ch in enumerate(FEATURE_CHANNELS):
         w = found.get(i)
         if w is None:
-            raise KeyError(f"{source} has no LPIPS head lin{i}.model.1.weight; expected the lpips package's "
-                           "weights/v0.1/vgg.pth")
+            raise ValueError(f"{source} has no LPIPS head lin{i}.model.1.weight; expected the lpips package's "
+                             "weights/v0.1/vgg.pth")
         if w.shape != (1, ch, 1, 1):
             raise ValueError(f"{source}: lin{i}.model.1.weight has shape {w.shape}; LPIPS' VGG head {i} is "
                              f"{(1, ch, 1, 1)}")

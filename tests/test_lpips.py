@@ -144,8 +144,10 @@ def test_loader_refusals(weights, tmp_path):
         lpips.load_params(str(vgg), str(tmp_path))
     sd = {f"features.{k}": v for k, v in ref.features.state_dict().items() if not k.startswith("28.")}
     torch.save(sd, tmp_path / "truncated.pth")
-    with pytest.raises(KeyError, match=r"no VGG16 layer features.28 \(conv5_3\)"):
-        lpips.load_params(str(tmp_path / "truncated.pth"), str(heads))
+    with pytest.raises(ValueError, match=r"truncated.pth has no VGG16 layer features.28 \(conv5_3\)"):
+        lpips.load_params(str(tmp_path / "truncated.pth"), str(heads))  # ValueError: train.py's one-line errors
+    with pytest.raises(ValueError, match=r"vgg16.pth has no LPIPS head lin0"):
+        lpips.load_params(str(vgg), str(vgg))
     torch.save({f"lin{i}.model.1.weight": torch.ones(1, 8, 1, 1) for i in range(5)}, tmp_path / "alex.pth")
     with pytest.raises(ValueError, match=r"lin0.model.1.weight has shape \(1, 8, 1, 1\); LPIPS' VGG head 0 is "
                                          r"\(1, 64, 1, 1\)"):
