@@ -16,6 +16,7 @@ existing files are kept unless --overwrite, and are then replaced atomically. Sa
 samples.npy (uint8 [N, H, W, C]) and writes labels.npy for a class-conditional model.
 """
 
+import contextlib
 import os
 import sys
 
@@ -64,8 +65,42 @@ def _outputs(out_dir, names):
     if existing and not FLAGS.overwrite:
         raise FileExistsError(f"{existing[0]} exists (and {len(existing) - 1} more); pass --overwrite or choose "
                               "another --output")
-    os.makedirs(out_dir, exist_ok=True)
     return paths
+
+
+@contextlib.contextmanager
+def claim_output(out: str):
+    """Holds the output directory ``out`` while a run writes there: an ``flock`` on ``out/.sample.lock`` (the
+    kernel drops it if the process dies), so a second run on the same directory is refused at once instead
+    of both sampling and the later one replacing the other's files. On leaving, the lock file goes, and so
+    do the directories this claim created if nothing was written into them (a run that failed)."""
+    from ddim_jax import files
+
+    out = os.path.abspath(out)
+    created, d = [], out  # the directories the claim creates, innermost first
+    while not os.path.exists(d):
+        created.append(d)
+        d = os.path.dirname(d)
+    lock = files.WorkdirLock(out)
+    lock.path = os.path.join(out, ".sample.lock")
+    try:
+        try:
+            lock.acquire()
+        except files.WorkdirInUse:
+            raise FileExistsError(f"--output {out} is being written by {lock.holder()}; wait for it to finish or "
+                                  "choose another --output") from None
+        try:
+            yield out
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock.path)  # before the flock is dropped, so no other run takes a lock being removed
+            lock.release()
+    finally:
+        for d in created:  # those still empty: nothing was written there
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
 
 
 def _int_list(name, values):
@@ -305,6 +340,7 @@ def parse_settings(T: int | None = None, num_classes=False):
     import types
 
     from ddim_jax import experiments as ex
+    from ddim_jax import loading
     from ddim_jax.models import COMPUTE_DTYPES
     from ddim_jax.schedules import SPACINGS
     from ddim_jax.solvers import SOLVERS
@@ -363,9 +399,10 @@ def run():
     import jax
 
     from ddim_jax import experiments as ex
+    from ddim_jax import loading
 
     parse_settings()  # flag errors before loading anything
-    model = ex.load_model(FLAGS.workdir or FLAGS.checkpoint, step=FLAGS.step, dtype=FLAGS.dtype)
+    model = loading.load_model(FLAGS.workdir or FLAGS.checkpoint, step=FLAGS.step, dtype=FLAGS.dtype)
     a = parse_settings(model.schedule.num_timesteps, model.num_classes)
     a.is_main = jax.process_index() == 0
     if model.spec.concat is not None:  # conditioned by concatenation: on held-out images' observations

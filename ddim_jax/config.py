@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Mapping
 
 import ml_collections
 from ml_collections import config_dict
 
+from ddim_jax import kinds
 from ddim_jax.concat import CONDITIONS
 from ddim_jax.diffusion import PREDICTION_TYPES
-from ddim_jax.models import COMPUTE_DTYPES
+from ddim_jax.models import ModelSpec
+from ddim_jax.nets import COMPUTE_DTYPES
 from ddim_jax.schedules import SCHEDULES
 
 # Fields that may change when a run is resumed (extending training, logging cadence, where the data is).
@@ -24,14 +27,32 @@ RESUMABLE_CHANGES = ("training.num_steps", "training.log_every", "training.sampl
                      "data.num_workers", "data.prefetch")
 
 CROPS = ("center", "celeba", "none")
+MAX_PREFETCH = 64  # steps of batches loaded ahead (each is a whole global batch in host memory)
+
+
+def _model_block(kind: str, objective: str) -> ml_collections.ConfigDict:
+    """A new config's model block for ``kind`` (a trainable kind of :mod:`ddim_jax.kinds` with this
+    objective): its architecture defaults, and ``num_classes`` for a diffusion model."""
+    allowed = [k for k in kinds.trainable() if kinds.KINDS[k].objective == objective]
+    if kind not in allowed:
+        raise ValueError(f"kind must be one of {', '.join(allowed)}; got {kind!r}")
+    entry = kinds.KINDS[kind]
+    values = entry.full_arch(entry.defaults)
+    if objective == "diffusion":
+        values.setdefault("num_classes", None)  # None = unconditional; else the data's classes (labels 0..K-1)
+    types = dict(entry.optional_fields(), num_classes=int)
+    m = ml_collections.ConfigDict()
+    m.kind = kind
+    for name, v in values.items():
+        m[name] = config_dict.placeholder(types.get(name, object)) if v is None else v
+    return m
 
 
 def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     """The schema of a diffusion run (the embedded digits' defaults). ``kind``: the model block's network,
-    ``'unet'`` (DDPM's UNet) or ``'cross_attention_unet'`` (latent diffusion's class-conditional UNet with
-    cross-attention, :class:`ddim_jax.cond_unet.ClassConditionedUNet`)."""
-    if kind not in ("unet", "cross_attention_unet"):
-        raise ValueError(f"kind must be unet or cross_attention_unet; got {kind!r}")
+    a trainable diffusion kind of :mod:`ddim_jax.kinds` (``'unet'``: DDPM's UNet; ``'cross_attention_unet'``:
+    latent diffusion's class-conditional UNet with cross-attention), with that kind's defaults."""
+    model = _model_block(kind, "diffusion")
     c = ml_collections.ConfigDict()
 
     c.data = d = ml_collections.ConfigDict()
@@ -46,30 +67,7 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     d.num_workers = -1  # threads decoding tfds images ahead of the step (-1 = the usable cores, 0 = in the loop)
     d.prefetch = 2  # steps loaded ahead by those threads
 
-    c.model = m = ml_collections.ConfigDict()  # kind 'unet': ddim_jax.unet.UNet fields
-    m.kind = "unet"
-    m.ch = 32
-    m.ch_mult = (1, 2, 2)
-    m.num_res_blocks = 1
-    m.attn_resolutions = ()
-    m.dropout = 0.0
-    m.resamp_with_conv = True
-    m.norm_groups = 32  # GroupNorm groups (DDPM's 32); keep several channels per group (configs/digits.py: 8)
-    m.num_classes = config_dict.placeholder(int)  # None = unconditional; else the data's classes (labels 0..K-1)
-    if kind == "cross_attention_unet":
-        c.model = m = ml_collections.ConfigDict()  # diffusers' UNet2DConditionModel blocks + a class embedder
-        m.kind = kind
-        m.block_out_channels = (64, 128)
-        m.down_block_types = ("CrossAttnDownBlock2D", "DownBlock2D")
-        m.up_block_types = ("UpBlock2D", "CrossAttnUpBlock2D")
-        m.layers_per_block = 1
-        m.attention_head_dim = 4  # heads (diffusers' name), one value or one per level
-        m.transformer_layers_per_block = 1
-        m.cross_attention_dim = 64  # each class token's size (d_tau)
-        m.context_tokens = 1  # tokens per class (M)
-        m.norm_groups = 8
-        m.use_linear_projection = True
-        m.num_classes = 10  # the data's classes; this kind is class-conditional
+    c.model = model  # the network's architecture (ddim_jax.kinds: the kind's module fields)
 
     c.latent = lat = ml_collections.ConfigDict()  # latent diffusion (Rombach et al.): diffuse an autoencoder's latents
     lat.autoencoder = ""  # '' = pixel space; else a trained autoencoder: a model directory or its training workdir
@@ -116,22 +114,12 @@ def autoencoder_config(kind: str = "autoencoder_kl") -> ml_collections.ConfigDic
     and a loss block (latent diffusion's: L1 reconstruction + KL or VQ loss + a PatchGAN's hinge loss). The
     defaults are the small f = 4 autoencoder of the upscaled digits (``autoencoder.DIGITS_F4``,
     ``configs/autoencoder_digits.py``)."""
-    if kind not in ("autoencoder_kl", "autoencoder_vq"):
-        raise ValueError(f"kind must be autoencoder_kl or autoencoder_vq; got {kind!r}")
+    model = _model_block(kind, "autoencoder")
     base = base_config()
     c = ml_collections.ConfigDict()
     c.data = base.data
     c.data.image_size = 32
-    c.model = m = ml_collections.ConfigDict()
-    m.kind = kind
-    m.block_out_channels = (16, 32, 32)  # one level per entry; each but the last halves the side: f = 4
-    m.layers_per_block = 1
-    m.latent_channels = 3
-    m.norm_groups = 8
-    if kind == "autoencoder_vq":
-        m.num_embeddings = 256  # codebook size
-        m.embedding_dim = config_dict.placeholder(int)  # codebook vectors' size (None: latent_channels)
-        m.beta = 0.25  # commitment weight
+    c.model = model
 
     c.loss = loss = ml_collections.ConfigDict()
     loss.kl_weight = 1e-6  # KL autoencoders: on the per-image sums, as LDM's
@@ -194,10 +182,8 @@ _WHEN_ABSENT = {"training.ema_warmup": False}
 def objective(config) -> str:
     """What a config's model kind trains for (``"diffusion"`` or ``"autoencoder"``; an unknown kind counts as
     diffusion, whose checks then name it)."""
-    from ddim_jax.models import KINDS
-
     kind = to_dict(config)["model"].get("kind", "unet")
-    return KINDS[kind].objective if kind in KINDS else "diffusion"
+    return kinds.KINDS[kind].objective if kind in kinds.KINDS else "diffusion"
 
 
 SCHEMAS = {"diffusion": base_config, "autoencoder": autoencoder_config}
@@ -211,9 +197,7 @@ def schema(config) -> ml_collections.ConfigDict:
 
 def trainable_kinds() -> list[str]:
     """The model kinds train.py trains (context-conditioned kinds are converted, not trained: no text data)."""
-    from ddim_jax.models import KINDS
-
-    return [k for k, v in KINDS.items() if v.conditioning != "context"]
+    return kinds.trainable()
 
 
 def with_defaults(d: dict) -> dict:
@@ -304,12 +288,15 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
                              f"a multiple of training.steps_per_dispatch ({t.steps_per_dispatch})")
     need(d.channels in (1, 3), "data.channels", "1 (grey) or 3 (RGB)")
     need(_int(d.num_workers) and d.num_workers >= -1, "data.num_workers", "an integer >= 0, or -1 (the usable cores)")
-    need(_int(d.prefetch) and d.prefetch >= 0, "data.prefetch", "an integer >= 0")
+    need(_int(d.prefetch) and 0 <= d.prefetch <= MAX_PREFETCH, "data.prefetch", f"an integer in [0, {MAX_PREFETCH}]")
     need(_int(d.image_size) and d.image_size >= 1, "data.image_size", "a positive integer")
     need(d.crop in CROPS, "data.crop", f"one of {', '.join(CROPS)}")
+    entry = kinds.KINDS[kind]
+    arch = {k: v for k, v in to_dict(config["model"]).items() if k in entry.arch_fields}
+    arch = entry.full_arch(arch)
+    entry.check(arch, lambda ok, field, what: need(ok, f"model.{field}", what))
+    need(t.remat is False or entry.remat, "training.remat", f"False (remat is not offered for {kind})")
     _CHECKS[goal](config, need)
-    from ddim_jax.models import spec_from_config
-
     if goal == "diffusion" and config.latent.autoencoder and not config.latent.autoencoder_spec:
         return  # the model's shape is the autoencoder's latents': checked once it is read (training.latent)
     spec_from_config(config)  # the model block's own checks (kind, arguments, schedule)
@@ -328,61 +315,20 @@ def _check_diffusion(config, need) -> None:
     need(_real(lat.scale_factor) and lat.scale_factor >= 0, "latent.scale_factor",
          "a finite number > 0, or 0 (estimated from the data)")
     need(isinstance(lat.autoencoder_spec, str), "latent.autoencoder_spec", "a string (written when the run starts)")
-    if m.kind == "cross_attention_unet":
-        _check_cross_attention_unet(config, need)
-        return
+    if kinds.KINDS[m.kind].needs_labels:
+        need(_int(m.num_classes) and m.num_classes >= 1, "model.num_classes",
+             f"the number of classes of the data (a {m.kind} is class-conditional)")
     need(m.num_classes is None or (_int(m.num_classes) and m.num_classes >= 1), "model.num_classes",
          "None (unconditional) or the number of classes of the data")
-    widths = sorted({m.ch * k for k in m.ch_mult}) if _int(m.ch) and all(_int(k) for k in m.ch_mult) else []
-    need(_int(m.norm_groups) and m.norm_groups >= 1 and all(w % m.norm_groups == 0 for w in widths),
-         "model.norm_groups", f"a positive integer dividing every level's channels ({', '.join(map(str, widths))})")
-    # The ResNet blocks add the timestep (and class) embedding as a per-channel shift, which GroupNorm
-    # removes from a group of one channel: such a level would never see t.
-    need(not widths or widths[0] // m.norm_groups >= 2, "model.norm_groups",
-         f"at most {widths[0] // 2 if widths else 1} (two or more channels per group at {widths[0] if widths else 0} "
-         "channels; DDPM has 4), or the blocks cannot see the timestep")
-
-
-def _check_cross_attention_unet(config, need) -> None:
-    t, m = config["training"], config["model"]
-    chans = m.block_out_channels
-    need(isinstance(chans, (tuple, list)) and len(chans) >= 1 and all(_int(c) and c >= 1 for c in chans),
-         "model.block_out_channels", "a non-empty tuple of positive integers (one per level)")
-    need(_int(m.num_classes) and m.num_classes >= 1, "model.num_classes",
-         "the number of classes of the data (a cross_attention_unet is class-conditional)")
-    need(_int(m.layers_per_block) and m.layers_per_block >= 1, "model.layers_per_block", "a positive integer")
-    need(_int(m.norm_groups) and m.norm_groups >= 1 and all(c % m.norm_groups == 0 for c in chans),
-         "model.norm_groups", f"a positive integer dividing every level's channels ({', '.join(map(str, chans))})")
-    heads = m.attention_head_dim
-    heads = heads if isinstance(heads, (tuple, list)) else [heads] * len(chans)
-    need(len(heads) == len(chans) and all(_int(h) and h >= 1 and c % h == 0 for h, c in zip(heads, chans)),
-         "model.attention_head_dim", f"heads dividing each level's channels ({', '.join(map(str, chans))}), one "
-         "value or one per level")
-    for name in ("cross_attention_dim", "context_tokens"):
-        need(_int(m[name]) and m[name] >= 1, f"model.{name}", "a positive integer")
-    need(t.remat is False, "training.remat", "False (remat is not offered for cross_attention_unet)")
 
 
 def _check_autoencoder(config, need) -> None:
-    t, d, m, loss = config["training"], config["data"], config["model"], config["loss"]
-    chans = m.block_out_channels
-    need(isinstance(chans, (tuple, list)) and len(chans) >= 1 and all(_int(c) and c >= 1 for c in chans),
-         "model.block_out_channels", "a non-empty tuple of positive integers (one per level)")
-    need(_int(m.layers_per_block) and m.layers_per_block >= 1, "model.layers_per_block", "a positive integer")
-    need(_int(m.latent_channels) and m.latent_channels >= 1, "model.latent_channels", "a positive integer")
-    need(_int(m.norm_groups) and m.norm_groups >= 1 and all(c % m.norm_groups == 0 for c in chans),
-         "model.norm_groups", f"a positive integer dividing every level's channels ({', '.join(map(str, chans))})")
-    f = 2 ** (len(chans) - 1)
+    d, m, loss = config["data"], config["model"], config["loss"]
+    f = 2 ** (len(m.block_out_channels) - 1)
     need(d.image_size % f == 0, "data.image_size",
-         f"a multiple of {f} (the autoencoder halves it {len(chans) - 1} times)")
-    need(t.remat is False, "training.remat", "False (remat is not offered for autoencoders)")
+         f"a multiple of {f} (the autoencoder halves it {len(m.block_out_channels) - 1} times)")
     need(_real(loss.kl_weight) and loss.kl_weight >= 0, "loss.kl_weight", "a finite number >= 0")
     need(_real(loss.codebook_weight) and loss.codebook_weight >= 0, "loss.codebook_weight", "a finite number >= 0")
-    if m.kind == "autoencoder_vq":
-        need(_int(m.num_embeddings) and m.num_embeddings >= 2, "model.num_embeddings", "an integer >= 2")
-        need(m.embedding_dim is None or (_int(m.embedding_dim) and m.embedding_dim >= 1), "model.embedding_dim",
-             "None (latent_channels) or a positive integer")
-        need(_real(m.beta) and m.beta >= 0, "model.beta", "a finite number >= 0")
     need(_real(loss.disc_weight) and loss.disc_weight >= 0, "loss.disc_weight",
          "a finite number >= 0 (0: no discriminator)")
     need(_int(loss.disc_start) and loss.disc_start >= 0, "loss.disc_start", "an integer >= 0")
@@ -403,3 +349,29 @@ def _check_autoencoder(config, need) -> None:
 
 
 _CHECKS = {"diffusion": _check_diffusion, "autoencoder": _check_autoencoder}
+
+
+def spec_from_config(config) -> ModelSpec:
+    """The spec of the model a training config (ml_collections or its JSON dict) trains."""
+    d = config if isinstance(config, Mapping) else json.loads(config.to_json())
+    model, data = dict(d["model"]), d["data"]
+    kind = model.pop("kind", "unet")
+    if kinds.get(kind).objective != "diffusion":
+        return ModelSpec(kind, model, data["image_size"], data["channels"], None, None, info={"data": dict(data)})
+    f = d["diffusion"]
+    num_classes = model.pop("num_classes", None)
+    null_label = num_classes if num_classes is not None and d["training"].get("p_uncond", 0.1) > 0 else None
+    schedule = {"name": f["schedule"], "num_timesteps": f["num_timesteps"]}
+    if f["schedule"] != "cosine":
+        schedule.update(beta_start=f["beta_start"], beta_end=f["beta_end"])
+    size, channels, latent = data["image_size"], data["channels"], {}
+    lat = d.get("latent") or {}
+    if lat.get("autoencoder"):
+        if not lat.get("autoencoder_spec"):
+            raise ValueError(f"latent.autoencoder_spec is empty: the autoencoder {lat['autoencoder']!r} has not been "
+                             "read yet (ddim_jax.training.latent.resolve fills it in)")
+        ae = ModelSpec.from_dict(json.loads(lat["autoencoder_spec"]))
+        size, channels = ae.latent_shape
+        latent = dict(autoencoder=ae, scale_factor=lat.get("scale_factor") or None)
+    return ModelSpec(kind, model, size, channels, schedule, f["prediction_type"], num_classes, null_label,
+                     info={"data": dict(data)}, concat=f.get("concat") or None, **latent)

@@ -26,10 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddim_jax import fid as fid_lib
 from ddim_jax import files
 from ddim_jax.images import from_uint8, save_grid, to_uint8
-from ddim_jax.models import ModelSpec, compute_dtype, load
-from ddim_jax.parallel import gather_rows, make_mesh, pad_rows, replicated, round_up, shard_rows
+from ddim_jax.models import ModelSpec, compute_dtype
+from ddim_jax.parallel import gather_rows, pad_rows, replicated, round_up, shard_rows
 from ddim_jax.sampling import ddim_encode, ddim_sample, slerp
 from ddim_jax.solvers import resolve_spacing, sample
 from ddim_jax.schedules import Schedule
@@ -109,14 +110,6 @@ class Model:
     @property
     def source(self) -> str:
         return str(self.spec.info.get("source", "?"))
-
-
-def load_model(path: str, *, step: int | None = None, use_ema: bool = True, devices=None,
-               dtype: str = "float32") -> Model:
-    """A model directory or a training workdir (see :func:`ddim_jax.models.load`), on ``devices``,
-    computing in ``dtype``."""
-    spec, params = load(path, step=step, use_ema=use_ema)
-    return Model(spec, params, make_mesh(devices), dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,8 +364,6 @@ def fid_table(model: Model, extractor, reference: tuple[np.ndarray, np.ndarray],
     """FID of ``num`` samples for each sampler (DDIM at each eta, each other solver) and S, against
     reference statistics (mu, sigma); each solver on ``spacing`` or its default. Only the features of
     each batch are kept."""
-    from ddim_jax import fid as fid_lib
-
     rows = []
     for label, solver, eta_s in fid_settings(etas, solvers):
         eta, hat = parse_eta(eta_s)
@@ -419,6 +410,6 @@ def plot_fid(rows: list[dict], path: str):
     plt.close(fig)
 
 
-__all__ = ["MODES", "Model", "load_model", "check_batch", "generate", "sample_batches", "consistency",
+__all__ = ["MODES", "Model", "check_batch", "generate", "sample_batches", "consistency",
            "interpolation", "sequence", "reconstruction", "fid_table", "format_fid_table", "plot_fid", "save_grid",
            "latents", "decode", "parse_eta", "fid_settings", "class_labels"]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
+
+from ddim_jax.files import atomic_write
 
 
 def to_uint8(x) -> np.ndarray:
@@ -39,10 +42,6 @@ def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.n
 
 def save_grid(images: np.ndarray, path: str, ncol: int | None = None, scale: int = 1) -> str:
     """Writes ``make_grid(images)`` as a PNG, atomically (each pixel repeated ``scale`` times for small images)."""
-    from PIL import Image
-
-    from ddim_jax.files import atomic_write
-
     grid = make_grid(images, ncol)
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)

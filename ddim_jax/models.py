@@ -10,9 +10,9 @@ model directory holds exactly two files::
     params.safetensors   the float32 parameters, keys joined with "/" (e.g. "down_0_block_0/conv1/kernel")
 
 Training runs export their EMA parameters in this format (``workdir/model``), ``python -m
-ddim_jax.convert`` writes it, and :func:`load` reads it, a training workdir, or one of the workdir's
-checkpoints. A new kind of network (an autoencoder, a conditional UNet) is one more entry in
-:data:`KINDS`.
+ddim_jax.convert`` writes it, and :func:`load` reads it (:func:`ddim_jax.loading.load` also reads a
+training workdir or one of its checkpoints). What each kind of network is (its module, architecture fields
+and checks) is the registry's, :mod:`ddim_jax.kinds`.
 """
 
 from __future__ import annotations
@@ -20,15 +20,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ddim_jax import concat as concat_lib
-from ddim_jax import files
+from ddim_jax import files, kinds
 from ddim_jax.diffusion import PREDICTION_TYPES
+from ddim_jax.guidance import guided, guided_context
+from ddim_jax.nets import COMPUTE_DTYPES, compute_dtype, make_model_fn, run_once_options  # noqa: F401
 from ddim_jax.schedules import Schedule, make_schedule
 
 FORMAT = "ddim_jax.model"
@@ -36,121 +38,6 @@ FORMAT_VERSION = 1
 SPEC_FILE = "spec.json"
 PARAMS_FILE = "params.safetensors"
 EXPORT_DIR = "model"  # a training workdir's exported EMA model
-
-# Compute dtypes a network may run in (parameters, optimizer state and the loss stay float32). float16
-# is not offered: without loss scaling its gradients underflow.
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def compute_dtype(name: str):
-    """The jnp dtype of a compute-dtype name, or a one-line ValueError naming the allowed ones."""
-    if not isinstance(name, str) or name not in COMPUTE_DTYPES:
-        raise ValueError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {name!r}")
-    return COMPUTE_DTYPES[name]
-
-
-def run_once_options(platform: str) -> dict | None:
-    """XLA options for a program that runs once (parameter initialisation): on CPU, no LLVM
-    optimisation, which compiles a random initialiser 2-4x faster (3.6 -> 1.8 s for the tiny UNet's,
-    10.7 -> 2.5 s for a small autoencoder with its discriminator). Accelerators keep their defaults."""
-    return {"xla_backend_optimization_level": 0} if platform == "cpu" else None
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelKind:
-    """How to build one kind of network from a spec.
-
-    ``build(spec, dtype, remat)`` returns the Flax module computing in ``dtype`` (a jnp dtype; parameters
-    stay float32) and, with ``remat``, recomputing activations in the backward pass (the same numbers,
-    less memory); ``arch_fields`` are the names ``spec.arch`` may hold;
-    ``example_inputs(spec)`` are the positional arguments of one call (used to create parameters).
-    """
-
-    build: Callable[["ModelSpec"], Any]
-    arch_fields: tuple[str, ...]
-    example_inputs: Callable[["ModelSpec"], tuple]
-    objective: str = "diffusion"  # what training optimises (ddim_jax.training.objectives); only diffusion
-    # models have a noise schedule and a prediction type
-    conditioning: str = "labels"  # what a diffusion model's y is: class labels, or context arrays [B, M, d]
-    # (text-encoder outputs computed elsewhere; such models are converted, not trained by train.py)
-
-
-def _build_unet(spec: "ModelSpec", dtype, remat: bool):
-    from ddim_jax.unet import UNet
-
-    return UNet(out_ch=spec.channels, num_classes=spec.num_labels, dtype=dtype, remat=remat, **spec.arch)
-
-
-def _unet_inputs(spec: "ModelSpec") -> tuple:
-    x = jnp.zeros((1, spec.image_size, spec.image_size, spec.input_channels), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    return (x, t) if spec.num_labels is None else (x, t, jnp.zeros((1,), jnp.int32))
-
-
-def _build_autoencoder(spec: "ModelSpec", dtype, remat: bool):
-    from ddim_jax.autoencoder import AutoencoderKL, AutoencoderVQ
-
-    if remat:
-        raise ValueError(f"remat is not offered for {spec.kind} (set training.remat=False)")
-    cls = {"autoencoder_kl": AutoencoderKL, "autoencoder_vq": AutoencoderVQ}[spec.kind]
-    return cls(in_channels=spec.channels, dtype=dtype, **spec.arch)
-
-
-def _image_inputs(spec: "ModelSpec") -> tuple:
-    return (jnp.zeros((1, spec.image_size, spec.image_size, spec.channels), jnp.float32),)
-
-
-def _build_cross_attention_unet(spec: "ModelSpec", dtype, remat: bool):
-    from ddim_jax.cond_unet import ClassConditionedUNet
-
-    if remat:
-        raise ValueError(f"remat is not offered for {spec.kind} (set training.remat=False)")
-    if spec.num_classes is None:
-        raise ValueError("a cross_attention_unet attends to class tokens: it needs num_classes (an unconditional "
-                         "model is kind unet)")
-    return ClassConditionedUNet(num_labels=spec.num_labels, in_channels=spec.input_channels, out_channels=spec.channels,
-                                dtype=dtype, **spec.arch)
-
-
-def _build_context_unet(spec: "ModelSpec", dtype, remat: bool):
-    from ddim_jax.cond_unet import UNet2DCondition
-
-    if remat:
-        raise ValueError(f"remat is not offered for {spec.kind}")
-    return UNet2DCondition(in_channels=spec.input_channels, out_channels=spec.channels, dtype=dtype, **spec.arch)
-
-
-def _context_unet_inputs(spec: "ModelSpec") -> tuple:
-    x = jnp.zeros((1, spec.image_size, spec.image_size, spec.input_channels), jnp.float32)
-    return x, jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, spec.arch.get("cross_attention_dim", 768)), jnp.float32)
-
-
-KINDS: dict[str, ModelKind] = {
-    # DDPM's noise-prediction UNet (ddim_jax.unet.UNet); out_ch and num_classes come from the spec.
-    "unet": ModelKind(_build_unet, ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
-                                    "resamp_with_conv", "norm_groups"), _unet_inputs),
-    # Latent diffusion's KL autoencoder (ddim_jax.autoencoder.AutoencoderKL); in_channels = the spec's channels.
-    "autoencoder_kl": ModelKind(_build_autoencoder, ("block_out_channels", "layers_per_block", "latent_channels",
-                                                     "norm_groups"), _image_inputs, objective="autoencoder"),
-    # Its VQ-regularised sibling (ddim_jax.autoencoder.AutoencoderVQ, diffusers' VQModel layout).
-    "autoencoder_vq": ModelKind(_build_autoencoder, ("block_out_channels", "layers_per_block", "latent_channels",
-                                                     "num_embeddings", "embedding_dim", "beta", "norm_groups"),
-                                _image_inputs, objective="autoencoder"),
-    # Latent diffusion's conditional UNet (ddim_jax.cond_unet.ClassConditionedUNet): diffusers'
-    # UNet2DConditionModel blocks, cross-attending to context_tokens learned tokens per class.
-    "cross_attention_unet": ModelKind(_build_cross_attention_unet,
-                                      ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
-                                       "attention_head_dim", "transformer_layers_per_block", "cross_attention_dim",
-                                       "norm_groups", "use_linear_projection", "context_tokens"), _unet_inputs),
-    # Stable Diffusion's UNet (ddim_jax.cond_unet.UNet2DCondition) conditioned on given context arrays
-    # (text-encoder outputs [B, M, cross_attention_dim]); python -m ddim_jax.convert writes it from a diffusers
-    # Stable Diffusion folder.
-    "unet2d_condition": ModelKind(_build_context_unet,
-                                  ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
-                                   "attention_head_dim", "transformer_layers_per_block", "cross_attention_dim",
-                                   "norm_groups", "norm_eps", "use_linear_projection", "flip_sin_to_cos",
-                                   "freq_shift"), _context_unet_inputs, conditioning="context"),
-}
 
 _SHAPES: dict = {}  # param_shapes by architecture (tracing a network takes a while)
 _SCHEDULE_FIELDS = ("name", "num_timesteps", "beta_start", "beta_end", "betas", "rescale_zero_terminal_snr")
@@ -173,6 +60,16 @@ def _jsonable(v):
     if isinstance(v, np.generic):
         return v.item()
     return v
+
+
+def _need(values: Mapping, prefix: str):
+    """``need(ok, field, what)``: a one-line ValueError ``'<prefix><field> must be <what>; got <value>'`` unless ok."""
+
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{prefix}{field} must be {what}; got {values.get(field, '(default)')!r}")
+
+    return need
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,12 +106,14 @@ class ModelSpec:
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"model kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
-        unknown = sorted(set(self.arch) - set(KINDS[self.kind].arch_fields))
+        entry = kinds.get(self.kind)
+        if not isinstance(self.arch, Mapping):
+            raise ValueError(f"arch must be a mapping of {self.kind} arguments; got {self.arch!r}")
+        unknown = sorted(set(self.arch) - set(entry.arch_fields))
         if unknown:
-            raise ValueError(f"unknown {self.kind} argument {unknown[0]!r}; allowed: "
-                             f"{', '.join(KINDS[self.kind].arch_fields)}")
+            raise ValueError(f"unknown {self.kind} argument {unknown[0]!r}; allowed: {', '.join(entry.arch_fields)}")
+        if not isinstance(self.info, Mapping):
+            raise ValueError(f"info must be a mapping (the model's provenance); got {self.info!r}")
         for name in ("image_size", "channels"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
@@ -235,6 +134,10 @@ class ModelSpec:
             raise ValueError(f"null_label must be None or num_classes ({self.num_classes}), the extra label of "
                              f"the unconditional model; got {self.null_label!r}")
         object.__setattr__(self, "arch", _frozen(dict(self.arch)))
+        full = entry.full_arch(self.arch)
+        entry.check(full, _need(full, f"{self.kind} argument "))
+        if entry.needs_labels and self.num_classes is None:
+            raise ValueError(f"a {self.kind} model is class-conditional: it needs num_classes")
         object.__setattr__(self, "image_size", int(self.image_size))
         object.__setattr__(self, "channels", int(self.channels))
         self._check_latent()
@@ -283,7 +186,7 @@ class ModelSpec:
         """An autoencoder's latents: ``(side, channels)``."""
         self._require_autoencoder()
         a = self.arch
-        ch = (a.get("embedding_dim") or a["latent_channels"]) if self.kind == "autoencoder_vq" else a["latent_channels"]
+        ch = kinds.get(self.kind).latents.channels(a)
         f = 2 ** (len(a["block_out_channels"]) - 1)
         if self.image_size % f:
             raise ValueError(f"the autoencoder's image_size {self.image_size} is not a multiple of its factor {f}")
@@ -330,12 +233,12 @@ class ModelSpec:
     def build(self, dtype: str = "float32", remat: bool = False):
         """The network (a Flax module) computing in ``dtype`` (see :data:`COMPUTE_DTYPES`), optionally
         rematerialising activations in the backward pass. Neither changes the parameters."""
-        return KINDS[self.kind].build(self, compute_dtype(dtype), bool(remat))
+        return kinds.get(self.kind).build(self, compute_dtype(dtype), bool(remat))
 
     @property
     def is_diffusion(self) -> bool:
         """Whether this is a diffusion model (with a schedule, sampled by the samplers)."""
-        return KINDS[self.kind].objective == "diffusion"
+        return kinds.get(self.kind).objective == "diffusion"
 
     @property
     def num_labels(self) -> int | None:
@@ -354,7 +257,7 @@ class ModelSpec:
 
     def init(self, key) -> dict:
         """Freshly initialised parameters (traceable: call it inside a jitted function)."""
-        return self.build().init(key, *KINDS[self.kind].example_inputs(self))["params"]
+        return self.build().init(key, *kinds.get(self.kind).example_inputs(self))["params"]
 
     def init_params(self, key) -> dict:
         """Freshly initialised parameters, computed in one compiled program."""
@@ -386,11 +289,7 @@ class ModelSpec:
         ``mean + std * noise`` given standard-normal ``noise`` of the latents' shape; a VQ autoencoder's
         latents before quantisation (as LDM's). ``params``: the autoencoder's."""
         self._require_autoencoder()
-        net, p = self.build(), {"params": params}
-        if self.kind == "autoencoder_vq":
-            return net.apply(p, x, method="encode")
-        mean, logvar = net.apply(p, x, method="encode")
-        return mean if noise is None else mean + jnp.exp(0.5 * logvar) * noise
+        return kinds.get(self.kind).latents.encode(self.build(), {"params": params}, x, noise)
 
     def encode(self, params, x, noise=None):
         """Images ``x`` in [-1, 1] -> the diffusion's space: ``x`` itself, or a latent model's autoencoder's
@@ -419,9 +318,6 @@ class ModelSpec:
         its :meth:`condition` channels ``[B, H, W, k]`` (the same for the guided and unguided halves).
         ``dtype``: the network's compute dtype (the sampler's own arithmetic stays float32).
         """
-        from ddim_jax.guidance import guided, guided_context
-        from ddim_jax.unet import make_model_fn
-
         self._require_diffusion()
         if (concat is None) != (self.concat is None):
             raise ValueError(f"this model is conditioned by concatenation ({self.concat}): give "
@@ -434,7 +330,7 @@ class ModelSpec:
                 raise ValueError(f"concat must be [B, {want[0]}, {want[1]}, {want[2]}] (spec.condition's output); "
                                  f"got {np.shape(concat)}")
             model_fn = jax.tree_util.Partial(_with_concat, model_fn, jnp.asarray(concat, jnp.float32))
-        if KINDS[self.kind].conditioning == "context":
+        if kinds.get(self.kind).conditioning == "context":
             d = self.arch.get("cross_attention_dim", 768)
             if y is None or np.ndim(y) not in (2, 3) or np.shape(y)[-1] != d:
                 raise ValueError(f"this {self.kind} model conditions on context arrays (e.g. text-encoder outputs) "
@@ -522,32 +418,6 @@ def _with_context(model_fn, context, x, t):
     return model_fn(x, t, jnp.broadcast_to(context, (x.shape[0],) + context.shape[-2:]))
 
 
-def spec_from_config(config) -> ModelSpec:
-    """The spec of the model a training config (ml_collections or its JSON dict) trains."""
-    d = config if isinstance(config, Mapping) else json.loads(config.to_json())
-    model, data = dict(d["model"]), d["data"]
-    kind = model.pop("kind", "unet")
-    if kind in KINDS and KINDS[kind].objective != "diffusion":
-        return ModelSpec(kind, model, data["image_size"], data["channels"], None, None, info={"data": dict(data)})
-    f = d["diffusion"]
-    num_classes = model.pop("num_classes", None)
-    null_label = num_classes if num_classes is not None and d["training"].get("p_uncond", 0.1) > 0 else None
-    schedule = {"name": f["schedule"], "num_timesteps": f["num_timesteps"]}
-    if f["schedule"] != "cosine":
-        schedule.update(beta_start=f["beta_start"], beta_end=f["beta_end"])
-    size, channels, latent = data["image_size"], data["channels"], {}
-    lat = d.get("latent") or {}
-    if lat.get("autoencoder"):
-        if not lat.get("autoencoder_spec"):
-            raise ValueError(f"latent.autoencoder_spec is empty: the autoencoder {lat['autoencoder']!r} has not been "
-                             "read yet (ddim_jax.training.latent.resolve fills it in)")
-        ae = ModelSpec.from_dict(json.loads(lat["autoencoder_spec"]))
-        size, channels = ae.latent_shape
-        latent = dict(autoencoder=ae, scale_factor=lat.get("scale_factor") or None)
-    return ModelSpec(kind, model, size, channels, schedule, f["prediction_type"], num_classes, null_label,
-                     info={"data": dict(data)}, concat=f.get("concat") or None, **latent)
-
-
 # ---------------------------------------------------------------------------------------------
 # The format.
 
@@ -583,31 +453,14 @@ def save(path: str, spec: ModelSpec, params, *, overwrite: bool = False) -> str:
     return os.path.abspath(os.fspath(path))
 
 
-def load(path: str, *, step: int | None = None, use_ema: bool = True) -> tuple[ModelSpec, dict]:
-    """``(spec, params)`` from a model directory, or from a training workdir.
-
-    For a workdir: its exported EMA model (``workdir/model``) when that is as new as its newest
-    checkpoint, else the newest readable checkpoint; ``step`` picks a checkpoint and ``use_ema=False``
-    its raw (non-EMA) parameters. Nothing on disk is changed.
-    """
+def load(path) -> tuple[ModelSpec, dict]:
+    """``(spec, params)`` from a model directory (a training workdir: :func:`ddim_jax.loading.load`)."""
     path = os.fspath(path)
     if is_model_dir(path):
-        if step is not None or not use_ema:
-            raise ValueError(f"{path} is a model directory (one set of parameters): step and use_ema apply "
-                             "to training workdirs only")
         return _load_dir(path)
     if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "params")):
         raise ValueError(f"{path} is in the old converted-checkpoint layout; convert the source again with "
                          "python -m ddim_jax.convert")
-    if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "config.json")):
-        from ddim_jax.training import checkpoints
-
-        export = os.path.join(path, EXPORT_DIR)
-        if step is None and use_ema and is_model_dir(export):
-            spec, params = _load_dir(export)
-            if spec.info.get("step", -1) >= max(checkpoints.step_dirs(path), default=-1):
-                return spec, params
-        return checkpoints.load_params(path, step=step, use_ema=use_ema)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
     raise FileNotFoundError(f"{path} is neither a model directory ({SPEC_FILE}) nor a training workdir")

@@ -9,7 +9,6 @@ Parameter names follow the paper's official code (ermongroup/ddim ``models/diffu
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any
@@ -17,6 +16,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ddim_jax.nets import make_model_fn, run_once_options
 
 Array = jax.Array
 
@@ -237,8 +238,6 @@ class UNet(nn.Module):
 
 def init_params(model: UNet, key: Array, image_size: int, channels: int = 3) -> dict:
     """Initial params of ``model`` for [1, image_size, image_size, channels] inputs (float32)."""
-    from ddim_jax.models import run_once_options
-
     return jax.jit(functools.partial(_init, model, image_size, channels),
                    compiler_options=run_once_options(jax.devices()[0].platform))(key)
 
@@ -260,35 +259,14 @@ def count_params(params: Any) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 
-@dataclasses.dataclass(frozen=True)
-class _EpsApply:
-    """Callable ``(variables, y, x, t) -> eps``; equal and hash-equal for equal models, so jit caches hit."""
-
-    model: UNet
-
-    def __call__(self, variables: dict, y: Array | None, x: Array, t: Array) -> Array:
-        return self.model.apply(variables, x, t, y)
-
-
-@dataclasses.dataclass(frozen=True)
-class _ModelApply:
-    """Callable ``(variables, x, t, y) -> output``; hash-equal for equal models (see :class:`_EpsApply`)."""
-
-    model: UNet
-
-    def __call__(self, variables: dict, x: Array, t: Array, y: Array) -> Array:
-        return self.model.apply(variables, x, t, y)
-
-
-def make_model_fn(model: UNet, params: dict) -> jax.tree_util.Partial:
-    """The conditional ``model_fn(x, t, y)`` of a class-conditional UNet (for :func:`ddim_jax.guided`)."""
-    return jax.tree_util.Partial(_ModelApply(model), {"params": params})
-
-
 def make_eps_fn(model: UNet, params: dict, y: Array | None = None) -> jax.tree_util.Partial:
     """``eps_fn(x, t) -> eps`` for the sampler; params (and y) are pytree leaves of the returned Partial.
 
     Two calls with equal models give equal treedefs, so a jitted function taking eps_fn as an argument
     does not retrace when only params or y change (y must keep its shape, and None stays None).
     """
-    return jax.tree_util.Partial(_EpsApply(model), {"params": params}, y)
+    return jax.tree_util.Partial(_with_labels, make_model_fn(model, params), y)
+
+
+def _with_labels(model_fn, y, x: Array, t: Array) -> Array:
+    return model_fn(x, t, y)

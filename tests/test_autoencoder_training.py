@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from helpers import ROOT, leaves
 
-from ddim_jax import models, training
-from ddim_jax.config import autoencoder_config, validate_config
+from ddim_jax import kinds, loading, models, training
+from ddim_jax.config import autoencoder_config, spec_from_config, validate_config
 from ddim_jax.data import load_digits, make_source
 from ddim_jax.training import objectives
 
@@ -46,7 +46,7 @@ def test_kl_matches_diffusers_posterior():
     mean, logvar = rng.normal(size=(3, 4, 4, 2)).astype(np.float32), rng.normal(size=(3, 4, 4, 2)).astype(np.float32)
     moments = torch.from_numpy(np.concatenate([mean, logvar], -1).transpose(0, 3, 1, 2))
     want = DiagonalGaussianDistribution(moments).kl().numpy()
-    np.testing.assert_allclose(objectives.kl_to_standard_normal(mean, logvar), want, rtol=1e-5)
+    np.testing.assert_allclose(kinds.kl_to_standard_normal(mean, logvar), want, rtol=1e-5)
 
 
 def test_patch_discriminator_has_pix2pix_geometry():
@@ -58,7 +58,7 @@ def test_patch_discriminator_has_pix2pix_geometry():
 
 def _loss_terms(config, params, x0, keys):
     """The autoencoder objective's pieces computed the long way: whole-tree gradients of each term."""
-    spec = models.spec_from_config(config)
+    spec = spec_from_config(config)
     net = spec.build()
     mean, logvar = net.apply({"params": params["autoencoder"]}, x0, method="encode")
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), mean.shape[1:]))(keys)
@@ -108,10 +108,10 @@ def test_a_run_trains_exports_and_resumes_exactly(run, tmp_path):
     rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and {"rec_loss", "kl", "disc_loss", "d_weight"} <= set(rows[0])
     assert rows[0]["disc_loss"] == 0.0 < rows[1]["disc_loss"]  # switched on at step 2
-    spec, params = models.load(str(workdir))
+    spec, params = loading.load(str(workdir))
     assert spec.kind == "autoencoder_kl" and spec.schedule is None and spec.info["step"] == 4
     assert "discriminator" not in params and set(params) >= {"encoder", "decoder"}
-    _, raw = models.load(str(workdir), use_ema=False)  # a checkpoint's raw params: the autoencoder's alone too
+    _, raw = loading.load(str(workdir), use_ema=False)  # a checkpoint's raw params: the autoencoder's alone too
     assert jax.tree.structure(raw) == jax.tree.structure(params)
     assert (workdir / "samples" / "step_00000004.png").is_file()  # originals over reconstructions
     # Interrupted at 2 and resumed, the run ends bitwise where the uninterrupted one did.
@@ -125,7 +125,7 @@ def test_a_run_trains_exports_and_resumes_exactly(run, tmp_path):
 
 def test_the_autoencoder_reconstructs_after_training(run):
     workdir, _ = run
-    spec, params = models.load(str(workdir))
+    spec, params = loading.load(str(workdir))
     x = make_source(ae_config().data).get(np.arange(8)).astype(np.float32) / 127.5 - 1
     rec = jax.jit(lambda p, x: spec.build().apply({"params": p}, x))(params, x)
     assert rec.shape == x.shape and np.all(np.isfinite(rec))
@@ -133,7 +133,7 @@ def test_the_autoencoder_reconstructs_after_training(run):
 
 def test_diffusion_tools_refuse_an_autoencoder(run):
     workdir, _ = run
-    spec, params = models.load(str(workdir))
+    spec, params = loading.load(str(workdir))
     with pytest.raises(ValueError, match="autoencoder_kl model, not a diffusion model"):
         spec.eps_fn(params)
     out = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--workdir={workdir}", "--mode=sample",
@@ -200,5 +200,5 @@ def test_a_vq_autoencoder_trains_and_uses_its_codebook(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["rec_loss"] < rows[0]["rec_loss"] and 1 <= rows[-1]["codes_used"] <= 16
     assert {"vq_loss", "codes_used"} <= set(rows[0]) and "kl" not in rows[0]
-    spec, params = models.load(str(tmp_path))
+    spec, params = loading.load(str(tmp_path))
     assert spec.kind == "autoencoder_vq" and params["quantize"]["embedding"]["embedding"].shape == (16, 2)

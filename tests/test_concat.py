@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from ddim_jax import concat, models, training
+from ddim_jax import concat, loading, models, training
 from ddim_jax import experiments as ex
 from ddim_jax.config import validate_config
 from ddim_jax.data import load_digits
@@ -132,7 +132,7 @@ def run(tmp_path_factory):
 
 def test_a_superresolution_run_previews_exports_and_samples(run, tmp_path, capsys):
     assert (run / "samples" / "step_00000002.png").exists()  # the preview drew from training images
-    spec, _ = models.load(str(run))
+    spec, _ = loading.load(str(run))
     assert spec.concat == "superres2x" and spec.input_channels == 2
     sample.FLAGS.unparse_flags()
     sample.FLAGS(["sample.py", f"--workdir={run}", "--num_samples=6", "--batch_size=8", "--steps=3",
@@ -141,7 +141,7 @@ def test_a_superresolution_run_previews_exports_and_samples(run, tmp_path, capsy
     got = np.load(tmp_path / "s" / "samples.npy")
     assert got.shape == (6, 8, 8, 1) and "the observations, the samples, the originals" in capsys.readouterr().out
     # The same samples from the library, given the held-out digits the CLI used.
-    model = ex.load_model(str(run))
+    model = loading.load_model(str(run))
     want = ex.generate(model, 6, 8, 3, sources=load_digits("test")[0][:6], progress=False)
     np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="give sources"):

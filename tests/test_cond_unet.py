@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from ddim_jax import cond_unet, convert
+from ddim_jax import cond_unet, convert, loading
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -153,11 +153,10 @@ def _sd_folder(root, **unet_config_changes):
 
 
 def test_a_stable_diffusion_folder_converts_to_one_latent_model(tmp_path):
-    from ddim_jax import models
 
     unet, vae = _sd_folder(tmp_path / "sd")
     assert convert.main([str(tmp_path / "sd"), str(tmp_path / "out")]) == 0
-    spec, params = models.load(tmp_path / "out")
+    spec, params = loading.load(tmp_path / "out")
     assert spec.kind == "unet2d_condition" and spec.scale_factor == 0.3 and spec.sample_shape == (8, 8, 4)
     assert spec.output_shape == (16, 16, 3) and spec.schedule["name"] == "scaled_linear"
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)

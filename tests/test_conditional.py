@@ -16,8 +16,8 @@ from helpers import tiny_config
 
 from ddim_jax import data as data_lib
 from ddim_jax import experiments as ex
-from ddim_jax import models, training
-from ddim_jax.config import validate_config
+from ddim_jax import loading, models, training
+from ddim_jax.config import spec_from_config, validate_config
 from ddim_jax.parallel import make_mesh, replicated, shard_rows
 
 
@@ -38,7 +38,7 @@ def labelled_params(workdir):
     """The run's spec and params with every parameter perturbed: after 4 steps of EMA (and DDPM's
     zero-initialised output convolutions) the labels barely change the output, and these tests ask
     whether the labels reach the network."""
-    spec, params = models.load(str(workdir))
+    spec, params = loading.load(str(workdir))
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     return spec, jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
@@ -142,7 +142,7 @@ def test_labels_are_dropped_to_the_null_label_at_rate_p_uncond(p_uncond):
     c.diffusion.prediction_type = "x0"
     c.data.random_flip = False
     mesh = make_mesh(jax.devices()[:4])
-    spec = models.spec_from_config(c)
+    spec = spec_from_config(c)
     assert spec.null_label == (10 if p_uncond else None)
     probe = _DropProbe(10)  # with p_uncond = 0 no label is ever 10
     step = training.make_train_step(c, mesh, model=probe)
@@ -171,7 +171,7 @@ def test_labels_are_dropped_to_the_null_label_at_rate_p_uncond(p_uncond):
 
 
 def test_conditional_run_exports_a_spec_with_a_null_label_and_only_used_rows_learn(cond_run, tmp_path):
-    spec, params = models.load(str(cond_run))
+    spec, params = loading.load(str(cond_run))
     assert (spec.num_classes, spec.null_label, spec.num_labels) == (10, 10, 11)
     assert params["class_embed"]["embedding"].shape == (11, 128)
     saved = json.loads((cond_run / "model" / "spec.json").read_text())["spec"]
@@ -196,7 +196,7 @@ def test_conditional_run_exports_a_spec_with_a_null_label_and_only_used_rows_lea
 
 
 def test_spec_null_label_rules_and_old_specs_load(cond_run):
-    spec, _ = models.load(str(cond_run))
+    spec, _ = loading.load(str(cond_run))
     with pytest.raises(ValueError, match="null_label must be None or num_classes"):
         dataclasses.replace(spec, null_label=3)
     with pytest.raises(ValueError, match="null_label must be None or num_classes"):
@@ -231,7 +231,7 @@ def test_spec_eps_fn_labels_guidance_and_the_null_label(cond_run):
     no_null = dataclasses.replace(spec, null_label=None)
     with pytest.raises(ValueError, match="no null label"):
         no_null.eps_fn(params)
-    uncond_spec = models.spec_from_config(tiny_config())
+    uncond_spec = spec_from_config(tiny_config())
     with pytest.raises(ValueError, match="unconditional: labels and guidance do not apply"):
         uncond_spec.eps_fn(uncond_spec.param_shapes(), 3)
 

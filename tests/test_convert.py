@@ -11,7 +11,7 @@ import pytest
 from flax import traverse_util
 
 from ddim_jax import convert as conv
-from ddim_jax import models
+from ddim_jax import loading
 from ddim_jax.diffusion import PREDICTION_TYPES
 from ddim_jax.schedules import SCHEDULES
 from ddim_jax.unet import PRESETS, UNet, count_params, param_shapes
@@ -394,7 +394,7 @@ def test_cli_diffusers_safetensors_without_torch(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
     dst = tmp_path / "out"
     assert conv.main([str(src), str(dst)]) == 0
-    spec, loaded = models.load(dst)
+    spec, loaded = loading.load(dst)
     assert spec.kind == "unet" and spec.arch == _arch("tiny") and spec.num_classes == 5
     assert spec.build() == UNet(**kwargs) and hash(spec.build()) == hash(UNet(**kwargs))
     assert spec.schedule == {"name": "linear", "num_timesteps": 500, "beta_start": 0.0002, "beta_end": 0.03}
@@ -420,7 +420,7 @@ def test_cli_ddim_training_checkpoint_uses_ema(tmp_path, capsys):
     torch.save(states, tmp_path / "ckpt.pth")
     dst = tmp_path / "conv"
     assert conv.main([str(tmp_path / "ckpt.pth"), str(dst), "--image-size", "16"]) == 0
-    spec, params = models.load(dst)
+    spec, params = loading.load(dst)
     source = spec.info["source"]
     assert (source["path"], source["format"]) == (str(tmp_path / "ckpt.pth"), "ddim") and "EMA" in source["entry"]
     assert spec.schedule == conv.DDPM_SCHEDULE and spec.prediction_type == "epsilon" and spec.image_size == 16
@@ -433,7 +433,7 @@ def test_cli_ddim_training_checkpoint_uses_ema(tmp_path, capsys):
     _one_line_error(capsys, "destination exists", str(dst))
     torch.save({k: torch.as_tensor(v) for k, v in model_sd.items()}, tmp_path / "plain.ckpt")
     assert conv.main([str(tmp_path / "plain.ckpt"), str(dst), "--format", "ddim", "--overwrite"]) == 0
-    spec, params = models.load(dst)
+    spec, params = loading.load(dst)
     assert (spec.image_size, spec.arch["attn_resolutions"]) == (32, (16,))  # 16 px at the attention level
     assert spec.info["source"]["entry"] is None
     _, want = conv.convert_ddim(model_sd)
@@ -472,11 +472,11 @@ def test_failed_conversion_keeps_the_old_destination(tmp_path, monkeypatch, caps
     good = _random_state_dict(shapes, seed=1)
     dst = tmp_path / "model"
     conv.convert(_save_safetensors(tmp_path / "good.safetensors", good), dst, image_size=16)
-    old_spec, old_params = models.load(dst)
+    old_spec, old_params = loading.load(dst)
     listing = sorted(os.listdir(tmp_path))
 
     def old_destination_intact():
-        spec, params = models.load(dst)
+        spec, params = loading.load(dst)
         assert spec == old_spec and spec.info == old_spec.info
         _assert_params_equal(params, old_params)
         assert sorted(os.listdir(tmp_path)) == listing  # and no temporary directory left beside it
@@ -515,7 +515,7 @@ def test_failed_conversion_keeps_the_old_destination(tmp_path, monkeypatch, caps
 
     # A conversion that succeeds replaces it, and leaves nothing else behind.
     spec = conv.convert(other, dst, overwrite=True, image_size=16)
-    new_spec, new_params = models.load(dst)
+    new_spec, new_params = loading.load(dst)
     assert new_spec.info["source"]["path"] == str(other) and new_spec == spec == old_spec
     _assert_params_equal(new_params, conv.convert_ddim(_random_state_dict(shapes, seed=2), 16)[1])
     assert sorted(os.listdir(tmp_path)) == listing
@@ -541,6 +541,76 @@ def test_cli_unreadable_weights_file_is_one_line_error(tmp_path, capsys):
     (tmp_path / "x.bin").write_bytes(rng.bytes(4096))
     assert conv.main([str(tmp_path / "x.bin"), str(tmp_path / "out")]) == 2
     _one_line_error(capsys, f"cannot read {tmp_path / 'x.bin'} with torch.load")
+    assert not (tmp_path / "out").exists()
+
+
+SD_UNET_CONFIG = {"_class_name": "UNet2DConditionModel", "block_out_channels": [32, 64], "layers_per_block": 1,
+                  "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "attention_head_dim": 2,
+                  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 16,
+                  "norm_num_groups": 8, "sample_size": 8}
+SD_VAE_CONFIG = {"_class_name": "AutoencoderKL", "block_out_channels": [16, 32], "layers_per_block": 1,
+                 "latent_channels": 4, "norm_num_groups": 8, "sample_size": 16, "scaling_factor": 0.3}
+
+
+def _folder_with_empty_weights(root, config_file, key, value):
+    """A diffusers UNet2DModel folder (config_file 'config.json' or 'scheduler_config.json') or a Stable
+    Diffusion folder ('unet/', 'vae/' or 'scheduler/' + file) with ``key=value`` in that config. Its weights
+    files are empty: a conversion reads them only once every config value has been checked."""
+    configs = {"config.json": {"_class_name": "UNet2DModel", **SMALL_DIFFUSERS},
+               "scheduler_config.json": {"_class_name": "DDPMScheduler"}}
+    if "/" in config_file:
+        configs = {"unet/config.json": SD_UNET_CONFIG, "vae/config.json": SD_VAE_CONFIG,
+                   "scheduler/scheduler_config.json": {"_class_name": "DDIMScheduler"}}
+    configs[config_file] = {**configs[config_file], key: value}
+    for name, config in configs.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config))
+        if name.endswith("/config.json") or name == "config.json":
+            (path.parent / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    return root
+
+
+@pytest.mark.parametrize("config_file,key,value", [
+    ("config.json", "block_out_channels", []), ("config.json", "block_out_channels", ["a"]),
+    ("config.json", "block_out_channels", [0, 0]), ("config.json", "norm_eps", "x"), ("config.json", "dropout", "x"),
+    ("config.json", "sample_size", -3), ("config.json", "sample_size", "x"), ("config.json", "layers_per_block", -1),
+    ("config.json", "down_block_types", 5), ("config.json", "attention_head_dim", 0),
+    ("scheduler_config.json", "beta_end", "x"), ("scheduler_config.json", "trained_betas", 5),
+    ("scheduler_config.json", "num_train_timesteps", 1e12), ("scheduler_config.json", "num_train_timesteps", 10**12),
+    ("config.json", "--image-size", -5), ("config.json", "--image-size", 0),
+    ("unet/config.json", "block_out_channels", []), ("unet/config.json", "norm_eps", "x"),
+    ("unet/config.json", "attention_head_dim", 0), ("unet/config.json", "layers_per_block", -1),
+    ("unet/config.json", "down_block_types", 5), ("vae/config.json", "sample_size", -16),
+    ("vae/config.json", "sample_size", "x"), ("vae/config.json", "scaling_factor", "x"),
+    ("vae/config.json", "block_out_channels", ["a"]), ("scheduler/scheduler_config.json", "beta_end", "x"),
+    ("scheduler/scheduler_config.json", "num_train_timesteps", 10**12),
+])
+def test_a_bad_config_value_is_one_line_naming_the_file_field_and_what_is_allowed(tmp_path, capsys, config_file,
+                                                                                  key, value):
+    cli = key.startswith("--")
+    src = _folder_with_empty_weights(tmp_path / "src", config_file, "sample_size" if cli else key,
+                                     SMALL_DIFFUSERS["sample_size"] if cli else value)
+    assert conv.main([str(src), str(tmp_path / "out")] + ([key, str(value)] if cli else [])) == 2
+    if cli:
+        _one_line_error(capsys, f"{key}={value}", "must be a positive integer")
+    else:
+        assert _one_line_error(capsys, f"{key}=", "must be").count(str(src / config_file)) == 1
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+    # The same folder with the value as it was gets past every config check (and fails at the empty weights).
+    good = _folder_with_empty_weights(tmp_path / "good", config_file, "_unused", None)
+    assert conv.main([str(good), str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, "cannot read", ".safetensors")
+
+
+def test_a_stable_diffusion_folder_without_its_vae_says_what_is_missing(tmp_path, capsys):
+    src = _folder_with_empty_weights(tmp_path / "sd", "unet/config.json", "_unused", None)
+    for f in (src / "vae").iterdir():
+        f.unlink()
+    (src / "vae").rmdir()
+    for fmt in ("auto", "stable_diffusion"):
+        assert conv.main([str(src), str(tmp_path / "out"), "--format", fmt]) == 2
+        _one_line_error(capsys, str(src), "unet/", "no vae/config.json")
     assert not (tmp_path / "out").exists()
 
 
@@ -585,7 +655,7 @@ def test_cli_pipeline_scheduler_config_sets_schedule_and_prediction(tmp_path, ca
                                       "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
                                       "num_train_timesteps": 1000, "timestep_spacing": "trailing"}))
     spec = conv.convert(src, tmp_path / "v")
-    assert models.load(tmp_path / "v")[0] == spec
+    assert loading.load(tmp_path / "v")[0] == spec
     assert spec.schedule == {"name": "cosine", "num_timesteps": 1000, "rescale_zero_terminal_snr": True}
     assert spec.prediction_type == "v" and spec.make_schedule().zero_terminal_snr
     # trained_betas: a custom schedule, printed abbreviated.
@@ -594,7 +664,7 @@ def test_cli_pipeline_scheduler_config_sets_schedule_and_prediction(tmp_path, ca
     capsys.readouterr()
     assert conv.main([str(src), str(tmp_path / "custom")]) == 0
     assert '"betas": "<300 values>"' in capsys.readouterr().out
-    spec, _ = models.load(tmp_path / "custom")
+    spec, _ = loading.load(tmp_path / "custom")
     assert spec.schedule == {"name": "custom", "betas": tuple(betas)} and spec.prediction_type == "x0"
     np.testing.assert_allclose(spec.make_schedule().betas, np.float32(betas))
     # An unsupported scheduler fails before the weights are read, naming the file and what is allowed.
@@ -614,7 +684,7 @@ def test_cli_diffusers_save_pretrained(tmp_path, safe):
     model.save_pretrained(tmp_path / "unet", safe_serialization=safe)
     assert (tmp_path / "unet" / ("diffusion_pytorch_model." + ("safetensors" if safe else "bin"))).exists()
     assert conv.main([str(tmp_path), str(tmp_path / "out")]) == 0  # pipeline layout: SRC/unet/
-    spec, params = models.load(tmp_path / "out")
+    spec, params = loading.load(tmp_path / "out")
     assert spec.schedule == conv.DDPM_SCHEDULE  # no scheduler_config.json: DDPM's defaults
     want_spec, want = conv.convert_diffusers(model.state_dict(), dict(model.config))
     assert spec == want_spec

@@ -9,7 +9,7 @@ import pytest
 
 import ddim_jax as dj
 from ddim_jax import convert as conv
-from ddim_jax import models
+from ddim_jax import loading, models
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -39,7 +39,7 @@ def networks(tmp_path_factory):
                                     beta_end=0.02)
     src = _pipeline(tmp_path_factory.mktemp("pipeline"), net, sched)
     conv.convert(src, src / "converted")
-    spec, params = models.load(src / "converted")
+    spec, params = loading.load(src / "converted")
     return net, spec, spec.eps_fn(params)
 
 
@@ -109,7 +109,7 @@ def test_converted_v_prediction_zero_snr_pipeline_samples_like_diffusers(network
                                     rescale_betas_zero_snr=True, prediction_type="v_prediction",
                                     timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
     spec = conv.convert(_pipeline(tmp_path, net, sched), tmp_path / "converted")
-    assert models.load(tmp_path / "converted")[0] == spec
+    assert loading.load(tmp_path / "converted")[0] == spec
     assert spec.schedule == {"name": "cosine", "num_timesteps": 1000, "rescale_zero_terminal_snr": True}
     assert spec.prediction_type == "v"
     schedule = spec.make_schedule()

@@ -13,7 +13,7 @@ import pytest
 
 import ddim_jax as dj
 from ddim_jax import experiments as ex
-from ddim_jax import models, training
+from ddim_jax import loading, models, training
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,7 +46,7 @@ def test_training_drew_its_sample_grid(workdir):
 
 
 def test_generate_gives_exactly_n_samples_and_is_reproducible(workdir):
-    model = ex.load_model(workdir)
+    model = loading.load_model(workdir)
     a = ex.generate(model, 11, 8, 5, seed=3, progress=False)
     assert a.shape == (11, 8, 8, 1) and a.dtype == np.uint8
     b = ex.generate(model, 11, 16, 5, seed=3, progress=False)  # another batch size: same latents, same images
@@ -60,8 +60,8 @@ def test_generate_gives_exactly_n_samples_and_is_reproducible(workdir):
 
 
 def test_same_seed_same_images_on_one_and_four_devices(workdir, tmp_path):
-    four = ex.load_model(workdir, devices=jax.devices()[:4])
-    one = ex.load_model(workdir, devices=jax.devices()[:1])
+    four = loading.load_model(workdir, devices=jax.devices()[:4])
+    one = loading.load_model(workdir, devices=jax.devices()[:1])
     np.testing.assert_array_equal(ex.generate(four, 10, 4, 5, eta=0.5, seed=0, progress=False),
                                   ex.generate(one, 10, 4, 5, eta=0.5, seed=0, progress=False))
 
@@ -70,14 +70,14 @@ def test_sample_mode_streams_exactly_n_samples_to_npy(workdir, tmp_path):
     run_cli(f"--workdir={workdir}", "--num_samples=10", "--batch_size=8", "--steps=5", "--eta=0.5",
             f"--output={tmp_path}")
     got = np.load(tmp_path / "samples.npy")
-    want = ex.generate(ex.load_model(workdir), 10, 8, 5, eta=0.5, seed=0, progress=False)
+    want = ex.generate(loading.load_model(workdir), 10, 8, 5, eta=0.5, seed=0, progress=False)
     np.testing.assert_array_equal(got, want)
     assert (tmp_path / "samples.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npy", "samples.png"]  # no temporary files
 
 
 def test_paper_experiments_shapes(workdir):
-    model = ex.load_model(workdir)
+    model = loading.load_model(workdir)
     rows = ex.consistency(model, 3, [2, 3])
     assert rows.shape == (2, 3, 8, 8, 1)
     grid = ex.interpolation(model, 2, 5, 3)
@@ -144,7 +144,7 @@ def test_reference_statistics_are_named_by_everything_that_changes_the_images():
 def test_sample_mode_with_a_higher_order_solver(workdir, tmp_path):
     run_cli(f"--workdir={workdir}", "--num_samples=8", "--batch_size=8", "--steps=4", "--solver=dpmpp_2m",
             f"--output={tmp_path}")
-    model = ex.load_model(workdir)
+    model = loading.load_model(workdir)
     got = np.load(tmp_path / "samples.npy")
     np.testing.assert_array_equal(got, ex.generate(model, 8, 8, 4, solver="dpmpp_2m", progress=False))
     # The solver really is DPM-Solver++: the library's sampler gives the same arrays, DDIM other ones (a
@@ -161,17 +161,17 @@ def test_sample_mode_with_a_higher_order_solver(workdir, tmp_path):
 
 
 def test_model_directories_load_for_sampling_and_refuse_mismatched_params(workdir, tmp_path):
-    trained, params = models.load(workdir)
+    trained, params = loading.load(workdir)
     spec = dataclasses.replace(trained, schedule={"name": "linear", "num_timesteps": 50}, info={"note": "x"})
     models.save(str(tmp_path / "m"), spec, params)
-    model = ex.load_model(str(tmp_path / "m"))
+    model = loading.load_model(str(tmp_path / "m"))
     assert model.spec == spec and model.schedule.num_timesteps == 50 and model.spec.info == {"note": "x"}
     assert ex.generate(model, 3, 8, 4, progress=False).shape == (3, 8, 8, 1)
     doc = json.loads((tmp_path / "m" / "spec.json").read_text())
     doc["spec"]["arch"]["ch"] = 64  # the spec no longer matches the params
     (tmp_path / "m" / "spec.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"parameter conv_in/bias has shape \(32,\); the spec's unet needs \(64,\)"):
-        models.load(str(tmp_path / "m"))
+        loading.load(str(tmp_path / "m"))
     with pytest.raises(FileExistsError):  # an existing model directory is kept ...
         models.save(str(tmp_path / "m"), spec, params)
     (tmp_path / "m" / "notes.txt").write_text("mine")  # ... never replaced while it holds other files ...
@@ -244,10 +244,10 @@ def test_outputs_for_a_model_directory_go_beside_it(workdir, tmp_path):
 def test_a_workdir_loads_from_its_checkpoints_alone(workdir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(workdir, copy)
-    exported = models.load(str(copy))
+    exported = loading.load(str(copy))
     shutil.rmtree(copy / "model")
     (copy / "config.json").unlink()  # each checkpoint carries its own config
-    spec, params = models.load(str(copy))
+    spec, params = loading.load(str(copy))
     assert spec == exported[0] and spec.info["step"] == 2
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(exported[1])):
         np.testing.assert_array_equal(a, b)

@@ -15,9 +15,9 @@ import pytest
 from helpers import leaves
 
 from ddim_jax import experiments as ex
-from ddim_jax import models, training
-from ddim_jax.config import base_config
+from ddim_jax import loading, models, training
 from ddim_jax.cond_unet import ClassConditionedUNet, UNet2DCondition
+from ddim_jax.config import base_config
 from ddim_jax.data import load_digits
 from ddim_jax.training import latent, objectives
 
@@ -62,7 +62,7 @@ def test_latent_spec_round_trips_and_holds_both_networks(tmp_path):
     assert "info" not in d["autoencoder"] and models.ModelSpec.from_dict(d) == spec
     params = {"denoiser": spec.init_params(jax.random.key(1)), "autoencoder": ae_params()}
     models.save(tmp_path / "m", spec, params)
-    spec2, params2 = models.load(tmp_path / "m")
+    spec2, params2 = loading.load(tmp_path / "m")
     assert spec2 == spec and spec2.scale_factor == 0.5
     for a, b in zip(leaves(params), leaves(params2)):
         np.testing.assert_array_equal(a, b)
@@ -137,7 +137,7 @@ def run(tmp_path_factory):
 
 def test_the_scale_factor_whitens_the_training_latents(run):
     root, workdir, _ = run
-    copy_spec, copy_params = models.load(workdir / latent.COPY_DIR)
+    copy_spec, copy_params = loading.load(workdir / latent.COPY_DIR)
     scale = copy_spec.info["scale_factor"]
     assert json.loads((workdir / "config.json").read_text())["latent"]["scale_factor"] == scale
     # Independently: posterior samples (other noise) of the first 1024 training digits, through the autoencoder.
@@ -149,14 +149,14 @@ def test_the_scale_factor_whitens_the_training_latents(run):
 
 def test_export_holds_the_denoiser_and_the_frozen_autoencoder(run):
     root, workdir, result = run
-    spec, params = models.load(workdir)
-    copy_spec = models.load(workdir / latent.COPY_DIR)[0]
+    spec, params = loading.load(workdir)
+    copy_spec = loading.load(workdir / latent.COPY_DIR)[0]
     assert spec.autoencoder == AE and spec.scale_factor == copy_spec.info["scale_factor"]
     for a, b in zip(leaves(params["autoencoder"]), leaves(ae_params(0))):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(leaves(params["denoiser"]), leaves(result.state.ema_params)):
         np.testing.assert_array_equal(a, b)
-    spec2, params2 = models.load(workdir, step=2)  # a checkpoint: the denoiser, with the run's autoencoder copy
+    spec2, params2 = loading.load(workdir, step=2)  # a checkpoint: the denoiser, with the run's autoencoder copy
     assert spec2.scale_factor == spec.scale_factor and set(params2) == {"denoiser", "autoencoder"}
 
 
@@ -193,13 +193,13 @@ def test_resume_uses_the_runs_copy_when_the_named_autoencoder_changes(run, tmp_p
     resumed = training.train(config(src), str(other), progress=False, devices=jax.devices()[:2])
     for a, b in zip(leaves(resumed.state.params), leaves(result.state.params)):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(leaves(models.load(other)[1]["autoencoder"]), leaves(ae_params(0))):
+    for a, b in zip(leaves(loading.load(other)[1]["autoencoder"]), leaves(ae_params(0))):
         np.testing.assert_array_equal(a, b)
 
 
 def test_experiments_decode_to_images(run):
     root, workdir, _ = run
-    model = ex.load_model(str(workdir), devices=jax.devices()[:2])
+    model = loading.load_model(str(workdir), devices=jax.devices()[:2])
     assert model.clip_x0 is None and model.sample_shape == (4, 4, 2)
     imgs = ex.generate(model, 4, 4, 3, labels="all", guidance=2.0, progress=False)
     assert imgs.shape == (4, 8, 8, 1) and imgs.dtype == np.uint8
@@ -207,7 +207,7 @@ def test_experiments_decode_to_images(run):
     images = load_digits("test")[0][:4]
     errors, recons = ex.reconstruction(model, images, [2], 4, progress=False)
     # The autoencoder alone: image -> posterior mean -> image, computed here.
-    spec, params = models.load(str(workdir))
+    spec, params = loading.load(str(workdir))
     x = images.astype(np.float32) / 127.5 - 1.0
     rec = AE.build().apply({"params": params["autoencoder"]}, x)
     want = float(np.mean((np.clip(np.asarray(rec), -1, 1) / 2 - x / 2) ** 2))

@@ -12,7 +12,7 @@ import pytest
 from test_autoencoder_training import ae_config
 
 from ddim_jax import lpips, models, training
-from ddim_jax.config import validate_config
+from ddim_jax.config import spec_from_config, validate_config
 from ddim_jax.training import objectives
 
 torch = pytest.importorskip("torch")
@@ -176,7 +176,7 @@ def test_the_objective_adds_the_perceptual_term(weights):
     frozen = {"lpips": lpips.load_params(config.loss.lpips_vgg16, config.loss.lpips_heads)}
     x0 = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 1)), jnp.float32)
     keys = jax.random.split(jax.random.key(2), 2)
-    net, ae = models.spec_from_config(config).build(), params["autoencoder"]
+    net, ae = spec_from_config(config).build(), params["autoencoder"]
     disc = objectives.PatchDiscriminator(config.loss.disc_layers, config.loss.disc_channels)
 
     @jax.jit

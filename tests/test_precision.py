@@ -10,6 +10,7 @@ from helpers import leaves, tiny_config
 from ddim_jax import data as data_lib
 from ddim_jax import experiments as ex
 from ddim_jax import models, training
+from ddim_jax.config import spec_from_config
 from ddim_jax.parallel import make_mesh
 
 
@@ -39,7 +40,7 @@ def test_bfloat16_training_tracks_float32():
     l16, s16 = _losses(c16, steps)
     # The network really ran in bfloat16 (its convolutions take bfloat16), with float32 parameters,
     # Adam state, EMA and loss.
-    spec = models.spec_from_config(c16)
+    spec = spec_from_config(c16)
     x = jnp.zeros((2, 8, 8, 1))
     assert _conv_input_dtypes(spec.build("bfloat16"), s16.params, x) == {"bfloat16"}
     assert _conv_input_dtypes(spec.build(), s16.params, x) == {"float32"}
@@ -54,7 +55,7 @@ def test_bfloat16_training_tracks_float32():
 
 
 def test_remat_gives_the_same_gradients_and_steps():
-    spec = models.spec_from_config(tiny_config())
+    spec = spec_from_config(tiny_config())
     spec = models.ModelSpec("unet", dict(spec.arch, attn_resolutions=(8,), dropout=0.3), 8, 1, spec.schedule)
     params = spec.init_params(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
@@ -84,7 +85,7 @@ def test_remat_gives_the_same_gradients_and_steps():
 
 
 def test_sampling_models_compute_in_their_dtype():
-    spec = models.spec_from_config(tiny_config())
+    spec = spec_from_config(tiny_config())
     params = spec.init_params(jax.random.key(0))
     m32 = ex.Model(spec, params, make_mesh(jax.devices()[:1]))
     m16 = ex.Model(spec, params, make_mesh(jax.devices()[:1]), dtype="bfloat16")

@@ -19,9 +19,9 @@ import pytest
 from helpers import EXPLODING, ROOT, leaves, metric_steps, tiny_config, train
 
 from ddim_jax import data as data_lib
-from ddim_jax import models, training
+from ddim_jax import loading, training
+from ddim_jax.config import spec_from_config
 from ddim_jax.parallel import make_mesh
-
 
 # ------------------------------------------------------------------------------------------------
 # Data.
@@ -231,11 +231,11 @@ def test_interrupted_then_resumed_equals_uninterrupted_bitwise(tmp_path):
     assert list((tmp_path / "full" / "tensorboard").iterdir())
 
     # The exported model is the EMA params of the last checkpoint, in the one model format.
-    spec, params = models.load(str(tmp_path / "split"))
-    assert spec == models.spec_from_config(tiny_config()) and spec.info["step"] == 8
+    spec, params = loading.load(str(tmp_path / "split"))
+    assert spec == spec_from_config(tiny_config()) and spec.info["step"] == 8
     for a, b in zip(leaves(params), leaves(rest.state.ema_params)):
         np.testing.assert_array_equal(a, b)
-    spec4, params4 = models.load(str(tmp_path / "split"), step=4)
+    spec4, params4 = loading.load(str(tmp_path / "split"), step=4)
     assert spec4.info["step"] == 4 and not np.array_equal(leaves(params4)[0], leaves(params)[0])
 
     # A corrupted newest checkpoint: warn, move it aside, resume from the previous one; the metrics of

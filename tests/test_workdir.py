@@ -14,7 +14,7 @@ import time
 import pytest
 from helpers import EXPLODING, ROOT, metric_steps, tiny_config, train
 
-from ddim_jax import files, models, training
+from ddim_jax import files, loading, training
 from ddim_jax.config import validate_config
 from ddim_jax.training import checkpoints as ckpt_lib
 
@@ -81,7 +81,7 @@ def test_when_no_checkpoint_can_be_restored_training_does_not_start_over(tmp_pat
         with pytest.raises(RuntimeError, match="nothing was moved or deleted, and training will not start over"):
             train(tmp_path, num_steps=8, checkpoint_every=2, keep_checkpoints=2)
     assert ckpt_lib.step_dirs(str(tmp_path)) == [2, 4] and not (tmp_path / "corrupt_checkpoints").exists()
-    assert models.load(str(tmp_path))[0].info["step"] == 4  # the exported model is still there
+    assert loading.load(str(tmp_path))[0].info["step"] == 4  # the exported model is still there
 
 
 def test_a_workdir_whose_checkpoints_are_gone_does_not_overwrite_its_trained_model(tmp_path):
@@ -90,7 +90,7 @@ def test_a_workdir_whose_checkpoints_are_gone_does_not_overwrite_its_trained_mod
     rows = (tmp_path / "metrics.jsonl").read_text()
     with pytest.raises(RuntimeError, match=r"holds a model trained for 4 steps .* use a new --workdir"):
         train(tmp_path, num_steps=8)
-    assert models.load(str(tmp_path))[0].info["step"] == 4 and (tmp_path / "metrics.jsonl").read_text() == rows
+    assert loading.load(str(tmp_path))[0].info["step"] == 4 and (tmp_path / "metrics.jsonl").read_text() == rows
 
 
 def test_a_state_that_no_longer_fits_the_saved_one_stops_and_moves_nothing(tmp_path, monkeypatch):
@@ -141,8 +141,8 @@ def test_a_corrupt_step_is_named_as_unreadable_not_as_another_architecture(tmp_p
     meta = next((tmp_path / "checkpoints" / "2" / "meta").rglob("metadata"))
     meta.write_text("{not json")
     with pytest.raises(ValueError, match=r"checkpoint 2: its metadata cannot be read"):
-        models.load(str(tmp_path), step=2)
-    assert models.load(str(tmp_path), step=4)[0].info["step"] == 4
+        loading.load(str(tmp_path), step=2)
+    assert loading.load(str(tmp_path), step=4)[0].info["step"] == 4
 
 
 def test_the_non_finite_stop_says_whether_a_checkpoint_exists(tmp_path):
@@ -171,7 +171,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert "preempted: step" in out
     steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(steps) == 1 and 3 <= steps[0] < 1000, steps
-    assert models.load(str(workdir))[0].info["step"] == steps[0]  # the export is as new as the checkpoint
+    assert loading.load(str(workdir))[0].info["step"] == steps[0]  # the export is as new as the checkpoint
 
 
 def test_kill_9_mid_run_leaves_a_workdir_that_resumes(tmp_path):
@@ -191,7 +191,7 @@ def test_kill_9_mid_run_leaves_a_workdir_that_resumes(tmp_path):
     killed_at = max(ckpt_lib.step_dirs(str(workdir)))
     result = train(workdir, num_steps=killed_at + 2, checkpoint_every=1, log_every=1, keep_checkpoints=2)
     assert result.steps_run >= 2 and int(result.state.step) == killed_at + 2  # the lock was free, nothing lost
-    spec, _ = models.load(str(workdir))
+    spec, _ = loading.load(str(workdir))
     assert spec.info["step"] == killed_at + 2
     assert metric_steps(workdir) == list(range(1, killed_at + 3))  # each step logged once
 

@@ -20,9 +20,10 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from ddim_jax.config import config_differences, flatten, with_defaults
-from ddim_jax.models import ModelSpec, spec_from_config
+from ddim_jax.config import config_differences, flatten, spec_from_config, with_defaults
+from ddim_jax.models import ModelSpec
 from ddim_jax.parallel import host, host_tree, make_mesh
+from ddim_jax.training.latent import load_copy
 from ddim_jax.training.objectives import make_objective
 from ddim_jax.training.state import TrainState, abstract_state
 
@@ -234,8 +235,6 @@ def load_params(workdir: str, *, step: int | None = None, use_ema: bool = True) 
     spec = dataclasses.replace(spec, info=info)
     frozen = {}
     if spec.autoencoder is not None:
-        from ddim_jax.training.latent import load_copy
-
         frozen = load_copy(workdir)
     params = make_objective(config).model_params(state.ema_params if use_ema else state.params, frozen)
     return spec, host_tree(params)

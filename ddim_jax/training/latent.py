@@ -60,7 +60,7 @@ def resolve(config, workdir: str):
         if not isinstance(path, str) or not os.path.exists(path):
             raise FileNotFoundError(f"latent.autoencoder: {path!r} does not exist (train the autoencoder first, e.g. "
                                     "python train.py --config=configs/autoencoder_digits.py)")
-        spec, params = models.load(path)
+        spec, params = models.load(_model_dir(path))
         first, scale = FirstStage(spec, params, os.path.abspath(path), False), None
     if spec.is_diffusion:
         raise ValueError(f"latent.autoencoder: {path!r} holds a {spec.kind} diffusion model, not an autoencoder")
@@ -114,6 +114,14 @@ def save_copy(workdir: str, first: FirstStage, scale: float) -> None:
         return
     info = {"source": first.source, "scale_factor": float(scale)}
     models.save(os.path.join(workdir, COPY_DIR), dataclasses.replace(first.spec, info=info), first.params)
+
+
+def _model_dir(path: str) -> str:
+    """The model directory ``path`` names: itself, or a training workdir's exported model."""
+    export = os.path.join(path, models.EXPORT_DIR)
+    if models.is_model_dir(path) or not models.is_model_dir(export):
+        return path
+    return export
 
 
 def frozen_params(first: FirstStage | None) -> dict:

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddim_jax import files
+from ddim_jax.training.state import abstract_state, cached_train_step
 
 GiB = 2 ** 30
 
@@ -67,8 +68,6 @@ def _bytes(tree) -> int:
 def memory_plan(config, mesh, step=None) -> MemoryPlan:
     """The plan of ``config``'s train step on ``mesh`` (``step``: the train step if already made; it is
     compiled here for the config's full dispatch of ``training.steps_per_dispatch`` steps)."""
-    from ddim_jax.training.state import abstract_state, cached_train_step
-
     t, data = config.training, config.data
     step = cached_train_step(config, mesh) if step is None else step
     state = abstract_state(config, mesh)

@@ -39,10 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax import lpips
+from ddim_jax import experiments, kinds, lpips
 from ddim_jax.concat import with_condition
+from ddim_jax.config import spec_from_config, to_dict
 from ddim_jax.diffusion import per_example_loss
-from ddim_jax.models import KINDS, ModelSpec, spec_from_config
+from ddim_jax.models import ModelSpec
+from ddim_jax.parallel import round_up
 from ddim_jax.training.perceptual import enabled as perceptual_enabled
 
 
@@ -96,9 +98,6 @@ class Diffusion:
 
     def preview(self, params, mesh, source, n: int, config):
         """``n`` DDIM samples (``training.sample_steps`` steps) of the model being trained."""
-        from ddim_jax import experiments
-        from ddim_jax.parallel import round_up
-
         model = experiments.Model(self.spec, params, mesh)
         sources = None if self.spec.concat is None else source.get(range(min(n, len(source))))
         return experiments.generate(model, n, round_up(n, mesh.devices.size), config.training.sample_steps,
@@ -107,12 +106,6 @@ class Diffusion:
 
 # ---------------------------------------------------------------------------------------------
 # The autoencoder's losses (pure functions of arrays).
-
-
-def kl_to_standard_normal(mean, logvar):
-    """KL(N(mean, exp(logvar)) || N(0, I)) per example, summed over the latent's elements."""
-    kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
-    return jnp.sum(kl.reshape(kl.shape[0], -1), axis=1)
 
 
 def hinge_discriminator_loss(logits_real, logits_fake):
@@ -151,6 +144,7 @@ class PatchDiscriminator(nn.Module):
 class Autoencoder:
     def __init__(self, config, spec: ModelSpec, model):
         self.spec, self.model, self.cfg = spec, model, config.loss
+        self.latents = kinds.get(spec.kind).latents
         self.disc = (PatchDiscriminator(self.cfg.disc_layers, self.cfg.disc_channels)
                      if self.cfg.disc_weight > 0 else None)
         self.perceptual = perceptual_enabled(self.cfg)
@@ -173,7 +167,7 @@ class Autoencoder:
         cfg = self.cfg
         adv = (f"PatchGAN hinge x {cfg.disc_weight} x adaptive weight from step {cfg.disc_start}" if self.disc
                else "no discriminator")
-        reg = (f"{cfg.codebook_weight:g} VQ loss" if self.spec.kind == "autoencoder_vq" else f"{cfg.kl_weight:g} KL")
+        reg = f"{cfg[self.latents.reg_weight]:g} {self.latents.reg_name}"
         if self.perceptual:
             rec = f"L1 + {cfg.perceptual_weight:g} x LPIPS (VGG16 {cfg.lpips_vgg16}, heads {cfg.lpips_heads})"
         elif cfg.get("lpips_vgg16"):
@@ -184,22 +178,16 @@ class Autoencoder:
         return f"objective: autoencoder ({rec} + {reg}, {adv})"
 
     def _latent(self, ae, x0, keys):
-        """``(z, regulariser, metrics)``: the decoder's input and the weighted regularisation term. KL: a
-        sample of the posterior, ``kl_weight`` x KL / pixels; VQ: the quantised latents,
-        ``codebook_weight`` x the VQ loss."""
-        if self.spec.kind == "autoencoder_vq":
-            z = self.model.apply({"params": ae}, x0, method="encode")
-            z_q, vq_loss, indices = self.model.apply({"params": ae}, z, method=lambda m, z: m.quantize(z))
-            used = jnp.zeros(self.spec.arch["num_embeddings"], jnp.float32).at[indices.ravel()].max(1.0)
-            return z_q, self.cfg.codebook_weight * vq_loss, {"vq_loss": vq_loss, "codes_used": jnp.sum(used)}
-        mean, logvar = self.model.apply({"params": ae}, x0, method="encode")
-        noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(_fold(keys, 0))
-        kl = jnp.mean(kl_to_standard_normal(mean, logvar))
-        return mean + jnp.exp(0.5 * logvar) * noise, self.cfg.kl_weight * kl / float(np.prod(x0.shape[1:])), {"kl": kl}
+        """``(z, regulariser, metrics)``: the decoder's input (a KL posterior's sample, a VQ autoencoder's
+        quantised latents) and the regularisation term weighted by its ``loss`` field (KL per pixel x
+        ``kl_weight``; the VQ loss x ``codebook_weight``)."""
+        side, ch = self.spec.latent_shape
+        noise = jax.vmap(lambda k: jax.random.normal(k, (side, side, ch), jnp.float32))(_fold(keys, 0))
+        z, reg, metrics = self.latents.regularized(self.model, {"params": ae}, x0, noise)
+        return z, self.cfg[self.latents.reg_weight] * reg, metrics
 
     def _decode(self, params, z):
-        method = "decode_quantized" if self.spec.kind == "autoencoder_vq" else "decode"
-        return self.model.apply({"params": params}, z, method=method)
+        return self.model.apply({"params": params}, z, method=self.latents.decode)
 
     def loss(self, params, frozen, x0, labels, keys, step, dropout_key):
         cfg, ae = self.cfg, params["autoencoder"]
@@ -264,13 +252,11 @@ def make_objective(config, model=None):
     spec = spec_from_config(config)
     if model is None:
         model = spec.build(config.training.compute_dtype, config.training.remat)
-    return OBJECTIVES[KINDS[spec.kind].objective](config, spec, model)
+    return OBJECTIVES[kinds.get(spec.kind).objective](config, spec, model)
 
 
 def init_key(config) -> str:
     """What fixes the trainable parameters' shapes: the model's architecture and the objective's own
     networks (a discriminator's settings)."""
-    from ddim_jax.config import to_dict
-
     d = to_dict(config)
     return json.dumps([spec_from_config(config).architecture(), d.get("loss")], sort_keys=True)

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddim_jax.config import RESUMABLE_CHANGES, flatten, to_dict
-from ddim_jax.models import run_once_options
+from ddim_jax.nets import run_once_options
 from ddim_jax.training.objectives import init_key, make_objective
 
 
