@@ -69,6 +69,58 @@ class ConversionError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
+# Config values: each one the converter reads is checked where it is read, by config_value.
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_positive_int(v: Any) -> bool:
+    return _is_int(v) and v > 0
+
+
+def _is_list(v: Any, item) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(item(x) for x in v)
+
+
+# What a config value may be: (how the error says it, the test).
+POSITIVE_INT = ("a positive integer", _is_positive_int)
+OPTIONAL_POSITIVE_INT = ("null or a positive integer", lambda v: v is None or _is_positive_int(v))
+POSITIVE_INTS = ("a non-empty list of positive integers", lambda v: _is_list(v, _is_positive_int))
+POSITIVE_INT_OR_LIST = ("a positive integer or a non-empty list of them",
+                        lambda v: _is_positive_int(v) or _is_list(v, _is_positive_int))
+NAMES = ("a non-empty list of block names", lambda v: _is_list(v, lambda x: isinstance(x, str)))
+NUMBER = ("a finite number", _is_number)
+POSITIVE_NUMBER = ("a positive number", lambda v: _is_number(v) and v > 0)
+DROPOUT = ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)
+BOOL = ("true or false", lambda v: isinstance(v, bool))
+OPTIONAL_NUMBERS = ("null or a non-empty list of numbers", lambda v: v is None or _is_list(v, _is_number))
+MAX_TIMESTEPS = 100_000
+TIMESTEPS = (f"an integer from 1 to {MAX_TIMESTEPS}", lambda v: _is_int(v) and 1 <= v <= MAX_TIMESTEPS)
+
+
+def config_value(config: Mapping[str, Any], key: str, default: Any, allowed: tuple, where: str) -> Any:
+    """``config[key]`` (``default`` when absent) if ``allowed`` (one of the tuples above) accepts it, else a
+    one-line :class:`ConversionError` naming ``where`` (the config file), the field and what is allowed."""
+    value = config.get(key, default)
+    what, ok = allowed
+    if not ok(value):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ConversionError(f"{where}: {key}={shown} is not allowed ({key} must be {what})")
+    return value
+
+
+def _check_image_size(image_size: int | None) -> None:
+    if image_size is not None and not _is_positive_int(image_size):
+        raise ConversionError(f"--image-size={image_size} is not allowed (image_size must be a positive integer)")
+
+
+# ----------------------------------------------------------------------------------------------
 # Reading files
 
 
@@ -298,17 +350,31 @@ _DIFFUSERS_DEFAULTS = dict(
 )
 
 
-def _diffusers_unet_kwargs(config: Mapping[str, Any], image_size: int | None) -> tuple[dict, int, int]:
+def _diffusers_unet_kwargs(config: Mapping[str, Any], image_size: int | None,
+                           where: str = "diffusers config") -> tuple[dict, int, int]:
     cls = config.get("_class_name", "UNet2DModel")
+    if cls == "UNet2DConditionModel":
+        raise ConversionError(f"{where}: a UNet2DConditionModel converts with the Stable Diffusion folder holding "
+                              "it (unet/, vae/, scheduler/)")
     if cls != "UNet2DModel":
-        raise ConversionError(f"diffusers config: _class_name is '{cls}', only 'UNet2DModel' is supported")
-    c = {**_DIFFUSERS_DEFAULTS, **config}
+        raise ConversionError(f"{where}: _class_name is '{cls}', only 'UNet2DModel' is supported")
+    _check_image_size(image_size)
     if "block_out_channels" not in config or "down_block_types" not in config or "up_block_types" not in config:
-        raise ConversionError("diffusers config: needs block_out_channels, down_block_types and up_block_types")
+        raise ConversionError(f"{where}: needs block_out_channels, down_block_types and up_block_types")
+    d = _DIFFUSERS_DEFAULTS
+    c = {**d, **config}
+    for key, allowed in (("block_out_channels", POSITIVE_INTS), ("down_block_types", NAMES),
+                         ("up_block_types", NAMES), ("in_channels", POSITIVE_INT), ("out_channels", POSITIVE_INT),
+                         ("layers_per_block", POSITIVE_INT), ("norm_eps", POSITIVE_NUMBER), ("dropout", DROPOUT),
+                         ("norm_num_groups", POSITIVE_INT), ("attention_head_dim", OPTIONAL_POSITIVE_INT),
+                         ("num_class_embeds", OPTIONAL_POSITIVE_INT)):
+        config_value(config, key, d.get(key), allowed, where)
+    if image_size is None and c["sample_size"] is not None:
+        config_value(config, "sample_size", None, POSITIVE_INT_OR_LIST, where)
 
     def require(name: str, ok: bool, want: str) -> None:
         if not ok:
-            raise ConversionError(f"diffusers config: {name}={c[name]!r} is not supported (DDPM's UNet needs {want})")
+            raise ConversionError(f"{where}: {name}={c[name]!r} is not supported (DDPM's UNet needs {want})")
 
     require("time_embedding_type", c["time_embedding_type"] == "positional", "'positional'")
     require("flip_sin_to_cos", c["flip_sin_to_cos"] is False, "False")
@@ -327,7 +393,7 @@ def _diffusers_unet_kwargs(config: Mapping[str, Any], image_size: int | None) ->
     require("out_channels", c["out_channels"] == c["in_channels"],
             f"in_channels={c['in_channels']!r}: a model predicts eps, v or x0 for every input channel")
 
-    chans = [int(v) for v in c["block_out_channels"]]
+    chans = list(c["block_out_channels"])
     ch = chans[0]
     groups = c["norm_num_groups"]
     require("norm_num_groups", isinstance(groups, int) and groups >= 1 and all(v % groups == 0 for v in chans),
@@ -352,7 +418,7 @@ def _diffusers_unet_kwargs(config: Mapping[str, Any], image_size: int | None) ->
     if image_size is None:
         size = c["sample_size"]
         if size is None:
-            raise ConversionError("diffusers config: sample_size is missing; pass image_size (--image-size)")
+            raise ConversionError(f"{where}: sample_size is missing; pass image_size (--image-size)")
         image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
     kwargs = dict(
         ch=ch, out_ch=int(c["out_channels"]), ch_mult=tuple(v // ch for v in chans),
@@ -375,7 +441,11 @@ def diffusers_schedule(scheduler_config: Mapping[str, Any] | None,
     """
     if scheduler_config is None:
         return dict(DDPM_SCHEDULE), "epsilon"
-    c = {**_DIFFUSERS_SCHEDULER_DEFAULTS, **scheduler_config}
+    d = _DIFFUSERS_SCHEDULER_DEFAULTS
+    c = {**d, **scheduler_config}
+    for key, allowed in (("num_train_timesteps", TIMESTEPS), ("trained_betas", OPTIONAL_NUMBERS),
+                         ("beta_start", NUMBER), ("beta_end", NUMBER), ("rescale_betas_zero_snr", BOOL)):
+        config_value(scheduler_config, key, d[key], allowed, where)
     pred = c["prediction_type"]
     if pred not in DIFFUSERS_PREDICTION_TYPES:
         raise ConversionError(f"{where}: prediction_type={pred!r} is not supported; allowed: "
@@ -424,16 +494,30 @@ def convert_diffusers(state_dict: Mapping[str, Any], config: Mapping[str, Any], 
     (``to_q``/``to_k``/``to_v``/``to_out.0``) and the legacy ones (``query``/``key``/``value``/``proj_attn``)
     of the original google/ddpm-* uploads.
     """
-    schedule, prediction_type = diffusers_schedule(scheduler_config)
-    kwargs, image_size, channels = _diffusers_unet_kwargs(config, image_size)
+    spec = diffusers_spec(config, image_size, scheduler_config)
+    return spec, diffusers_params(state_dict, spec)
+
+
+def diffusers_spec(config: Mapping[str, Any], image_size: int | None = None,
+                   scheduler_config: Mapping[str, Any] | None = None, where: str = "diffusers config",
+                   scheduler_where: str = "diffusers scheduler config") -> ModelSpec:
+    """The spec of a diffusers ``UNet2DModel`` from its config dict (and its scheduler's); ``where`` and
+    ``scheduler_where`` name them in errors."""
+    schedule, prediction_type = diffusers_schedule(scheduler_config, scheduler_where)
+    kwargs, image_size, channels = _diffusers_unet_kwargs(config, image_size, where)
+    return _spec(kwargs, image_size, channels, schedule, prediction_type, where)
+
+
+def diffusers_params(state_dict: Mapping[str, Any], spec: ModelSpec) -> dict:
+    """The params of ``spec`` (a converted ``UNet2DModel``'s) from the diffusers state dict."""
     sd = {}
     for key, value in state_dict.items():
         m = _DIFFUSERS_LEGACY_ATTN.match(key)
         if m:
             key = f"{m[1]}.{_LEGACY_NAMES[m[2]]}.{m[3]}"
         sd[key] = _to_numpy(key, value)
-    params = _map_params(sd, kwargs, image_size, channels, "diffusers")
-    return _spec(kwargs, image_size, channels, schedule, prediction_type, "diffusers model"), params
+    num_levels = len(spec.arch["ch_mult"])
+    return _map(sd, spec.param_shapes(), lambda path: _ref_key(path, "diffusers", num_levels), "diffusers")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,6 +526,7 @@ def convert_diffusers(state_dict: Mapping[str, Any], config: Mapping[str, Any], 
 
 def _ddim_unet_kwargs(sd: Mapping[str, np.ndarray], image_size: int | None,
                       dropout: float | None) -> tuple[dict, int, int]:
+    _check_image_size(image_size)
     for key in ("conv_in.weight", "conv_out.weight", "temb.dense.0.weight"):
         if key not in sd:
             raise ConversionError(f"ddim checkpoint: missing key '{key}' (not an ermongroup/ddim Model state dict?)")
@@ -585,9 +670,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "auto", o
         fmt, loaded = _detect_format(src)
     source = {"path": src, "format": fmt, "entry": None}
     if fmt == "stable_diffusion":
-        if not (os.path.isdir(src) and _is_sd_folder(src)):
-            raise ConversionError(f"stable_diffusion format needs a folder with unet/config.json and vae/config.json: "
-                                  f"{src}")
+        if not os.path.isdir(src):
+            raise ConversionError(f"stable_diffusion format needs a folder (unet/, vae/, scheduler/), not a file: {src}")
         spec, params = convert_stable_diffusion(src)
     elif fmt == "diffusers":
         weights, config_dir = _find_diffusers_weights(src)
@@ -596,12 +680,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "auto", o
             raise ConversionError(f"diffusers format needs config.json beside the weights: {config_path} not found")
         unet_config = _read_json(config_path)
         scheduler_path = _find_scheduler_config(config_dir)
-        scheduler_config = None
-        if scheduler_path is not None:
-            scheduler_config = _read_json(scheduler_path)
-            diffusers_schedule(scheduler_config, scheduler_path)  # an unsupported schedule fails here, naming the file
+        scheduler_config = None if scheduler_path is None else _read_json(scheduler_path)
+        spec = diffusers_spec(unet_config, image_size, scheduler_config, config_path, scheduler_path)
         sd, _ = loaded or read_state_dict(weights)
-        spec, params = convert_diffusers(sd, unet_config, image_size, scheduler_config)
+        params = diffusers_params(sd, spec)
     else:
         if os.path.isdir(src):
             raise ConversionError(f"ddim format needs a weights file, got a directory: {src}")
@@ -671,59 +753,67 @@ def convert_stable_diffusion(folder: str | os.PathLike) -> tuple[ModelSpec, dict
     scaled by the VAE's ``scaling_factor`` (0.18215 for SD 1.x); sample it with given text-encoder outputs
     (``spec.eps_fn(params, context, guidance, null_context=...)``; no text encoder ships)."""
     folder = os.fspath(folder)
+    missing = [n + "/config.json" for n in ("unet", "vae") if not os.path.isfile(os.path.join(folder, n, "config.json"))]
+    if missing:
+        has = [n + "/" for n in ("unet", "vae", "scheduler") if os.path.isdir(os.path.join(folder, n))]
+        raise ConversionError(f"Stable Diffusion folder {folder} has {', '.join(has) or 'no unet/ or vae/'} but no "
+                              f"{' or '.join(missing)} (it needs unet/ and vae/, each a config.json and its weights)")
     parts = {}
     for name in ("unet", "vae"):
         weights, config_dir = _find_diffusers_weights(os.path.join(folder, name))
         config_path = os.path.join(config_dir, "config.json")
-        if not os.path.isfile(config_path):
-            raise ConversionError(f"{config_path} not found (a Stable Diffusion folder has {name}/config.json)")
         parts[name] = (_read_json(config_path), weights, config_path)
     (uc, unet_weights, unet_where), (vc, vae_weights, vae_where) = parts["unet"], parts["vae"]
     _sd_fixed(uc, _SD_UNET_FIXED, unet_where)
     _sd_fixed(vc, _SD_VAE_FIXED, vae_where)
-    for k in ("down_block_types", "up_block_types"):
-        blocks = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}[k]
-        if any(b != blocks for b in vc.get(k, [blocks])):
-            raise ConversionError(f"{vae_where}: {k}={vc[k]!r} is not supported (only {blocks})")
-    if vc.get("out_channels", 3) != vc.get("in_channels", 3):
+
+    def u(key, default, allowed):
+        return config_value(uc, key, default, allowed, unet_where)
+
+    def v(key, default, allowed):
+        return config_value(vc, key, default, allowed, vae_where)
+
+    for k, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        if any(b != block for b in v(k, [block], NAMES)):
+            raise ConversionError(f"{vae_where}: {k}={vc[k]!r} is not supported (only {block})")
+    if v("out_channels", 3, POSITIVE_INT) != v("in_channels", 3, POSITIVE_INT):
         raise ConversionError(f"{vae_where}: in_channels and out_channels must be equal")
+    for k in ("block_out_channels", "down_block_types", "up_block_types"):
+        if k not in uc:
+            raise ConversionError(f"{unet_where}: the field {k} is missing")
+    heads_key = "num_attention_heads" if uc.get("num_attention_heads") is not None else "attention_head_dim"
+    arch = dict(block_out_channels=tuple(u("block_out_channels", None, POSITIVE_INTS)),
+                down_block_types=tuple(u("down_block_types", None, NAMES)),
+                up_block_types=tuple(u("up_block_types", None, NAMES)),
+                layers_per_block=u("layers_per_block", 2, POSITIVE_INT),
+                attention_head_dim=_tuple_or_int(u(heads_key, 8, POSITIVE_INT_OR_LIST)),
+                transformer_layers_per_block=_tuple_or_int(u("transformer_layers_per_block", 1, POSITIVE_INT_OR_LIST)),
+                cross_attention_dim=u("cross_attention_dim", 1280, POSITIVE_INT),
+                norm_groups=u("norm_num_groups", 32, POSITIVE_INT), norm_eps=float(u("norm_eps", 1e-5, POSITIVE_NUMBER)),
+                use_linear_projection=u("use_linear_projection", False, BOOL),
+                flip_sin_to_cos=u("flip_sin_to_cos", True, BOOL), freq_shift=float(u("freq_shift", 0, NUMBER)))
+    ae_arch = dict(block_out_channels=tuple(v("block_out_channels", (64,), POSITIVE_INTS)),
+                   layers_per_block=v("layers_per_block", 1, POSITIVE_INT),
+                   latent_channels=v("latent_channels", 4, POSITIVE_INT),
+                   norm_groups=v("norm_num_groups", 32, POSITIVE_INT))
+    scale = float(v("scaling_factor", 0.18215, POSITIVE_NUMBER))
+    ae_size, ae_channels = v("sample_size", 512, POSITIVE_INT), v("in_channels", 3, POSITIVE_INT)
     try:
-        heads = uc.get("num_attention_heads") or uc.get("attention_head_dim", 8)
-        arch = dict(block_out_channels=tuple(uc["block_out_channels"]), down_block_types=tuple(uc["down_block_types"]),
-                    up_block_types=tuple(uc["up_block_types"]), layers_per_block=int(uc.get("layers_per_block", 2)),
-                    attention_head_dim=tuple(heads) if isinstance(heads, list) else int(heads),
-                    transformer_layers_per_block=uc.get("transformer_layers_per_block", 1),
-                    cross_attention_dim=int(uc.get("cross_attention_dim", 1280)),
-                    norm_groups=int(uc.get("norm_num_groups", 32)), norm_eps=float(uc.get("norm_eps", 1e-5)),
-                    use_linear_projection=bool(uc.get("use_linear_projection", False)),
-                    flip_sin_to_cos=bool(uc.get("flip_sin_to_cos", True)), freq_shift=float(uc.get("freq_shift", 0)))
-        if isinstance(arch["transformer_layers_per_block"], list):
-            arch["transformer_layers_per_block"] = tuple(arch["transformer_layers_per_block"])
-        ae_arch = dict(block_out_channels=tuple(vc.get("block_out_channels", (64,))),
-                       layers_per_block=int(vc.get("layers_per_block", 1)),
-                       latent_channels=int(vc.get("latent_channels", 4)),
-                       norm_groups=int(vc.get("norm_num_groups", 32)))
-        ae = ModelSpec("autoencoder_kl", ae_arch, int(vc.get("sample_size", 512)), int(vc.get("in_channels", 3)),
-                       None, None)
+        ae = ModelSpec("autoencoder_kl", ae_arch, ae_size, ae_channels, None, None)
         size, latent_ch = ae.latent_shape
-        for k, want in (("in_channels", latent_ch), ("out_channels", latent_ch)):
-            if int(uc.get(k, 4)) != want:
-                raise ConversionError(f"{unet_where}: {k}={uc.get(k, 4)} but the VAE's latents have {want} channels")
-    except KeyError as e:
-        raise ConversionError(f"{unet_where}: the field {e.args[0]} is missing") from None
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConversionError):
-            raise
-        raise ConversionError(f"Stable Diffusion folder {folder}: {_one_line(e)}") from None
+    except ValueError as e:
+        raise ConversionError(f"{vae_where}: {e}") from None
+    for k in ("in_channels", "out_channels"):
+        if u(k, 4, POSITIVE_INT) != latent_ch:
+            raise ConversionError(f"{unet_where}: {k}={uc.get(k, 4)} but the VAE's latents have {latent_ch} channels")
     sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
     sched = _read_json(sched_path) if os.path.isfile(sched_path) else None
     schedule, prediction_type = diffusers_schedule(sched, sched_path)
-    scale = float(vc.get("scaling_factor", 0.18215))
     try:
         spec = ModelSpec("unet2d_condition", arch, size, latent_ch, schedule, prediction_type, autoencoder=ae,
                          scale_factor=scale)
     except ValueError as e:
-        raise ConversionError(f"Stable Diffusion folder {folder}: {e}") from None
+        raise ConversionError(f"{unet_where}: {e}") from None
     net_arch = dict(arch, in_channels=latent_ch, out_channels=latent_ch)
     params = {"denoiser": convert_unet2d_condition(read_state_dict(unet_weights)[0], **net_arch),
               "autoencoder": convert_autoencoder_kl(read_state_dict(vae_weights)[0], in_channels=ae.channels,
@@ -731,8 +821,19 @@ def convert_stable_diffusion(folder: str | os.PathLike) -> tuple[ModelSpec, dict
     return spec, params
 
 
+def _tuple_or_int(value: int | list) -> int | tuple:
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _is_sd_folder(src: str) -> bool:
-    return all(os.path.isfile(os.path.join(src, d, "config.json")) for d in ("unet", "vae"))
+    """A folder in diffusers' pipeline layout holding a VAE or a UNet2DConditionModel."""
+    unet = os.path.join(src, "unet", "config.json")
+    if os.path.isdir(os.path.join(src, "vae")):
+        return True
+    try:
+        return os.path.isfile(unet) and _read_json(unet).get("_class_name") == "UNet2DConditionModel"
+    except ConversionError:
+        return False
 
 
 
