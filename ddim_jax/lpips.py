@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddim_jax.convert import read_state_dict
+
 # LPIPS' ScalingLayer: ImageNet's mean/std expressed for inputs in [-1, 1].
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -107,8 +109,6 @@ def param_shapes() -> dict:
 
 
 def _read(path: str, what: str) -> dict:
-    from ddim_jax.convert import read_state_dict
-
     if not isinstance(path, str) or not path:
         raise ValueError(f"{what}: expected the path of a local weights file; got {path!r}")
     if os.path.isdir(path):
