@@ -93,7 +93,7 @@ def claim_output(out: str):
             yield out
         finally:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(lock.path)  # before the flock is dropped, so no other run takes a lock being removed
+                os.unlink(lock.path)  # while held: a run starting now makes a lock file of its own
             lock.release()
     finally:
         for d in created:  # those still empty: nothing was written there
@@ -258,12 +258,16 @@ def run_fid(ex, model, a, out):
     from ddim_jax import fid as fid_lib
 
     json_path, md_path, plot_path = _outputs(out, ["fid.json", "fid.md", "fid.png"])
+    stats = fid_lib.load_stats(FLAGS.fid_stats) if FLAGS.fid_stats else None
     digits = model.data.get("dataset") == "digits"
     feat_name = FLAGS.features or ("digits" if digits else "inception")
     extractor = (fid_lib.feature_extractor("inception", weights=FLAGS.inception_weights)
                  if feat_name == "inception" else fid_lib.feature_extractor(feat_name))
-    if FLAGS.fid_stats:
-        mu, sigma, _ = fid_lib.load_stats(FLAGS.fid_stats)
+    if stats:
+        mu, sigma, _ = stats
+        if mu.shape != (extractor.dim,):
+            raise ValueError(f"--fid_stats {FLAGS.fid_stats} holds {len(mu)}-d statistics; {extractor.name} features "
+                             f"are {extractor.dim}-d (--features)")
     else:
         if not model.data:
             raise ValueError("--fid_stats is required for a model that does not name its training data "
@@ -400,6 +404,7 @@ def run():
 
     from ddim_jax import experiments as ex
     from ddim_jax import loading
+    from ddim_jax.parallel import on_main
 
     parse_settings()  # flag errors before loading anything
     model = loading.load_model(FLAGS.workdir or FLAGS.checkpoint, step=FLAGS.step, dtype=FLAGS.dtype)
@@ -416,7 +421,9 @@ def run():
                            else os.path.normpath(FLAGS.checkpoint) + f"_{name}")
     print(f"model: {model.source}; {jax.device_count()} {jax.devices()[0].platform} device(s), "
           f"{jax.process_count()} process(es)", flush=True)
-    MODES[FLAGS.mode](ex, model, a, out)
+    with contextlib.ExitStack() as claim:  # process 0 writes, so it alone holds the output directory
+        on_main(lambda: claim.enter_context(claim_output(out)), "claiming --output")
+        MODES[FLAGS.mode](ex, model, a, out)
 
 
 def main(argv):
