@@ -133,7 +133,9 @@ Arithmetic is float32; x is carried (and fed to the model) in x_T's dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -150,25 +152,6 @@ from ddim_jax.sampling import (
     threshold_x0,
 )
 from ddim_jax.schedules import Schedule, _check_choice
-
-SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "plms")
-_ORDER = {"dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2, "unipc": 2}
-
-# The spacing each solver uses when none is given. DDIM keeps the paper's uniform tau; PLMS keeps PNDM's
-# (diffusers' "leading", uniform). DPM-Solver++ on the uniform tau {0, 100, ..., 900} takes its last
-# second-order step across t = 100 -> 0 (3.5 in log-SNR against 0.75 before it) and overshoots: 12x
-# DDIM's energy distance at 10 calls on the oracle, where "trailing" (first step at T - 1, last jump a
-# first-order one) gives 0.64x (benchmarks/RESULTS_solvers.md). "exponential" is better still on the
-# linear schedule but crowds the steps at t ~ T under the cosine schedule, so it is not the default.
-DEFAULT_SPACING = {"ddim": "uniform", "plms": "uniform", "dpmpp_2m": "trailing", "dpmpp_3m": "trailing",
-                   "dpmpp_2m_sde": "trailing", "unipc": "trailing"}
-
-
-def resolve_spacing(solver: str, spacing: str | None) -> str:
-    """``spacing``, or the solver's default (:data:`DEFAULT_SPACING`) when it is None."""
-    _check_choice("solver", solver, SOLVERS)
-    return DEFAULT_SPACING[solver] if spacing is None else spacing
-
 
 def step_orders(num_steps: int, solver_order: int) -> np.ndarray:
     """The order of each of the ``num_steps`` DPM-Solver++ steps (first step first), int32.
@@ -310,6 +293,68 @@ def _plms_scan(eps_fn, x_T, t_call, a_call, a_from, a_to, weights, restart, push
     return x0
 
 
+# ----------------------------------------------------------------------------------------------
+# The solvers.
+
+
+@dataclasses.dataclass(frozen=True)
+class Solver:
+    """One solver of :func:`sample`: the order of its steps (lowered at the ends, :func:`step_orders`), the
+    spacing it uses when none is given, and ``decode(solver, eps_fn, schedule, x_T, tau, key, eta, sigma_hat,
+    opts) -> x_0`` over the checked timesteps tau (``opts``: prediction_type, clip_x0, dynamic_threshold)."""
+
+    order: int
+    spacing: str
+    decode: Callable
+    sde: bool = False  # draws noise at every step: needs a key
+    corrector: bool = False  # UniPC's corrector after each predictor step
+
+
+def _ddim(entry, eps_fn, schedule, x_T, tau, key, eta, sigma_hat, opts):
+    return ddim_sample(eps_fn, schedule, x_T, timesteps=tau, eta=eta, sigma_hat=sigma_hat, key=key, **opts)
+
+
+def _multistep(entry, eps_fn, schedule, x_T, tau, key, eta, sigma_hat, opts):
+    ts, prev = _decoding_steps(tau)
+    return _dpmpp_scan(eps_fn, x_T, ts, schedule.alpha_bar(ts), schedule.alpha_bar(prev),
+                       step_orders(len(ts), entry.order), key if entry.sde else None, sde=entry.sde,
+                       corrector=entry.corrector, **opts)
+
+
+def _plms(entry, eps_fn, schedule, x_T, tau, key, eta, sigma_hat, opts):
+    if float(schedule.alpha_bar(int(tau[-1]))) == 0.0:
+        raise ValueError(f"solver='plms' cannot start at alpha_bar = 0 (t = {int(tau[-1])}, a zero-terminal-SNR "
+                         "schedule): its eps combinations divide by sqrt(alpha_bar); use a dpmpp solver or ddim")
+    plan = plms_plan(tau)
+    ab = schedule.alpha_bar
+    return _plms_scan(eps_fn, x_T, plan["t_call"], ab(plan["t_call"]), ab(plan["t_from"]), ab(plan["t_to"]),
+                      plan["weights"], plan["restart"], plan["push"], **opts)
+
+
+# The spacing each solver uses when none is given. DDIM keeps the paper's uniform tau; PLMS keeps PNDM's
+# (diffusers' "leading", uniform). DPM-Solver++ on the uniform tau {0, 100, ..., 900} takes its last
+# second-order step across t = 100 -> 0 (3.5 in log-SNR against 0.75 before it) and overshoots: 12x
+# DDIM's energy distance at 10 calls on the oracle, where "trailing" (first step at T - 1, last jump a
+# first-order one) gives 0.64x (benchmarks/RESULTS_solvers.md). "exponential" is better still on the
+# linear schedule but crowds the steps at t ~ T under the cosine schedule, so it is not the default.
+SOLVER_TABLE = {
+    "ddim": Solver(1, "uniform", _ddim),
+    "dpmpp_2m": Solver(2, "trailing", _multistep),
+    "dpmpp_3m": Solver(3, "trailing", _multistep),
+    "dpmpp_2m_sde": Solver(2, "trailing", _multistep, sde=True),
+    "unipc": Solver(2, "trailing", _multistep, corrector=True),
+    "plms": Solver(4, "uniform", _plms),
+}
+SOLVERS = tuple(SOLVER_TABLE)
+DEFAULT_SPACING = {name: entry.spacing for name, entry in SOLVER_TABLE.items()}
+
+
+def resolve_spacing(solver: str, spacing: str | None) -> str:
+    """``spacing``, or the solver's default (:data:`DEFAULT_SPACING`) when it is None."""
+    _check_choice("solver", solver, SOLVERS)
+    return DEFAULT_SPACING[solver] if spacing is None else spacing
+
+
 def sample(
     eps_fn,
     schedule: Schedule,
@@ -340,30 +385,15 @@ def sample(
     the per-step orders.
     """
     spacing = resolve_spacing(solver, spacing)
-    if solver == "ddim":
-        return ddim_sample(eps_fn, schedule, x_T, num_steps, spacing=spacing, timesteps=timesteps, eta=eta,
-                           sigma_hat=sigma_hat, key=key, prediction_type=prediction_type, clip_x0=clip_x0,
-                           dynamic_threshold=dynamic_threshold)
+    entry = SOLVER_TABLE[solver]
     eps_fn, x_T, tau = _prepare(eps_fn, schedule, x_T, "x_T", num_steps, spacing, timesteps, prediction_type)
     _check_eta(eta)
-    if eta != 0 or sigma_hat:
+    if solver != "ddim" and (eta != 0 or sigma_hat):
         raise ValueError(f"eta and sigma_hat apply only to solver='ddim'; leave eta at 0 for {solver!r} "
                          f"(got eta={eta!r}, sigma_hat={sigma_hat!r})")
-    if solver == "plms" and float(schedule.alpha_bar(int(tau[-1]))) == 0.0:
-        raise ValueError(f"solver='plms' cannot start at alpha_bar = 0 (t = {int(tau[-1])}, a zero-terminal-SNR "
-                         "schedule): its eps combinations divide by sqrt(alpha_bar); use a dpmpp solver or ddim")
-    sde = solver == "dpmpp_2m_sde"
-    if sde and key is None:
-        raise ValueError("key (a jax.random key) is required for solver='dpmpp_2m_sde'")
+    if entry.sde and key is None:
+        raise ValueError(f"key (a jax.random key) is required for solver={solver!r}")
     _check_thresholds(clip_x0, dynamic_threshold)
     opts = dict(prediction_type=prediction_type, clip_x0=None if clip_x0 is None else float(clip_x0),
                 dynamic_threshold=None if dynamic_threshold is None else float(dynamic_threshold))
-    if solver == "plms":
-        plan = plms_plan(tau)
-        ab = schedule.alpha_bar
-        return _plms_scan(eps_fn, x_T, plan["t_call"], ab(plan["t_call"]), ab(plan["t_from"]), ab(plan["t_to"]),
-                          plan["weights"], plan["restart"], plan["push"], **opts)
-    ts, prev = _decoding_steps(tau)
-    return _dpmpp_scan(eps_fn, x_T, ts, schedule.alpha_bar(ts), schedule.alpha_bar(prev),
-                       step_orders(len(ts), _ORDER[solver]), key if sde else None, sde=sde,
-                       corrector=solver == "unipc", **opts)
+    return entry.decode(entry, eps_fn, schedule, x_T, tau, key, eta, sigma_hat, opts)
