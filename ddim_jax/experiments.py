@@ -28,12 +28,13 @@ import numpy as np
 
 from ddim_jax import fid as fid_lib
 from ddim_jax import files
+from ddim_jax.conditioning import check_labels
 from ddim_jax.images import from_uint8, save_grid, to_uint8
 from ddim_jax.models import ModelSpec, compute_dtype
 from ddim_jax.parallel import gather_rows, pad_rows, replicated, round_up, shard_rows
 from ddim_jax.sampling import ddim_encode, ddim_sample, slerp
-from ddim_jax.solvers import resolve_spacing, sample
 from ddim_jax.schedules import Schedule
+from ddim_jax.solvers import resolve_spacing, sample
 
 MODES = ("sample", "consistency", "interpolation", "sequence", "reconstruction", "fid")
 
@@ -144,7 +145,7 @@ def class_labels(model: Model, labels, num: int) -> np.ndarray | None:
     arr = np.atleast_1d(np.asarray(labels))
     if arr.size == 0:
         raise ValueError("labels is empty")
-    model.spec.check_labels(arr)
+    check_labels(arr, model.num_classes)
     return np.resize(arr.astype(np.int32), num)
 
 

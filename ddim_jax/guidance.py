@@ -38,7 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["guided", "guided_context"]
+from ddim_jax.conditioning import Conditioning, apply, check_labels, stack
+
+__all__ = ["guided", "guided_by", "guided_context"]
 
 
 def guided(model_fn, y, scale, *, null_label, rescale=0.0):
@@ -59,25 +61,51 @@ def guided(model_fn, y, scale, *, null_label, rescale=0.0):
     the compiled program instead of recompiling. Pass networks as ``Partial(apply, variables)`` for
     the same reason.
     """
+    y = check_labels(y, name="y")
+    if isinstance(null_label, bool) or not isinstance(null_label, (int, np.integer)):
+        raise ValueError(f"null_label must be an integer (the label of the unconditional model); got {null_label!r}")
+    return guided_by(model_fn, Conditioning(labels=y), Conditioning(labels=np.int32(null_label)), scale,
+                     rescale=rescale)
+
+
+def guided_context(model_fn, context, scale, *, null_context, rescale=0.0):
+    """The classifier-free-guided ``eps_fn(x_t, t)`` of ``model_fn(x_t, t, context)`` for a context array.
+
+    ``context``: ``[M, D]`` (one for the whole batch) or ``[B, M, D]`` (one per example), e.g. a text
+    encoder's output; ``null_context``: the unconditional model's context (``[M, D]`` or ``[B, M, D]``, e.g.
+    the empty prompt's embedding). Like :func:`guided`: one ``model_fn`` call on ``[x_t; x_t]`` with the
+    contexts ``[context; null_context]``, ``uncond + scale * (cond - uncond)``, optional ``rescale``; the
+    contexts and the scale are leaves of the returned Partial (new ones do not recompile). Build it
+    outside jit (the contexts are checked for finite values).
+    """
+    arrays = {}
+    for name, c in (("context", context), ("null_context", null_context)):
+        arr = c if isinstance(c, jax.Array) else np.asarray(c)
+        if arr.ndim not in (2, 3) or not jnp.issubdtype(arr.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a float array [M, D] or [batch, M, D]; got dtype {arr.dtype} and "
+                             f"shape {tuple(arr.shape)}")
+        if not bool(jnp.all(jnp.isfinite(arr))):
+            raise ValueError(f"{name} has non-finite values")
+        arrays[name] = arr
+    if arrays["context"].shape[-2:] != arrays["null_context"].shape[-2:]:
+        raise ValueError(f"context {tuple(arrays['context'].shape)} and null_context "
+                         f"{tuple(arrays['null_context'].shape)} must have the same [M, D]")
+    return guided_by(model_fn, Conditioning(context=arrays["context"]), Conditioning(context=arrays["null_context"]),
+                     scale, rescale=rescale)
+
+
+def guided_by(model_fn, cond: Conditioning, null: Conditioning, scale, *, rescale=0.0):
+    """The guided ``eps_fn(x_t, t)`` of ``model_fn(x_t, t, y)`` under the conditioning ``cond``, guided away
+    from ``null`` (the unconditional model's: the null label, the empty prompt's context): one call of
+    the network on ``[x_t; x_t]`` under :func:`ddim_jax.conditioning.stack`, combined as in :func:`guided`."""
     if not callable(model_fn):
-        raise TypeError(f"model_fn must be callable as model_fn(x_t, t, labels); got {type(model_fn).__name__}")
+        raise TypeError(f"model_fn must be callable as model_fn(x_t, t, y); got {type(model_fn).__name__}")
     if not isinstance(model_fn, jax.tree_util.Partial):
         model_fn = jax.tree_util.Partial(model_fn)
-    y = _check_labels(y)
     scale = _check_real("scale", scale, -math.inf, math.inf, "a finite real number (1 = no guidance, "
                         "0 = the unconditional model)")
     rescale = _check_real("rescale", rescale, 0.0, 1.0, "a number in [0, 1] (0 = no rescale)")
-    if isinstance(null_label, bool) or not isinstance(null_label, (int, np.integer)):
-        raise ValueError(f"null_label must be an integer (the label of the unconditional model); got {null_label!r}")
-    return jax.tree_util.Partial(_guided_output, model_fn, y, scale, np.int32(null_label), rescale)
-
-
-def _check_labels(y):
-    arr = y if isinstance(y, jax.Array) else np.asarray(y)
-    if arr.ndim > 1 or not jnp.issubdtype(arr.dtype, jnp.integer):
-        raise ValueError(f"y must be integer labels, a scalar or of shape [batch]; got dtype {arr.dtype} "
-                         f"and shape {tuple(arr.shape)}")
-    return arr.astype(jnp.int32) if isinstance(arr, jax.Array) else arr.astype(np.int32)
+    return jax.tree_util.Partial(_guided_output, model_fn, cond, null, scale, rescale)
 
 
 def _check_real(name, value, lo, hi, what):
@@ -92,59 +120,9 @@ def _check_real(name, value, lo, hi, what):
     return np.float32(value)
 
 
-def _guided_output(model_fn, y, scale, null_label, rescale, x_t, t):
-    B = x_t.shape[0]
-    if y.ndim == 1 and y.shape[0] != B:
-        raise ValueError(f"y has {y.shape[0]} labels but the batch x_t has {B} examples; give one label per "
-                         "example or a scalar")
-    labels = jnp.concatenate([jnp.broadcast_to(y, (B,)), jnp.full((B,), null_label, jnp.int32)])
-    out = model_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), labels)
-    return _combine(out, x_t, scale, rescale)
-
-
-def guided_context(model_fn, context, scale, *, null_context, rescale=0.0):
-    """The classifier-free-guided ``eps_fn(x_t, t)`` of ``model_fn(x_t, t, context)`` for a context array.
-
-    ``context``: ``[M, D]`` (one for the whole batch) or ``[B, M, D]`` (one per example), e.g. a text
-    encoder's output; ``null_context``: the unconditional model's context (``[M, D]`` or ``[B, M, D]``, e.g.
-    the empty prompt's embedding). Like :func:`guided`: one ``model_fn`` call on ``[x_t; x_t]`` with the
-    contexts ``[context; null_context]``, ``uncond + scale * (cond - uncond)``, optional ``rescale``; the
-    contexts and the scale are leaves of the returned Partial (new ones do not recompile). Build it
-    outside jit (the contexts are checked for finite values).
-    """
-    if not callable(model_fn):
-        raise TypeError(f"model_fn must be callable as model_fn(x_t, t, context); got {type(model_fn).__name__}")
-    if not isinstance(model_fn, jax.tree_util.Partial):
-        model_fn = jax.tree_util.Partial(model_fn)
-    arrays = {}
-    for name, c in (("context", context), ("null_context", null_context)):
-        arr = c if isinstance(c, jax.Array) else np.asarray(c)
-        if arr.ndim not in (2, 3) or not jnp.issubdtype(arr.dtype, jnp.floating):
-            raise ValueError(f"{name} must be a float array [M, D] or [batch, M, D]; got dtype {arr.dtype} and "
-                             f"shape {tuple(arr.shape)}")
-        if not bool(jnp.all(jnp.isfinite(arr))):
-            raise ValueError(f"{name} has non-finite values")
-        arrays[name] = arr
-    if arrays["context"].shape[-2:] != arrays["null_context"].shape[-2:]:
-        raise ValueError(f"context {tuple(arrays['context'].shape)} and null_context "
-                         f"{tuple(arrays['null_context'].shape)} must have the same [M, D]")
-    scale = _check_real("scale", scale, -math.inf, math.inf, "a finite real number (1 = no guidance, "
-                        "0 = the unconditional model)")
-    rescale = _check_real("rescale", rescale, 0.0, 1.0, "a number in [0, 1] (0 = no rescale)")
-    return jax.tree_util.Partial(_guided_context_output, model_fn, arrays["context"], arrays["null_context"], scale,
-                                 rescale)
-
-
-def _guided_context_output(model_fn, context, null_context, scale, rescale, x_t, t):
-    B = x_t.shape[0]
-    for name, c in (("context", context), ("null_context", null_context)):
-        if c.ndim == 3 and c.shape[0] != B:
-            raise ValueError(f"{name} has {c.shape[0]} rows but the batch x_t has {B} examples; give one per "
-                             "example or one [M, D] for all")
-    per_batch = lambda c: jnp.broadcast_to(c, (B,) + c.shape[-2:])  # noqa: E731
-    out = model_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-                   jnp.concatenate([per_batch(context), per_batch(null_context)]))
-    return _combine(out, x_t, scale, rescale)
+def _guided_output(model_fn, cond, null, scale, rescale, x_t, t):
+    both = stack(cond, null, x_t.shape[0])
+    return _combine(apply(model_fn, both, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t])), x_t, scale, rescale)
 
 
 def _combine(out, x_t, scale, rescale):

@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddim_jax import concat as concat_lib
-from ddim_jax import files, kinds
+from ddim_jax import conditioning, files, kinds
+from ddim_jax.conditioning import Conditioning, check_labels
 from ddim_jax.diffusion import PREDICTION_TYPES
-from ddim_jax.guidance import guided, guided_context
+from ddim_jax.guidance import guided_by
 from ddim_jax.nets import COMPUTE_DTYPES, compute_dtype, make_model_fn, run_once_options  # noqa: F401
 from ddim_jax.schedules import Schedule, make_schedule
 
@@ -318,56 +319,67 @@ class ModelSpec:
         its :meth:`condition` channels ``[B, H, W, k]`` (the same for the guided and unguided halves).
         ``dtype``: the network's compute dtype (the sampler's own arithmetic stays float32).
         """
+        cond = self.conditioning(y, concat)
+        model_fn = make_model_fn(self.build(dtype), self.network_params(params))  # (x, t, y) -> output
+        if guidance is None:
+            return conditioning.eps_fn(model_fn, cond)
+        if cond.labels is None and cond.context is None:
+            raise ValueError("this model is unconditional: labels and guidance do not apply")
+        if y is None:
+            raise ValueError("guidance needs labels y to guide towards")
+        return guided_by(model_fn, cond, self.null_conditioning(cond, null_context), guidance, rescale=rescale)
+
+    def conditioning(self, y=None, concat=None) -> Conditioning:
+        """What the network is conditioned on, checked against the spec: class labels ``y`` (None: the null
+        label), context arrays ``y`` for a context-conditioned kind, and a concat-conditioned model's
+        ``concat`` channels (:meth:`condition`'s output)."""
         self._require_diffusion()
         if (concat is None) != (self.concat is None):
             raise ValueError(f"this model is conditioned by concatenation ({self.concat}): give "
                              "concat=spec.condition(observations)" if self.concat else
                              "concat applies to concat-conditioned models only")
-        model_fn = make_model_fn(self.build(dtype), self.network_params(params))  # (x, t, y) -> output
         if concat is not None:
             want = (self.image_size, self.image_size, self.input_channels - self.channels)
             if np.ndim(concat) != 4 or tuple(np.shape(concat)[1:]) != want:
                 raise ValueError(f"concat must be [B, {want[0]}, {want[1]}, {want[2]}] (spec.condition's output); "
                                  f"got {np.shape(concat)}")
-            model_fn = jax.tree_util.Partial(_with_concat, model_fn, jnp.asarray(concat, jnp.float32))
+            concat = jnp.asarray(concat, jnp.float32)
         if kinds.get(self.kind).conditioning == "context":
-            d = self.arch.get("cross_attention_dim", 768)
-            if y is None or np.ndim(y) not in (2, 3) or np.shape(y)[-1] != d:
-                raise ValueError(f"this {self.kind} model conditions on context arrays (e.g. text-encoder outputs) "
-                                 f"of shape [B, M, {d}] or [M, {d}]; got {None if y is None else np.shape(y)} "
-                                 "(sample it from Python: spec.eps_fn(params, context, guidance, null_context=...))")
-            if guidance is None:
-                return jax.tree_util.Partial(_with_context, model_fn, jnp.asarray(y, jnp.float32))
+            return Conditioning(context=self._context(y, "y"), concat=concat)
+        if self.num_classes is None:
+            if y is not None:
+                raise ValueError("this model is unconditional: labels and guidance do not apply")
+            return Conditioning(concat=concat)
+        if y is None:
+            return dataclasses.replace(self.null_conditioning(Conditioning()), concat=concat)
+        return Conditioning(labels=check_labels(y, self.num_classes), concat=concat)
+
+    def null_conditioning(self, cond: Conditioning, null_context=None) -> Conditioning:
+        """The unconditional model's conditioning beside ``cond`` (its concat channels): the null label, or
+        ``null_context`` (the empty prompt's context) for a context-conditioned kind."""
+        if kinds.get(self.kind).conditioning == "context":
             if null_context is None:
                 raise ValueError("guidance needs null_context: the context of the empty prompt")
-            return guided_context(model_fn, y, guidance, null_context=null_context, rescale=rescale)
-        if self.num_classes is None:
-            if y is not None or guidance is not None:
-                raise ValueError("this model is unconditional: labels and guidance do not apply")
-            return jax.tree_util.Partial(_with_labels, model_fn, None)
-        if (y is None or guidance is not None) and self.null_label is None:
+            null = self._context(null_context, "null_context")
+            if cond.context is not None and null.shape[-2:] != cond.context.shape[-2:]:
+                raise ValueError(f"context {tuple(cond.context.shape)} and null_context {tuple(null.shape)} must "
+                                 "have the same [M, D]")
+            return Conditioning(context=null, concat=cond.concat)
+        if self.null_label is None:
             raise ValueError("this class-conditional model has no null label (it was trained without label "
                              "dropout): give labels, and no guidance")
-        if y is None:
-            if guidance is not None:
-                raise ValueError("guidance needs labels y to guide towards")
-            return jax.tree_util.Partial(_with_labels, model_fn, np.int32(self.null_label))
-        y = self.check_labels(y)
-        if guidance is None:
-            return jax.tree_util.Partial(_with_labels, model_fn, y)
-        return guided(model_fn, y, guidance, null_label=self.null_label, rescale=rescale)
+        return Conditioning(labels=np.int32(self.null_label), concat=cond.concat)
 
-    def check_labels(self, y):
-        """Integer labels in ``[0, num_classes)``, or a one-line ValueError (traced labels pass unchecked)."""
-        if isinstance(y, jax.core.Tracer):
-            return y
-        arr = np.asarray(y)
-        if not np.issubdtype(arr.dtype, np.integer) or arr.ndim > 1:
-            raise ValueError(f"labels must be integers, a scalar or one per example; got {arr.dtype} {arr.shape}")
-        if arr.size and (arr.min() < 0 or arr.max() >= self.num_classes):
-            bad = arr[(arr < 0) | (arr >= self.num_classes)].flat[0]
-            raise ValueError(f"labels must be in [0, {self.num_classes}) (the model's classes); got {bad}")
-        return y if isinstance(y, jax.Array) else arr.astype(np.int32)
+    def _context(self, c, name: str):
+        d = self.arch.get("cross_attention_dim", 768)
+        if c is None or np.ndim(c) not in (2, 3) or np.shape(c)[-1] != d:
+            raise ValueError(f"this {self.kind} model conditions on context arrays (e.g. text-encoder outputs) "
+                             f"of shape [B, M, {d}] or [M, {d}]; got {name} {None if c is None else np.shape(c)} "
+                             "(sample it from Python: spec.eps_fn(params, context, guidance, null_context=...))")
+        c = jnp.asarray(c, jnp.float32)
+        if not bool(jnp.all(jnp.isfinite(c))):
+            raise ValueError(f"{name} has non-finite values")
+        return c
 
     # -- storing it
 
@@ -401,21 +413,6 @@ class ModelSpec:
         if self.autoencoder is not None:
             out["autoencoder"] = self.autoencoder.architecture()
         return out
-
-
-def _with_labels(model_fn, y, x, t):
-    """``eps_fn(x, t)`` of ``model_fn(x, t, y)`` for fixed labels ``y`` (None for an unconditional model)."""
-    return model_fn(x, t, y)
-
-
-def _with_concat(model_fn, c, x, t, y):
-    """``model_fn`` of a concat-conditioned network: its input is ``x`` with the condition's channels."""
-    return model_fn(concat_lib.with_condition(x, c), t, y)
-
-
-def _with_context(model_fn, context, x, t):
-    """``eps_fn(x, t)`` of a context-conditioned model: ``context`` per example, or one for the batch."""
-    return model_fn(x, t, jnp.broadcast_to(context, (x.shape[0],) + context.shape[-2:]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddim_jax import conditioning
 from ddim_jax.nets import make_model_fn, run_once_options
 
 Array = jax.Array
@@ -265,8 +266,4 @@ def make_eps_fn(model: UNet, params: dict, y: Array | None = None) -> jax.tree_u
     Two calls with equal models give equal treedefs, so a jitted function taking eps_fn as an argument
     does not retrace when only params or y change (y must keep its shape, and None stays None).
     """
-    return jax.tree_util.Partial(_with_labels, make_model_fn(model, params), y)
-
-
-def _with_labels(model_fn, y, x: Array, t: Array) -> Array:
-    return model_fn(x, t, y)
+    return conditioning.eps_fn(make_model_fn(model, params), conditioning.Conditioning(labels=y))

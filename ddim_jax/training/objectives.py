@@ -32,6 +32,7 @@ else ``{}``); ``model_params(params, frozen)`` is the model a run exports.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import flax.linen as nn
@@ -39,8 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax import experiments, kinds, lpips
-from ddim_jax.concat import with_condition
+from ddim_jax import conditioning, experiments, kinds, lpips
+from ddim_jax.conditioning import Conditioning
 from ddim_jax.config import spec_from_config, to_dict
 from ddim_jax.diffusion import per_example_loss
 from ddim_jax.models import ModelSpec
@@ -90,10 +91,10 @@ class Diffusion:
         t = jax.vmap(lambda k: jax.random.randint(k, (), 0, T, jnp.int32))(_fold(keys, 0))
         noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(_fold(keys, 1))
 
-        def eps_fn(x, tt):
-            x = x if cond is None else with_condition(x, cond)
-            return self.model.apply({"params": params}, x, tt, y, train=True, rngs={"dropout": dropout_key})
+        def net(x, tt, yy):
+            return self.model.apply({"params": params}, x, tt, yy, train=True, rngs={"dropout": dropout_key})
 
+        eps_fn = functools.partial(conditioning.apply, net, Conditioning(labels=y, concat=cond))
         return jnp.mean(per_example_loss(eps_fn, self.schedule, x0, t, noise, prediction_type=spec.prediction_type)), {}
 
     def preview(self, params, mesh, source, n: int, config):
