@@ -476,7 +476,7 @@ def _load_dir(path: str) -> tuple[ModelSpec, dict]:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("spec"), dict):
         raise ValueError(f"{spec_path} is not a {FORMAT} spec file")
     version = doc.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise ValueError(f"{spec_path} has format version {version!r}; this ddim_jax reads versions 1 to "
                          f"{FORMAT_VERSION} (a newer file needs a newer ddim_jax)")
     try:
@@ -493,6 +493,9 @@ def _load_dir(path: str) -> tuple[ModelSpec, dict]:
     except (SafetensorError, ValueError, OSError) as e:
         raise ValueError(f"cannot read {params_path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     _check_params(flat, spec, path)
+    bad = [k for k, v in flat.items() if not np.issubdtype(v.dtype, np.floating)]
+    if bad:
+        raise ValueError(f"{params_path}: parameter {bad[0]} is {flat[bad[0]].dtype}; parameters are floating point")
     return spec, _unflatten({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
 
 

@@ -18,6 +18,8 @@ import math
 import numpy as np
 
 SCHEDULES = ("linear", "quadratic", "scaled_linear", "cosine", "sigmoid")
+# The longest schedule (its float64 tables are computed on the host; published models use 1000 to 4000 steps).
+MAX_TIMESTEPS = 100_000
 SPACINGS = ("uniform", "quadratic", "leading", "trailing", "linspace", "karras", "exponential")
 # Spacings placed by the schedule's noise levels, so make_timesteps needs ``schedule=`` for them.
 SIGMA_SPACINGS = ("karras", "exponential")
@@ -75,9 +77,11 @@ def _check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+def _check_int(name: str, value, minimum: int = 1, maximum: int | None = None) -> int:
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum
+            or (maximum is not None and value > maximum)):
+        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"{name} must be an integer {bound}; got {value!r}")
     return int(value)
 
 
@@ -112,7 +116,7 @@ def make_schedule(
         b = np.asarray(betas, dtype=np.float64)
     else:
         _check_choice("name", name, SCHEDULES)
-        T = _check_int("num_timesteps", num_timesteps)
+        T = _check_int("num_timesteps", num_timesteps, maximum=MAX_TIMESTEPS)
         if name == "cosine":
             if beta_start is not None or beta_end is not None:
                 raise ValueError("beta_start and beta_end do not apply to the 'cosine' schedule")

@@ -1,0 +1,58 @@
+"""Model directories that are not what they claim: each is refused by models.load in one line naming
+what is wrong, never read as some other model."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from ddim_jax import models
+
+SPEC = models.ModelSpec("unet", dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                                     norm_groups=4), 8, 1, {"name": "cosine", "num_timesteps": 10})
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "model"
+    models.save(str(path), SPEC, SPEC.init_params(jax.random.key(0)))
+    return path
+
+
+def _edited(saved, tmp_path, edit):
+    """A copy of the saved model with spec.json's document edited by ``edit(doc)``."""
+    out = tmp_path / "edited"
+    out.mkdir()
+    (out / models.PARAMS_FILE).write_bytes((saved / models.PARAMS_FILE).read_bytes())
+    doc = json.loads((saved / models.SPEC_FILE).read_text())
+    edit(doc)
+    (out / models.SPEC_FILE).write_text(json.dumps(doc))
+    return out
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(version=0), "has format version 0; this ddim_jax reads versions 1 to 1"),
+    (lambda d: d.update(version=True), "has format version True"),
+    (lambda d: d["spec"]["schedule"].update(num_timesteps=10 ** 12), r"num_timesteps must be an integer in \[1, 100000\]"),
+    (lambda d: d["spec"]["schedule"].update(num_timesteps=1e12), "num_timesteps must be an integer"),
+    (lambda d: d["spec"]["arch"].update(ch_mult=[]), "unet argument ch_mult must be a non-empty tuple"),
+    (lambda d: d["spec"].update(info="x"), "info must be a mapping"),
+    (lambda d: d["spec"].update(arch=[1]), "arch must be a mapping"),
+])
+def test_a_bad_spec_file_is_refused_in_one_line(saved, tmp_path, edit, message):
+    with pytest.raises(ValueError, match=message) as e:
+        models.load(_edited(saved, tmp_path, edit))
+    assert "\n" not in str(e.value)
+
+
+def test_integer_parameters_are_refused_not_cast(saved, tmp_path):
+    out = _edited(saved, tmp_path, lambda d: None)
+    flat = load_file(str(saved / models.PARAMS_FILE))
+    name = sorted(flat)[0]
+    flat[name] = flat[name].astype(np.int32)
+    save_file(flat, str(out / models.PARAMS_FILE))
+    with pytest.raises(ValueError, match=f"parameter {name} is int32; parameters are floating point"):
+        models.load(out)
+    assert models.load(saved)[0] == SPEC  # the untouched copy still loads
