@@ -18,8 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddim_jax.blocks import Attention, ResnetBlock2D, conv, group_norm, resampler
+
 Array = jax.Array
-_EPS = 1e-6
 
 # Stable Diffusion 1.x's VAE (f = 8, 4 latent channels): 83,653,863 parameters, latents scaled by 0.18215.
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_groups=32)
@@ -29,77 +30,18 @@ LDM_KL_F4 = dict(block_out_channels=(128, 256, 512), layers_per_block=2, latent_
 DIGITS_F4 = dict(block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=3, norm_groups=8)
 
 
-def _norm(groups: int, name: str, dtype) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=groups, epsilon=_EPS, dtype=dtype, use_fast_variance=False, name=name)
-
-
-def _conv(features: int, name: str, dtype, kernel: int = 3, strides: int = 1, padding: Any = 1) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding, dtype=dtype, name=name)
-
-
-class ResnetBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice with a residual; a 1x1 ``conv_shortcut`` when the channels change."""
-
-    out_ch: int
-    groups: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        h = _conv(self.out_ch, "conv1", self.dtype)(nn.silu(_norm(self.groups, "norm1", self.dtype)(x)))
-        h = _conv(self.out_ch, "conv2", self.dtype)(nn.silu(_norm(self.groups, "norm2", self.dtype)(h)))
-        if x.shape[-1] != self.out_ch:
-            x = _conv(self.out_ch, "conv_shortcut", self.dtype, kernel=1, padding=0)(x)
-        return x + h
-
-
-class Attention(nn.Module):
-    """Single-head self-attention over the spatial positions, with a residual (diffusers' ``Attention``
-    with ``group_norm``, ``to_q/k/v`` and ``to_out.0``)."""
-
-    groups: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        b, hgt, wid, c = x.shape
-        h = _norm(self.groups, "group_norm", self.dtype)(x).reshape(b, hgt * wid, c)
-        q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h) for n in ("to_q", "to_k", "to_v"))
-        w = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
-        h = jnp.einsum("bij,bjc->bic", jax.nn.softmax(w, axis=-1).astype(v.dtype), v)
-        return x + nn.Dense(c, dtype=self.dtype, name="to_out_0")(h).reshape(b, hgt, wid, c)
-
-
 class MidBlock(nn.Module):
+    """ResNet block, single-head self-attention (diffusers' ``Attention`` with ``group_norm``), ResNet block."""
+
     groups: int
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = x.shape[-1]
-        x = ResnetBlock(c, self.groups, self.dtype, name="resnets_0")(x)
-        x = Attention(self.groups, self.dtype, name="attentions_0")(x)
-        return ResnetBlock(c, self.groups, self.dtype, name="resnets_1")(x)
-
-
-class Downsampler(nn.Module):
-    """Stride-2 3x3 conv after zero padding bottom and right by one (diffusers' ``padding=0``)."""
-
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return _conv(x.shape[-1], "conv", self.dtype, strides=2, padding="VALID")(x)
-
-
-class Upsampler(nn.Module):
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv(x.shape[-1], "conv", self.dtype)(x)
+        x = ResnetBlock2D(c, self.groups, dtype=self.dtype, name="resnets_0")(x)
+        x = Attention(1, c, qkv_bias=True, groups=self.groups, dtype=self.dtype, name="attentions_0")(x)
+        return ResnetBlock2D(c, self.groups, dtype=self.dtype, name="resnets_1")(x)
 
 
 class LevelBlock(nn.Module):
@@ -114,12 +56,8 @@ class LevelBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         for i in range(self.num_layers):
-            x = ResnetBlock(self.out_ch, self.groups, self.dtype, name=f"resnets_{i}")(x)
-        if self.resample == "down":
-            x = Downsampler(self.dtype, name="downsamplers_0")(x)
-        elif self.resample == "up":
-            x = Upsampler(self.dtype, name="upsamplers_0")(x)
-        return x
+            x = ResnetBlock2D(self.out_ch, self.groups, dtype=self.dtype, name=f"resnets_{i}")(x)
+        return x if self.resample is None else resampler(self.resample, self.dtype, padding=0)(x)
 
 
 class _Tower(nn.Module):
@@ -136,26 +74,26 @@ class Encoder(_Tower):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         chs = self.block_out_channels
-        h = _conv(chs[0], "conv_in", self.dtype)(x)
+        h = conv(chs[0], "conv_in", self.dtype)(x)
         for i, ch in enumerate(chs):
             h = LevelBlock(ch, self.layers_per_block, self.groups, "down" if i < len(chs) - 1 else None, self.dtype,
                            name=f"down_blocks_{i}")(h)
         h = MidBlock(self.groups, self.dtype, name="mid_block")(h)
-        h = nn.silu(_norm(self.groups, "conv_norm_out", self.dtype)(h))
-        return _conv(self.out_channels, "conv_out", self.dtype)(h)
+        h = nn.silu(group_norm(self.groups, "conv_norm_out", self.dtype)(h))
+        return conv(self.out_channels, "conv_out", self.dtype)(h)
 
 
 class Decoder(_Tower):
     @nn.compact
     def __call__(self, z: Array) -> Array:
         chs = tuple(reversed(self.block_out_channels))
-        h = _conv(chs[0], "conv_in", self.dtype)(z)
+        h = conv(chs[0], "conv_in", self.dtype)(z)
         h = MidBlock(self.groups, self.dtype, name="mid_block")(h)
         for i, ch in enumerate(chs):
             h = LevelBlock(ch, self.layers_per_block + 1, self.groups, "up" if i < len(chs) - 1 else None, self.dtype,
                            name=f"up_blocks_{i}")(h)
-        h = nn.silu(_norm(self.groups, "conv_norm_out", self.dtype)(h))
-        return _conv(self.out_channels, "conv_out", self.dtype)(h)
+        h = nn.silu(group_norm(self.groups, "conv_norm_out", self.dtype)(h))
+        return conv(self.out_channels, "conv_out", self.dtype)(h)
 
 
 class AutoencoderKL(nn.Module):

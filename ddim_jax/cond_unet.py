@@ -20,12 +20,14 @@ its name). Parameters stay float32; ``dtype`` is the compute dtype (softmax and 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ddim_jax.blocks import (ResnetBlock2D, TimestepEmbedding, Transformer2D, conv, group_norm, resampler,
+                             timestep_features)
 
 Array = jax.Array
 
@@ -35,142 +37,6 @@ SD15 = dict(block_out_channels=(320, 640, 1280, 1280),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
             layers_per_block=2, attention_head_dim=8, cross_attention_dim=768, in_channels=4, out_channels=4,
             norm_groups=32, norm_eps=1e-5, use_linear_projection=False, flip_sin_to_cos=True, freq_shift=0)
-
-
-def timestep_features(t: Array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> Array:
-    """diffusers' ``get_timestep_embedding``: ``[sin(t f), cos(t f)]`` (or cos first), ``f_k = 10000^(-k /
-    (dim / 2 - freq_shift))``."""
-    half = dim // 2
-    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
-    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
-    sin, cos = jnp.sin(args), jnp.cos(args)
-    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
-    return jnp.pad(emb, ((0, 0), (0, dim % 2)))
-
-
-def _conv(features: int, name: str, dtype, kernel: int = 3, strides: int = 1) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), (strides, strides), padding=kernel // 2, dtype=dtype, name=name)
-
-
-class TimestepEmbedding(nn.Module):
-    dim: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        x = nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(x)
-        return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.silu(x))
-
-
-class ResnetBlock(nn.Module):
-    """diffusers' ``ResnetBlock2D``: GroupNorm-SiLU-conv, plus the projected timestep embedding,
-    GroupNorm-SiLU-conv, and a residual (1x1 ``conv_shortcut`` when the channels change)."""
-
-    out_ch: int
-    groups: int
-    eps: float
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, temb: Array) -> Array:
-        norm = lambda name: nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype,  # noqa: E731
-                                         use_fast_variance=False, name=name)
-        h = _conv(self.out_ch, "conv1", self.dtype)(nn.silu(norm("norm1")(x)))
-        h = h + nn.Dense(self.out_ch, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))[:, None, None, :]
-        h = _conv(self.out_ch, "conv2", self.dtype)(nn.silu(norm("norm2")(h)))
-        if x.shape[-1] != self.out_ch:
-            x = _conv(self.out_ch, "conv_shortcut", self.dtype, kernel=1)(x)
-        return x + h
-
-
-class Attention(nn.Module):
-    """Multi-head attention: queries from ``x``, keys and values from ``context`` (default: ``x``);
-    ``to_q/k/v`` without bias, ``to_out_0`` with."""
-
-    heads: int
-    dim_head: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, context: Array | None = None) -> Array:
-        ctx = x if context is None else context.astype(self.dtype)
-        inner = self.heads * self.dim_head
-        split = lambda a: a.reshape(a.shape[0], a.shape[1], self.heads, self.dim_head)  # noqa: E731
-        q, k, v = (split(nn.Dense(inner, use_bias=False, dtype=self.dtype, name=n)(src))
-                   for n, src in (("to_q", x), ("to_k", ctx), ("to_v", ctx)))
-        w = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32) * self.dim_head ** -0.5
-        out = jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(w, axis=-1).astype(v.dtype), v)
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out.reshape(out.shape[0], out.shape[1], inner))
-
-
-class GEGLU(nn.Module):
-    inner: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        hidden, gate = jnp.split(nn.Dense(2 * self.inner, dtype=self.dtype, name="proj")(x), 2, axis=-1)
-        return hidden * nn.gelu(gate, approximate=False)
-
-
-class FeedForward(nn.Module):
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        h = GEGLU(4 * x.shape[-1], self.dtype, name="net_0")(x)
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="net_2")(h)
-
-
-class TransformerBlock(nn.Module):
-    """diffusers' ``BasicTransformerBlock``: self-attention, cross-attention, GEGLU feed-forward, each
-    after a LayerNorm and with a residual."""
-
-    heads: int
-    dim_head: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, context: Array) -> Array:
-        ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)  # noqa: E731
-        x = x + Attention(self.heads, self.dim_head, self.dtype, name="attn1")(ln("norm1")(x))
-        x = x + Attention(self.heads, self.dim_head, self.dtype, name="attn2")(ln("norm2")(x), context)
-        return x + FeedForward(self.dtype, name="ff")(ln("norm3")(x))
-
-
-class SpatialTransformer(nn.Module):
-    """diffusers' ``Transformer2DModel`` on a feature map: GroupNorm, ``proj_in``, transformer blocks over
-    the flattened positions, ``proj_out``, residual."""
-
-    heads: int
-    layers: int
-    groups: int
-    linear_projection: bool
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, context: Array) -> Array:
-        b, hgt, wid, c = x.shape
-        h = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, use_fast_variance=False, name="norm")(x)
-        proj = (lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)) if self.linear_projection else (  # noqa: E731
-            lambda n, name: _conv(n, name, self.dtype, kernel=1))
-        h = proj(c, "proj_in")(h).reshape(b, hgt * wid, c)
-        for i in range(self.layers):
-            h = TransformerBlock(self.heads, c // self.heads, self.dtype, name=f"transformer_blocks_{i}")(h, context)
-        return x + proj(c, "proj_out")(h.reshape(b, hgt, wid, c))
-
-
-class Resample(nn.Module):
-    """``downsamplers_0``: a stride-2 3x3 conv (padding 1); ``upsamplers_0``: nearest x2, then a 3x3 conv."""
-
-    up: bool
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        if self.up:
-            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv(x.shape[-1], "conv", self.dtype, strides=1 if self.up else 2)(x)
 
 
 class Level(nn.Module):
@@ -195,14 +61,13 @@ class Level(nn.Module):
         for j in range(self.num_layers):
             if skips:
                 h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
-            h = ResnetBlock(self.out_ch, self.groups, self.eps, self.dtype, name=f"resnets_{j}")(h, temb)
+            h = ResnetBlock2D(self.out_ch, self.groups, self.eps, self.dtype, name=f"resnets_{j}")(h, temb)
             if self.cross_attention:
-                h = SpatialTransformer(self.heads, self.transformer_layers, self.groups, self.linear_projection,
-                                       self.dtype, name=f"attentions_{j}")(h, context)
+                h = Transformer2D(self.heads, self.transformer_layers, self.groups, self.linear_projection,
+                                  self.dtype, name=f"attentions_{j}")(h, context)
             outs.append(h)
         if self.resample is not None:
-            name = "upsamplers_0" if self.resample == "up" else "downsamplers_0"
-            h = Resample(self.resample == "up", self.dtype, name=name)(h)
+            h = resampler(self.resample, self.dtype)(h)
             outs.append(h)
         return h, outs
 
@@ -253,7 +118,7 @@ class UNet2DCondition(nn.Module):
             temb = temb + nn.Embed(self.num_class_embeds, 4 * chs[0], name="class_embedding")(class_labels).astype(dt)
         common = dict(groups=self.norm_groups, eps=self.norm_eps, linear_projection=self.use_linear_projection,
                       dtype=dt)
-        h = _conv(chs[0], "conv_in", dt)(x.astype(dt))
+        h = conv(chs[0], "conv_in", dt)(x.astype(dt))
         skips = [h]
         for i, ch in enumerate(chs):
             h, outs = Level(ch, self.layers_per_block, _BLOCKS[self.down_block_types[i]], "down" if i < n - 1 else None,
@@ -266,9 +131,8 @@ class UNet2DCondition(nn.Module):
             skips, mine = skips[:-k], skips[-k:]
             h, _ = Level(ch, k, _BLOCKS[self.up_block_types[i]], "up" if i < n - 1 else None, heads[n - 1 - i],
                          layers[n - 1 - i], name=f"up_blocks_{i}", **common)(h, temb, context, tuple(mine))
-        h = nn.GroupNorm(self.norm_groups, epsilon=self.norm_eps, dtype=dt, use_fast_variance=False,
-                         name="conv_norm_out")(h)
-        return _conv(self.out_channels, "conv_out", dt)(nn.silu(h)).astype(jnp.float32)
+        h = group_norm(self.norm_groups, "conv_norm_out", dt, self.norm_eps)(h)
+        return conv(self.out_channels, "conv_out", dt)(nn.silu(h)).astype(jnp.float32)
 
 
 class _MidBlock(nn.Module):
@@ -284,10 +148,10 @@ class _MidBlock(nn.Module):
     @nn.compact
     def __call__(self, h: Array, temb: Array, context: Array) -> Array:
         c = h.shape[-1]
-        h = ResnetBlock(c, self.groups, self.eps, self.dtype, name="resnets_0")(h, temb)
-        h = SpatialTransformer(self.heads, self.transformer_layers, self.groups, self.linear_projection, self.dtype,
-                               name="attentions_0")(h, context)
-        return ResnetBlock(c, self.groups, self.eps, self.dtype, name="resnets_1")(h, temb)
+        h = ResnetBlock2D(c, self.groups, self.eps, self.dtype, name="resnets_0")(h, temb)
+        h = Transformer2D(self.heads, self.transformer_layers, self.groups, self.linear_projection, self.dtype,
+                          name="attentions_0")(h, context)
+        return ResnetBlock2D(c, self.groups, self.eps, self.dtype, name="resnets_1")(h, temb)
 
 
 class ClassConditionedUNet(nn.Module):
