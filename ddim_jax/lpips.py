@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax.convert import read_state_dict
+from ddim_jax.state_dicts import read_state_dict
 
 # LPIPS' ScalingLayer: ImageNet's mean/std expressed for inputs in [-1, 1].
 SHIFT = (-0.030, -0.088, -0.188)

@@ -41,7 +41,7 @@ def test_sd15_unet_has_diffusers_parameters_key_for_key():
             shape = (shape[3], shape[2], shape[0], shape[1])
         elif len(shape) == 2 and path[-1] == "kernel":
             shape = shape[::-1]
-        got[convert._cond_unet_key(path)] = shape
+        got[convert.cond_unet_key(path)] = shape
     assert got == want
 
 

@@ -250,7 +250,7 @@ def ddim_reference_forward(sd, x, t, ch, ch_mult, num_res_blocks, attn_levels):
 
 
 CIFAR10_DDIM = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_levels=(1,))
-TINY_DDIM = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,))
+TINY_DDIM = dict(ch=64, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,))  # DDPM: 32 groups, 2+ channels each
 
 
 def test_ddim_cifar10_keys_and_shapes():
@@ -296,8 +296,8 @@ def test_ddim_infers_lsun_and_celeba_architectures():
         level = int(np.log2(size // 16))
         shapes = ddim_state_dict_shapes(128, mult, 2, (level,))
         sd = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
-        kwargs, image_size, _ = conv._ddim_unet_kwargs(sd, None, None)
-        assert (kwargs, image_size) == (PRESETS[name], size)
+        spec = conv.ddim_spec(sd)
+        assert (spec.build(), spec.image_size) == (UNet(**PRESETS[name]), size)
 
 
 def test_ddim_module_prefix_and_logvar():
@@ -309,23 +309,23 @@ def test_ddim_module_prefix_and_logvar():
 
 def test_errors_name_the_key_and_shapes():
     sd = _random_state_dict(ddim_state_dict_shapes(**TINY_DDIM))
-    bad = {**sd, "down.0.block.0.conv2.weight": np.zeros((32, 32, 1, 1), np.float32)}
+    bad = {**sd, "down.0.block.0.conv2.weight": np.zeros((64, 64, 1, 1), np.float32)}
     with pytest.raises(conv.ConversionError,
-                       match=r"'down\.0\.block\.0\.conv2\.weight'.*\(32, 32, 1, 1\).*\(32, 32, 3, 3\)"):
+                       match=r"'down\.0\.block\.0\.conv2\.weight'.*\(64, 64, 1, 1\).*\(64, 64, 3, 3\)"):
         conv.convert_ddim(bad)
     missing = dict(sd)
     del missing["up.1.attn.0.k.bias"]
-    with pytest.raises(conv.ConversionError, match=r"missing key 'up\.1\.attn\.0\.k\.bias'.*\(64,\)"):
+    with pytest.raises(conv.ConversionError, match=r"missing key 'up\.1\.attn\.0\.k\.bias'.*\(128,\)"):
         conv.convert_ddim(missing)
     with pytest.raises(conv.ConversionError, match=r"unexpected key 'extra\.weight' with shape \(2, 2\)"):
         conv.convert_ddim({**sd, "extra.weight": np.zeros((2, 2))})
     with pytest.raises(conv.ConversionError, match="no attention level"):
-        conv.convert_ddim(_random_state_dict(ddim_state_dict_shapes(32, (1, 2), 1, ())))
-    nan = {**sd, "up.0.block.1.conv1.bias": np.full((32,), np.nan, np.float32)}
+        conv.convert_ddim(_random_state_dict(ddim_state_dict_shapes(64, (1, 2), 1, ())))
+    nan = {**sd, "up.0.block.1.conv1.bias": np.full((64,), np.nan, np.float32)}
     with pytest.raises(conv.ConversionError, match=r"key 'up\.0\.block\.1\.conv1\.bias' has non-finite values"):
         conv.convert_ddim(nan)
     with pytest.raises(conv.ConversionError, match=r"'conv_out\.weight' has 6 output channels for 3 input"):
-        conv.convert_ddim({**sd, "conv_out.weight": np.zeros((6, 32, 3, 3), np.float32),
+        conv.convert_ddim({**sd, "conv_out.weight": np.zeros((6, 64, 3, 3), np.float32),
                            "conv_out.bias": np.zeros(6, np.float32)})
 
 
@@ -350,7 +350,7 @@ def _diffusers_numpy_state_dict(kwargs, params):
     out = {}
     for path, v in traverse_util.flatten_dict(params).items():
         v = np.asarray(v)
-        key = conv._ref_key(path, "diffusers", len(kwargs["ch_mult"]))
+        key = conv.unet2d_key(path, len(kwargs["ch_mult"]))
         if path[-1] == "kernel":
             v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
             if path[-2] == "nin_shortcut":
@@ -482,7 +482,7 @@ def test_failed_conversion_keeps_the_old_destination(tmp_path, monkeypatch, caps
         assert sorted(os.listdir(tmp_path)) == listing  # and no temporary directory left beside it
 
     # Bad weights, found while converting: non-finite values, a wrong shape, a missing key, unreadable bytes.
-    nan = {**good, "conv_in.bias": np.full((32,), np.nan, np.float32)}
+    nan = {**good, "conv_in.bias": np.full((64,), np.nan, np.float32)}
     wrong = {**good, "conv_out.weight": np.zeros((3, 32, 1, 1), np.float32)}
     missing = {k: v for k, v in good.items() if k != "mid.attn_1.q.bias"}
     for name, sd, needle in (("nan", nan, "non-finite"), ("wrong", wrong, "shape mismatch"),
