@@ -441,6 +441,28 @@ def test_cli_ddim_training_checkpoint_uses_ema(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pth", "conv", "plain.ckpt"]  # nothing left beside it
 
 
+def test_overwrite_through_a_symlink_replaces_its_model_and_leaves_nothing_behind(tmp_path):
+    kwargs = {**PRESETS["tiny"], "num_classes": 5}
+    params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), param_shapes(UNet(**kwargs), 16))
+    _write_small_diffusers_dir(tmp_path / "src", _diffusers_numpy_state_dict(kwargs, params), SMALL_DIFFUSERS)
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "models").mkdir()
+    assert conv.main([str(tmp_path / "src"), str(tmp_path / "disk" / "model")]) == 0
+    link = tmp_path / "models" / "model"
+    link.symlink_to(tmp_path / "disk" / "model")
+    assert conv.main([str(tmp_path / "src"), str(link), "--overwrite"]) == 0
+    assert link.is_symlink() and loading.load(link)[0].info["source"]["path"] == str(tmp_path / "src")
+    assert os.listdir(tmp_path / "models") == ["model"] and os.listdir(tmp_path / "disk") == ["model"]
+    for name in os.listdir(link):
+        assert os.stat(link / name).st_mode & 0o777 == 0o666 & ~_umask(), name
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def test_overwrite_refuses_a_foreign_directory_and_unknown_formats(tmp_path, capsys):
     pytest.importorskip("torch")
     import torch
