@@ -12,13 +12,20 @@
 
 Outputs go to --output (default: <workdir>/<mode>, or <checkpoint>_<mode> beside a model directory,
 with the solver, labels and guidance appended when they are not the defaults, e.g. sample_dpmpp_2m_g3);
-existing files are kept unless --overwrite, and are then replaced atomically. Sample mode streams to
-samples.npy (uint8 [N, H, W, C]) and writes labels.npy for a class-conditional model.
+existing files are kept unless --overwrite, and are then replaced atomically; one run at a time writes to an
+output directory (a second is refused at once), and a run that fails removes the directories it created.
+Sample mode streams to samples.npy (uint8 [N, H, W, C]) and writes labels.npy for a class-conditional model.
+
+Each mode is one entry of MODES (its runner, its files, the flags it takes); the flags are read and checked
+once into a Settings value.
 """
 
 import contextlib
+import dataclasses
+import math
 import os
 import sys
+from typing import Callable
 
 from absl import app, flags, logging
 
@@ -58,14 +65,174 @@ flags.DEFINE_string("compile_cache", None, "Persistent compilation cache directo
 FLAGS = flags.FLAGS
 
 
-def _outputs(out_dir, names):
-    """The output paths, refusing existing ones unless --overwrite (they are replaced atomically)."""
-    paths = [os.path.join(out_dir, n) for n in names]
-    existing = [p for p in paths if os.path.exists(p)]
-    if existing and not FLAGS.overwrite:
-        raise FileExistsError(f"{existing[0]} exists (and {len(existing) - 1} more); pass --overwrite or choose "
-                              "another --output")
-    return paths
+# ---------------------------------------------------------------------------------------------
+# The settings: every flag read and checked once.
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The flags, parsed and checked once by :meth:`from_flags` (one-line ValueErrors naming the flag); the
+    checks that need the model (its T, its classes, its conditioning) are :meth:`check_model`'s."""
+
+    mode: str
+    model_path: str  # --workdir or --checkpoint
+    from_workdir: bool
+    step: int | None
+    num: int
+    steps: int
+    solver: str
+    eta: float
+    sigma_hat: bool
+    spacing: str | None
+    seed: int
+    batch_size: int
+    labels: str | tuple[int, ...] | None  # "all" (every class in turn), classes (cycled), None (unconditional)
+    guidance: float | None
+    steps_list: tuple[int, ...]
+    fid_steps: tuple[int, ...]
+    fid_etas: tuple[str, ...]
+    fid_solvers: tuple[str, ...]
+    fid_stats: str | None
+    inception_weights: str | None
+    features: str | None
+    data_dir: str | None
+    dtype: str
+    output: str | None
+    overwrite: bool
+
+    @classmethod
+    def from_flags(cls) -> "Settings":
+        from ddim_jax import experiments as ex
+        from ddim_jax.models import COMPUTE_DTYPES
+        from ddim_jax.schedules import SPACINGS
+        from ddim_jax.solvers import SOLVERS
+
+        if FLAGS.mode not in MODES:
+            raise ValueError(f"--mode must be one of {', '.join(MODES)}; got {FLAGS.mode!r}")
+        mode = MODES[FLAGS.mode]
+        if FLAGS.spacing is not None and FLAGS.spacing not in SPACINGS:
+            raise ValueError(f"--spacing must be one of {', '.join(SPACINGS)}; got {FLAGS.spacing!r}")
+        if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
+            raise ValueError("give exactly one of --workdir (a training run) or --checkpoint (a model directory)")
+        if FLAGS.checkpoint is not None and FLAGS.step is not None:
+            raise ValueError("--step picks a checkpoint of a --workdir; a --checkpoint holds one set of parameters")
+        num = FLAGS.num_samples if FLAGS.num_samples is not None else mode.num_samples
+        if num <= 0:
+            raise ValueError(f"--num_samples must be >= 1; got {num}")
+        if FLAGS.batch_size <= 0:
+            raise ValueError(f"--batch_size must be >= 1; got {FLAGS.batch_size}")
+        eta, sigma_hat = ex.parse_eta(FLAGS.eta)
+        if FLAGS.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {FLAGS.dtype!r}")
+        for name in FLAGS.fid_etas:
+            ex.parse_eta(name)
+        for name, values in (("solver", [FLAGS.solver]), ("fid_solvers", FLAGS.fid_solvers)):
+            if not values or any(v not in SOLVERS for v in values):
+                raise ValueError(f"--{name} must be among {', '.join(SOLVERS)}; got {','.join(values)!r}")
+        if FLAGS.solver != "ddim" and (eta != 0 or sigma_hat):
+            raise ValueError(f"--eta applies to --solver=ddim only; {FLAGS.solver} is deterministic (leave --eta at 0)")
+        labels = _parse_labels(FLAGS.labels)
+        if not mode.labels and (FLAGS.guidance is not None or labels != "all"):
+            raise ValueError(f"--mode={FLAGS.mode} encodes and decodes with the unconditional model; --labels and "
+                             "--guidance do not apply")
+        if not mode.solvers and FLAGS.solver != "ddim":
+            raise ValueError(f"--mode={FLAGS.mode} uses DDIM (its trajectory, its encoder); --solver applies to the "
+                             f"{', '.join(n for n, m in MODES.items() if m.solvers)} modes")
+        if FLAGS.guidance is not None and not math.isfinite(FLAGS.guidance):
+            raise ValueError(f"--guidance must be a finite number (1 = no guidance); got {FLAGS.guidance}")
+        if FLAGS.guidance is not None and labels is None:
+            raise ValueError("--guidance needs classes to guide towards; --labels=none is the unconditional model")
+        return cls(mode=FLAGS.mode, model_path=FLAGS.workdir or FLAGS.checkpoint,
+                   from_workdir=FLAGS.workdir is not None, step=FLAGS.step, num=num, steps=FLAGS.steps, solver=FLAGS.solver, eta=eta, sigma_hat=sigma_hat,
+                   spacing=FLAGS.spacing, seed=FLAGS.seed, batch_size=FLAGS.batch_size, labels=labels,
+                   guidance=FLAGS.guidance, steps_list=_int_list("steps_list", FLAGS.steps_list),
+                   fid_steps=_int_list("fid_steps", FLAGS.fid_steps), fid_etas=tuple(FLAGS.fid_etas),
+                   fid_solvers=tuple(FLAGS.fid_solvers), fid_stats=FLAGS.fid_stats,
+                   inception_weights=FLAGS.inception_weights, features=FLAGS.features, data_dir=FLAGS.data_dir,
+                   dtype=FLAGS.dtype, output=FLAGS.output, overwrite=FLAGS.overwrite)
+
+    def check_model(self, model) -> None:
+        """The step counts against the model's T, the labels against its classes, the mode against its
+        conditioning."""
+        T = model.schedule.num_timesteps
+        for name in MODES[self.mode].step_flags:
+            values = (self.steps,) if name == "steps" else getattr(self, name)
+            bad = [v for v in values if not 1 <= v <= T]
+            if bad:
+                raise ValueError(f"--{name} must be in [1, {T}] (the model's T); got {bad[0]}")
+        if MODES[self.mode].labels:
+            if model.num_classes is None and (self.guidance is not None or self.labels != "all"):
+                raise ValueError("--labels and --guidance apply to class-conditional models; this model is "
+                                 "unconditional")
+            bad = [v for v in self.labels if not 0 <= v < model.num_classes] if isinstance(self.labels, tuple) else []
+            if bad:
+                raise ValueError(f"--labels must be classes in [0, {model.num_classes}); got {bad[0]}")
+        if model.spec.concat is not None and not MODES[self.mode].concat:
+            raise ValueError(f"--mode={self.mode} is not offered for a concat-conditioned model ({model.spec.concat}); "
+                             "--mode=sample draws from held-out images' observations")
+
+    def cond(self, model) -> dict:
+        """The experiments' ``labels`` and ``guidance`` for ``model``."""
+        if model.num_classes is None:
+            return {"labels": None, "guidance": None}
+        return {"labels": list(self.labels) if isinstance(self.labels, tuple) else self.labels,
+                "guidance": self.guidance}
+
+    @property
+    def labels_text(self) -> str:
+        """--labels as given: all, none or the classes."""
+        if isinstance(self.labels, tuple):
+            return ",".join(map(str, self.labels))
+        return "none" if self.labels is None else self.labels
+
+    @property
+    def output_name(self) -> str:
+        """The mode with the settings that are not the defaults: e.g. sample_dpmpp_2m_labels3-7_g3."""
+        from ddim_jax.solvers import resolve_spacing
+
+        parts = [self.mode]
+        if self.solver != "ddim" and self.mode != "fid":
+            parts.append(self.solver)
+        if self.spacing is not None and (self.mode == "fid" or self.spacing != resolve_spacing(self.solver, None)):
+            parts.append(self.spacing)
+        if self.dtype != "float32":
+            parts.append(self.dtype)
+        if self.labels != "all":
+            parts.append("labels" + self.labels_text.replace(",", "-"))
+        if self.guidance is not None:
+            parts.append(f"g{self.guidance:g}")
+        return "_".join(parts)
+
+    @property
+    def out(self) -> str:
+        """--output, else <workdir>/<name> or <checkpoint>_<name>: never inside a model directory (replacing a
+        model replaces the whole directory)."""
+        if self.output:
+            return self.output
+        if self.from_workdir:
+            return os.path.join(self.model_path, self.output_name)
+        return os.path.normpath(self.model_path) + f"_{self.output_name}"
+
+
+def _parse_labels(text: str):
+    value = text.strip().lower()
+    if value in ("all", "none"):
+        return None if value == "none" else "all"
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"--labels must be 'all', 'none' or comma-separated class numbers; got {text!r}") from None
+
+
+def _int_list(name, values) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise ValueError(f"--{name} must be integers; got {','.join(values)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The output directory.
 
 
 @contextlib.contextmanager
@@ -103,11 +270,12 @@ def claim_output(out: str):
                 break
 
 
-def _int_list(name, values):
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        raise ValueError(f"--{name} must be integers; got {','.join(values)}") from None
+def _refuse_existing(paths, overwrite: bool) -> None:
+    """Existing outputs are kept unless --overwrite (they are then replaced atomically)."""
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists (and {len(existing) - 1} more); pass --overwrite or choose "
+                              "another --output")
 
 
 def reference_name(data: dict) -> str:
@@ -121,9 +289,9 @@ def reference_name(data: dict) -> str:
     return f"{tag}-{data['image_size']}px-{data.get('channels', 3)}ch-{data.get('crop', 'center')}"
 
 
-def _dataset_images(model, split, num):
+def _dataset_images(model, split, num, data_dir=None):
     """uint8 images of the model's training dataset (``split``) as training saw them (size, channels), at
-    most ``num``."""
+    most ``num``; ``data_dir``: tfds' (--data_dir)."""
     import ml_collections
 
     from ddim_jax import data as data_lib
@@ -132,15 +300,19 @@ def _dataset_images(model, split, num):
     if not d:
         raise ValueError("this mode needs the training data, which a converted checkpoint does not name; "
                          "use --workdir")
-    if FLAGS.data_dir:
-        d["data_dir"] = FLAGS.data_dir
-    d["split"] = split
+    d = dict(d, split=split, **({"data_dir": data_dir} if data_dir else {}))
     src = data_lib.make_source(ml_collections.ConfigDict(d))
     return src.get(range(min(num, len(src))))
 
 
 # ---------------------------------------------------------------------------------------------
-# The modes: each takes (model, settings, output directory) and writes its files atomically.
+# The modes: each computes on every process and writes its files (atomically) on process 0.
+
+
+def _is_main() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _grid(images, path, ncol=None):
@@ -149,27 +321,31 @@ def _grid(images, path, ncol=None):
     save_grid(images, path, ncol=ncol, scale=max(1, 64 // images.shape[2]))
 
 
-def run_sample(ex, model, a, out):
+def run_sample(model, s: Settings, paths):
     """Exactly N samples streamed to samples.npy (uint8 [N, H, W, C]) and the first 100 as samples.png."""
     import numpy as np
 
+    from ddim_jax import experiments as ex
     from ddim_jax import files
-
-    npy_path, grid_path = _outputs(out, ["samples.npy", "samples.png"])
     from ddim_jax.parallel import on_main
 
-    shape = (a.num, model.image_size, model.image_size, model.channels)
+    npy_path, grid_path, labels_path = paths
+    out = os.path.dirname(npy_path)
+    shape = (s.num, model.image_size, model.image_size, model.channels)
     size = int(np.prod(shape, dtype=np.int64))
 
     def check_disk():
         if size > files.free_disk(out) - (64 << 20):
-            raise ValueError(f"--num_samples={a.num} needs {size / 2**30:.1f} GiB in {out}; "
+            raise ValueError(f"--num_samples={s.num} needs {size / 2**30:.1f} GiB in {out}; "
                              f"{files.free_disk(out) / 2**30:.1f} GiB are free")
 
     on_main(check_disk, "checking the disk")
-    batches = ex.sample_batches(model, a.num, a.batch_size, a.steps, solver=a.solver, eta=a.eta,
-                                sigma_hat=a.sigma_hat, spacing=a.spacing, seed=a.seed, **a.cond)
-    if not a.is_main:  # every process takes part in the sharded sampling; process 0 writes
+    # A concat-conditioned model samples from held-out images' observations.
+    sources = None if model.spec.concat is None else _dataset_images(model, "test", s.num, s.data_dir)
+    batches = ex.sample_batches(model, s.num, s.batch_size, s.steps, solver=s.solver, eta=s.eta,
+                                sigma_hat=s.sigma_hat, spacing=s.spacing, seed=s.seed, sources=sources,
+                                **s.cond(model))
+    if not _is_main():  # every process takes part in the sharded sampling; process 0 writes
         for _ in batches:
             pass
         return
@@ -181,17 +357,16 @@ def run_sample(ex, model, a, out):
             first.extend(imgs[:100 - len(first)])
         arr.flush()
         del arr
-    sources = a.cond.get("sources")
     if sources is None:
         _grid(np.stack(first), grid_path)
     else:  # what the model was given, its samples, the held-out images they came from
         k = min(10, len(first))
         _grid(np.concatenate([_observed(model, sources[:k]), np.stack(first[:k]), sources[:k]]), grid_path, ncol=k)
-    labels = ex.class_labels(model, a.cond["labels"], a.num)
+    labels = ex.class_labels(model, s.cond(model)["labels"], s.num)
     if labels is not None:
-        files.atomic_write(os.path.join(out, "labels.npy"), lambda f: np.save(f, labels))
+        files.atomic_write(labels_path, lambda f: np.save(f, labels))
     grid = "a grid" if sources is None else "a grid (rows: the observations, the samples, the originals)"
-    print(f"wrote {a.num} samples to {npy_path}{'' if labels is None else ' (their labels in labels.npy)'} and "
+    print(f"wrote {s.num} samples to {npy_path}{'' if labels is None else ' (their labels in labels.npy)'} and "
           f"{grid} to {grid_path}")
 
 
@@ -207,223 +382,131 @@ def _observed(model, images):
     return to_uint8(np.asarray(cond.condition(cond.observe(x), images.shape[1]))[..., :images.shape[-1]])
 
 
-def _grid_mode(name, compute, caption):
-    """A mode whose result is a grid ``[rows, columns, H, W, C]`` written to ``name``."""
+def _grid_mode(compute, caption):
+    """A mode drawing ``compute(experiments, model, settings)``, a grid ``[rows, columns, H, W, C]``."""
 
-    def run(ex, model, a, out):
-        (path,) = _outputs(out, [name])
-        grid = compute(ex, model, a)
-        if a.is_main:
-            _grid(grid.reshape((-1,) + grid.shape[2:]), path, ncol=grid.shape[1])
-            print(f"{caption(a)}wrote {path}")
+    def run(model, s: Settings, paths):
+        from ddim_jax import experiments as ex
+
+        grid = compute(ex, model, s)
+        if _is_main():
+            _grid(grid.reshape((-1,) + grid.shape[2:]), paths[0], ncol=grid.shape[1])
+            print(f"{caption(s)}wrote {paths[0]}")
 
     return run
 
 
-run_consistency = _grid_mode(  # Figure 4: the same x_T decoded with each S
-    "consistency.png", lambda ex, m, a: ex.consistency(m, min(a.num, 8), a.steps_list, seed=a.seed, spacing=a.spacing,
-                                                       solver=a.solver, **a.cond),
-    lambda a: f"rows: S = {', '.join(map(str, a.steps_list))}; ")
-run_interpolation = _grid_mode(  # Figure 5: slerp between pairs of x_T
-    "interpolation.png", lambda ex, m, a: ex.interpolation(m, max(1, min(a.num, 16) // 2), 11, a.steps, seed=a.seed,
-                                                           spacing=a.spacing, solver=a.solver, **a.cond),
-    lambda a: "")
-run_sequence = _grid_mode(  # the predicted x0 along the trajectory
-    "sequence.png", lambda ex, m, a: ex.sequence(m, min(a.num, 8), a.steps, seed=a.seed, spacing=a.spacing, **a.cond),
-    lambda a: f"rows: samples; columns: predicted x0 along {a.steps} steps, then the sample; ")
-
-
-def run_reconstruction(ex, model, a, out):
+def run_reconstruction(model, s: Settings, paths):
     import numpy as np
 
+    from ddim_jax import experiments as ex
     from ddim_jax import files
 
-    json_path, grid_path = _outputs(out, ["reconstruction.json", "reconstruction.png"])
-    images = _dataset_images(model, "test", a.num)
-    errors, recons = ex.reconstruction(model, images, a.steps_list, a.batch_size, spacing=a.spacing)
-    if a.is_main:
+    json_path, grid_path = paths
+    images = _dataset_images(model, "test", s.num, s.data_dir)
+    errors, recons = ex.reconstruction(model, images, s.steps_list, s.batch_size, spacing=s.spacing)
+    if _is_main():
         k, rows = min(len(images), 10), list(errors)  # each S, then a latent model's autoencoder alone
-        _grid(np.concatenate([images[:k]] + [recons[s][:k] for s in rows]), grid_path, ncol=k)
-        files.write_json(json_path, {"num_images": len(images), "spacing": a.spacing or "uniform",
-                                     "mse_per_dim_0_1": {str(s): e for s, e in errors.items()}})
+        _grid(np.concatenate([images[:k]] + [recons[r][:k] for r in rows]), grid_path, ncol=k)
+        files.write_json(json_path, {"num_images": len(images), "spacing": s.spacing or "uniform",
+                                     "mse_per_dim_0_1": {str(r): e for r, e in errors.items()}})
         print("| S | " + " | ".join(map(str, rows)) + " |")
         print("|---" * (len(rows) + 1) + "|")
-        print("| MSE | " + " | ".join(f"{errors[s]:.2e}" for s in rows) + " |")
+        print("| MSE | " + " | ".join(f"{errors[r]:.2e}" for r in rows) + " |")
         extra = "; last row: the autoencoder alone" if "autoencoder" in errors else ""
         print(f"wrote {json_path} and {grid_path} (first row: originals; then one row per S{extra})")
 
 
-def run_fid(ex, model, a, out):
-    from ddim_jax import files
+def run_fid(model, s: Settings, paths):
+    from ddim_jax import experiments as ex
     from ddim_jax import fid as fid_lib
+    from ddim_jax import files
 
-    json_path, md_path, plot_path = _outputs(out, ["fid.json", "fid.md", "fid.png"])
-    stats = fid_lib.load_stats(FLAGS.fid_stats) if FLAGS.fid_stats else None
-    digits = model.data.get("dataset") == "digits"
-    feat_name = FLAGS.features or ("digits" if digits else "inception")
-    extractor = (fid_lib.feature_extractor("inception", weights=FLAGS.inception_weights)
+    json_path, md_path, plot_path = paths
+    stats = fid_lib.load_stats(s.fid_stats) if s.fid_stats else None
+    feat_name = s.features or ("digits" if model.data.get("dataset") == "digits" else "inception")
+    extractor = (fid_lib.feature_extractor("inception", weights=s.inception_weights)
                  if feat_name == "inception" else fid_lib.feature_extractor(feat_name))
     if stats:
         mu, sigma, _ = stats
         if mu.shape != (extractor.dim,):
-            raise ValueError(f"--fid_stats {FLAGS.fid_stats} holds {len(mu)}-d statistics; {extractor.name} features "
+            raise ValueError(f"--fid_stats {s.fid_stats} holds {len(mu)}-d statistics; {extractor.name} features "
                              f"are {extractor.dim}-d (--features)")
     else:
         if not model.data:
             raise ValueError("--fid_stats is required for a model that does not name its training data "
                              "(a converted checkpoint)")
         mu, sigma = fid_lib.reference_stats(reference_name(model.data),
-                                            lambda: _dataset_images(model, "train", 10**9), extractor)
-    rows = ex.fid_table(model, extractor, (mu, sigma), a.num, a.batch_size, a.fid_steps, FLAGS.fid_etas,
-                        spacing=a.spacing, solvers=FLAGS.fid_solvers, seed=a.seed, **a.cond)
-    if a.is_main:
+                                            lambda: _dataset_images(model, "train", 10**9, s.data_dir), extractor)
+    rows = ex.fid_table(model, extractor, (mu, sigma), s.num, s.batch_size, s.fid_steps, s.fid_etas,
+                        spacing=s.spacing, solvers=s.fid_solvers, seed=s.seed, **s.cond(model))
+    if _is_main():
         table = ex.format_fid_table(rows)
-        files.write_json(json_path, {"features": extractor.name, "spacing": a.spacing, "labels": FLAGS.labels,
-                                     "guidance": FLAGS.guidance, "rows": rows})
-        cond = f", labels {FLAGS.labels}, guidance {FLAGS.guidance}" if model.num_classes is not None else ""
-        spacing = f"{a.spacing} spacing" if a.spacing else "each solver's default spacing"
-        files.write_text(md_path, f"FID ({extractor.name} features, {a.num} samples, {spacing}{cond})\n\n"
+        files.write_json(json_path, {"features": extractor.name, "spacing": s.spacing, "labels": s.labels_text,
+                                     "guidance": s.guidance, "rows": rows})
+        cond = f", labels {s.labels_text}, guidance {s.guidance}" if model.num_classes is not None else ""
+        spacing = f"{s.spacing} spacing" if s.spacing else "each solver's default spacing"
+        files.write_text(md_path, f"FID ({extractor.name} features, {s.num} samples, {spacing}{cond})\n\n"
                                   f"{table}\n")
         ex.plot_fid(rows, plot_path)
         print(table)
         print(f"wrote {json_path}, {md_path}, {plot_path}")
 
 
-MODES = {"sample": run_sample, "consistency": run_consistency, "interpolation": run_interpolation,
-         "sequence": run_sequence, "reconstruction": run_reconstruction, "fid": run_fid}
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """One --mode: ``run(model, settings, paths)`` computes on every process and writes ``paths`` (its
+    ``outputs`` in the output directory) on process 0; the fields say which flags it takes."""
+
+    run: Callable
+    outputs: tuple[str, ...]  # every file it may write: refused when present, unless --overwrite
+    num_samples: int = 64  # the default --num_samples
+    step_flags: tuple[str, ...] = ("steps",)  # its step counts, checked against the model's T
+    solvers: bool = True  # takes --solver (else it is DDIM's: its trajectory, its encoder)
+    labels: bool = True  # takes --labels and --guidance
+    concat: bool = False  # offered for a concat-conditioned model
 
 
-def parse_conditioning(num_classes):
-    """``{"labels": ..., "guidance": ...}`` for the experiments from --labels and --guidance. ``num_classes``:
-    the model's (None = unconditional; ``False`` = not loaded yet, so only the syntax is checked)."""
-    text = FLAGS.labels.strip().lower()
-    if text in ("all", "none"):
-        labels = None if text == "none" else "all"
-    else:
-        try:
-            labels = [int(v) for v in text.split(",")]
-        except ValueError:
-            raise ValueError(f"--labels must be 'all', 'none' or comma-separated class numbers; got {FLAGS.labels!r}"
-                             ) from None
-    if num_classes is False:
-        return {}
-    if num_classes is None:
-        if FLAGS.guidance is not None or text != "all":
-            raise ValueError("--labels and --guidance apply to class-conditional models; this model is unconditional")
-        return {"labels": None, "guidance": None}
-    bad = [v for v in labels if not 0 <= v < num_classes] if isinstance(labels, list) else []
-    if bad:
-        raise ValueError(f"--labels must be classes in [0, {num_classes}); got {bad[0]}")
-    if FLAGS.guidance is not None and labels is None:
-        raise ValueError("--guidance needs classes to guide towards; --labels=none is the unconditional model")
-    return {"labels": labels, "guidance": FLAGS.guidance}
-
-
-def _output_name(mode: str) -> str:
-    """``mode`` with the settings that are not the defaults: e.g. sample_dpmpp_2m_labels3-7_g3."""
-    from ddim_jax.solvers import resolve_spacing
-
-    parts = [mode]
-    if FLAGS.solver != "ddim" and mode != "fid":
-        parts.append(FLAGS.solver)
-    if FLAGS.spacing is not None and (mode == "fid" or FLAGS.spacing != resolve_spacing(FLAGS.solver, None)):
-        parts.append(FLAGS.spacing)
-    if FLAGS.dtype != "float32":
-        parts.append(FLAGS.dtype)
-    if FLAGS.labels.strip().lower() != "all":
-        parts.append("labels" + FLAGS.labels.strip().lower().replace(",", "-"))
-    if FLAGS.guidance is not None:
-        parts.append(f"g{FLAGS.guidance:g}")
-    return "_".join(parts)
-
-
-def parse_settings(T: int | None = None, num_classes=False):
-    """The validated flags (one-line ValueErrors); step counts are checked against the model's T and the
-    labels against its classes when given."""
-    import math
-    import types
-
-    from ddim_jax import experiments as ex
-    from ddim_jax import loading
-    from ddim_jax.models import COMPUTE_DTYPES
-    from ddim_jax.schedules import SPACINGS
-    from ddim_jax.solvers import SOLVERS
-
-    if FLAGS.mode not in MODES:
-        raise ValueError(f"--mode must be one of {', '.join(MODES)}; got {FLAGS.mode!r}")
-    if FLAGS.spacing is not None and FLAGS.spacing not in SPACINGS:
-        raise ValueError(f"--spacing must be one of {', '.join(SPACINGS)}; got {FLAGS.spacing!r}")
-    if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
-        raise ValueError("give exactly one of --workdir (a training run) or --checkpoint (a model directory)")
-    if FLAGS.checkpoint is not None and FLAGS.step is not None:
-        raise ValueError("--step picks a checkpoint of a --workdir; a --checkpoint holds one set of parameters")
-    n = FLAGS.num_samples if FLAGS.num_samples is not None else (50_000 if FLAGS.mode == "fid" else 64)
-    if n <= 0:
-        raise ValueError(f"--num_samples must be >= 1; got {n}")
-    if FLAGS.batch_size <= 0:
-        raise ValueError(f"--batch_size must be >= 1; got {FLAGS.batch_size}")
-    eta, sigma_hat = ex.parse_eta(FLAGS.eta)
-    if FLAGS.dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {FLAGS.dtype!r}")
-    for name in FLAGS.fid_etas:
-        ex.parse_eta(name)
-    for name, values in (("solver", [FLAGS.solver]), ("fid_solvers", FLAGS.fid_solvers)):
-        bad = [v for v in values if v not in SOLVERS]
-        if bad or not values:
-            raise ValueError(f"--{name} must be among {', '.join(SOLVERS)}; got {','.join(values)!r}")
-    if FLAGS.solver != "ddim" and (eta != 0 or sigma_hat):
-        raise ValueError(f"--eta applies to --solver=ddim only; {FLAGS.solver} is deterministic (leave --eta at 0)")
-    if FLAGS.mode == "reconstruction" and (FLAGS.guidance is not None or FLAGS.labels.strip().lower() != "all"):
-        raise ValueError("--mode=reconstruction encodes and decodes with the unconditional model; --labels and "
-                         "--guidance do not apply")
-    if FLAGS.solver != "ddim" and FLAGS.mode in ("sequence", "reconstruction"):
-        raise ValueError(f"--mode={FLAGS.mode} uses DDIM (its trajectory, its encoder); --solver applies to the "
-                         "sample, consistency, interpolation and fid modes")
-    if FLAGS.guidance is not None and not math.isfinite(FLAGS.guidance):
-        raise ValueError(f"--guidance must be a finite number (1 = no guidance); got {FLAGS.guidance}")
-    a = types.SimpleNamespace(num=n, eta=eta, sigma_hat=sigma_hat, solver=FLAGS.solver, spacing=FLAGS.spacing,
-                              seed=FLAGS.seed,
-                              cond=parse_conditioning(False if FLAGS.mode == "reconstruction" else num_classes),
-                              steps=FLAGS.steps, batch_size=FLAGS.batch_size,
-                              steps_list=_int_list("steps_list", FLAGS.steps_list),
-                              fid_steps=_int_list("fid_steps", FLAGS.fid_steps))
-    checked = {"steps": [a.steps]}
-    if FLAGS.mode in ("consistency", "reconstruction"):
-        checked["steps_list"] = a.steps_list
-    if FLAGS.mode == "fid":
-        checked["fid_steps"] = a.fid_steps
-    for name, values in checked.items():
-        bad = [s for s in values if not 1 <= s <= (T or float("inf"))]
-        if bad:
-            raise ValueError(f"--{name} must be in [1, {T or 'T'}] (the model's T); got {bad[0]}")
-    return a
+MODES = {
+    "sample": Mode(run_sample, ("samples.npy", "samples.png", "labels.npy"), concat=True),
+    "consistency": Mode(  # Figure 4: the same x_T decoded with each S
+        _grid_mode(lambda ex, m, s: ex.consistency(m, min(s.num, 8), s.steps_list, seed=s.seed, spacing=s.spacing,
+                                                   solver=s.solver, **s.cond(m)),
+                   lambda s: f"rows: S = {', '.join(map(str, s.steps_list))}; "),
+        ("consistency.png",), step_flags=("steps", "steps_list")),
+    "interpolation": Mode(  # Figure 5: slerp between pairs of x_T
+        _grid_mode(lambda ex, m, s: ex.interpolation(m, max(1, min(s.num, 16) // 2), 11, s.steps, seed=s.seed,
+                                                     spacing=s.spacing, solver=s.solver, **s.cond(m)),
+                   lambda s: ""),
+        ("interpolation.png",)),
+    "sequence": Mode(  # the predicted x0 along the trajectory
+        _grid_mode(lambda ex, m, s: ex.sequence(m, min(s.num, 8), s.steps, seed=s.seed, spacing=s.spacing,
+                                                **s.cond(m)),
+                   lambda s: f"rows: samples; columns: predicted x0 along {s.steps} steps, then the sample; "),
+        ("sequence.png",), solvers=False),
+    "reconstruction": Mode(run_reconstruction, ("reconstruction.json", "reconstruction.png"),
+                           step_flags=("steps", "steps_list"), solvers=False, labels=False),
+    "fid": Mode(run_fid, ("fid.json", "fid.md", "fid.png"), num_samples=50_000, step_flags=("steps", "fid_steps")),
+}
 
 
 def run():
     import jax
 
-    from ddim_jax import experiments as ex
     from ddim_jax import loading
     from ddim_jax.parallel import on_main
 
-    parse_settings()  # flag errors before loading anything
-    model = loading.load_model(FLAGS.workdir or FLAGS.checkpoint, step=FLAGS.step, dtype=FLAGS.dtype)
-    a = parse_settings(model.schedule.num_timesteps, model.num_classes)
-    a.is_main = jax.process_index() == 0
-    if model.spec.concat is not None:  # conditioned by concatenation: on held-out images' observations
-        if FLAGS.mode != "sample":
-            raise ValueError(f"--mode={FLAGS.mode} is not offered for a concat-conditioned model "
-                             f"({model.spec.concat}); --mode=sample draws from held-out images' observations")
-        a.cond["sources"] = _dataset_images(model, "test", a.num)
-    # Outputs never go inside a model directory (replacing a model replaces the whole directory).
-    name = _output_name(FLAGS.mode)
-    out = FLAGS.output or (os.path.join(FLAGS.workdir, name) if FLAGS.workdir
-                           else os.path.normpath(FLAGS.checkpoint) + f"_{name}")
+    s = Settings.from_flags()  # flag errors before loading anything
+    model = loading.load_model(s.model_path, step=s.step, dtype=s.dtype)
+    s.check_model(model)
+    mode = MODES[s.mode]
+    paths = [os.path.join(s.out, name) for name in mode.outputs]
     print(f"model: {model.source}; {jax.device_count()} {jax.devices()[0].platform} device(s), "
           f"{jax.process_count()} process(es)", flush=True)
     with contextlib.ExitStack() as claim:  # process 0 writes, so it alone holds the output directory
-        on_main(lambda: claim.enter_context(claim_output(out)), "claiming --output")
-        MODES[FLAGS.mode](ex, model, a, out)
+        on_main(lambda: claim.enter_context(claim_output(s.out)), "claiming --output")
+        on_main(lambda: _refuse_existing(paths, s.overwrite), "checking --output")
+        mode.run(model, s, paths)
 
 
 def main(argv):

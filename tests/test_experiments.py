@@ -127,8 +127,9 @@ def test_fid_mode_writes_a_table_and_a_plot(workdir, tmp_path):
     (["--dtype=bfloat16"], "sample_bfloat16")])
 def test_output_names_say_the_settings_that_are_not_defaults(args, name):
     sample.FLAGS.unparse_flags()
-    sample.FLAGS(["sample.py", *args])
-    assert sample._output_name(sample.FLAGS.mode) == name
+    sample.FLAGS(["sample.py", "--workdir=runs/x", *args])
+    settings = sample.Settings.from_flags()
+    assert settings.output_name == name and settings.out == os.path.join("runs/x", name)
 
 
 def test_reference_statistics_are_named_by_everything_that_changes_the_images():
