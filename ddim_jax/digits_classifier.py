@@ -150,8 +150,3 @@ def load_digits_classifier(cache: bool = True, verbose: bool = True) -> tuple[di
         arrays = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
         atomic_write(path, lambda f: np.savez(f, __accuracy__=np.float64(acc), **arrays))
     return params, acc
-
-
-def digits_classifier_accuracy() -> float:
-    """Held-out (last 297 digits) accuracy of the cached (else trained) digits CNN."""
-    return load_digits_classifier()[1]

@@ -36,8 +36,6 @@ from ddim_jax.sampling import ddim_encode, ddim_sample, slerp
 from ddim_jax.schedules import Schedule
 from ddim_jax.solvers import resolve_spacing, sample
 
-MODES = ("sample", "consistency", "interpolation", "sequence", "reconstruction", "fid")
-
 
 @dataclasses.dataclass
 class Model:
@@ -411,6 +409,6 @@ def plot_fid(rows: list[dict], path: str):
     plt.close(fig)
 
 
-__all__ = ["MODES", "Model", "check_batch", "generate", "sample_batches", "consistency",
+__all__ = ["Model", "check_batch", "generate", "sample_batches", "consistency",
            "interpolation", "sequence", "reconstruction", "fid_table", "format_fid_table", "plot_fid", "save_grid",
            "latents", "decode", "parse_eta", "fid_settings", "class_labels"]
