@@ -122,6 +122,8 @@ class Settings:
         if FLAGS.batch_size <= 0:
             raise ValueError(f"--batch_size must be >= 1; got {FLAGS.batch_size}")
         eta, sigma_hat = ex.parse_eta(FLAGS.eta)
+        if FLAGS.features not in (None, "inception", "digits"):
+            raise ValueError(f"--features must be inception or digits; got {FLAGS.features!r}")
         if FLAGS.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {FLAGS.dtype!r}")
         for name in FLAGS.fid_etas:

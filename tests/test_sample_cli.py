@@ -72,3 +72,8 @@ def test_fid_statistics_that_do_not_fit_are_refused_before_sampling(workdir, tmp
                                          "features are 64-d"):
         run_cli(*args, f"--fid_stats={tmp_path / 'small.npz'}")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_feature_extractor_is_refused_before_the_model_loads(tmp_path):
+    with pytest.raises(ValueError, match="^--features must be inception or digits; got 'clip'$"):
+        run_cli(f"--workdir={tmp_path / 'absent'}", "--mode=fid", "--features=clip")
