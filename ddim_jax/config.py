@@ -294,7 +294,8 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
     entry = kinds.KINDS[kind]
     arch = {k: v for k, v in to_dict(config["model"]).items() if k in entry.arch_fields}
     arch = entry.full_arch(arch)
-    entry.check(arch, lambda ok, field, what: need(ok, f"model.{field}", what))
+    for check in (entry.check, entry.train_check):
+        check(arch, lambda ok, field, what: need(ok, f"model.{field}", what))
     need(t.remat is False or entry.remat, "training.remat", f"False (remat is not offered for {kind})")
     _CHECKS[goal](config, need)
     if goal == "diffusion" and config.latent.autoencoder and not config.latent.autoencoder_spec:

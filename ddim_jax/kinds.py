@@ -63,7 +63,9 @@ class ModelKind:
     """One kind of network. ``from_spec``: the module fields the spec fills in, as ``name -> f(spec)``.
     ``defaults``: a new training config's model block (the embedded digits' settings; fields left out
     take the module's defaults; ``num_classes`` for diffusion kinds). ``check(arch, need)``: calls
-    ``need(ok, field, what)`` for each architecture rule (``arch`` has every field, defaults filled in).
+    ``need(ok, field, what)`` for each architecture rule (``arch`` has every field, defaults filled in);
+    ``train_check`` likewise for settings a model may have but a training config should not (they train
+    badly).
     ``needs_labels``: a class-conditional-only kind. ``remat``: the module takes ``remat``.
     ``trainable``: train.py trains it (a kind conditioned on context arrays has no data to train on)."""
 
@@ -72,6 +74,7 @@ class ModelKind:
     example_inputs: Callable[[Any], tuple]
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     check: Callable[[Mapping, Callable], None] = lambda arch, need: None
+    train_check: Callable[[Mapping, Callable], None] = lambda arch, need: None
     objective: str = "diffusion"
     conditioning: str = "labels"
     needs_labels: bool = False
@@ -187,10 +190,13 @@ def _check_unet(a: Mapping, need) -> None:
     need(isinstance(a["attn_resolutions"], (tuple, list)) and all(_int(r) for r in a["attn_resolutions"]),
          "attn_resolutions", "a tuple of feature-map sides")
     need(_real(a["dropout"]) and 0 <= a["dropout"] < 1, "dropout", "a number in [0, 1)")
-    widths = sorted({a["ch"] * k for k in a["ch_mult"]})
-    _check_groups(a, need, widths)
+    _check_groups(a, need, sorted({a["ch"] * k for k in a["ch_mult"]}))
+
+
+def _train_check_unet(a: Mapping, need) -> None:
     # The ResNet blocks add the timestep (and class) embedding as a per-channel shift, which GroupNorm
     # removes from a group of one channel: such a level would never see t.
+    widths = sorted({a["ch"] * k for k in a["ch_mult"]})
     need(widths[0] // a["norm_groups"] >= 2, "norm_groups",
          f"at most {widths[0] // 2} (two or more channels per group at {widths[0]} channels; DDPM has 4), or the "
          "blocks cannot see the timestep")
@@ -265,7 +271,7 @@ register("unet", ModelKind(
     UNet, {"out_ch": lambda s: s.channels, "num_classes": lambda s: s.num_labels}, denoiser_inputs,
     defaults=dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
                   resamp_with_conv=True, norm_groups=32, num_classes=None),
-    check=_check_unet, remat=True))
+    check=_check_unet, train_check=_train_check_unet, remat=True))
 # Latent diffusion's class-conditional UNet: diffusers' UNet2DConditionModel blocks cross-attending to
 # context_tokens learned tokens per class (ddim_jax.cond_unet.ClassConditionedUNet).
 register("cross_attention_unet", ModelKind(
