@@ -7,9 +7,12 @@ the last checkpoint appear once.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from ddim_jax import files
+
+log = logging.getLogger("ddim_jax")
 
 METRICS = "metrics.jsonl"
 
@@ -20,18 +23,25 @@ def due(step: int, every: int, last_step: int) -> bool:
 
 
 def truncate_metrics(path: str, step: int) -> int:
-    """Drops the rows of ``metrics.jsonl`` after ``step`` (and any torn last line); returns the rows kept."""
+    """Drops the rows of ``metrics.jsonl`` after ``step``; returns the rows kept. The file is a log, so a
+    line that is not a row (damaged bytes) is dropped with a warning naming it, and a torn last line
+    (a run killed while writing it) silently."""
     if not os.path.exists(path):
         return 0
     kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-                kept.append(json.dumps(row))
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError included
+            if i < len(lines) or line.endswith(b"\n"):
+                log.warning("%s line %d is not a JSON row (%r); dropped", path, i, line[:80])
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(json.dumps(row))
     files.write_text(path, "".join(x + "\n" for x in kept))
     return len(kept)
 
