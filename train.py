@@ -40,8 +40,10 @@ def main(argv):
         jax.distributed.initialize()
     from ddim_jax.cache import enable_compilation_cache
     from ddim_jax.training import train
+    from ddim_jax.training.checkpoints import quiet_failed_saves
 
     enable_compilation_cache(FLAGS.compile_cache)
+    quiet_failed_saves()
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config_file = flags.FLAGS["config"].config_filename
     path, _, setup = config_file.partition(":")
@@ -49,7 +51,9 @@ def main(argv):
     try:
         train(FLAGS.config, workdir, allow_config_change=FLAGS.override_config)
     except (ValueError, OSError, RuntimeError, FloatingPointError) as e:  # OSError: read-only or full disk, ...
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {(str(e).splitlines() or [''])[0]}") from None
+    except KeyboardInterrupt:  # before the loop, or a second Ctrl-C (the first one saves and stops the loop)
+        raise SystemExit("interrupted: nothing saved since the last checkpoint") from None
 
 
 def parse_flags(argv):

@@ -1,7 +1,10 @@
 """Training checkpoints: orbax state + a JSON record (step, data position, config) per step.
 
-Only a checkpoint proven unreadable (files missing, truncated or failing their own metadata) is
-moved to ``workdir/corrupt_checkpoints/``; any other error (permissions, a full or failing disk, a
+Once orbax has committed a checkpoint, :meth:`Checkpointer.seal` writes the sha256 of each of its
+files to ``CHECKSUMS`` inside it; they are checked before it is restored (a checkpoint without them,
+written before they existed, is restored unchecked). Only a checkpoint proven unreadable (files
+missing, truncated, failing their checksums or their own metadata) is moved to
+``workdir/corrupt_checkpoints/``; any other error (permissions, a full or failing disk, a
 bug) stops with that error and changes nothing. Every checkpoint carries the config it was written
 with, so it is compared with the given config on its own, whatever ``config.json`` says.
 """
@@ -9,17 +12,19 @@ with, so it is compared with the given config on its own, whatever ``config.json
 from __future__ import annotations
 
 import dataclasses
-
 import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from ddim_jax import files
 from ddim_jax.config import config_differences, flatten, spec_from_config, with_defaults
 from ddim_jax.models import ModelSpec
 from ddim_jax.parallel import host, host_tree, make_mesh
@@ -31,6 +36,8 @@ log = logging.getLogger("ddim_jax")
 
 CHECKPOINTS = "checkpoints"
 CORRUPT = "corrupt_checkpoints"
+CHECKSUMS = "sha256sums.json"  # inside each sealed checkpoint: {relative path: sha256} of its other files
+_UNFINISHED = ".orbax-checkpoint-tmp"  # orbax writes a checkpoint under this suffix until it commits
 
 
 class CorruptCheckpoint(Exception):
@@ -66,8 +73,9 @@ def is_corruption(e: BaseException) -> bool:
                                      # the code's state no longer matches what was saved: not the file's fault
                                      "Structure mismatch", "not compatible with the stored shape")):
         return False
-    return any(code in text for code in _CORRUPTION_CODES) or isinstance(e, (ValueError, KeyError, TypeError,
-                                                                              EOFError))
+    return (any(code in text for code in _CORRUPTION_CODES) or isinstance(e, (ValueError, KeyError, TypeError, EOFError))
+            # tensorstore, for a chunk file that is missing or cut short
+            or "Encountered error while reading array index" in text)
 
 
 def _first_line(e: BaseException) -> str:
@@ -78,11 +86,18 @@ class Checkpointer:
     """Orbax CheckpointManager over ``workdir/checkpoints``: state + JSON metadata."""
 
     def __init__(self, workdir: str, keep: int, *, create: bool = True):
+        """``create``: for the run that trains here (it holds the workdir's lock), which also removes the
+        unfinished checkpoints a killed or failed run left; readers (``create=False``) change nothing."""
         self.workdir = os.path.abspath(workdir)
         self.dir = os.path.join(self.workdir, CHECKPOINTS)
+        if create:
+            self.remove_unfinished()
+        # Step directories are made before save() returns, so a failure to make one is raised there (made in
+        # the background, it would leave orbax's other threads waiting for them for 5 minutes).
         self.manager = ocp.CheckpointManager(
-            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                                           enable_async_checkpointing=True))
+            self.dir, options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=create, enable_async_checkpointing=True,
+                async_options=ocp.AsyncOptions(create_directories_asynchronously=False)))
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -90,8 +105,36 @@ class Checkpointer:
     def save(self, state: TrainState, meta: dict):
         if not bool(host(_all_finite((state.params, state.ema_params)))):
             raise FloatingPointError(f"refusing to save a checkpoint with non-finite parameters at step {meta['step']}")
-        self.manager.save(meta["step"], args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                                 meta=ocp.args.JsonSave(meta)), force=True)
+        try:
+            self.manager.save(meta["step"], args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                     meta=ocp.args.JsonSave(meta)), force=True)
+        except BaseException:
+            self.remove_unfinished()  # what the failed save wrote (writes still in flight: the next run's)
+            raise
+
+    def seal(self, step: int) -> str:
+        """Writes the checksums of the committed checkpoint ``step`` (process 0, after :meth:`wait`)."""
+        d = os.path.join(self.dir, str(step))
+        return files.write_json(os.path.join(d, CHECKSUMS), {p: _sha256(os.path.join(d, p)) for p in _files(d)})
+
+    def verify(self, step: int) -> None:
+        """CorruptCheckpoint if a file of ``step`` is missing or differs from its checksum; a checkpoint
+        without checksums passes unchecked."""
+        d = os.path.join(self.dir, str(step))
+        try:
+            with open(os.path.join(d, CHECKSUMS)) as f:
+                sums = json.load(f)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            raise CorruptCheckpoint(f"checkpoint {step}: its {CHECKSUMS} cannot be read ({_first_line(e)})",
+                                    step) from None
+        for path, digest in sorted(sums.items()):
+            full = os.path.join(d, path)
+            if not os.path.isfile(full):
+                raise CorruptCheckpoint(f"checkpoint {step}: its file {path} is missing", step)
+            if _sha256(full) != digest:
+                raise CorruptCheckpoint(f"checkpoint {step}: its file {path} does not match its checksum", step)
 
     def read_meta(self, step: int) -> dict:
         """The JSON record of ``step``; CorruptCheckpoint if it is missing or malformed."""
@@ -127,10 +170,79 @@ class Checkpointer:
         return aside
 
     def wait(self):
-        self.manager.wait_until_finished()
+        """Returns once the checkpoint being written has committed; raises its error if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except BaseException:
+            self.remove_unfinished()  # what the failed save wrote (writes still in flight: the next run's)
+            raise
+
+    def remove_unfinished(self) -> None:
+        """Removes the partial checkpoints (``N.orbax-checkpoint-tmp``) of saves that never committed."""
+        if jax.process_index() != 0 or not os.path.isdir(self.dir):
+            return
+        for name in os.listdir(self.dir):
+            if _UNFINISHED in name:
+                shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
 
     def close(self):
         self.manager.close()
+
+
+def _from_orbax(tb) -> bool:
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _OrbaxEchoes(logging.Filter):
+    """A save that fails in the background is logged by orbax with its traceback (by each of its threads
+    and again by ``wait_until_finished``, which then raises it), and the writes still in flight add
+    asyncio's "exception was never retrieved" for each: echoes of the one error the run then reports.
+    Drops the log records carrying an exception raised in orbax's code; everything else passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info or (None, None, None)
+        future_exc = getattr(record.args, "get", lambda _: None)("exception") if isinstance(record.args, dict) else None
+        tb = exc[2] or getattr(future_exc, "__traceback__", None)
+        return not _from_orbax(tb)
+
+
+def quiet_failed_saves() -> None:
+    """Keeps a failed background save to the one error it raises (for the command line): filters
+    orbax's and asyncio's log records of it, and the "Event loop is closed" errors tensorstore reports
+    (as unraisable) when writes of an aborted save finish after orbax closed their event loop."""
+    for name in ("absl", "asyncio"):
+        if not any(isinstance(f, _OrbaxEchoes) for f in logging.getLogger(name).filters):
+            logging.getLogger(name).addFilter(_OrbaxEchoes())
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop_calls", False):
+        return
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+                and unraisable.exc_traceback is not None
+                and unraisable.exc_traceback.tb_frame.f_code.co_name == "call_soon_threadsafe"):
+            previous(unraisable)
+
+    hook._drops_closed_loop_calls = True
+    sys.unraisablehook = hook
+
+
+def _files(directory: str) -> list[str]:
+    """Paths of the files under ``directory``, relative to it, but for the checksums themselves."""
+    out = [os.path.relpath(os.path.join(root, n), directory) for root, _, names in os.walk(directory) for n in names]
+    return sorted(p for p in out if p != CHECKSUMS)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @jax.jit
@@ -154,6 +266,7 @@ def resume(ckpt: Checkpointer, config, mesh, *, allow_config_change: bool):
     unreadable = []  # newest first
     for step in reversed(ckpt.steps()):
         try:
+            ckpt.verify(step)
             meta = ckpt.read_meta(step)
             saved = with_defaults(meta["config"])
             diff = config_differences(saved, given)
@@ -212,6 +325,7 @@ def load_checkpoint(workdir: str, step: int | None = None):
         errors = []
         for s in [step] if step is not None else reversed(steps):
             try:
+                ckpt.verify(s)
                 meta = ckpt.read_meta(s)
                 config = ml_collections.ConfigDict(with_defaults(meta["config"]))
                 _architecture_or_corrupt(meta["config"], s)

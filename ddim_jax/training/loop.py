@@ -12,6 +12,8 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import threading
 import time
@@ -21,6 +23,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from safetensors import SafetensorError
 
 from ddim_jax import data as data_lib
 from ddim_jax import files, models
@@ -30,7 +33,7 @@ from ddim_jax.parallel import host, make_mesh, on_main
 from ddim_jax.training import latent, perceptual
 from ddim_jax.training.checkpoints import Checkpointer, resume
 from ddim_jax.training.memory import check_fits, memory_plan
-from ddim_jax.training.metrics import MetricsWriter, due
+from ddim_jax.training.metrics import METRICS, MetricsWriter, due
 from ddim_jax.training.objectives import make_objective
 from ddim_jax.training.state import TrainState, cached_train_step, init_state
 
@@ -47,12 +50,22 @@ class TrainResult:
 
 
 class _Stop:
+    """SIGTERM (preemption) and Ctrl-C (SIGINT): the loop saves a checkpoint after the current step and
+    returns. A second Ctrl-C stops at once (KeyboardInterrupt), without that checkpoint."""
+
     def __init__(self):
-        self.requested = False
+        self.signal = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def __call__(self, signum, frame):
-        log.warning("received signal %d: saving a checkpoint and exiting", signum)
-        self.requested = True
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning("received %s: saving a checkpoint and exiting%s", signal.Signals(signum).name,
+                    " (Ctrl-C again to stop at once, without it)" if signum == signal.SIGINT else "")
+        self.signal = signum
 
 
 def check_batch_fits(config, num_processes: int) -> None:
@@ -68,14 +81,14 @@ def check_batch_fits(config, num_processes: int) -> None:
 
 
 def check_labels(config, source) -> None:
-    """A class-conditional config needs a labelled dataset with at most ``model.num_classes`` classes."""
+    """A class-conditional config needs a labelled dataset with exactly ``model.num_classes`` classes."""
     k = config.model.get("num_classes")
     if k is None:
         return
     if source.num_classes is None:
         raise ValueError(f"model.num_classes={k} needs class labels, and dataset {source.name!r} has none "
                          "(a folder dataset is labelled by its sub-folders); set model.num_classes=None")
-    if source.num_classes > k:
+    if source.num_classes != k:
         raise ValueError(f"model.num_classes={k} but dataset {source.name!r} has {source.num_classes} classes "
                          f"({', '.join(source.class_names[:12])}); set model.num_classes={source.num_classes}")
 
@@ -95,10 +108,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
     os.makedirs(workdir, exist_ok=True)
     lock = on_main(lambda: files.WorkdirLock(workdir).acquire(), "locking the workdir")
     try:
+        on_main(lambda: _remove_leftovers(workdir), "removing a killed run's temporary files")
         return _train_locked(config, workdir, mesh, is_main, allow_config_change, progress, first_stage, frozen)
     finally:
         if lock is not None:
             lock.release()
+
+
+# What files.atomic_write and files.replace_dir leave beside their targets when the process is killed.
+_LEFTOVER = re.compile(rf"\.({re.escape(models.EXPORT_DIR)}|{re.escape(latent.COPY_DIR)}|config\.json|"
+                       rf"{re.escape(METRICS)})\..+\.(tmp|old)")
+
+
+def _remove_leftovers(workdir: str) -> None:
+    """Removes the temporary copies of the workdir's own files that a killed run left (the lock, held now,
+    says no other run is writing them). Unfinished checkpoints are :class:`Checkpointer`'s to remove."""
+    for name in os.listdir(workdir):
+        if _LEFTOVER.fullmatch(name):
+            path = os.path.join(workdir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
 
 
 def _train_locked(config, workdir, mesh, is_main, allow_config_change, progress, first_stage,
@@ -176,15 +207,34 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state, frozen)
     k, last = t_cfg.steps_per_dispatch, t_cfg.num_steps
     conditional = spec.num_classes is not None
 
+    writing = None  # (step, its EMA model on the host) of the checkpoint being written in the background
+
     def checkpoint(step):
+        nonlocal writing
+        commit()
         ckpt.save(state, {"step": step, "data_position": step, "seed": t_cfg.seed,
                           "global_batch": t_cfg.batch_size, "config": cfg_dict})
-        # The EMA model in the one model format, for sample.py and for sharing.
+        writing = step, jax.tree.map(host, objective.model_params(state.ema_params, frozen))
+
+    def commit():
+        """Waits for the checkpoint being written; once it has committed, writes its checksums and exports
+        its EMA model in the one model format (for sample.py and for sharing). A model is never exported
+        from a checkpoint that may not exist."""
+        nonlocal writing
+        if writing is None:
+            return
+        (step, params), writing = writing, None
+        ckpt.wait()
+        on_main(lambda: export(step, params), "exporting the model")
+
+    def export(step, params):
+        ckpt.seal(step)
         info = dict(spec.info, source=f"{os.path.abspath(workdir)} (step {step}, EMA params)", step=step)
-        on_main(lambda: models.save(os.path.join(workdir, models.EXPORT_DIR), dataclasses.replace(spec, info=info),
-                                    jax.tree.map(host, objective.model_params(state.ema_params, frozen)),
-                                    overwrite=True),
-                "exporting the model")
+        path = os.path.join(workdir, models.EXPORT_DIR)
+        try:
+            models.save(path, dataclasses.replace(spec, info=info), params, overwrite=True)
+        except SafetensorError as e:  # safetensors' word for a failed write (a full disk, ...)
+            raise OSError(f"writing the model to {path} failed: {e}") from None
 
     workers = config.data.num_workers if config.data.num_workers >= 0 else data_lib.usable_cores()
     loader = data_lib.BatchLoader(source, t_cfg.batch_size, t_cfg.seed, jax.process_index(), jax.process_count(),
@@ -192,7 +242,7 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state, frozen)
     writer = MetricsWriter(workdir, start_step=start, total_steps=last, enabled=is_main, progress=progress)
     stop = _Stop()
     main_thread = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    old_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
     t0 = time.time()
     step, pending, preempted = start, [], False
     last_log_time, last_log_step = t0, start
@@ -223,6 +273,7 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state, frozen)
                          else float("nan") for name in m[0] if name != "finite"}  # loss, grad_norm, the objective's
                 writer.write({"step": step, **means, "steps_per_sec": sps,
                               "nonfinite_total": int(host(state.nonfinite_total))})
+                commit()  # the last checkpoint, if it is still being written
                 in_a_row = int(host(state.nonfinite_in_a_row))
                 if in_a_row >= t_cfg.max_nonfinite:
                     saved = ckpt.steps()
@@ -243,15 +294,17 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state, frozen)
                     checkpoint(step)
                 preempted = True
                 break
+        commit()
     finally:
         loader.close()
         writer.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
     wall = time.time() - t0
     ips = (step - start) * t_cfg.batch_size / max(wall, 1e-9)
     if is_main:
-        print(f"{'preempted' if preempted else 'done'}: step {step} ({step - start} this run) in {wall:.1f} s, "
+        how = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted"}.get(stop.signal, "preempted")
+        print(f"{how if preempted else 'done'}: step {step} ({step - start} this run) in {wall:.1f} s, "
               f"{ips:.1f} images/s, {int(host(state.nonfinite_total))} non-finite steps skipped; workdir {workdir}",
               flush=True)
     return TrainResult(state, step - start, wall, ips, preempted)
