@@ -1,12 +1,17 @@
-"""Shared by the benchmark scripts: interleaved timing, and what they record about the checkout and the
-machine they ran on."""
+"""Shared by the benchmark scripts: interleaved timing, what they record about the checkout and the
+machine they ran on, and what their ``--smoke`` runs (the same code at a tiny size) read and write."""
 
 from __future__ import annotations
 
+import atexit
+import importlib
 import os
 import pathlib
 import platform
+import shutil
 import subprocess
+import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,6 +42,41 @@ def machine_description() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return d
+
+
+def scratch_dir() -> str:
+    """A new temporary directory, removed when the process exits: where a ``--smoke`` run writes."""
+    path = tempfile.mkdtemp(prefix="ddim_jax_benchmark.")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def tiny_unet(config):
+    """``config`` (a UNet training config) with a one-level 32-channel UNet at 8x8: a ``--smoke`` run's network."""
+    config.data.image_size = 8
+    config.model.update(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,), norm_groups=8)
+    return config
+
+
+def random_model(config_name: str) -> str:
+    """A model directory in a :func:`scratch_dir` holding the model ``configs/<config_name>.py`` trains, with
+    random weights: what a ``--smoke`` run of a quality benchmark reads in place of a trained run."""
+    if str(ROOT) not in sys.path:  # configs/ (and ddim_jax) of this checkout
+        sys.path.insert(0, str(ROOT))
+    import jax
+
+    from ddim_jax import models
+    from ddim_jax.config import spec_from_config
+
+    spec = spec_from_config(importlib.import_module(f"configs.{config_name}").get_config())
+    return models.save(os.path.join(scratch_dir(), config_name), spec, spec.init_params(jax.random.key(0)))
+
+
+def sampling_batch(model, num: int, largest: int) -> int:
+    """The batch to draw ``num`` samples from ``model`` (a ``ddim_jax.experiments.Model``) in: ``largest``, or
+    ``num`` if fewer, rounded up to a multiple of the model's devices (the sampler splits a batch over them)."""
+    n = model.mesh.devices.size
+    return -(-min(num, largest) // n) * n
 
 
 def interleaved(fns: dict, repeats: int) -> dict:

@@ -10,6 +10,9 @@ Encodes the 297 held-out digits (upscaled as in training) to the posterior mean,
   * a grid: originals (top rows) over reconstructions.
 
     python benchmarks/autoencoder_quality.py --workdir=runs/autoencoder_digits [--out benchmarks/results]
+
+``--smoke`` reads a random autoencoder of configs/autoencoder_digits.py and writes its grid into a temporary
+directory: a quick test of this script.
 """
 
 import argparse
@@ -17,21 +20,29 @@ import os
 
 import jax
 import numpy as np
+from _machine import random_model, scratch_dir
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/autoencoder_digits")
     p.add_argument("--out", default="benchmarks/results")
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="a random autoencoder, output in a temporary directory")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.smoke:
+        args.workdir, args.out = random_model("autoencoder_digits"), scratch_dir()
 
     from sklearn.linear_model import LogisticRegression
 
-    from ddim_jax import models
     from ddim_jax.data import load_digits, prepare_image
     from ddim_jax.images import save_grid
+    from ddim_jax.loading import load
 
-    spec, params = models.load(args.workdir)
+    spec, params = load(args.workdir)
     net, size = spec.build(), spec.image_size
     test_x, test_y = load_digits("test")
     train_x, train_y = load_digits("train")

@@ -23,6 +23,9 @@ A latent model of the upscaled digits (configs/latent_digits.py) generates 32x32
 box-filtered back to 8x8 (the mean of each 4x4 block) before the CNN and the FID read them.
 
     python benchmarks/digits_quality.py --workdir=runs/latent_digits --guidance 0,1,2,3
+
+``--smoke`` reads random models of configs/digits.py and configs/digits_cond.py in turn, draws 20 samples
+with S = 2 (guidance 2) and writes the grids into a temporary directory: a quick test of this script.
 """
 
 import argparse
@@ -30,9 +33,10 @@ import os
 
 import jax
 import numpy as np
+from _machine import random_model, sampling_batch, scratch_dir
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/digits")
     p.add_argument("--num", type=int, default=1500)
@@ -41,21 +45,40 @@ def main():
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (1 = DDPM)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--guidance", default="0,1,2,3", help="guidance scales for a class-conditional run")
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true",
+                   help="random unconditional and conditional models, 20 samples, S = 2: a quick test")
+    args = p.parse_args(argv)
     if args.num < 2:
         p.error("--num must be at least 2 (the FID needs the covariance of at least two samples)")
+    if args.smoke:
+        args.num, args.steps, args.guidance = 20, 2, "2"
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.smoke:
+        return report(args)
+    args.out = scratch_dir()
+    for config_name in ("digits", "digits_cond"):
+        args.workdir = random_model(config_name)
+        report(args)
+
+
+def report(args):
     from sklearn.linear_model import LogisticRegression
 
     from ddim_jax import digits_classifier, fid
     from ddim_jax import experiments as ex
     from ddim_jax.data import load_digits
     from ddim_jax.images import save_grid
+    from ddim_jax.loading import load_model
 
-    model = ex.load_model(args.workdir)
+    model = load_model(args.workdir)
     if model.num_classes is not None:
         return conditional(model, args)
-    samples = ex.generate(model, args.num, 250, args.steps, seed=0, solver=args.solver, eta=args.eta)
+    samples = ex.generate(model, args.num, sampling_batch(model, args.num, 250), args.steps, seed=0,
+                          solver=args.solver, eta=args.eta)
     train_x, train_y = load_digits("train")
     test_x, test_y = load_digits("test")
     flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0  # noqa: E731
@@ -135,8 +158,8 @@ def conditional(model, args):
     print("|---|---|---|---|")
     os.makedirs(args.out, exist_ok=True)
     for scale in [float(v) for v in args.guidance.split(",")]:
-        full = ex.generate(model, args.num, 250, args.steps, seed=0, labels="all", guidance=scale,
-                           solver=args.solver, eta=args.eta)
+        full = ex.generate(model, args.num, sampling_batch(model, args.num, 250), args.steps, seed=0, labels="all",
+                           guidance=scale, solver=args.solver, eta=args.eta)
         samples = fid.box_downsample(full, 8)
         p = probs(samples)
         print(f"| {scale:g} | {np.mean(p.argmax(1) == asked):.3f} | {np.mean(p.max(1) >= 0.9):.3f} | "

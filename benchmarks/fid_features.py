@@ -8,7 +8,7 @@ the device transfer included); pytorch-fid's model is called on float tensors in
 call. The peer is skipped, with a note, when pytorch-fid cannot be imported. The FLOP count is XLA's
 cost analysis of our compiled batch.
 
-    python benchmarks/fid_features.py [--images 200] [--batch 50] [--repeats 3]
+    python benchmarks/fid_features.py [--images 200] [--batch 50] [--repeats 3] [--smoke]
 """
 
 from __future__ import annotations
@@ -77,12 +77,20 @@ def median_time(fn, repeats):
     return statistics.median(runs)
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="2 images, one repeat: a quick test")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.images, args.batch, args.repeats = 2, 2, 1
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     params = random_params()
     images = np.random.default_rng(1).integers(0, 256, size=(args.images, 32, 32, 3), dtype=np.uint8)

@@ -13,7 +13,9 @@ What a training step consumes: XLA's FLOP count of one train step of ``configs/p
 pipeline must feed one such device. That is an estimate, not a measurement.
 
     python benchmarks/input_pipeline.py [--images 256] [--batch 64] [--steps 6] [--workers 0,2,all]
-        [--tflops 300] [--skip_flops] [--json PATH]
+        [--tflops 300] [--skip_flops] [--json PATH] [--smoke]
+
+--smoke: 4 small JPEGs, batch 2, one step, 0 and 2 workers, the FLOPs of a tiny UNet's step: a quick test.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import tempfile
 import time
 
 import numpy as np
-from _machine import ROOT, git_revision, machine_description
+from _machine import ROOT, git_revision, machine_description, tiny_unet
 
 sys.path.insert(0, str(ROOT))
 
@@ -62,7 +64,7 @@ def write_jpegs(folder, n, height, width, seed=0):
     return paths
 
 
-def step_flops_per_image(batch):
+def step_flops_per_image(batch, smoke=False):
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
@@ -73,17 +75,20 @@ def step_flops_per_image(batch):
     from ddim_jax.training.state import abstract_state, make_train_step
 
     c = get_config("lsun_church256")
+    if smoke:
+        tiny_unet(c)
     c.training.batch_size = batch
     mesh = make_mesh(jax.devices()[:1])
     rows = NamedSharding(mesh, P(None, "data"))
-    images = jax.ShapeDtypeStruct((1, batch, 256, 256, 3), jnp.uint8, sharding=rows)
+    size = c.data.image_size
+    images = jax.ShapeDtypeStruct((1, batch, size, size, 3), jnp.uint8, sharding=rows)
     labels = jax.ShapeDtypeStruct((1, batch), jnp.int32, sharding=rows)
-    cost = make_train_step(c, mesh).jitted.lower(abstract_state(c, mesh), images, labels).compile().cost_analysis()
+    cost = make_train_step(c, mesh).jitted.lower(abstract_state(c, mesh), images, labels, {}).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"]) / batch
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--size", default="320x384")
@@ -94,7 +99,15 @@ def main():
     p.add_argument("--flops_batch", type=int, default=4)
     p.add_argument("--skip_flops", action="store_true")
     p.add_argument("--json", default=None)
-    a = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="a few small JPEGs, one step, a tiny UNet: a quick test")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.images, a.size, a.batch, a.steps, a.workers, a.flops_batch = 4, "64x64", 2, 1, "0,2", 1
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
 
     from ddim_jax.data import BatchLoader, RecordSource, usable_cores
 
@@ -121,7 +134,7 @@ def main():
             print(f"| {w} ({workers}) | {ips:.0f} | {secs / a.steps:.3f} |", flush=True)
     need = None
     if not a.skip_flops:
-        per_image = step_flops_per_image(a.flops_batch)
+        per_image = step_flops_per_image(a.flops_batch, a.smoke)
         need = a.tflops * 1e12 / per_image
         print(f"lsun_church256 train step: {per_image / 1e9:.0f} GFLOP per image (XLA); at {a.tflops:.0f} TFLOP/s a "
               f"device consumes about {need:.0f} images/s")

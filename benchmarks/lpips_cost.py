@@ -2,11 +2,12 @@
 PatchGAN and its adaptive weight switched on) without and with ``loss.perceptual_weight`` x LPIPS (VGG16),
 in the same process on the same devices.
 
-    python benchmarks/lpips_cost.py [--batch 32] [--steps 10] [--image_size 32]
+    python benchmarks/lpips_cost.py [--batch 32] [--steps 10] [--image_size 32] [--smoke]
 
 The LPIPS weights are random arrays of VGG16's and the heads' shapes (speed does not depend on their
 values), so this needs no weights file. The two steps are timed in alternation. Per row: the median
-seconds of one train step and XLA's temporaries for it.
+seconds of one train step and XLA's temporaries for it. ``--smoke``: one 16x16 image on one device, one
+timed step: a quick test.
 """
 
 import argparse
@@ -21,12 +22,20 @@ from _machine import ROOT, interleaved
 sys.path.insert(0, str(ROOT))
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="timed train steps per row")
     p.add_argument("--image_size", type=int, default=32)
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="one 16x16 image, one device, one step: a quick test")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.batch, args.steps, args.image_size = 1, 1, 16
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -37,7 +46,7 @@ def main():
     from ddim_jax.training.memory import memory_plan
     from ddim_jax.training.state import init_state, make_train_step
 
-    mesh = make_mesh()
+    mesh = make_mesh(jax.devices()[:1] if args.smoke else None)
     rng = np.random.default_rng(0)
     weights = jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(np.float32), lpips.param_shapes())
     images = jax.device_put(rng.integers(0, 256, (1, args.batch, args.image_size, args.image_size, 1), dtype=np.uint8),

@@ -12,7 +12,9 @@ The temporaries are those of the backend the script runs on: XLA:CPU's figures (
 scheduling) are not a GPU's or a TPU's; run it on the accelerator to plan for it.
 
     python benchmarks/memory_plan.py [--setups cifar10,celeba64,lsun_church256] [--batches 8,32,128]
-        [--dtypes float32,bfloat16] [--remat 0,1] [--json PATH]
+        [--dtypes float32,bfloat16] [--remat 0,1] [--json PATH] [--smoke]
+
+--smoke: cifar10's setup with a tiny UNet at 8x8, batch 2, float32, no remat: a quick test.
 """
 
 from __future__ import annotations
@@ -22,19 +24,27 @@ import json
 import sys
 import time
 
-from _machine import ROOT, git_revision, machine_description
+from _machine import ROOT, git_revision, machine_description, tiny_unet
 
 sys.path.insert(0, str(ROOT))
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--setups", default="cifar10,celeba64,lsun_church256")
     p.add_argument("--batches", default="8,32,128")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--remat", default="0,1")
     p.add_argument("--json", default=None)
-    a = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="cifar10 with a tiny UNet, batch 2: a quick test")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.setups, a.batches, a.dtypes, a.remat = "cifar10", "2", "float32", "0"
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
 
     import jax
 
@@ -54,7 +64,7 @@ def main():
         for batch in map(int, a.batches.split(",")):
             for dtype in a.dtypes.split(","):
                 for remat in (bool(int(r)) for r in a.remat.split(",")):
-                    c = get_config(setup)
+                    c = tiny_unet(get_config(setup)) if a.smoke else get_config(setup)
                     c.training.update(batch_size=batch, compute_dtype=dtype, remat=remat)
                     t0 = time.time()
                     plan = memory_plan(c, mesh)

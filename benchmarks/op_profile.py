@@ -21,7 +21,9 @@ by instruction and classified with the compiled HLO:
 XLA:CPU runs independent ops concurrently on its thread pool, so summed op time may exceed the wall time
 times one; shares are of the summed op time.
 
-    python benchmarks/op_profile.py [--batch 16] [--steps 3] [--top 15] [--json PATH]
+    python benchmarks/op_profile.py [--batch 16] [--steps 3] [--top 15] [--json PATH] [--smoke]
+
+--smoke: a tiny UNet at 8x8, batch 2, one profiled step: a quick test.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import tempfile
 import time
 
 import numpy as np
-from _machine import ROOT, git_revision, machine_description
+from _machine import ROOT, git_revision, machine_description, tiny_unet
 
 sys.path.insert(0, str(ROOT))
 
@@ -95,13 +97,21 @@ def classify(name: str, instrs, comps) -> str:
     return CATEGORIES[8]
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--json", default=None)
-    a = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="a tiny UNet at 8x8, batch 2, one step: a quick test")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.batch, a.steps, a.top = 2, 1, 3
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
 
     import jax
     from jax.profiler import ProfileData
@@ -112,11 +122,12 @@ def main():
     from ddim_jax.parallel import make_mesh
     from ddim_jax.training.state import init_state, make_train_step
 
-    c = get_config("cifar10")
+    c = tiny_unet(get_config("cifar10")) if a.smoke else get_config("cifar10")
     c.training.batch_size = a.batch
     mesh = make_mesh(jax.devices()[:1])
     step = make_train_step(c, mesh)
-    images = jax.device_put(np.random.default_rng(0).integers(0, 256, (1, a.batch, 32, 32, 3), dtype=np.uint8),
+    size = c.data.image_size
+    images = jax.device_put(np.random.default_rng(0).integers(0, 256, (1, a.batch, size, size, 3), dtype=np.uint8),
                             NamedSharding(mesh, P(None, "data")))
     labels = jax.device_put(np.zeros((1, a.batch), np.int32), NamedSharding(mesh, P(None, "data")))
     state = init_state(c, mesh)

@@ -6,7 +6,7 @@ variants are compiled first, then timed over --repeats runs (median), each endin
 block_until_ready. The loop variant is the usual hand-written sampler: one jitted
 (model + step) call per timestep, with the step's t and alpha-bars passed from the host.
 
-    python benchmarks/sampler_scan_vs_loop.py [--steps 10 100 1000] [--repeats 5]
+    python benchmarks/sampler_scan_vs_loop.py [--steps 10 100 1000] [--repeats 5] [--smoke]
 """
 
 from __future__ import annotations
@@ -23,14 +23,22 @@ import numpy as np
 import ddim_jax as dj
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, nargs="+", default=[10, 100, 1000])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--components", type=int, default=8)
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="S = 2, one repeat, a tiny mixture: a quick test")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.repeats, args.batch, args.dim, args.components = [2], 1, 4, 2, 2
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     schedule = dj.make_schedule("linear", 1000)
     means = np.random.default_rng(0).uniform(-0.8, 0.8, (args.components, args.dim))

@@ -57,7 +57,7 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=_ints, default=[10, 50], help="comma-separated S values")
@@ -68,13 +68,23 @@ def main() -> None:
     parser.add_argument("--matmul-size", type=int, default=4096)
     parser.add_argument("--matmul-repeats", type=int, default=5)
     parser.add_argument("--no-check", action="store_true", help="skip the output comparison")
-    parser.add_argument("--smoke", action="store_true", help="a small UNet at 16x16, to test this script quickly")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a one-level UNet at 8x8, batch 2, S = 2, one round: to test this script quickly")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.batch, args.steps, args.repeats, args.forward_repeats = 2, [2], [1], 1
+        args.matmul_size, args.matmul_repeats = 64, 1
     if len(args.repeats) == 1:
         args.repeats = args.repeats * len(args.steps)
     if len(args.repeats) != len(args.steps):
         parser.error("--repeats needs one value, or one per --steps value")
+    return args
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
 
     import diffusers
     import flax
@@ -92,11 +102,11 @@ def main() -> None:
     kwargs = dict(PRESETS["cifar10"])
     dcfg = dict(CIFAR10_DIFFUSERS)
     if args.smoke:
-        kwargs.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
-        dcfg.update(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
-                    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+        kwargs.update(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,), norm_groups=8)
+        dcfg.update(sample_size=8, block_out_channels=(32,), layers_per_block=1, norm_num_groups=8,
+                    down_block_types=("AttnDownBlock2D",), up_block_types=("AttnUpBlock2D",))
     size = dcfg["sample_size"]
-    res = {"command": "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+    res = {"command": "python " + shlex.join(["benchmarks/sampling_throughput.py"] + argv),
            "git": git_revision(), "machine": machine_description(), "jax": jax.__version__, "flax": flax.__version__,
            "jax_backend": jax.default_backend(), "torch": torch.__version__, "diffusers": diffusers.__version__,
            "torch_threads": args.threads, "batch": B, "image_size": size, "steps": args.steps,

@@ -21,7 +21,9 @@ DDIM on the first spacing), over --repeats independent (x_T, reference) draws.
 
     python benchmarks/solver_calls.py [--num_samples 4000] [--seed 0] [--calls 5,10,15,20,50]
         [--spacing uniform,trailing,karras,exponential,quadratic] [--mixture ring8] [--repeats 3]
-        [--out benchmarks/RESULTS_solvers.md]
+        [--out benchmarks/RESULTS_solvers.md] [--smoke]
+
+--smoke: 16 samples, 10 calls, the first two spacings, 2 repeats: a quick test.
 
 --out replaces this mixture's section (between its marker comments) in that markdown file, or appends
 it (creating the file, with a title line, if needed); everything else in the file is left as it is.
@@ -109,7 +111,7 @@ def fmt(v: float) -> str:
     return f"{v * 1e3:.2f}"
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num_samples", type=int, default=4000)
     p.add_argument("--seed", type=int, default=0)
@@ -120,13 +122,23 @@ def main():
     p.add_argument("--repeats", type=int, default=3,
                    help="independent (x_T, reference) draws for the 10-call check and the floor")
     p.add_argument("--out", default=None, help="markdown file whose section for this mixture is replaced")
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="16 samples, 10 calls, two spacings: a quick test")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.num_samples, args.calls, args.repeats = 16, "10", 2
+        args.spacing = ",".join(args.spacing.split(",")[:2])
+    for s in args.spacing.split(","):
+        if s not in dj.SPACINGS:
+            p.error(f"unknown spacing {s!r}; one of {dj.SPACINGS}")
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     t_start = time.perf_counter()
     calls = [int(c) for c in args.calls.split(",")]
     spacings = args.spacing.split(",")
-    for s in spacings:
-        if s not in dj.SPACINGS:
-            p.error(f"unknown spacing {s!r}; one of {dj.SPACINGS}")
     n = args.num_samples
     schedule = dj.make_schedule("linear", T)
     gm, desc = make_mixture(args.mixture)
@@ -179,7 +191,7 @@ def main():
 
     # Report.
     m = machine_description()
-    cmd = "python " + " ".join(shlex.quote(a) for a in [str(pathlib.Path(sys.argv[0]).as_posix())] + sys.argv[1:])
+    cmd = "python " + shlex.join(["benchmarks/solver_calls.py"] + argv)
     L = [f"<!-- solver_calls:{args.mixture}:begin (written by benchmarks/solver_calls.py) -->",
          f"## Mixture `{args.mixture}`: {desc}", "",
          f"Command: `{cmd}`", "",

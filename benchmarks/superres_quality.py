@@ -8,6 +8,9 @@ or --steps), and the result is compared with the original and with the bilinear 
   * a grid: the 4x4 views (bilinear), the samples, the originals.
 
     python benchmarks/superres_quality.py --workdir=runs/digits_superres [--steps 50] [--out benchmarks/results]
+
+``--smoke`` reads a random model of configs/digits_superres.py, samples with S = 2 and writes its grid into a
+temporary directory: a quick test of this script.
 """
 
 import argparse
@@ -15,28 +18,41 @@ import os
 
 import jax
 import numpy as np
+from _machine import random_model, sampling_batch, scratch_dir
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/digits_superres")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--out", default="benchmarks/results")
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="a random model, S = 2, output in a temporary directory")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps = 2
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.smoke:
+        args.workdir, args.out = random_model("digits_superres"), scratch_dir()
 
     from ddim_jax import concat, digits_classifier
     from ddim_jax import experiments as ex
     from ddim_jax.data import load_digits
     from ddim_jax.images import from_uint8, save_grid, to_uint8
+    from ddim_jax.loading import load_model
 
-    model = ex.load_model(args.workdir)
+    model = load_model(args.workdir)
     if model.spec.concat != "superres2x":
-        p.error(f"{args.workdir} is not a superres2x model (its concat is {model.spec.concat!r})")
+        raise SystemExit(f"{args.workdir} is not a superres2x model (its concat is {model.spec.concat!r})")
     test_x, test_y = load_digits("test")
     cond = concat.get("superres2x")
     view = np.asarray(cond.observe(from_uint8(test_x)))
     bilinear = to_uint8(np.asarray(cond.condition(view, 8)))
-    samples = ex.generate(model, len(test_x), 100, args.steps, sources=test_x, seed=0)
+    samples = ex.generate(model, len(test_x), sampling_batch(model, len(test_x), 100), args.steps, sources=test_x,
+                          seed=0)
 
     cnn_params, cnn_acc = digits_classifier.load_digits_classifier(verbose=False)
     cnn_model = digits_classifier.DigitsCNN()

@@ -4,7 +4,7 @@ Ours: ``ddim_jax.training.make_train_step`` with ``configs/paper.py:cifar10`` (t
 UNet, dropout 0.1, Adam lr 2e-4 with linear warmup, global-norm clipping at 1.0, EMA 0.9999, random
 horizontal flips, L_simple with uniform t and Gaussian noise) at ``training.batch_size = --batch`` on a
 1-device mesh (``ddim_jax.parallel.make_mesh``), ``steps_per_dispatch = 1``, the state from
-``training.init_state`` (the network: ``ddim_jax.models.spec_from_config(config).build()``), fed a fixed
+``training.init_state`` (the network: ``ddim_jax.config.spec_from_config(config).build()``), fed a fixed
 random uint8 batch of shape ``[1, B, 32, 32, 3]``. The step is compiled ahead of time (``lower().compile()``), so the
 compile time is reported on its own; XLA's cost analysis of that program gives the FLOPs per step.
 
@@ -41,7 +41,7 @@ import statistics
 import sys
 import time
 
-from _machine import git_revision, interleaved, machine_description  # benchmarks/_machine.py
+from _machine import git_revision, interleaved, machine_description, tiny_unet  # benchmarks/_machine.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
@@ -60,7 +60,8 @@ def diffusers_unet_config(model_kwargs: dict, image_size: int) -> dict:
                 block_out_channels=tuple(model_kwargs["ch"] * m for m in mult),
                 layers_per_block=model_kwargs["num_res_blocks"], down_block_types=tuple(down),
                 up_block_types=tuple(d.replace("Down", "Up") for d in reversed(down)), attention_head_dim=None,
-                downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32,
+                downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
+                norm_num_groups=model_kwargs["norm_groups"],
                 act_fn="silu", center_input_sample=False, mid_block_scale_factor=1,
                 time_embedding_type="positional", dropout=model_kwargs["dropout"])
 
@@ -131,7 +132,7 @@ def check_optimizer(config, adam_impl: str) -> dict:
             "optimizer_check_ema_update_max_rel_diff": rel(ema, tema, p0)}
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "paper.py") + ":cifar10",
                         help="a config file, or file:setup as train.py's --config (default: configs/paper.py:cifar10)")
@@ -146,9 +147,18 @@ def main() -> None:
                         help="rounds timing the gradient alone (forward + backward, dropout off) on both sides; "
                              "0 = skip")
     parser.add_argument("--no-check", action="store_true", help="skip the equivalence checks")
-    parser.add_argument("--smoke", action="store_true", help="a small UNet at 16x16, to test this script quickly")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a one-level UNet at 8x8, batch 2, one step of each, to test this script quickly")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.batch, args.iters, args.warmup, args.breakdown = 2, 1, 0, 1
+    return args
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
 
     import diffusers
     import flax
@@ -160,9 +170,9 @@ def main() -> None:
     from jax.sharding import PartitionSpec as P
 
     from ddim_jax import training
+    from ddim_jax.config import spec_from_config
     from ddim_jax.convert import convert_diffusers
     from ddim_jax.diffusion import per_example_loss
-    from ddim_jax.models import spec_from_config
     from ddim_jax.parallel import make_mesh
     from ddim_jax.unet import count_params
 
@@ -171,12 +181,11 @@ def main() -> None:
     config.training.batch_size = args.batch
     config.training.steps_per_dispatch = 1
     if args.smoke:
-        config.data.image_size = 16
-        config.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
+        tiny_unet(config)
     B, size, ch = args.batch, config.data.image_size, config.data.channels
     t_cfg = config.training
 
-    res = {"command": "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+    res = {"command": "python " + shlex.join(["benchmarks/train_step.py"] + argv),
            "git": git_revision(), "machine": machine_description(), "jax": jax.__version__, "flax": flax.__version__,
            "jax_backend": jax.default_backend(), "jax_devices": len(jax.devices()), "torch": torch.__version__,
            "diffusers": diffusers.__version__, "torch_threads": args.threads, "torch_adam": args.torch_adam,
@@ -194,9 +203,10 @@ def main() -> None:
     res["params"] = count_params(state.params)
     images_np = np.random.default_rng(0).integers(0, 256, (1, B, size, size, ch), dtype=np.uint8)
     images = jax.device_put(images_np, NamedSharding(mesh, P(None, "data")))
+    labels = jax.device_put(np.zeros((1, B), np.int32), NamedSharding(mesh, P(None, "data")))  # not read
     step_fn = training.make_train_step(config, mesh)  # the config's network, optimizer and schedule
     t0 = time.perf_counter()
-    lowered = step_fn.lower(state, images)
+    lowered = step_fn.jitted.lower(state, images, labels, {})
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -207,7 +217,7 @@ def main() -> None:
     res["xla_gflops_per_step"] = flops / 1e9
     res["xla_gbytes_accessed_per_step"] = float(cost.get("bytes accessed", float("nan"))) / 1e9
     t0 = time.perf_counter()
-    state, metrics = compiled(state, images)
+    state, metrics = compiled(state, images, labels, {})
     jax.block_until_ready((state, metrics))
     res["jax_first_call_s"] = time.perf_counter() - t0
     res["jax_first_loss"] = float(metrics["loss"][0])
@@ -294,7 +304,7 @@ def main() -> None:
 
     def jax_step():
         nonlocal state
-        state, m = compiled(state, images)
+        state, m = compiled(state, images, labels, {})
         jax.block_until_ready((state, m))
         return float(m["loss"][0])
 

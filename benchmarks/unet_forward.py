@@ -6,6 +6,8 @@ FLOPs come from XLA's cost analysis of the compiled forward (``jitted.lower(...)
 cross-checked with ``torch.utils.flop_counter`` on the torch model. Achieved GFLOP/s = XLA FLOPs / time.
 
     python benchmarks/unet_forward.py [--preset cifar10] [--batch 16] [--iters 10] [--threads N]
+
+``--smoke``: the ``tiny`` preset at 16x16, batch 2, one timed round, to test this script quickly.
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ DIFFUSERS_CONFIGS = {
     "celeba64": dict(sample_size=64, block_out_channels=(128, 256, 256, 256, 512), layers_per_block=2,
                      down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"),
                      up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+    # ddim_jax.unet.PRESETS["tiny"] at 16x16.
+    "tiny": dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                 down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D")),
 }
 DDPM_DIFFUSERS_COMMON = dict(in_channels=3, out_channels=3, attention_head_dim=None, downsample_padding=0,
                              flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32, act_fn="silu")
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cifar10", choices=sorted(DIFFUSERS_CONFIGS))
     parser.add_argument("--batch", type=int, default=16)
@@ -44,7 +49,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="JAX compute dtype")
     parser.add_argument("--no-torch", action="store_true", help="skip the diffusers/torch side")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="the tiny preset, batch 2, one round: a quick test")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.preset, args.batch, args.iters, args.warmup = "tiny", 2, 1, 0
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
 
     import jax
     import jax.numpy as jnp
@@ -69,7 +82,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
-        torch_model = diffusers.UNet2DModel(**DDPM_DIFFUSERS_COMMON, **DIFFUSERS_CONFIGS[args.preset]).eval()
+        torch_model = diffusers.UNet2DModel(**{**DDPM_DIFFUSERS_COMMON, **DIFFUSERS_CONFIGS[args.preset]}).eval()
         spec, params = convert_diffusers(torch_model.state_dict(), dict(torch_model.config))
         kwargs = {**spec.arch, "out_ch": spec.channels, "num_classes": spec.num_classes}
         res.update(torch=torch.__version__, diffusers=diffusers.__version__)
