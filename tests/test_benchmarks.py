@@ -45,9 +45,9 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_smoke_run_writes_nothing_into_the_repository(name, tmp_path, monkeypatch, cache_dir):
+def test_smoke_run_writes_nothing_into_the_repository(name, monkeypatch, cache_dir):
     monkeypatch.setenv("DDIM_JAX_CACHE", str(cache_dir))
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(ROOT)  # where the scripts are run from: their default output paths are relative to it
     before = repository_files()
     load(name).main(["--smoke"])
     assert repository_files() == before
