@@ -25,6 +25,7 @@ Timing: interleaved rounds (ours, then torch) per S, medians and minimums; ``--r
 of timed rounds for each S (few for S = 50: one round is ~50 UNet forwards per side).
 
     python benchmarks/sampling_throughput.py [--batch 16] [--steps 10,50] [--repeats 4,2] [--threads N] [--json PATH]
+        [--smoke]
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ the cores this process may use, which is what XLA's CPU thread pool is sized to)
 times the gradient alone (forward + backward, dropout off, no optimizer) on both sides.
 
     python benchmarks/train_step.py [--config configs/paper.py:cifar10] [--batch 16] [--iters 10] [--warmup 2]
-        [--threads N] [--json PATH]
+        [--threads N] [--json PATH] [--smoke]
 """
 
 from __future__ import annotations
