@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 # Tests run on the CPU; a developer's GPU is not needed and would change float results slightly.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Eight CPU devices in this process, for the multi-device tests (this must happen before JAX starts).
@@ -24,3 +26,36 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+@pytest.fixture(scope="session")
+def digits_cnn_cache(tmp_path_factory):
+    """A function that fills a cache directory with the trained digits CNN: trained once per session (the
+    first caller trains and caches it, as ``load_digits_classifier`` does; pytest-xdist's workers share it)
+    and copied, so each test's cache holds only what it wrote itself besides the CNN's weights."""
+    import filelock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, above the workers' own
+    shared = root / "digits_cnn_cache"
+    with filelock.FileLock(str(root / "digits_cnn_cache.lock")):
+        if not any(shared.glob("*.npz")):
+            from ddim_jax import digits_classifier
+
+            mp = pytest.MonkeyPatch()
+            mp.setenv("DDIM_JAX_CACHE", str(shared))
+            try:
+                digits_classifier.load_digits_classifier(verbose=False)
+            finally:
+                mp.undo()
+
+    def fill(cache_dir):
+        import shutil
+
+        os.makedirs(cache_dir, exist_ok=True)
+        for path in shared.glob("*.npz"):
+            shutil.copy(path, cache_dir)
+        return cache_dir
+
+    return fill

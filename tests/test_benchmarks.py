@@ -39,9 +39,10 @@ def repository_files() -> dict:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """One cache for the trained digits CNN the quality benchmarks read (trained once, here)."""
-    return tmp_path_factory.mktemp("ddim_jax_cache")
+def cache_dir(tmp_path_factory, digits_cnn_cache):
+    """One cache for the benchmarks, holding the trained digits CNN the quality benchmarks read (trained once
+    per session, conftest.py)."""
+    return digits_cnn_cache(tmp_path_factory.mktemp("ddim_jax_cache"))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -105,7 +105,8 @@ def test_grid_modes_write_their_grids(workdir, tmp_path, mode, flags, rows, cols
     assert (h, w) == (rows * 9 * scale + scale, cols * 9 * scale + scale)
 
 
-def test_fid_mode_writes_a_table_and_a_plot(workdir, tmp_path):
+def test_fid_mode_writes_a_table_and_a_plot(workdir, tmp_path, tmp_path_factory, monkeypatch, digits_cnn_cache):
+    monkeypatch.setenv("DDIM_JAX_CACHE", str(digits_cnn_cache(tmp_path_factory.mktemp("cache"))))  # with the CNN
     run_cli(f"--workdir={workdir}", "--mode=fid", "--num_samples=40", "--batch_size=8",
             "--fid_steps=2,5", "--fid_etas=0,sigma_hat", "--fid_solvers=ddim,dpmpp_2m", f"--output={tmp_path}")
     result = json.loads((tmp_path / "fid.json").read_text())

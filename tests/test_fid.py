@@ -475,12 +475,13 @@ def test_converter_rejects_an_incomplete_state_dict():
 
 
 @pytest.fixture(scope="module")
-def digits_extractor(tmp_path_factory):
+def digits_extractor(tmp_path_factory, digits_cnn_cache):
+    """The extractor read from a cache holding the CNN the session trained and cached (conftest.py)."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("DDIM_JAX_CACHE", str(tmp_path_factory.mktemp("ddim_jax_cache")))
+    mp.setenv("DDIM_JAX_CACHE", str(digits_cnn_cache(tmp_path_factory.mktemp("ddim_jax_cache"))))
     t0 = time.perf_counter()
     ext = fid.digits_feature_extractor()
-    print(f"digits extractor trained in {time.perf_counter() - t0:.1f}s")
+    print(f"digits extractor ready in {time.perf_counter() - t0:.1f}s")
     yield ext
     mp.undo()
 
