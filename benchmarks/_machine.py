@@ -58,9 +58,16 @@ def tiny_unet(config):
     return config
 
 
-def random_model(config_name: str) -> str:
-    """A model directory in a :func:`scratch_dir` holding the model ``configs/<config_name>.py`` trains, with
-    random weights: what a ``--smoke`` run of a quality benchmark reads in place of a trained run."""
+def tiny_autoencoder(config):
+    """``config`` (an autoencoder training config) with 8 channels at every level: a ``--smoke`` run's network."""
+    config.model.update(block_out_channels=(8,) * len(config.model.block_out_channels), norm_groups=8)
+    return config
+
+
+def random_model(config_name: str, shrink=None) -> str:
+    """A model directory in a :func:`scratch_dir` holding the model ``configs/<config_name>.py`` trains (made
+    smaller by ``shrink``, e.g. :func:`tiny_unet`, if given), with random weights: what a ``--smoke`` run of a
+    quality benchmark reads in place of a trained run."""
     if str(ROOT) not in sys.path:  # configs/ (and ddim_jax) of this checkout
         sys.path.insert(0, str(ROOT))
     import jax
@@ -68,7 +75,8 @@ def random_model(config_name: str) -> str:
     from ddim_jax import models
     from ddim_jax.config import spec_from_config
 
-    spec = spec_from_config(importlib.import_module(f"configs.{config_name}").get_config())
+    config = importlib.import_module(f"configs.{config_name}").get_config()
+    spec = spec_from_config(shrink(config) if shrink else config)
     return models.save(os.path.join(scratch_dir(), config_name), spec, spec.init_params(jax.random.key(0)))
 
 

@@ -11,8 +11,8 @@ Encodes the 297 held-out digits (upscaled as in training) to the posterior mean,
 
     python benchmarks/autoencoder_quality.py --workdir=runs/autoencoder_digits [--out benchmarks/results]
 
-``--smoke`` reads a random autoencoder of configs/autoencoder_digits.py and writes its grid into a temporary
-directory: a quick test of this script.
+``--smoke`` reads a random autoencoder of configs/autoencoder_digits.py (with 8 channels per level) and writes
+its grid into a temporary directory: a quick test of this script.
 """
 
 import argparse
@@ -20,7 +20,7 @@ import os
 
 import jax
 import numpy as np
-from _machine import random_model, scratch_dir
+from _machine import random_model, scratch_dir, tiny_autoencoder
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
-        args.workdir, args.out = random_model("autoencoder_digits"), scratch_dir()
+        args.workdir, args.out = random_model("autoencoder_digits", tiny_autoencoder), scratch_dir()
 
     from sklearn.linear_model import LogisticRegression
 

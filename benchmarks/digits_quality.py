@@ -24,7 +24,8 @@ box-filtered back to 8x8 (the mean of each 4x4 block) before the CNN and the FID
 
     python benchmarks/digits_quality.py --workdir=runs/latent_digits --guidance 0,1,2,3
 
-``--smoke`` reads random models of configs/digits.py and configs/digits_cond.py in turn, draws 20 samples
+``--smoke`` reads random models of configs/digits.py and configs/digits_cond.py in turn (with a one-level
+UNet), draws 20 samples
 with S = 2 (guidance 2) and writes the grids into a temporary directory: a quick test of this script.
 """
 
@@ -33,7 +34,7 @@ import os
 
 import jax
 import numpy as np
-from _machine import random_model, sampling_batch, scratch_dir
+from _machine import random_model, sampling_batch, scratch_dir, tiny_unet
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,7 +62,7 @@ def main(argv=None):
         return report(args)
     args.out = scratch_dir()
     for config_name in ("digits", "digits_cond"):
-        args.workdir = random_model(config_name)
+        args.workdir = random_model(config_name, tiny_unet)
         report(args)
 
 

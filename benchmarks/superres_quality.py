@@ -9,8 +9,8 @@ or --steps), and the result is compared with the original and with the bilinear 
 
     python benchmarks/superres_quality.py --workdir=runs/digits_superres [--steps 50] [--out benchmarks/results]
 
-``--smoke`` reads a random model of configs/digits_superres.py, samples with S = 2 and writes its grid into a
-temporary directory: a quick test of this script.
+``--smoke`` reads a random model of configs/digits_superres.py (with a one-level UNet), samples with S = 2 and
+writes its grid into a temporary directory: a quick test of this script.
 """
 
 import argparse
@@ -18,7 +18,7 @@ import os
 
 import jax
 import numpy as np
-from _machine import random_model, sampling_batch, scratch_dir
+from _machine import random_model, sampling_batch, scratch_dir, tiny_unet
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
-        args.workdir, args.out = random_model("digits_superres"), scratch_dir()
+        args.workdir, args.out = random_model("digits_superres", tiny_unet), scratch_dir()
 
     from ddim_jax import concat, digits_classifier
     from ddim_jax import experiments as ex
