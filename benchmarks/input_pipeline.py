@@ -72,6 +72,7 @@ def step_flops_per_image(batch, smoke=False):
 
     from configs.paper import get_config
     from ddim_jax.parallel import make_mesh
+    from ddim_jax.training.run import build
     from ddim_jax.training.state import abstract_state, make_train_step
 
     c = get_config("lsun_church256")
@@ -83,7 +84,8 @@ def step_flops_per_image(batch, smoke=False):
     size = c.data.image_size
     images = jax.ShapeDtypeStruct((1, batch, size, size, 3), jnp.uint8, sharding=rows)
     labels = jax.ShapeDtypeStruct((1, batch), jnp.int32, sharding=rows)
-    cost = make_train_step(c, mesh).jitted.lower(abstract_state(c, mesh), images, labels, {}).compile().cost_analysis()
+    run = build(c)
+    cost = make_train_step(run, mesh).jitted.lower(abstract_state(run, mesh), images, labels, {}).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"]) / batch
 

@@ -48,9 +48,8 @@ def main(argv=None):
     from ddim_jax import experiments as ex
     from ddim_jax import models
     from ddim_jax.autoencoder import DIGITS_F4
-    from ddim_jax.config import spec_from_config
     from ddim_jax.parallel import make_mesh
-    from ddim_jax.training import latent
+    from ddim_jax.training.run import resolve
     from ddim_jax.training.memory import memory_plan
     from ddim_jax.training.state import init_state, make_train_step
 
@@ -76,10 +75,10 @@ def main(argv=None):
         if "no attention" in name:  # a cheaper pixel-space peer: no attention at 32x32 (the first level)
             c.model.update(down_block_types=("DownBlock2D",) + c.model.down_block_types[1:],
                            up_block_types=c.model.up_block_types[:-1] + ("UpBlock2D",))
-        c, first = latent.resolve(c, os.path.join(tmp, "unused"))
-        frozen = jax.device_put(latent.frozen_params(first), NamedSharding(mesh, P()))
-        step = make_train_step(c, mesh)
-        state = init_state(c, mesh)
+        run = resolve(c, os.path.join(tmp, "unused"))
+        frozen = jax.device_put(run.frozen, NamedSharding(mesh, P()))
+        step = make_train_step(run, mesh)
+        state = init_state(run, mesh)
         rng = np.random.default_rng(0)
         rowsharding = NamedSharding(mesh, P(None, "data"))
         images = jax.device_put(rng.integers(0, 256, (1, args.batch, 32, 32, 1), dtype=np.uint8), rowsharding)
@@ -93,10 +92,10 @@ def main(argv=None):
             state, m = step(state, images, labels, frozen)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t0)
-        plan = memory_plan(c, mesh, step)
-        spec = spec_from_config(c)
+        plan = memory_plan(run, mesh, step)
+        spec = run.spec
         encode_s = 0.0
-        if first is not None:
+        if run.first_stage is not None:
             x = jax.device_put(np.asarray(images[0], np.float32) / 127.5 - 1.0, NamedSharding(mesh, P("data")))
             enc = jax.jit(spec.encode)
             params = {"autoencoder": frozen["autoencoder"]}

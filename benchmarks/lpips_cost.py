@@ -44,6 +44,7 @@ def main(argv=None):
     from ddim_jax import lpips
     from ddim_jax.parallel import make_mesh
     from ddim_jax.training.memory import memory_plan
+    from ddim_jax.training.run import build
     from ddim_jax.training.state import init_state, make_train_step
 
     mesh = make_mesh(jax.devices()[:1] if args.smoke else None)
@@ -65,8 +66,9 @@ def main(argv=None):
             c.loss.update(lpips_vgg16="random", lpips_heads="random")
             frozen = {"lpips": weights}
         frozen = jax.device_put(frozen, NamedSharding(mesh, P()))
-        step, states[name] = make_train_step(c, mesh), init_state(c, mesh)
-        plans[name] = memory_plan(c, mesh, step).temporaries
+        run = build(c)
+        step, states[name] = make_train_step(run, mesh), init_state(run, mesh)
+        plans[name] = memory_plan(run, mesh, step).temporaries
 
         def run(name=name, step=step, frozen=frozen):
             states[name], m = step(states[name], images, None, frozen)

@@ -51,6 +51,7 @@ def main(argv=None):
     from configs.paper import get_config
     from ddim_jax.parallel import make_mesh
     from ddim_jax.training.memory import GiB, memory_plan
+    from ddim_jax.training.run import build
 
     mesh = make_mesh(jax.devices()[:1])
     device = jax.devices()[0]
@@ -67,7 +68,7 @@ def main(argv=None):
                     c = tiny_unet(get_config(setup)) if a.smoke else get_config(setup)
                     c.training.update(batch_size=batch, compute_dtype=dtype, remat=remat)
                     t0 = time.time()
-                    plan = memory_plan(c, mesh)
+                    plan = memory_plan(build(c), mesh)
                     secs = time.time() - t0
                     state = plan.params + plan.ema + plan.optimizer
                     row = dict(setup=setup, batch=batch, dtype=dtype, remat=remat, state=state,

@@ -174,6 +174,7 @@ def main(argv=None) -> None:
     from ddim_jax.convert import convert_diffusers
     from ddim_jax.diffusion import per_example_loss
     from ddim_jax.parallel import make_mesh
+    from ddim_jax.training.run import build
     from ddim_jax.unet import count_params
 
     torch.set_num_threads(args.threads)
@@ -199,12 +200,12 @@ def main(argv=None) -> None:
     mesh = make_mesh(jax.devices()[:1])
     spec = spec_from_config(config)
     schedule = spec.make_schedule()
-    state = training.init_state(config, mesh)
+    state = training.init_state(build(config), mesh)
     res["params"] = count_params(state.params)
     images_np = np.random.default_rng(0).integers(0, 256, (1, B, size, size, ch), dtype=np.uint8)
     images = jax.device_put(images_np, NamedSharding(mesh, P(None, "data")))
     labels = jax.device_put(np.zeros((1, B), np.int32), NamedSharding(mesh, P(None, "data")))  # not read
-    step_fn = training.make_train_step(config, mesh)  # the config's network, optimizer and schedule
+    step_fn = training.make_train_step(build(config), mesh)  # the config's network, optimizer and schedule
     t0 = time.perf_counter()
     lowered = step_fn.jitted.lower(state, images, labels, {})
     t1 = time.perf_counter()

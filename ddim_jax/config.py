@@ -72,7 +72,6 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     c.latent = lat = ml_collections.ConfigDict()  # latent diffusion (Rombach et al.): diffuse an autoencoder's latents
     lat.autoencoder = ""  # '' = pixel space; else a trained autoencoder: a model directory or its training workdir
     lat.scale_factor = 0.0  # latents are multiplied by this; 0 = 1/std of the first training images' latents
-    lat.autoencoder_spec = ""  # written when the run starts: the autoencoder's spec (JSON), the run's record
 
     c.diffusion = f = ml_collections.ConfigDict()
     f.schedule = "cosine"  # for the 8x8 digits; the paper's configs use 'linear' (paper_config)
@@ -132,7 +131,6 @@ def autoencoder_config(kind: str = "autoencoder_kl") -> ml_collections.ConfigDic
     loss.lpips_vgg16 = ""  # torchvision's VGG16 weights (vgg16-397923af.pth, or .safetensors with its keys)
     loss.lpips_heads = ""  # LPIPS' linear heads (the lpips package's weights/v0.1/vgg.pth)
     loss.perceptual_weight = 1.0  # the LPIPS term's weight (LDM's), when the two files are given
-    loss.lpips_sha256 = ""  # written when the run starts: the two files' digest, so a resume notices a change
 
     c.training = base.training
     c.training.update(lr=4.5e-4, warmup_steps=100, adam_b1=0.5, adam_b2=0.9, ema_decay=0.999, sample_steps=1)
@@ -177,6 +175,9 @@ def flatten(d: dict, prefix: str = "") -> dict:
 # Fields added after runs were saved without them, with the value that reproduces how those runs trained
 # (a field missing here takes base_config's default).
 _WHEN_ABSENT = {"training.ema_warmup": False}
+# Fields runs once wrote into their config when they started; they are the run record's now
+# (ddim_jax.training.run.Record), and a saved config's copy of them is set aside when it is read.
+RECORDED_ELSEWHERE = ("latent.autoencoder_spec", "loss.lpips_sha256")
 
 
 def objective(config) -> str:
@@ -205,7 +206,7 @@ def with_defaults(d: dict) -> dict:
     reproduce how it trained: :data:`_WHEN_ABSENT`, else the defaults."""
     out = flatten(to_dict(schema(d)))
     out.update(_WHEN_ABSENT)
-    out.update(flatten(to_dict(d)))
+    out.update({k: v for k, v in flatten(to_dict(d)).items() if k not in RECORDED_ELSEWHERE})
     nested: dict = {}
     for k, v in out.items():
         *blocks, field = k.split(".")
@@ -298,8 +299,8 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
         check(arch, lambda ok, field, what: need(ok, f"model.{field}", what))
     need(t.remat is False or entry.remat, "training.remat", f"False (remat is not offered for {kind})")
     _CHECKS[goal](config, need)
-    if goal == "diffusion" and config.latent.autoencoder and not config.latent.autoencoder_spec:
-        return  # the model's shape is the autoencoder's latents': checked once it is read (training.latent)
+    if goal == "diffusion" and config.latent.autoencoder:
+        return  # the model's shape is the autoencoder's latents': checked once it is read (training.run)
     spec_from_config(config)  # the model block's own checks (kind, arguments, schedule)
 
 
@@ -315,7 +316,6 @@ def _check_diffusion(config, need) -> None:
          "'' (pixel space) or the path of a trained autoencoder (a model directory or its training workdir)")
     need(_real(lat.scale_factor) and lat.scale_factor >= 0, "latent.scale_factor",
          "a finite number > 0, or 0 (estimated from the data)")
-    need(isinstance(lat.autoencoder_spec, str), "latent.autoencoder_spec", "a string (written when the run starts)")
     if kinds.KINDS[m.kind].needs_labels:
         need(_int(m.num_classes) and m.num_classes >= 1, "model.num_classes",
              f"the number of classes of the data (a {m.kind} is class-conditional)")
@@ -346,14 +346,15 @@ def _check_autoencoder(config, need) -> None:
          "a finite number >= 0")
     need(not loss.lpips_vgg16 or d.image_size >= 16, "data.image_size",
          ">= 16 with an LPIPS term (VGG16 pools the images 4 times)")
-    need(isinstance(loss.lpips_sha256, str), "loss.lpips_sha256", "a string (written when the run starts)")
 
 
 _CHECKS = {"diffusion": _check_diffusion, "autoencoder": _check_autoencoder}
 
 
-def spec_from_config(config) -> ModelSpec:
-    """The spec of the model a training config (ml_collections or its JSON dict) trains."""
+def spec_from_config(config, *, autoencoder: ModelSpec | None = None, scale_factor: float | None = None) -> ModelSpec:
+    """The spec of the model a training config (ml_collections or its JSON dict) trains. A latent config's
+    model also needs its ``autoencoder``'s spec and the latents' ``scale_factor`` (else the config's; None:
+    not estimated yet), which the run finds when it starts (:func:`ddim_jax.training.run.resolve`)."""
     d = config if isinstance(config, Mapping) else json.loads(config.to_json())
     model, data = dict(d["model"]), d["data"]
     kind = model.pop("kind", "unet")
@@ -368,11 +369,10 @@ def spec_from_config(config) -> ModelSpec:
     size, channels, latent = data["image_size"], data["channels"], {}
     lat = d.get("latent") or {}
     if lat.get("autoencoder"):
-        if not lat.get("autoencoder_spec"):
-            raise ValueError(f"latent.autoencoder_spec is empty: the autoencoder {lat['autoencoder']!r} has not been "
-                             "read yet (ddim_jax.training.latent.resolve fills it in)")
-        ae = ModelSpec.from_dict(json.loads(lat["autoencoder_spec"]))
-        size, channels = ae.latent_shape
-        latent = dict(autoencoder=ae, scale_factor=lat.get("scale_factor") or None)
+        if autoencoder is None:
+            raise ValueError(f"the autoencoder {lat['autoencoder']!r} of this latent config has not been read yet "
+                             "(ddim_jax.training.run.resolve reads it)")
+        size, channels = autoencoder.latent_shape
+        latent = dict(autoencoder=autoencoder, scale_factor=scale_factor or lat.get("scale_factor") or None)
     return ModelSpec(kind, model, size, channels, schedule, f["prediction_type"], num_classes, null_label,
                      info={"data": dict(data)}, concat=f.get("concat") or None, **latent)

@@ -18,6 +18,7 @@ and checks) is the registry's, :mod:`ddim_jax.kinds`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any, Mapping
@@ -497,6 +498,16 @@ def _load_dir(path: str) -> tuple[ModelSpec, dict]:
     if bad:
         raise ValueError(f"{params_path}: parameter {bad[0]} is {flat[bad[0]].dtype}; parameters are floating point")
     return spec, _unflatten({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
+
+
+def params_digest(params) -> str:
+    """sha256 of a params tree's names, shapes and float32 values (equal params, equal digest, whatever
+    file they were read from)."""
+    h = hashlib.sha256()
+    for k, v in sorted(_flatten(jax.tree.map(lambda a: np.asarray(a, np.float32), params)).items()):
+        h.update(f"{k}:{v.shape};".encode())
+        h.update(np.ascontiguousarray(v).tobytes())
+    return h.hexdigest()
 
 
 def _flatten(params) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ from ddim_jax import kinds, loading, models, training
 from ddim_jax.config import autoencoder_config, spec_from_config, validate_config
 from ddim_jax.data import load_digits, make_source
 from ddim_jax.training import objectives
+from ddim_jax.training.run import build
 
 
 def ae_config(**training_overrides):
@@ -79,7 +80,7 @@ def _loss_terms(config, params, x0, keys):
 def test_loss_terms_and_the_discriminator_switch():
     config = ae_config()
     config.loss.disc_start = 5
-    obj = objectives.make_objective(config)
+    obj = build(config).objective
     params = jax.jit(obj.init, compiler_options=models.run_once_options("cpu"))(jax.random.key(0))
     x0 = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (4, 16, 16, 1)), jnp.float32)
     keys = jax.random.split(jax.random.key(2), 4)

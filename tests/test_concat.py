@@ -17,7 +17,7 @@ from ddim_jax import experiments as ex
 from ddim_jax.config import validate_config
 from ddim_jax.data import load_digits
 from ddim_jax.diffusion import per_example_loss
-from ddim_jax.training import objectives
+from ddim_jax.training.run import build
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -106,7 +106,7 @@ def test_eps_fn_feeds_the_network_x_t_and_the_condition():
 def test_loss_is_the_diffusion_loss_on_the_concatenated_input():
     cfg = tiny_config()
     cfg.diffusion.concat = "superres2x"
-    obj = objectives.make_objective(cfg)
+    obj = build(cfg).objective
     params = obj.init(jax.random.key(0))
     x0 = images(4, seed=4)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(4))

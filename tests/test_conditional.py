@@ -19,6 +19,7 @@ from ddim_jax import experiments as ex
 from ddim_jax import loading, models, training
 from ddim_jax.config import spec_from_config, validate_config
 from ddim_jax.parallel import make_mesh, replicated, shard_rows
+from ddim_jax.training.run import build
 
 
 def cond_config(**training_overrides):
@@ -145,7 +146,7 @@ def test_labels_are_dropped_to_the_null_label_at_rate_p_uncond(p_uncond):
     spec = spec_from_config(c)
     assert spec.null_label == (10 if p_uncond else None)
     probe = _DropProbe(10)  # with p_uncond = 0 no label is ever 10
-    step = training.make_train_step(c, mesh, model=probe)
+    step = training.make_train_step(build(c), mesh, model=probe)
     params = {"w": jnp.zeros(())}
 
     def fresh_state():  # distinct buffers for every leaf: the step donates its state
@@ -180,9 +181,10 @@ def test_conditional_run_exports_a_spec_with_a_null_label_and_only_used_rows_lea
     # classes receive no gradient, so Adam leaves them at their initial values; 3 and the null row move.
     c = cond_config(num_steps=2, p_uncond=0.5)
     mesh = make_mesh(jax.devices()[:1])
-    state = training.init_state(c, mesh)
+    run = build(c)
+    state = training.init_state(run, mesh)
     before = np.asarray(state.params["class_embed"]["embedding"])
-    step = training.make_train_step(c, mesh)
+    step = training.make_train_step(run, mesh)
     src = data_lib.make_source(c.data)
     imgs, _ = data_lib.process_batch(src, 16, 0, 0, 0, 1, labelled=True)
     # Two steps: the first moves only conv_out (initialised to zero, it passes no gradient back).

@@ -6,6 +6,7 @@ autoencoder changes, export, sampling and reconstruction, refusals)."""
 import dataclasses
 import json
 import pathlib
+import shutil
 import sys
 
 import jax
@@ -19,7 +20,9 @@ from ddim_jax import loading, models, training
 from ddim_jax.cond_unet import ClassConditionedUNet, UNet2DCondition
 from ddim_jax.config import base_config
 from ddim_jax.data import load_digits
-from ddim_jax.training import latent, objectives
+from ddim_jax.training import latent
+from ddim_jax.training import run as run_lib
+from ddim_jax.training.run import build, resolve
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -139,7 +142,7 @@ def test_the_scale_factor_whitens_the_training_latents(run):
     root, workdir, _ = run
     copy_spec, copy_params = loading.load(workdir / latent.COPY_DIR)
     scale = copy_spec.info["scale_factor"]
-    assert json.loads((workdir / "config.json").read_text())["latent"]["scale_factor"] == scale
+    assert json.loads((workdir / run_lib.RECORD_FILE).read_text())["scale_factor"] == scale
     # Independently: posterior samples (other noise) of the first 1024 training digits, through the autoencoder.
     x = load_digits("train")[0][:latent.SCALE_IMAGES].astype(np.float32) / 127.5 - 1.0
     mean, logvar = AE.build().apply({"params": ae_params(0)}, x, method="encode")
@@ -163,12 +166,12 @@ def test_export_holds_the_denoiser_and_the_frozen_autoencoder(run):
 def test_latent_loss_is_the_pixel_loss_on_the_encoded_latents(run):
     root, workdir, _ = run
     cfg = config(root / "ae")
-    cfg, first = latent.resolve(cfg, str(workdir))
-    lat = objectives.make_objective(cfg)
+    lat_run = resolve(cfg, str(workdir))
+    first, lat = lat_run.first_stage, lat_run.objective
     pixel_cfg = base_config("cross_attention_unet")
     pixel_cfg.model.update(UNET)
     pixel_cfg.data.update(image_size=4, channels=2)
-    pix = objectives.make_objective(pixel_cfg)
+    pix = build(pixel_cfg).objective
     params = jax.jit(lat.init, compiler_options=models.run_once_options("cpu"))(jax.random.key(3))
     x = load_digits("train")[0][:4].astype(np.float32) / 127.5 - 1.0
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(4))
@@ -176,8 +179,8 @@ def test_latent_loss_is_the_pixel_loss_on_the_encoded_latents(run):
     # The run's latents, computed here with the autoencoder: a posterior sample (key fold 4) times the scale.
     mean, logvar = AE.build().apply({"params": first.params}, x, method="encode")
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 4), (4, 4, 2)))(keys)
-    z = cfg.latent.scale_factor * (mean + jnp.exp(0.5 * logvar) * noise)
-    frozen = latent.frozen_params(first)
+    z = lat_run.record.scale_factor * (mean + jnp.exp(0.5 * logvar) * noise)
+    frozen = lat_run.frozen
     want = jax.jit(lambda p, z: pix.loss(p, {}, z, labels, keys, 0, jax.random.key(0))[0])(params, z)
     got = jax.jit(lambda p, f, x: lat.loss(p, f, x, labels, keys, 0, jax.random.key(0))[0])(params, frozen, x)
     np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -195,6 +198,15 @@ def test_resume_uses_the_runs_copy_when_the_named_autoencoder_changes(run, tmp_p
         np.testing.assert_array_equal(a, b)
     for a, b in zip(leaves(loading.load(other)[1]["autoencoder"]), leaves(ae_params(0))):
         np.testing.assert_array_equal(a, b)
+    # The config is what was asked for; what the run found is its record.
+    assert json.loads((other / "config.json").read_text())["latent"] == {"autoencoder": str(src), "scale_factor": 0.0}
+    record = json.loads((other / run_lib.RECORD_FILE).read_text())
+    assert record["autoencoder_sha256"] == models.params_digest(ae_params(0)) != models.params_digest(ae_params(1))
+    assert record["scale_factor"] > 0 and models.ModelSpec.from_dict(record["autoencoder"]) == AE
+    # Without its copy, the run would resume with whatever the named path holds now: refused.
+    shutil.rmtree(other / latent.COPY_DIR)
+    with pytest.raises(ValueError, match=r"different config \(record.autoencoder_sha256"):
+        training.train(config(src, num_steps=4), str(other), progress=False, devices=jax.devices()[:2])
 
 
 def test_experiments_decode_to_images(run):

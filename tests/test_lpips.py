@@ -14,6 +14,8 @@ from test_autoencoder_training import ae_config
 from ddim_jax import lpips, models, training
 from ddim_jax.config import spec_from_config, validate_config
 from ddim_jax.training import objectives
+from ddim_jax.training import run as run_lib
+from ddim_jax.training.run import build
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -170,7 +172,7 @@ def test_the_objective_adds_the_perceptual_term(weights):
     """Loss and adaptive weight against whole-tree gradients of LDM's nll = L1 + w x LPIPS, computed here."""
     config = lpips_config(weights)
     config.loss.disc_start = 0
-    obj = objectives.make_objective(config)
+    obj = build(config).objective
     assert obj.frozen_shapes().keys() == {"lpips"} and "0.7 x LPIPS" in obj.summary()
     params = jax.jit(obj.init, compiler_options=models.run_once_options("cpu"))(jax.random.key(0))
     frozen = {"lpips": lpips.load_params(config.loss.lpips_vgg16, config.loss.lpips_heads)}
@@ -217,12 +219,13 @@ def test_a_run_records_its_lpips_weights_and_refuses_others(weights, tmp_path, c
     assert "L1 + 0.7 x LPIPS (VGG16" in capsys.readouterr().out
     rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["p_loss"] > 0 and np.isfinite(r["loss"]) for r in rows)
-    saved = json.loads((workdir / "config.json").read_text())["loss"]
+    assert "lpips_sha256" not in json.loads((workdir / "config.json").read_text())["loss"]  # the config is input only
+    saved = json.loads((workdir / run_lib.RECORD_FILE).read_text())
     assert saved["lpips_sha256"] == hashlib.sha256(vgg.read_bytes() + heads.read_bytes()).hexdigest()
     # Other heads under the same path: resuming would silently train another loss, so it is refused.
     save_file({k: v * 2 for k, v in load_file(str(heads)).items()}, str(heads))
     config.training.num_steps = 4
-    with pytest.raises(ValueError, match=r"different config \(loss.lpips_sha256\)"):
+    with pytest.raises(ValueError, match=r"different config \(record.lpips_sha256\)"):
         training.train(config, str(workdir), progress=False, devices=jax.devices()[:1])
     # A missing file stops a new run before anything is written.
     config.loss.lpips_heads = str(tmp_path / "missing.pth")
@@ -232,11 +235,11 @@ def test_a_run_records_its_lpips_weights_and_refuses_others(weights, tmp_path, c
 
 
 def test_an_autoencoder_without_lpips_says_so(weights):
-    obj = objectives.make_objective(ae_config())
+    obj = build(ae_config()).objective
     assert obj.frozen_shapes() == {} and "no perceptual loss: no LPIPS weights given" in obj.summary()
     off = lpips_config(weights)
     off.loss.perceptual_weight = 0.0
-    obj = objectives.make_objective(off)
+    obj = build(off).objective
     assert obj.frozen_shapes() == {} and "no perceptual loss: loss.perceptual_weight is 0" in obj.summary()
 
 

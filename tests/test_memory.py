@@ -8,12 +8,13 @@ from helpers import tiny_config, train
 from ddim_jax.config import spec_from_config
 from ddim_jax.parallel import make_mesh
 from ddim_jax.training import checkpoints, memory
+from ddim_jax.training.run import build
 from ddim_jax.unet import count_params
 
 
 def test_the_plan_adds_up_the_state_the_batch_and_xla_temporaries():
     mesh = make_mesh(jax.devices()[:1])
-    small, large = (memory.memory_plan(tiny_config(batch_size=b), mesh) for b in (16, 64))
+    small, large = (memory.memory_plan(build(tiny_config(batch_size=b)), mesh) for b in (16, 64))
     n = count_params(spec_from_config(tiny_config()).param_shapes())
     assert small.params == small.ema == 4 * n  # float32, replicated
     assert 2 * 4 * n <= small.optimizer <= 2 * 4 * n + 64  # Adam's two moments (and its step counters)

@@ -12,15 +12,17 @@ from ddim_jax import experiments as ex
 from ddim_jax import models, training
 from ddim_jax.config import spec_from_config
 from ddim_jax.parallel import make_mesh
+from ddim_jax.training.run import build
 
 
 def _losses(config, steps):
     """Per-step losses of ``steps`` train steps of ``config`` from its initial state, on one device."""
     mesh = make_mesh(jax.devices()[:1])
-    step = training.state.cached_train_step(config, mesh)
+    run = build(config)
+    step = training.state.cached_train_step(run, mesh)
     src = data_lib.make_source(config.data)
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
-    state, out = training.init_state(config, mesh), []
+    state, out = training.init_state(run, mesh), []
     for s in range(steps):
         batch = jax.device_put(data_lib.process_batch(src, config.training.batch_size, s, 0, 0, 1)[None], sharding)
         state, m = step(state, batch)
@@ -77,7 +79,7 @@ def test_remat_gives_the_same_gradients_and_steps():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # training.remat=True builds the train step's network with remat (traced, not compiled: the numbers
     # are the module's, checked above).
-    c = tiny_config(remat=True)
+    c = build(tiny_config(remat=True))
     mesh = make_mesh(jax.devices()[:1])
     step = training.state.make_train_step(c, mesh)
     images = jnp.zeros((1, 16, 8, 8, 1), jnp.uint8)

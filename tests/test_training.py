@@ -22,6 +22,7 @@ from ddim_jax import data as data_lib
 from ddim_jax import loading, training
 from ddim_jax.config import spec_from_config
 from ddim_jax.parallel import make_mesh
+from ddim_jax.training.run import build
 
 # ------------------------------------------------------------------------------------------------
 # Data.
@@ -77,10 +78,10 @@ def test_tfds_source_under_mock_data_and_a_clear_error_when_not_prepared(tmp_pat
 
 
 def test_non_finite_updates_are_skipped_and_counted():
-    c = tiny_config(**EXPLODING)
+    c = build(tiny_config(**EXPLODING))
     mesh = make_mesh()
     step = training.state.cached_train_step(c, mesh)  # the same program as the non-finite stop test's
-    src = data_lib.make_source(c.data)
+    src = data_lib.make_source(c.config.data)
     batch = lambda s: jax.device_put(data_lib.process_batch(src, 16, s, 0, 0, 1)[None],  # noqa: E731
                                      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data")))
     init = training.init_state(c, mesh)  # (the step donates its input state, so this one is kept aside)
@@ -103,10 +104,10 @@ def test_non_finite_updates_are_skipped_and_counted():
 def test_ema_follows_its_decay_rule():
     # EMA_{s+1} = d_s EMA_s + (1 - d_s) params_{s+1}, d_s = min(decay, (1 + s) / (10 + s)) with warmup (the
     # default: the first update weighs the initial weights by 0.1, the second by 2/11), else decay throughout.
-    c = tiny_config()
+    c = build(tiny_config())
     mesh = make_mesh()
     step = training.state.cached_train_step(c, mesh)
-    src = data_lib.make_source(c.data)
+    src = data_lib.make_source(c.config.data)
     batch = lambda s: jax.device_put(data_lib.process_batch(src, 16, s, 0, 0, 1)[None],  # noqa: E731
                                      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data")))
     state = training.init_state(c, mesh)
@@ -123,8 +124,8 @@ def test_ema_follows_its_decay_rule():
 
 def test_one_and_eight_devices_give_the_same_losses_and_replicas_agree():
     assert jax.device_count() == 8
-    c = tiny_config()
-    src = data_lib.make_source(c.data)
+    c = build(tiny_config())
+    src = data_lib.make_source(c.config.data)
     out = {}
     for n in (1, 8):
         mesh = make_mesh(jax.devices()[:n])
@@ -139,7 +140,7 @@ def test_one_and_eight_devices_give_the_same_losses_and_replicas_agree():
         out[n] = (losses, leaves(state.params))
     np.testing.assert_allclose(out[1][0], out[8][0], rtol=1e-5)
     for a, b in zip(out[1][1], out[8][1]):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=adam_atol(c))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=adam_atol(c.config))
 
 
 def _free_port():
@@ -210,7 +211,7 @@ def load_init(workdir):
     import ml_collections
 
     c = ml_collections.ConfigDict(json.loads(open(os.path.join(workdir, "config.json")).read()))
-    return leaves(training.init_state(c, make_mesh()).params)
+    return leaves(training.init_state(build(c), make_mesh()).params)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,5 +259,5 @@ def test_interrupted_then_resumed_equals_uninterrupted_bitwise(tmp_path):
     os.remove(tmp_path / "split" / "config.json")
     with pytest.raises(ValueError, match=r"different config \(training\.lr\)"):
         train(tmp_path / "split", num_steps=8, lr=5e-4)
-    cfg, state, meta = training.load_checkpoint(str(tmp_path / "split"))
-    assert meta["step"] == 8 and meta["data_position"] == 8 and cfg.training.num_steps == 8
+    saved, state, meta = training.load_checkpoint(str(tmp_path / "split"))
+    assert meta["step"] == 8 and meta["data_position"] == 8 and saved.config.training.num_steps == 8

@@ -21,15 +21,14 @@ import shutil
 import sys
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 
 from ddim_jax import files
-from ddim_jax.config import config_differences, flatten, spec_from_config, with_defaults
+from ddim_jax.config import config_differences, flatten, to_dict
 from ddim_jax.models import ModelSpec
 from ddim_jax.parallel import host, host_tree, make_mesh
 from ddim_jax.training.latent import load_copy
-from ddim_jax.training.objectives import make_objective
+from ddim_jax.training import run as run_lib
 from ddim_jax.training.state import TrainState, abstract_state
 
 log = logging.getLogger("ddim_jax")
@@ -252,33 +251,34 @@ def _all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def resume(ckpt: Checkpointer, config, mesh, *, allow_config_change: bool):
+def resume(ckpt: Checkpointer, run, mesh, *, allow_config_change: bool):
     """``(state, meta)`` of the newest readable checkpoint, or None when the run has none.
 
-    Each checkpoint's own config is compared with ``config``: other fields than those a resumed run
-    may change are refused unless ``allow_config_change``; another architecture is always refused.
+    Each checkpoint's own config and run record are compared with ``run``'s (a
+    :class:`~ddim_jax.training.run.Run`): other fields than those a resumed run may change are refused
+    unless ``allow_config_change``; another architecture is always refused.
     Checkpoints proven unreadable are moved aside, with a warning, only once an older one has been
     restored; if the run has checkpoints and none can be restored, this raises and moves nothing: it
     never silently starts over.
     """
-    given = json.loads(config.to_json())
-    want = spec_from_config(given).architecture()
+    given = to_dict(run.config)
+    want = run.spec.architecture()
     unreadable = []  # newest first
     for step in reversed(ckpt.steps()):
         try:
             ckpt.verify(step)
             meta = ckpt.read_meta(step)
-            saved = with_defaults(meta["config"])
-            diff = config_differences(saved, given)
+            saved = _saved_run_or_corrupt(meta, step)
+            diff = config_differences(meta["config"], given) + run.record.differences(saved.record)
             if diff and not allow_config_change:
                 raise ValueError(f"workdir {ckpt.workdir!r} holds a run with a different config "
                                  f"({', '.join(diff[:8])}) in its checkpoints; use another --workdir, or pass "
                                  "--override_config to continue with the new one")
-            have = _architecture_or_corrupt(saved, step)
+            have = saved.spec.architecture()
             if have != want:
                 raise ValueError(f"checkpoint {step} in {ckpt.dir} holds a model of another architecture "
                                  f"({_diff_keys(have, want)})")
-            state = ckpt.restore_state(step, abstract_state(config, mesh))
+            state = ckpt.restore_state(step, abstract_state(run, mesh))
         except CorruptCheckpoint as e:
             unreadable.append(e)
             log.warning("%s; trying the previous one", e)
@@ -293,10 +293,11 @@ def resume(ckpt: Checkpointer, config, mesh, *, allow_config_change: bool):
     return None
 
 
-def _architecture_or_corrupt(saved_config: dict, step: int) -> dict:
+def _saved_run_or_corrupt(meta: dict, step: int):
+    """The run a checkpoint's metadata describes, or CorruptCheckpoint if its config or record is unusable."""
     try:
-        return spec_from_config(saved_config).architecture()
-    except (KeyError, TypeError, ValueError) as e:
+        return run_lib.from_saved(meta)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CorruptCheckpoint(f"checkpoint {step}: its recorded config is unusable ({_first_line(e)})",
                                 step) from None
 
@@ -308,7 +309,7 @@ def _diff_keys(a: dict, b: dict) -> str:
 
 
 def load_checkpoint(workdir: str, step: int | None = None):
-    """``(config, state, meta)`` of the newest readable checkpoint (or ``step``) of a training run, on
+    """``(run, state, meta)`` of the newest readable checkpoint (or ``step``) of a training run, on
     this process's first device. Each checkpoint is read with its own recorded config; nothing on disk
     is changed. An unreadable ``step`` is an error naming the checkpoint; without ``step`` unreadable
     checkpoints are skipped with a warning."""
@@ -327,9 +328,8 @@ def load_checkpoint(workdir: str, step: int | None = None):
             try:
                 ckpt.verify(s)
                 meta = ckpt.read_meta(s)
-                config = ml_collections.ConfigDict(with_defaults(meta["config"]))
-                _architecture_or_corrupt(meta["config"], s)
-                return config, ckpt.restore_state(s, abstract_state(config, mesh)), meta
+                saved = _saved_run_or_corrupt(meta, s)
+                return saved, ckpt.restore_state(s, abstract_state(saved, mesh)), meta
             except CorruptCheckpoint as e:
                 if step is not None:
                     raise ValueError(f"{e} (in {ckpt.dir})") from None
@@ -342,13 +342,13 @@ def load_checkpoint(workdir: str, step: int | None = None):
 
 def load_params(workdir: str, *, step: int | None = None, use_ema: bool = True) -> tuple[ModelSpec, dict]:
     """``(spec, params)`` of a training checkpoint (see :func:`load_checkpoint`); EMA params by default."""
-    config, state, meta = load_checkpoint(workdir, step)
-    spec = spec_from_config(with_defaults(meta["config"]))
+    saved, state, meta = load_checkpoint(workdir, step)
+    spec = saved.spec
     info = dict(spec.info, source=f"{os.path.abspath(workdir)} (step {meta['step']}, "
                                   f"{'EMA' if use_ema else 'raw'} params)", step=int(meta["step"]))
     spec = dataclasses.replace(spec, info=info)
     frozen = {}
     if spec.autoencoder is not None:
         frozen = load_copy(workdir)
-    params = make_objective(config).model_params(state.ema_params if use_ema else state.params, frozen)
+    params = saved.objective.model_params(state.ema_params if use_ema else state.params, frozen)
     return spec, host_tree(params)

@@ -1,12 +1,14 @@
 """Latent diffusion in a training run: the frozen autoencoder and the scale of its latents.
 
 A diffusion config whose ``latent.autoencoder`` names a trained autoencoder (a model directory, or the
-workdir of an autoencoder run) diffuses that autoencoder's latents. When the run starts:
+workdir of an autoencoder run, whose exported model is read) diffuses that autoencoder's latents. When
+the run starts:
 
 * :func:`resolve` reads the autoencoder, from the run's own copy ``workdir/autoencoder`` when there is
-  one (a resumed run keeps the autoencoder it started with, whatever the named path holds now), and
-  records its spec in ``latent.autoencoder_spec``;
-* :func:`estimate_scale` sets ``latent.scale_factor`` when it is 0: 1 / the standard deviation of the
+  one (a resumed run keeps the autoencoder it started with, whatever the named path holds now); the
+  run record (:mod:`ddim_jax.training.run`) holds its spec and the digest of its parameters, so a run
+  whose copy is gone refuses to resume with another autoencoder;
+* :func:`estimate_scale` gives the scale factor when ``latent.scale_factor`` is 0: 1 / the standard deviation of the
   latents (posterior samples, as LDM's ``scale_by_std``) of the first :data:`SCALE_IMAGES` training
   images, so the diffused latents have unit variance like the images the schedules were designed for;
 * :func:`save_copy` writes the copy (with the scale in its ``info``) next to the checkpoints, which hold
@@ -21,7 +23,6 @@ invalidated with the data or the autoencoder (``benchmarks/latent_cost.py`` meas
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -42,39 +43,38 @@ class FirstStage:
     params: dict
     source: str
     is_copy: bool
+    scale_factor: float | None = None  # the copy's: what the run estimated when it started
+
+    @property
+    def sha256(self) -> str:
+        """The digest of its parameters (the run record's, so a resume notices another autoencoder)."""
+        return models.params_digest(self.params)
 
 
-def resolve(config, workdir: str):
-    """``(config, first_stage)``: ``config`` with ``latent.autoencoder_spec`` (and, from the run's copy, a
-    previously estimated ``latent.scale_factor``) filled in, and the :class:`FirstStage`; ``(config, None)``
-    for a pixel-space config. Nothing is written."""
+def resolve(config, workdir: str | None) -> FirstStage | None:
+    """The run's frozen autoencoder (None for a pixel-space config): the run's copy in ``workdir`` when it
+    has one, else what ``latent.autoencoder`` names. Nothing is written."""
     lat = config.get("latent")
     if lat is None or not lat.get("autoencoder"):
-        return config, None
+        return None
     path = lat.autoencoder
-    copy = os.path.join(workdir, COPY_DIR)
-    if models.is_model_dir(copy):
+    copy = os.path.join(workdir, COPY_DIR) if workdir else None
+    if copy and models.is_model_dir(copy):
         spec, params = models.load(copy)
-        first, scale = FirstStage(spec, params, copy, True), spec.info.get("scale_factor")
+        first = FirstStage(spec, params, copy, True, spec.info.get("scale_factor"))
     else:
         if not isinstance(path, str) or not os.path.exists(path):
             raise FileNotFoundError(f"latent.autoencoder: {path!r} does not exist (train the autoencoder first, e.g. "
                                     "python train.py --config=configs/autoencoder_digits.py)")
         spec, params = models.load(_model_dir(path))
-        first, scale = FirstStage(spec, params, os.path.abspath(path), False), None
+        first = FirstStage(spec, params, os.path.abspath(path), False)
     if spec.is_diffusion:
         raise ValueError(f"latent.autoencoder: {path!r} holds a {spec.kind} diffusion model, not an autoencoder")
     d = config.data
     if (spec.image_size, spec.channels) != (d.image_size, d.channels):
         raise ValueError(f"latent.autoencoder: {path!r} encodes {spec.image_size}x{spec.image_size}x{spec.channels} "
                          f"images; data.image_size and data.channels give {d.image_size}x{d.image_size}x{d.channels}")
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.latent.autoencoder_spec = json.dumps({k: v for k, v in spec.to_dict().items() if k != "info"},
-                                                    sort_keys=True)
-        if not config.latent.scale_factor and scale:
-            config.latent.scale_factor = float(scale)
-    return config, first
+    return first
 
 
 def estimate_scale(first: FirstStage, source, *, num: int = SCALE_IMAGES, batch: int = 128) -> float:
@@ -101,13 +101,6 @@ def estimate_scale(first: FirstStage, source, *, num: int = SCALE_IMAGES, batch:
     return 1.0 / std
 
 
-def with_scale(config, scale: float):
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.latent.scale_factor = float(scale)
-    return config
-
-
 def save_copy(workdir: str, first: FirstStage, scale: float) -> None:
     """Writes the run's copy of its autoencoder (once: an existing copy is what the run started with)."""
     if first.is_copy:
@@ -122,11 +115,6 @@ def _model_dir(path: str) -> str:
     if models.is_model_dir(path) or not models.is_model_dir(export):
         return path
     return export
-
-
-def frozen_params(first: FirstStage | None) -> dict:
-    """The step's frozen argument: ``{"autoencoder": params}``, or ``{}`` in pixel space."""
-    return {} if first is None else {"autoencoder": first.params}
 
 
 def load_copy(workdir: str) -> dict:

@@ -27,14 +27,14 @@ from safetensors import SafetensorError
 
 from ddim_jax import data as data_lib
 from ddim_jax import files, models
-from ddim_jax.config import config_differences, to_dict, validate_config
+from ddim_jax.config import config_differences, to_dict
 from ddim_jax.images import save_grid
 from ddim_jax.parallel import host, make_mesh, on_main
-from ddim_jax.training import latent, perceptual
+from ddim_jax.training import latent
+from ddim_jax.training import run as run_lib
 from ddim_jax.training.checkpoints import Checkpointer, resume
 from ddim_jax.training.memory import check_fits, memory_plan
 from ddim_jax.training.metrics import METRICS, MetricsWriter, due
-from ddim_jax.training.objectives import make_objective
 from ddim_jax.training.state import TrainState, cached_train_step, init_state
 
 log = logging.getLogger("ddim_jax")
@@ -99,24 +99,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
     ``training.num_steps`` are done, after a SIGTERM (having saved), or raises after ``max_nonfinite``
     non-finite losses in a row."""
     mesh = make_mesh(devices)
-    config, first_stage = latent.resolve(config, workdir)  # a latent model's autoencoder (reads, writes nothing)
-    validate_config(config, mesh.devices.size, jax.process_count())
-    config, frozen = perceptual.resolve(config)  # an autoencoder's LPIPS weights (reads, writes nothing)
-    frozen.update(latent.frozen_params(first_stage))
-    check_batch_fits(config, jax.process_count())
+    # The config resolved once: its autoencoder or LPIPS weights read, validated, its spec and objective built.
+    run = run_lib.resolve(config, workdir, num_devices=mesh.devices.size, num_processes=jax.process_count())
+    check_batch_fits(run.config, jax.process_count())
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     lock = on_main(lambda: files.WorkdirLock(workdir).acquire(), "locking the workdir")
     try:
         on_main(lambda: _remove_leftovers(workdir), "removing a killed run's temporary files")
-        return _train_locked(config, workdir, mesh, is_main, allow_config_change, progress, first_stage, frozen)
+        return _train_locked(run, workdir, mesh, is_main, allow_config_change, progress)
     finally:
         if lock is not None:
             lock.release()
 
 
 # What files.atomic_write and files.replace_dir leave beside their targets when the process is killed.
-_LEFTOVER = re.compile(rf"\.({re.escape(models.EXPORT_DIR)}|{re.escape(latent.COPY_DIR)}|config\.json|"
+_LEFTOVER = re.compile(rf"\.({re.escape(models.EXPORT_DIR)}|{re.escape(latent.COPY_DIR)}|config\.json|run\.json|"
                        rf"{re.escape(METRICS)})\..+\.(tmp|old)")
 
 
@@ -132,34 +130,34 @@ def _remove_leftovers(workdir: str) -> None:
                 os.remove(path)
 
 
-def _train_locked(config, workdir, mesh, is_main, allow_config_change, progress, first_stage,
-                  frozen) -> TrainResult:
-    t_cfg = config.training
+def _train_locked(run, workdir, mesh, is_main, allow_config_change, progress) -> TrainResult:
+    config, t_cfg = run.config, run.config.training
     source = data_lib.make_source(config.data)
     if len(source) < 1:
         raise ValueError(f"dataset {config.data.dataset!r} is empty")
     check_labels(config, source)
-    if first_stage is not None and not config.latent.scale_factor:
-        config = latent.with_scale(config, latent.estimate_scale(first_stage, source))
+    if run.first_stage is not None and not run.record.scale_factor:
+        run = run.with_scale(latent.estimate_scale(run.first_stage, source))
         if is_main:
-            print(f"latent scale factor {config.latent.scale_factor:.6g} (1 / std of the first training images' "
+            print(f"latent scale factor {run.record.scale_factor:.6g} (1 / std of the first training images' "
                   "latents)", flush=True)
     cfg_dict = to_dict(config)
     cfg_path = os.path.join(workdir, "config.json")
     ckpt = Checkpointer(workdir, t_cfg.keep_checkpoints)
     try:
-        restored = resume(ckpt, config, mesh, allow_config_change=allow_config_change)
+        restored = resume(ckpt, run, mesh, allow_config_change=allow_config_change)
         if restored is None and os.path.exists(cfg_path) and not allow_config_change:
-            # A run that stopped before its first checkpoint: its config.json is all there is to compare.
+            # A run that stopped before its first checkpoint: its config.json and run.json are all there is
+            # to compare.
             with open(cfg_path) as f:
-                diff = config_differences(json.load(f), cfg_dict)
+                diff = config_differences(json.load(f), cfg_dict) + run.record.differences(_saved_record(workdir))
             if diff:
                 raise ValueError(f"workdir {workdir!r} holds a run with a different config ({', '.join(diff[:8])}); "
                                  "use another --workdir, or pass --override_config to continue with the new one")
         if restored is None:
             _refuse_to_replace_a_trained_model(workdir)
         # Compiles the step (the loop's calls reuse it) and refuses a run that cannot fit, before writing anything.
-        plan = memory_plan(config, mesh, cached_train_step(config, mesh))
+        plan = memory_plan(run, mesh, cached_train_step(run, mesh))
         if is_main:
             print(plan.summary(), flush=True)
         check_fits(plan, config)
@@ -168,16 +166,27 @@ def _train_locked(config, workdir, mesh, is_main, allow_config_change, progress,
             if is_main:
                 print(f"resuming from step {meta['step']} in {ckpt.dir}", flush=True)
         else:
-            state = init_state(config, mesh)
-        if first_stage is not None:
-            on_main(lambda: latent.save_copy(workdir, first_stage, config.latent.scale_factor),
+            state = init_state(run, mesh)
+        if run.first_stage is not None:
+            on_main(lambda: latent.save_copy(workdir, run.first_stage, run.record.scale_factor),
                     "copying the autoencoder")
         on_main(lambda: files.write_json(cfg_path, cfg_dict), "writing config.json")
-        frozen = jax.device_put(frozen, NamedSharding(mesh, P()))  # what the step uses but does not train
-        return _loop(config, workdir, mesh, is_main, progress, source, ckpt, state, frozen)
+        on_main(lambda: files.write_json(os.path.join(workdir, run_lib.RECORD_FILE), run.record.to_dict()),
+                "writing run.json")
+        frozen = jax.device_put(run.frozen, NamedSharding(mesh, P()))  # what the step uses but does not train
+        return _loop(run, workdir, mesh, is_main, progress, source, ckpt, state, frozen)
     finally:
         ckpt.wait()
         ckpt.close()
+
+
+def _saved_record(workdir: str) -> "run_lib.Record":
+    """The run record a run that stopped before its first checkpoint left (an empty one if it has none)."""
+    path = os.path.join(workdir, run_lib.RECORD_FILE)
+    if not os.path.exists(path):
+        return run_lib.Record()
+    with open(path) as f:
+        return run_lib.Record.from_dict(json.load(f))
 
 
 def _refuse_to_replace_a_trained_model(workdir: str) -> None:
@@ -194,15 +203,14 @@ def _refuse_to_replace_a_trained_model(workdir: str) -> None:
                            "use a new --workdir")
 
 
-def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state, frozen) -> TrainResult:
+def _loop(run, workdir, mesh, is_main, progress, source, ckpt, state, frozen) -> TrainResult:
+    config, objective, spec = run.config, run.objective, run.spec
     t_cfg = config.training
-    objective = make_objective(config)
-    spec = objective.spec
     if is_main:
         print(objective.summary(), flush=True)
     cfg_dict = to_dict(config)
     start = int(host(state.step))
-    train_step = cached_train_step(config, mesh)
+    train_step = cached_train_step(run, mesh)
     batch_sharding = NamedSharding(mesh, P(None, "data"))
     k, last = t_cfg.steps_per_dispatch, t_cfg.num_steps
     conditional = spec.num_classes is not None
@@ -213,7 +221,7 @@ def _loop(config, workdir, mesh, is_main, progress, source, ckpt, state, frozen)
         nonlocal writing
         commit()
         ckpt.save(state, {"step": step, "data_position": step, "seed": t_cfg.seed,
-                          "global_batch": t_cfg.batch_size, "config": cfg_dict})
+                          "global_batch": t_cfg.batch_size, "config": cfg_dict, "record": run.record.to_dict()})
         writing = step, jax.tree.map(host, objective.model_params(state.ema_params, frozen))
 
     def commit():

@@ -65,12 +65,12 @@ def _bytes(tree) -> int:
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def memory_plan(config, mesh, step=None) -> MemoryPlan:
-    """The plan of ``config``'s train step on ``mesh`` (``step``: the train step if already made; it is
-    compiled here for the config's full dispatch of ``training.steps_per_dispatch`` steps)."""
-    t, data = config.training, config.data
-    step = cached_train_step(config, mesh) if step is None else step
-    state = abstract_state(config, mesh)
+def memory_plan(run, mesh, step=None) -> MemoryPlan:
+    """The plan of a :class:`~ddim_jax.training.run.Run`'s train step on ``mesh`` (``step``: the train step if
+    already made; it is compiled here for the full dispatch of ``training.steps_per_dispatch`` steps)."""
+    t, data = run.config.training, run.config.data
+    step = cached_train_step(run, mesh) if step is None else step
+    state = abstract_state(run, mesh)
     k, b = t.steps_per_dispatch, t.batch_size
     rows = NamedSharding(mesh, P(None, "data"))
     images = jax.ShapeDtypeStruct((k, b, data.image_size, data.image_size, data.channels), jnp.uint8, sharding=rows)

@@ -33,7 +33,6 @@ else ``{}``); ``model_params(params, frozen)`` is the model a run exports.
 from __future__ import annotations
 
 import functools
-import json
 
 import flax.linen as nn
 import jax
@@ -42,7 +41,6 @@ import numpy as np
 
 from ddim_jax import conditioning, experiments, kinds, lpips
 from ddim_jax.conditioning import Conditioning
-from ddim_jax.config import spec_from_config, to_dict
 from ddim_jax.diffusion import per_example_loss
 from ddim_jax.models import ModelSpec
 from ddim_jax.parallel import round_up
@@ -247,17 +245,9 @@ class Autoencoder:
 OBJECTIVES = {"diffusion": Diffusion, "autoencoder": Autoencoder}
 
 
-def make_objective(config, model=None):
-    """The objective of ``config``'s model kind, around ``model`` (default: the config's network, in
+def make_objective(config, spec: ModelSpec, model=None):
+    """The objective of ``spec``'s kind, around ``model`` (default: the spec's network, in
     ``training.compute_dtype``, rematerialised with ``training.remat``)."""
-    spec = spec_from_config(config)
     if model is None:
         model = spec.build(config.training.compute_dtype, config.training.remat)
     return OBJECTIVES[kinds.get(spec.kind).objective](config, spec, model)
-
-
-def init_key(config) -> str:
-    """What fixes the trainable parameters' shapes: the model's architecture and the objective's own
-    networks (a discriminator's settings)."""
-    d = to_dict(config)
-    return json.dumps([spec_from_config(config).architecture(), d.get("loss")], sort_keys=True)

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from ddim_jax.config import RESUMABLE_CHANGES, flatten, to_dict
 from ddim_jax.nets import run_once_options
-from ddim_jax.training.objectives import init_key, make_objective
+from ddim_jax.training.objectives import make_objective
 
 
 @flax.struct.dataclass
@@ -58,8 +58,8 @@ def ema_decay_at(step, decay: float, warmup: bool):
     return jnp.minimum(jnp.float32(decay), (1.0 + s) / (10.0 + s))
 
 
-def _init_fn(config):
-    objective, tx = make_objective(config), make_optimizer(config)
+def _init_fn(run):
+    objective, tx = run.objective, make_optimizer(run.config)
 
     def init(key):
         params = objective.init(key)
@@ -70,33 +70,40 @@ def _init_fn(config):
     return init
 
 
-def init_state(config, mesh) -> TrainState:
-    """The initial state, created directly in its replicated sharding (compiled once per config and mesh)."""
-    # The initial state depends on the architecture alone (Adam's state starts at zero whatever its settings).
-    key = (init_key(config), tuple(d.id for d in mesh.devices.flat), "init")
+def _init_key(run) -> str:
+    """What fixes the trainable parameters' shapes: the model's architecture and the objective's own
+    networks (a discriminator's settings). Adam's state starts at zero whatever its settings."""
+    return json.dumps([run.spec.architecture(), to_dict(run.config).get("loss")], sort_keys=True)
+
+
+def init_state(run, mesh) -> TrainState:
+    """The initial state of a :class:`~ddim_jax.training.run.Run`, created directly in its replicated
+    sharding (compiled once per architecture and mesh)."""
+    key = (_init_key(run), tuple(d.id for d in mesh.devices.flat), "init")
     if key not in _CACHE:
-        _CACHE[key] = jax.jit(_init_fn(config), out_shardings=NamedSharding(mesh, P()),
+        _CACHE[key] = jax.jit(_init_fn(run), out_shardings=NamedSharding(mesh, P()),
                               compiler_options=run_once_options(mesh.devices.flat[0].platform))
-    return _CACHE[key](jax.random.key(config.training.seed))
+    return _CACHE[key](jax.random.key(run.config.training.seed))
 
 
-def abstract_state(config, mesh) -> TrainState:
+def abstract_state(run, mesh) -> TrainState:
     """Shapes, dtypes and (replicated) shardings of the train state, without computing it."""
-    shapes = jax.eval_shape(_init_fn(config), jax.random.key(0))
+    shapes = jax.eval_shape(_init_fn(run), jax.random.key(0))
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, P())), shapes)
 
 
-def make_train_step(config, mesh, model=None):
+def make_train_step(run, mesh, model=None):
     """``(state, images, labels=None, frozen=None) -> (state, metrics)``: ``images`` uint8
     ``[k, global_batch, H, W, C]`` (and, for a class-conditional model, int32 ``labels``
     ``[k, global_batch]``) sharded over the batch axis, k steps in one call; metrics have leading dim k.
     ``frozen``: the parameters used but not trained (a latent model's autoencoder, see
     :mod:`ddim_jax.training.latent`; an autoencoder's LPIPS network, :mod:`ddim_jax.training.perceptual`;
-    replicated). ``model`` (default: the config's network) is anything
-    with Flax's ``apply``; the loss is the config's objective's (:mod:`ddim_jax.training.objectives`)."""
+    replicated). ``run``: a :class:`~ddim_jax.training.run.Run`; ``model`` (default: the run's network) is
+    anything with Flax's ``apply``; the loss is the run's objective's (:mod:`ddim_jax.training.objectives`)."""
+    config = run.config
     t_cfg = config.training
     seed, decay, flip = t_cfg.seed, t_cfg.ema_decay, config.data.random_flip
-    objective = make_objective(config, model)
+    objective = run.objective if model is None else make_objective(config, run.spec, model)
     tx, conditional = make_optimizer(config), objective.spec.num_classes is not None
 
     def one_step(state: TrainState, batch, frozen):
@@ -179,11 +186,11 @@ _CACHE: dict = {}
 _NOT_IN_STEP = frozenset(RESUMABLE_CHANGES) - {"training.remat"}
 
 
-def cached_train_step(config, mesh):
-    """``make_train_step`` for this config and mesh, built once per process."""
-    d = flatten(to_dict(config))
-    key = (json.dumps({k: v for k, v in d.items() if k not in _NOT_IN_STEP}, sort_keys=True),
+def cached_train_step(run, mesh):
+    """``make_train_step`` for this run and mesh, built once per process."""
+    d = flatten(to_dict(run.config))
+    key = (json.dumps([{k: v for k, v in d.items() if k not in _NOT_IN_STEP}, run.record.to_dict()], sort_keys=True),
            tuple(dev.id for dev in mesh.devices.flat), "step")
     if key not in _CACHE:
-        _CACHE[key] = make_train_step(config, mesh)
+        _CACHE[key] = make_train_step(run, mesh)
     return _CACHE[key]

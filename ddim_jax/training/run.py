@@ -1,0 +1,120 @@
+"""A training config resolved once, into the parts the stages of a run take.
+
+:func:`resolve` reads what the config names outside itself (a latent model's autoencoder, an
+autoencoder's LPIPS weights), validates the config, and builds the model spec and the objective once;
+the train state, the train step, the memory plan, the checkpoints and the loop take the :class:`Run`
+(``run.config`` for their own block, ``run.spec``, ``run.objective``, ``run.frozen``) instead of the
+config, so nothing is derived from the config twice.
+
+What a run finds when it starts is its :class:`Record`, kept beside its config (``workdir/run.json``
+and each checkpoint's metadata): the frozen autoencoder's spec and parameter digest, the latents'
+scale factor and the LPIPS files' digest. The config stays what the user asked for, with defaults; a
+resumed run whose record differs (other LPIPS weights under the same paths, another autoencoder after
+its copy was deleted) is refused, naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+import ml_collections
+
+from ddim_jax import models
+from ddim_jax.config import flatten, spec_from_config, to_dict, validate_config, with_defaults
+from ddim_jax.training import latent, perceptual
+from ddim_jax.training.objectives import make_objective
+
+RECORD_FILE = "run.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """What a run found when it started (see the module docstring); empty fields do not apply."""
+
+    autoencoder: Mapping[str, Any] | None = None  # the frozen autoencoder's spec (its to_dict(), no info)
+    autoencoder_sha256: str = ""
+    scale_factor: float = 0.0  # the latents' scale factor (given or estimated); 0 = not known yet
+    lpips_sha256: str = ""
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Record":
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, Mapping) or set(d) - names:
+            raise ValueError(f"a run record has the fields {', '.join(sorted(names))}; got {d!r:.200}")
+        return cls(**d)
+
+    @classmethod
+    def of_saved(cls, meta: Mapping[str, Any]) -> "Record":
+        """The record a checkpoint's metadata holds; from a run saved before records existed, the fields
+        its config held (:data:`ddim_jax.config.RECORDED_ELSEWHERE`)."""
+        if "record" in meta:
+            return cls.from_dict(meta["record"])
+        old = flatten(to_dict(meta["config"]))
+        spec = old.get("latent.autoencoder_spec") or ""
+        return cls(autoencoder=json.loads(spec) if spec else None,
+                   scale_factor=float(old.get("latent.scale_factor") or 0.0) if spec else 0.0,
+                   lpips_sha256=old.get("loss.lpips_sha256") or "")
+
+    def differences(self, saved: "Record") -> list[str]:
+        """The fields in which this record differs from ``saved`` (a run's own), as ``record.<field>``; an
+        autoencoder digest ``saved`` lacks (written before digests were recorded) is not compared."""
+        return [f"record.{f.name}" for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(saved, f.name)
+                and not (f.name == "autoencoder_sha256" and not saved.autoencoder_sha256)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A validated config and what follows from it. ``frozen``: the parameters the step uses but does not
+    train (``{"autoencoder": ...}``, ``{"lpips": ...}`` or ``{}``); ``first_stage``: a latent run's
+    autoencoder as read (:class:`ddim_jax.training.latent.FirstStage`)."""
+
+    config: ml_collections.ConfigDict
+    record: Record
+    spec: models.ModelSpec
+    objective: Any
+    frozen: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    first_stage: latent.FirstStage | None = None
+
+    def with_scale(self, scale: float) -> "Run":
+        """This run with the latents' scale factor (estimated once the data is open)."""
+        return build(self.config, dataclasses.replace(self.record, scale_factor=float(scale)), self.frozen,
+                     self.first_stage)
+
+
+def resolve(config, workdir: str | None = None, *, num_devices: int = 1, num_processes: int = 1) -> Run:
+    """Reads what ``config`` names (from the run's own copies in ``workdir`` where it has them), validates
+    it for ``num_devices`` over ``num_processes``, and builds its spec and objective. Writes nothing."""
+    first = latent.resolve(config, workdir)
+    validate_config(config, num_devices, num_processes)
+    frozen, lpips_sha256 = perceptual.resolve(config)
+    record = Record(lpips_sha256=lpips_sha256)
+    if first is not None:
+        frozen = dict(frozen, autoencoder=first.params)
+        record = dataclasses.replace(
+            record, autoencoder={k: v for k, v in first.spec.to_dict().items() if k != "info"},
+            autoencoder_sha256=first.sha256, scale_factor=float(config.latent.scale_factor or first.scale_factor or 0))
+    return build(config, record, frozen, first)
+
+
+def build(config, record: Record | None = None, frozen=None, first_stage=None) -> Run:
+    """The :class:`Run` of an already validated config and its record (a checkpoint's, to read it back)."""
+    record = record or Record()
+    ae = None if record.autoencoder is None else models.ModelSpec.from_dict(record.autoencoder)
+    spec = spec_from_config(config, autoencoder=ae, scale_factor=record.scale_factor or None)
+    objective = make_objective(config, spec)
+    return Run(config, record, spec, objective, dict(frozen or {}), first_stage)
+
+
+def from_saved(meta: Mapping[str, Any]) -> Run:
+    """The run a checkpoint's metadata describes (its config, with defaults, and its record); no frozen
+    parameters are read."""
+    return build(ml_collections.ConfigDict(with_defaults(meta["config"])), Record.of_saved(meta))
+
+
+__all__ = ["RECORD_FILE", "Record", "Run", "build", "from_saved", "resolve"]
