@@ -6,9 +6,10 @@ import json
 import jax
 import numpy as np
 import pytest
+from helpers import leaves, train
 from safetensors.numpy import load_file, save_file
 
-from ddim_jax import models
+from ddim_jax import loading, models
 
 SPEC = models.ModelSpec("unet", dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
                                      norm_groups=4), 8, 1, {"name": "cosine", "num_timesteps": 10})
@@ -56,3 +57,18 @@ def test_integer_parameters_are_refused_not_cast(saved, tmp_path):
     with pytest.raises(ValueError, match=f"parameter {name} is int32; parameters are floating point"):
         models.load(out)
     assert models.load(saved)[0] == SPEC  # the untouched copy still loads
+
+
+def test_a_corrupt_export_falls_back_to_the_workdirs_checkpoint(tmp_path, caplog):
+    train(tmp_path, num_steps=4, devices=jax.devices()[:1])
+    spec, params = loading.load(tmp_path)
+    want = leaves(params)
+    export = tmp_path / models.EXPORT_DIR / models.PARAMS_FILE
+    export.write_bytes(export.read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match="cannot read"):
+        models.load(tmp_path / models.EXPORT_DIR)
+    with caplog.at_level("WARNING"):
+        spec2, params2 = loading.load(tmp_path)  # the checkpoint of the same step holds the same EMA params
+    assert "reading the newest checkpoint instead" in caplog.text and spec2.info["step"] == 4
+    for a, b in zip(leaves(params2), want):
+        np.testing.assert_array_equal(a, b)
