@@ -250,8 +250,7 @@ def claim_output(out: str):
     while not os.path.exists(d):
         created.append(d)
         d = os.path.dirname(d)
-    lock = files.WorkdirLock(out)
-    lock.path = os.path.join(out, ".sample.lock")
+    lock = files.WorkdirLock(out, ".sample.lock")
     try:
         try:
             lock.acquire()

@@ -151,15 +151,15 @@ class WorkdirInUse(RuntimeError):
 
 
 class WorkdirLock:
-    """An exclusive lock on a workdir: ``workdir/.lock`` held with ``flock`` and naming its holder.
+    """An exclusive lock on a workdir: ``workdir/.lock`` (or ``name``) held with ``flock`` and naming its holder.
 
     The kernel drops an ``flock`` when its process dies (kill -9 included), so a lock file left by a
     dead process is stale by construction and is simply taken over. A live holder makes
     :meth:`acquire` raise :class:`WorkdirInUse` naming its pid, host and start time.
     """
 
-    def __init__(self, workdir: str):
-        self.path = os.path.join(os.path.abspath(workdir), ".lock")
+    def __init__(self, workdir: str, name: str = ".lock"):
+        self.path = os.path.join(os.path.abspath(workdir), name)
         self._fd: int | None = None
 
     def acquire(self) -> "WorkdirLock":
