@@ -75,9 +75,8 @@ def step_flops_per_image(batch, smoke=False):
     from ddim_jax.training.run import build
     from ddim_jax.training.state import abstract_state, make_train_step
 
-    c = get_config("lsun_church256")
-    if smoke:
-        tiny_unet(c)
+    # --smoke: memory_plan.py's and op_profile.py's tiny cifar10 step at their batch (2), compiled once for all three
+    c = tiny_unet(get_config("cifar10")) if smoke else get_config("lsun_church256")
     c.training.batch_size = batch
     mesh = make_mesh(jax.devices()[:1])
     rows = NamedSharding(mesh, P(None, "data"))
@@ -104,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="a few small JPEGs, one step, a tiny UNet: a quick test")
     a = p.parse_args(argv)
     if a.smoke:
-        a.images, a.size, a.batch, a.steps, a.workers, a.flops_batch = 4, "64x64", 2, 1, "0,2", 1
+        a.images, a.size, a.batch, a.steps, a.workers, a.flops_batch = 4, "64x64", 2, 1, "0,2", 2
     return a
 
 
