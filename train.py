@@ -50,7 +50,7 @@ def main(argv):
     workdir = FLAGS.workdir or os.path.join("runs", setup or os.path.splitext(os.path.basename(path))[0])
     try:
         train(FLAGS.config, workdir, allow_config_change=FLAGS.override_config)
-    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:  # OSError: read-only or full disk, ...
+    except (ValueError, OSError, RuntimeError, FloatingPointError, ImportError) as e:  # OSError: a full disk, ...
         raise SystemExit(f"error: {(str(e).splitlines() or [''])[0]}") from None
     except KeyboardInterrupt:  # before the loop, or a second Ctrl-C (the first one saves and stops the loop)
         raise SystemExit("interrupted: nothing saved since the last checkpoint") from None

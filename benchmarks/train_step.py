@@ -4,7 +4,7 @@ Ours: ``ddim_jax.training.make_train_step`` with ``configs/paper.py:cifar10`` (t
 UNet, dropout 0.1, Adam lr 2e-4 with linear warmup, global-norm clipping at 1.0, EMA 0.9999, random
 horizontal flips, L_simple with uniform t and Gaussian noise) at ``training.batch_size = --batch`` on a
 1-device mesh (``ddim_jax.parallel.make_mesh``), ``steps_per_dispatch = 1``, the state from
-``training.init_state`` (the network: ``ddim_jax.config.spec_from_config(config).build()``), fed a fixed
+``training.init_state`` (the network: ``ddim_jax.training.run.build(config).spec.build()``), fed a fixed
 random uint8 batch of shape ``[1, B, 32, 32, 3]``. The step is compiled ahead of time (``lower().compile()``), so the
 compile time is reported on its own; XLA's cost analysis of that program gives the FLOPs per step.
 
@@ -170,7 +170,6 @@ def main(argv=None) -> None:
     from jax.sharding import PartitionSpec as P
 
     from ddim_jax import training
-    from ddim_jax.config import spec_from_config
     from ddim_jax.convert import convert_diffusers
     from ddim_jax.diffusion import per_example_loss
     from ddim_jax.parallel import make_mesh
@@ -198,14 +197,15 @@ def main(argv=None) -> None:
 
     # ---- ours: the state and the AOT-compiled step on a 1-device mesh.
     mesh = make_mesh(jax.devices()[:1])
-    spec = spec_from_config(config)
+    run = build(config)
+    spec = run.spec
     schedule = spec.make_schedule()
-    state = training.init_state(build(config), mesh)
+    state = training.init_state(run, mesh)
     res["params"] = count_params(state.params)
     images_np = np.random.default_rng(0).integers(0, 256, (1, B, size, size, ch), dtype=np.uint8)
     images = jax.device_put(images_np, NamedSharding(mesh, P(None, "data")))
     labels = jax.device_put(np.zeros((1, B), np.int32), NamedSharding(mesh, P(None, "data")))  # not read
-    step_fn = training.make_train_step(build(config), mesh)  # the config's network, optimizer and schedule
+    step_fn = training.make_train_step(run, mesh)  # the config's network, optimizer and schedule
     t0 = time.perf_counter()
     lowered = step_fn.jitted.lower(state, images, labels, {})
     t1 = time.perf_counter()

@@ -6,7 +6,8 @@ or one ``[M, d]``, e.g. text-encoder outputs) or neither, and the ``concat`` cha
 conditioned by concatenation (``[B, H, W, k]``, :mod:`ddim_jax.concat`). :func:`apply` evaluates the
 network under it; the training loss, the samplers' ``eps_fn`` (:func:`eps_fn`), classifier-free guidance
 (:func:`ddim_jax.guidance.guided_by`, which stacks a conditioning with its null) and the experiments all
-go through it. :func:`check_labels` is the one check of class labels.
+go through it. :func:`check_labels` checks the class labels a model is given (the spec, guidance and
+the experiments use it).
 
 It is a pytree (its arrays are leaves), so a jitted sampler taking ``eps_fn(model_fn, cond)`` does not
 recompile for new labels, contexts or observations of the same shapes.

@@ -176,7 +176,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
 # (a field missing here takes base_config's default).
 _WHEN_ABSENT = {"training.ema_warmup": False}
 # Fields runs once wrote into their config when they started; they are the run record's now
-# (ddim_jax.training.run.Record), and a saved config's copy of them is set aside when it is read.
+# (ddim_jax.training.run.Record), and a saved config's copy of them is set aside when it is read. Such
+# a latent run also wrote its estimated scale into latent.scale_factor: that is the record's too.
 RECORDED_ELSEWHERE = ("latent.autoencoder_spec", "loss.lpips_sha256")
 
 
@@ -221,7 +222,10 @@ def config_differences(saved: dict, given: dict) -> list[str]:
     """Dotted keys whose values differ, except the fields a resumed run may change (fields the saved
     config lacks count as their defaults)."""
     a, b = flatten(with_defaults(saved)), flatten(to_dict(given))
-    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
+    skip = set(RESUMABLE_CHANGES)
+    if "latent.autoencoder_spec" in flatten(to_dict(saved)):  # written when records lived in the config
+        skip.add("latent.scale_factor")  # compared as the record's scale instead
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in skip]
 
 
 def _int(v) -> bool:

@@ -87,6 +87,9 @@ class ModelKind:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {', '.join(CONDITIONINGS)}; got {self.conditioning!r}")
+        if self.conditioning == "context" and self.trainable:
+            raise ValueError("a kind conditioned on context arrays is not trainable (train.py has no text data): "
+                             "set trainable=False")
         if (self.objective == "autoencoder") != (self.latents is not None):
             raise ValueError("an autoencoder kind (and only one) describes its latents")
         unknown = sorted(set(self.defaults) - set(self.arch_fields) - {"num_classes"})

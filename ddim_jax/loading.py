@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 def is_workdir(path: str) -> bool:
     """Whether ``path`` looks like a training workdir (its checkpoints, or its config)."""
+    if os.path.isdir(os.path.join(path, "params")):  # the old converted-checkpoint layout (models.load says so)
+        return False
     return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "config.json"))
 
 

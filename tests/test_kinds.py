@@ -115,3 +115,9 @@ def test_a_model_may_hold_what_a_training_config_may_not():
     need = []
     kinds.get("unet").train_check(kinds.get("unet").full_arch(arch), lambda ok, field, what: need.append((ok, field)))
     assert need == [(False, "norm_groups")]
+
+
+def test_a_kind_conditioned_on_context_arrays_is_not_offered_to_train_py():
+    entry = kinds.get("unet2d_condition")
+    with pytest.raises(ValueError, match="conditioned on context arrays is not trainable"):
+        kinds.ModelKind(entry.module, entry.from_spec, entry.example_inputs, conditioning="context")

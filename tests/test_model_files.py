@@ -72,3 +72,10 @@ def test_a_corrupt_export_falls_back_to_the_workdirs_checkpoint(tmp_path, caplog
     assert "reading the newest checkpoint instead" in caplog.text and spec2.info["step"] == 4
     for a, b in zip(leaves(params2), want):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_old_converted_layout_is_named_not_taken_for_a_workdir(tmp_path):
+    (tmp_path / "params").mkdir()
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="old converted-checkpoint layout; convert the source again"):
+        loading.load(tmp_path)

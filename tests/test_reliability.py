@@ -183,3 +183,15 @@ def test_leftovers_of_killed_runs_are_removed_and_never_taken_for_a_checkpoint_o
     assert train(tmp_path, num_steps=4, checkpoint_every=2).steps_run == 2
     assert not export_tmp.exists() and not save_tmp.exists()
     assert ckpt_lib.step_dirs(str(tmp_path)) == [2, 4] and loading.load(str(tmp_path))[0].info["step"] == 4
+
+
+@pytest.mark.parametrize("text", ["[]", '{"a": 1}', "not json"])
+def test_a_checksum_file_that_is_not_a_map_of_digests_marks_the_checkpoint_corrupt(tmp_path, text):
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path), 1)
+    try:
+        (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+        (tmp_path / "checkpoints" / "4" / ckpt_lib.CHECKSUMS).write_text(text)
+        with pytest.raises(ckpt_lib.CorruptCheckpoint, match="checkpoint 4: its sha256sums.json"):
+            ckpt.verify(4)
+    finally:
+        ckpt.close()

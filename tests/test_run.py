@@ -6,7 +6,8 @@ import pytest
 
 from ddim_jax import models
 from ddim_jax.config import autoencoder_config, base_config, config_differences, to_dict
-from ddim_jax.training.run import Record
+from ddim_jax.training import latent, loop
+from ddim_jax.training.run import RECORD_FILE, Record
 
 AE = models.ModelSpec("autoencoder_kl", dict(block_out_channels=(8, 8), layers_per_block=1, latent_channels=2,
                                              norm_groups=4), 8, 1, None, None)
@@ -37,3 +38,31 @@ def test_record_differences_name_the_fields():
     assert saved.differences(Record(**{**saved.to_dict(), "autoencoder_sha256": ""})) == []
     with pytest.raises(ValueError, match="a run record has the fields"):
         Record.from_dict({"scale": 1.0})
+
+
+def test_an_old_latent_run_compares_its_estimated_scale_as_its_record():
+    # Its config held the estimated scale; the config as asked for says 0 (estimate it).
+    old = to_dict(base_config("cross_attention_unet"))
+    old["latent"].update(autoencoder="ae", scale_factor=0.37, autoencoder_spec=json.dumps(AE.to_dict()))
+    given = base_config("cross_attention_unet")
+    given.latent.autoencoder = "ae"
+    assert config_differences(old, given) == []
+    given.training.lr = 1.0
+    assert config_differences(old, given) == ["training.lr"]
+
+
+def test_a_run_from_before_records_that_never_checkpointed_reads_its_config_as_its_record(tmp_path):
+    old = to_dict(autoencoder_config())
+    old["loss"]["lpips_sha256"] = "cd" * 32
+    assert loop._saved_record(str(tmp_path), old) == Record(lpips_sha256="cd" * 32)
+    (tmp_path / RECORD_FILE).write_text(json.dumps(Record(lpips_sha256="ef" * 32).to_dict()))
+    assert loop._saved_record(str(tmp_path), old) == Record(lpips_sha256="ef" * 32)
+
+
+def test_an_autoencoder_workdir_without_an_exported_model_is_named_as_such(tmp_path):
+    (tmp_path / "ae_run" / "checkpoints").mkdir(parents=True)
+    config = base_config("cross_attention_unet")
+    config.latent.autoencoder = str(tmp_path / "ae_run")
+    with pytest.raises(FileNotFoundError, match="training workdir .* has no exported model") as e:
+        latent.resolve(config, None)
+    assert "\n" not in str(e.value)

@@ -29,7 +29,6 @@ _TOP = [
     (r"temb_dense_(\d)", lambda m, n: f"temb.dense.{m[1]}"),
     (r"(conv_in|conv_out|norm_out)", lambda m, n: m[1]),
 ]
-_DDIM_SUB: dict[str, str] = {}  # our submodule names are ermongroup's
 
 
 def ddim_key(path: tuple[str, ...]) -> str:

@@ -128,6 +128,8 @@ class Checkpointer:
         except (OSError, ValueError) as e:
             raise CorruptCheckpoint(f"checkpoint {step}: its {CHECKSUMS} cannot be read ({_first_line(e)})",
                                     step) from None
+        if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+            raise CorruptCheckpoint(f"checkpoint {step}: its {CHECKSUMS} is not a map of files to digests", step)
         for path, digest in sorted(sums.items()):
             full = os.path.join(d, path)
             if not os.path.isfile(full):

@@ -112,9 +112,14 @@ def save_copy(workdir: str, first: FirstStage, scale: float) -> None:
 def _model_dir(path: str) -> str:
     """The model directory ``path`` names: itself, or a training workdir's exported model."""
     export = os.path.join(path, models.EXPORT_DIR)
-    if models.is_model_dir(path) or not models.is_model_dir(export):
+    if models.is_model_dir(path):
         return path
-    return export
+    if models.is_model_dir(export):
+        return export
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        raise FileNotFoundError(f"latent.autoencoder: the training workdir {path!r} has no exported model "
+                                f"({export}); let its run reach a checkpoint, or name a model directory")
+    return path  # models.load says what it is not
 
 
 def load_copy(workdir: str) -> dict:

@@ -150,7 +150,8 @@ def _train_locked(run, workdir, mesh, is_main, allow_config_change, progress) ->
             # A run that stopped before its first checkpoint: its config.json and run.json are all there is
             # to compare.
             with open(cfg_path) as f:
-                diff = config_differences(json.load(f), cfg_dict) + run.record.differences(_saved_record(workdir))
+                saved = json.load(f)
+            diff = config_differences(saved, cfg_dict) + run.record.differences(_saved_record(workdir, saved))
             if diff:
                 raise ValueError(f"workdir {workdir!r} holds a run with a different config ({', '.join(diff[:8])}); "
                                  "use another --workdir, or pass --override_config to continue with the new one")
@@ -170,9 +171,9 @@ def _train_locked(run, workdir, mesh, is_main, allow_config_change, progress) ->
         if run.first_stage is not None:
             on_main(lambda: latent.save_copy(workdir, run.first_stage, run.record.scale_factor),
                     "copying the autoencoder")
-        on_main(lambda: files.write_json(cfg_path, cfg_dict), "writing config.json")
         on_main(lambda: files.write_json(os.path.join(workdir, run_lib.RECORD_FILE), run.record.to_dict()),
                 "writing run.json")
+        on_main(lambda: files.write_json(cfg_path, cfg_dict), "writing config.json")
         frozen = jax.device_put(run.frozen, NamedSharding(mesh, P()))  # what the step uses but does not train
         return _loop(run, workdir, mesh, is_main, progress, source, ckpt, state, frozen)
     finally:
@@ -180,11 +181,12 @@ def _train_locked(run, workdir, mesh, is_main, allow_config_change, progress) ->
         ckpt.close()
 
 
-def _saved_record(workdir: str) -> "run_lib.Record":
-    """The run record a run that stopped before its first checkpoint left (an empty one if it has none)."""
+def _saved_record(workdir: str, saved_config: dict) -> "run_lib.Record":
+    """The run record a run that stopped before its first checkpoint left: its run.json, or for a run from
+    before records, what its config held."""
     path = os.path.join(workdir, run_lib.RECORD_FILE)
     if not os.path.exists(path):
-        return run_lib.Record()
+        return run_lib.Record.of_saved({"config": saved_config})
     with open(path) as f:
         return run_lib.Record.from_dict(json.load(f))
 

@@ -4,7 +4,7 @@
 autoencoder's LPIPS weights), validates the config, and builds the model spec and the objective once;
 the train state, the train step, the memory plan, the checkpoints and the loop take the :class:`Run`
 (``run.config`` for their own block, ``run.spec``, ``run.objective``, ``run.frozen``) instead of the
-config, so nothing is derived from the config twice.
+config, so the spec and the objective are built once and every stage uses the same ones.
 
 What a run finds when it starts is its :class:`Record`, kept beside its config (``workdir/run.json``
 and each checkpoint's metadata): the frozen autoencoder's spec and parameter digest, the latents'
@@ -51,7 +51,8 @@ class Record:
     @classmethod
     def of_saved(cls, meta: Mapping[str, Any]) -> "Record":
         """The record a checkpoint's metadata holds; from a run saved before records existed, the fields
-        its config held (:data:`ddim_jax.config.RECORDED_ELSEWHERE`)."""
+        its config held (:data:`ddim_jax.config.RECORDED_ELSEWHERE`, and a latent run's estimated
+        ``latent.scale_factor``)."""
         if "record" in meta:
             return cls.from_dict(meta["record"])
         old = flatten(to_dict(meta["config"]))
