@@ -61,7 +61,9 @@ def test_a_failed_run_leaves_no_directory_it_created(workdir, tmp_path):
     assert (tmp_path / "mine").is_dir()  # a directory that was there stays
 
 
-def test_fid_statistics_that_do_not_fit_are_refused_before_sampling(workdir, tmp_path):
+def test_fid_statistics_that_do_not_fit_are_refused_before_sampling(workdir, tmp_path, monkeypatch, digits_cnn_cache):
+    digits_cnn_cache(tmp_path / "cache")  # the digits extractor's CNN, not the user's ~/.cache
+    monkeypatch.setenv("DDIM_JAX_CACHE", str(tmp_path / "cache"))
     np.savez(tmp_path / "nan.npz", mu=np.full(64, np.nan), sigma=np.eye(64))
     np.savez(tmp_path / "small.npz", mu=np.zeros(4), sigma=np.eye(4))
     args = [f"--workdir={workdir}", "--mode=fid", "--num_samples=4", "--batch_size=8", "--fid_steps=2",
