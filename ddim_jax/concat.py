@@ -42,19 +42,42 @@ def _inpaint_observe(x):
     return jnp.concatenate([x * mask, mask], axis=-1)
 
 
+def nearest_downsample(x, height: int, width: int):
+    """``[N, H, W, C]`` -> ``[N, height, width, C]`` by nearest neighbour as torch's ``interpolate`` (mode
+    "nearest") picks it: output pixel ``i`` takes input pixel ``floor(i * H / height)``."""
+    rows = (jnp.arange(height) * x.shape[1]) // height
+    cols = (jnp.arange(width) * x.shape[2]) // width
+    return x[:, rows][:, :, cols]
+
+
+def _sd_inpaint_observe(x):
+    raise ValueError("sd_inpaint observations are the mask and the masked image's latents (they need the "
+                     "autoencoder): build them with ddim_jax.pipelines.inpaint_condition")
+
+
+def _sd_inpaint_condition(obs, side):
+    if obs.ndim != 4 or obs.shape[1:3] != (side, side):
+        raise ValueError(f"sd_inpaint observations must be [N, {side}, {side}, 1 + latent channels] (the mask and "
+                         f"the masked image's latents); got {tuple(obs.shape)}")
+    return obs
+
+
 @dataclasses.dataclass(frozen=True)
 class Condition:
     observe: Callable  # images [N, H, W, C] in [-1, 1] -> observations
     condition: Callable  # (observations, side) -> the extra channels [N, side, side, k]
-    channels: Callable[[int], int]  # image channels -> k
+    channels: Callable[[int, int], int]  # (image channels, the sample's channels) -> k
     doc: str
 
 
 CONDITIONS: dict[str, Condition] = {
-    "superres2x": Condition(lambda x: box_downsample(x, 2), resize, lambda c: c,
+    "superres2x": Condition(lambda x: box_downsample(x, 2), resize, lambda c, s: c,
                             "2x super-resolution: the image box-filtered to half its side, resized back"),
-    "inpaint_center": Condition(_inpaint_observe, resize, lambda c: c + 1,
+    "inpaint_center": Condition(_inpaint_observe, resize, lambda c, s: c + 1,
                                 "inpainting: the image with its centre half blanked, and the mask"),
+    "sd_inpaint": Condition(_sd_inpaint_observe, _sd_inpaint_condition, lambda c, s: 1 + s,
+                            "Stable Diffusion inpainting (diffusers' order): the mask (1 = repaint) at the latents' "
+                            "size, then the scaled latents of the image with the repainted region set to 0"),
 }
 
 

@@ -4,10 +4,13 @@ A :class:`ModelSpec` says everything needed to rebuild and use a trained network
 kind's arguments, the image size and channels, the noise schedule (in this project's names), the
 prediction type and the conditioning. A latent diffusion model's spec also holds its autoencoder's spec
 and the scale factor of its latents; its parameters are ``{"denoiser": ..., "autoencoder": ...}``. A
-model directory holds exactly two files::
+text-conditioned model may hold its text encoder's spec too (``spec.text_encoder``, its parameters under
+``"text_encoder"``). A model directory holds two files, and the text encoder's tokenizer if it has one::
 
     spec.json            {"format": "ddim_jax.model", "version": 1, "spec": {...}}
     params.safetensors   the float32 parameters, keys joined with "/" (e.g. "down_0_block_0/conv1/kernel")
+    tokenizer/           optional: the tokenizer's files (vocab.json, merges.txt, tokenizer_config.json,
+                         special_tokens_map.json), read back by :func:`load_tokenizer`
 
 Training runs export their EMA parameters in this format (``workdir/model``), ``python -m
 ddim_jax.convert`` writes it, and :func:`load` reads it (:func:`ddim_jax.loading.load` also reads a
@@ -21,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from typing import Any, Mapping
 
 import jax
@@ -39,6 +43,8 @@ FORMAT = "ddim_jax.model"
 FORMAT_VERSION = 1
 SPEC_FILE = "spec.json"
 PARAMS_FILE = "params.safetensors"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 EXPORT_DIR = "model"  # a training workdir's exported EMA model
 
 _SHAPES: dict = {}  # param_shapes by architecture (tracing a network takes a while)
@@ -92,12 +98,20 @@ class ModelSpec:
 
     Conditioning by concatenation: ``concat`` names an entry of :data:`ddim_jax.concat.CONDITIONS`; the
     network then sees ``x_t`` with :meth:`condition`'s extra channels (an observation of the image: a
-    low-resolution version, a masked one) at the sample's resolution, and ``eps_fn`` needs them."""
+    low-resolution version, a masked one) at the sample's resolution, and ``eps_fn`` needs them.
+
+    Text conditioning: a context-conditioned model may hold ``text_encoder``, the spec of the text encoder
+    whose hidden states it cross-attends to (kind ``clip_text``; their width is the denoiser's
+    ``cross_attention_dim``); :meth:`encode_text` maps token ids to that context. ``clip_skip`` picks the
+    hidden state, as diffusers' option: ``final_layer_norm(hidden_states[-(clip_skip + 1)])``; 0, the last
+    hidden state after the final layer norm, is what SD 1.x and 2.x use (SD 2.x's "penultimate layer" is
+    its 23-layer text encoder's last). A text encoder's own spec has no images: ``image_size``, ``channels``
+    and ``schedule`` are None."""
 
     kind: str
     arch: Mapping[str, Any]
-    image_size: int
-    channels: int
+    image_size: int | None  # None for a kind without images (a text encoder)
+    channels: int | None
     schedule: Mapping[str, Any] | None  # None for a kind that is not a diffusion model (an autoencoder)
     prediction_type: str | None = "epsilon"
     num_classes: int | None = None
@@ -105,6 +119,8 @@ class ModelSpec:
     autoencoder: "ModelSpec | None" = None  # a latent diffusion model's (frozen) autoencoder
     scale_factor: float | None = None  # latents = scale_factor x the autoencoder's; None: not estimated yet
     concat: str | None = None  # conditioning by concatenation (ddim_jax.concat.CONDITIONS), or None
+    text_encoder: "ModelSpec | None" = None  # a text-conditioned model's (frozen) text encoder
+    clip_skip: int = 0  # the text encoder's hidden state the denoiser reads: layers skipped from the last
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -118,7 +134,10 @@ class ModelSpec:
             raise ValueError(f"info must be a mapping (the model's provenance); got {self.info!r}")
         for name in ("image_size", "channels"):
             v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            if not entry.has_images:
+                if v is not None:
+                    raise ValueError(f"a {self.kind} model takes no images: its {name} must be None; got {v!r}")
+            elif not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer; got {v!r}")
         if not self.is_diffusion:
             if self.schedule is not None or self.prediction_type is not None or self.num_classes is not None:
@@ -140,9 +159,11 @@ class ModelSpec:
         entry.check(full, _need(full, f"{self.kind} argument "))
         if entry.needs_labels and self.num_classes is None:
             raise ValueError(f"a {self.kind} model is class-conditional: it needs num_classes")
-        object.__setattr__(self, "image_size", int(self.image_size))
-        object.__setattr__(self, "channels", int(self.channels))
+        if entry.has_images:
+            object.__setattr__(self, "image_size", int(self.image_size))
+            object.__setattr__(self, "channels", int(self.channels))
         self._check_latent()
+        self._check_text_encoder()
         if self.concat is not None:
             if not self.is_diffusion:
                 raise ValueError(f"concat applies to diffusion models; a {self.kind} model has none")
@@ -167,7 +188,7 @@ class ModelSpec:
             if self.scale_factor is not None:
                 raise ValueError("scale_factor applies to latent diffusion models (with an autoencoder)")
             return
-        if not isinstance(ae, ModelSpec) or ae.is_diffusion or ae.autoencoder is not None:
+        if not isinstance(ae, ModelSpec) or kinds.get(ae.kind).latents is None or ae.autoencoder is not None:
             raise ValueError(f"autoencoder must be the spec of an autoencoder model; got "
                              f"{getattr(ae, 'kind', type(ae).__name__)!r}")
         if not self.is_diffusion:
@@ -183,6 +204,35 @@ class ModelSpec:
                              f"got ({self.image_size}, {self.channels})")
         object.__setattr__(self, "autoencoder", dataclasses.replace(ae, info={}))
 
+    def _check_text_encoder(self) -> None:
+        te = self.text_encoder
+        if isinstance(te, Mapping):
+            te = ModelSpec.from_dict(te)
+            object.__setattr__(self, "text_encoder", te)
+        if te is None:
+            if not (isinstance(self.clip_skip, int) and self.clip_skip == 0):
+                raise ValueError(f"clip_skip applies to models with a text encoder; got {self.clip_skip!r}")
+            return
+        text = kinds.get(te.kind).text if isinstance(te, ModelSpec) else None
+        if text is None:
+            raise ValueError(f"text_encoder must be the spec of a text-encoder model (kind "
+                             f"{', '.join(k for k, v in kinds.KINDS.items() if v.text)}); got "
+                             f"{getattr(te, 'kind', type(te).__name__)!r}")
+        if not self.is_diffusion or kinds.get(self.kind).conditioning != "context":
+            raise ValueError(f"a {self.kind} model cannot have a text encoder (only diffusion models conditioned on "
+                             "context arrays are)")
+        arch = kinds.get(te.kind).full_arch(te.arch)
+        width, layers = text.width(arch), text.layers(arch)
+        if width != self._context_width():
+            raise ValueError(f"the text encoder's hidden states have width {width}; the {self.kind} model's "
+                             f"cross_attention_dim is {self._context_width()}")
+        skip = self.clip_skip
+        if not isinstance(skip, (int, np.integer)) or isinstance(skip, bool) or not 0 <= skip < layers:
+            raise ValueError(f"clip_skip must be an integer in [0, {layers - 1}] (text-encoder layers skipped from "
+                             f"the last; 0: its last hidden state); got {skip!r}")
+        object.__setattr__(self, "clip_skip", int(skip))
+        object.__setattr__(self, "text_encoder", dataclasses.replace(te, info={}))
+
     @property
     def latent_shape(self) -> tuple[int, int]:
         """An autoencoder's latents: ``(side, channels)``."""
@@ -195,7 +245,7 @@ class ModelSpec:
         return self.image_size // f, ch
 
     def _require_autoencoder(self) -> None:
-        if self.is_diffusion:
+        if kinds.get(self.kind).latents is None:
             raise ValueError(f"a {self.kind} model has no latents (it is not an autoencoder)")
 
     @property
@@ -209,7 +259,7 @@ class ModelSpec:
         """The network's input channels: the sample's, and a concat-conditioned model's extra ones."""
         if self.concat is None:
             return self.channels
-        return self.channels + concat_lib.get(self.concat).channels(self.output_shape[2])
+        return self.channels + concat_lib.get(self.concat).channels(self.output_shape[2], self.channels)
 
     def observe(self, images):
         """What a concat-conditioned model is given of images ``[N, H, W, C]`` in [-1, 1] (e.g. their
@@ -266,19 +316,29 @@ class ModelSpec:
         return jax.jit(self.init, compiler_options=run_once_options(jax.devices()[0].platform))(key)
 
     def param_shapes(self) -> dict:
-        """The model's parameter tree (a latent model's: ``{"denoiser", "autoencoder"}``) as
-        ``jax.ShapeDtypeStruct`` leaves, computing nothing."""
+        """The model's parameter tree (a latent model's: ``{"denoiser", "autoencoder"}``, and
+        ``"text_encoder"`` with a text encoder) as ``jax.ShapeDtypeStruct`` leaves, computing nothing."""
         key = json.dumps(self.architecture(), sort_keys=True)
         if key not in _SHAPES:
             shapes = jax.eval_shape(self.init, jax.random.key(0))
-            if self.autoencoder is not None:
-                shapes = {"denoiser": shapes, "autoencoder": self.autoencoder.param_shapes()}
+            if self._has_components:
+                shapes = {"denoiser": shapes}
+                if self.autoencoder is not None:
+                    shapes["autoencoder"] = self.autoencoder.param_shapes()
+                if self.text_encoder is not None:
+                    shapes["text_encoder"] = self.text_encoder.param_shapes()
             _SHAPES[key] = shapes
         return _SHAPES[key]
 
+    @property
+    def _has_components(self) -> bool:
+        """Whether the params are ``{"denoiser", ...}`` (with an autoencoder or a text encoder)."""
+        return self.autoencoder is not None or self.text_encoder is not None
+
     def network_params(self, params) -> dict:
-        """The params of the network :meth:`build` makes (a latent model's denoiser) from the model's."""
-        return params if self.autoencoder is None else params["denoiser"]
+        """The params of the network :meth:`build` makes (a latent or text-conditioned model's denoiser)
+        from the model's."""
+        return params["denoiser"] if self._has_components else params
 
     def _require_scale(self) -> float:
         if self.scale_factor is None:
@@ -306,6 +366,33 @@ class ModelSpec:
             return z
         net = self.autoencoder.build()
         return net.apply({"params": params["autoencoder"]}, z / self._require_scale(), method="decode")
+
+    def encode_text(self, params, ids, clip_skip: int | None = None):
+        """Token ids ``[B, L]`` (a tokenizer's output; L = the text encoder's length, 77 for CLIP) -> the context
+        ``[B, L, D]`` the denoiser cross-attends to (float32), through the model's text encoder
+        (``params["text_encoder"]``). ``clip_skip`` (default: the spec's) picks the hidden state:
+        ``final_layer_norm(hidden_states[-(clip_skip + 1)])``. Traceable (ids may be a jit argument)."""
+        te = self.text_encoder
+        if te is None:
+            raise ValueError(f"this {self.kind} model has no text encoder (spec.text_encoder is None): give context "
+                             "arrays computed elsewhere")
+        entry = kinds.get(te.kind)
+        arch = entry.full_arch(te.arch)
+        length, vocab = entry.text.length(arch), entry.text.vocab(arch)
+        if np.ndim(ids) != 2 or np.shape(ids)[1] != length:
+            raise ValueError(f"ids must be token ids of shape [B, {length}] (a tokenizer's output); "
+                             f"got {np.shape(ids)}")
+        if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+            raise ValueError(f"ids must be integer token ids; got {jnp.result_type(ids)}")
+        if not isinstance(ids, jax.core.Tracer):
+            bad = np.asarray(ids)
+            if bad.size and (bad.min() < 0 or bad.max() >= vocab):
+                raise ValueError(f"ids must be token ids in [0, {vocab}); got values from {bad.min()} to {bad.max()}")
+        skip = self.clip_skip if clip_skip is None else clip_skip
+        if not isinstance(skip, (int, np.integer)) or isinstance(skip, bool) or not 0 <= skip < entry.text.layers(arch):
+            raise ValueError(f"clip_skip must be an integer in [0, {entry.text.layers(arch) - 1}]; got {skip!r}")
+        out = entry.text.encode(te.build(), {"params": params["text_encoder"]}, jnp.asarray(ids, jnp.int32), int(skip))
+        return out.astype(jnp.float32)
 
     def eps_fn(self, params, y=None, guidance=None, *, rescale=0.0, dtype: str = "float32", null_context=None,
                concat=None):
@@ -371,8 +458,11 @@ class ModelSpec:
                              "dropout): give labels, and no guidance")
         return Conditioning(labels=np.int32(self.null_label), concat=cond.concat)
 
+    def _context_width(self) -> int:
+        return kinds.get(self.kind).full_arch(self.arch).get("cross_attention_dim", 768)
+
     def _context(self, c, name: str):
-        d = self.arch.get("cross_attention_dim", 768)
+        d = self._context_width()
         if c is None or np.ndim(c) not in (2, 3) or np.shape(c)[-1] != d:
             raise ValueError(f"this {self.kind} model conditions on context arrays (e.g. text-encoder outputs) "
                              f"of shape [B, M, {d}] or [M, {d}]; got {name} {None if c is None else np.shape(c)} "
@@ -392,6 +482,10 @@ class ModelSpec:
             del d["autoencoder"], d["scale_factor"]
         else:
             d["autoencoder"] = {k: v for k, v in self.autoencoder.to_dict().items() if k != "info"}
+        if self.text_encoder is None:
+            del d["text_encoder"], d["clip_skip"]
+        else:
+            d["text_encoder"] = {k: v for k, v in self.text_encoder.to_dict().items() if k != "info"}
         return _jsonable(d)
 
     @classmethod
@@ -413,6 +507,8 @@ class ModelSpec:
             out["concat"] = self.concat
         if self.autoencoder is not None:
             out["autoencoder"] = self.autoencoder.architecture()
+        if self.text_encoder is not None:
+            out["text_encoder"] = self.text_encoder.architecture()
         return out
 
 
@@ -425,20 +521,38 @@ def is_model_dir(path: str) -> bool:
 
 
 def _holds_only_a_model(path: str) -> bool:
-    """A model directory with nothing else in it: only such a directory is ever replaced."""
-    return is_model_dir(path) and set(os.listdir(path)) <= {SPEC_FILE, PARAMS_FILE}
+    """A model directory with nothing else in it (its tokenizer/ aside): only such a directory is ever replaced."""
+    if not is_model_dir(path) or not set(os.listdir(path)) <= {SPEC_FILE, PARAMS_FILE, TOKENIZER_DIR}:
+        return False
+    tok = os.path.join(path, TOKENIZER_DIR)
+    return not os.path.lexists(tok) or (os.path.isdir(tok) and not os.path.islink(tok)
+                                         and set(os.listdir(tok)) <= set(TOKENIZER_FILES))
 
 
-def save(path: str, spec: ModelSpec, params, *, overwrite: bool = False) -> str:
+def _tokenizer_files(folder: str) -> list[str]:
+    """The tokenizer files of ``folder``, or a one-line error naming the first one missing."""
+    for name in TOKENIZER_FILES:
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise FileNotFoundError(f"tokenizer folder {folder} has no {name} (a tokenizer is "
+                                    f"{', '.join(TOKENIZER_FILES)})")
+    return [os.path.join(folder, name) for name in TOKENIZER_FILES]
+
+
+def save(path: str, spec: ModelSpec, params, *, overwrite: bool = False, tokenizer: str | None = None) -> str:
     """Writes ``spec`` and ``params`` to the model directory ``path`` (atomically; returns its absolute path).
 
-    The params must match the spec's shapes and be finite. An existing ``path`` is replaced only with
-    ``overwrite``, and only if it holds a model and nothing else (or is empty): other files are never deleted.
+    The params must match the spec's shapes and be finite. ``tokenizer``: a folder whose tokenizer files
+    (:data:`TOKENIZER_FILES`) are copied into ``path/tokenizer/`` as they are (a model with a text encoder).
+    An existing ``path`` is replaced only with ``overwrite``, and only if it holds a model and nothing else (or
+    is empty): other files are never deleted.
     """
     from safetensors.numpy import save_file
 
     if spec.autoencoder is not None:
         spec._require_scale()
+    if tokenizer is not None and spec.text_encoder is None:
+        raise ValueError("a tokenizer is saved with a model that has a text encoder (spec.text_encoder is None)")
+    tokenizer_files = [] if tokenizer is None else _tokenizer_files(os.fspath(tokenizer))
     flat = _flatten(jax.tree.map(lambda a: np.asarray(a, np.float32), params))
     _check_params(flat, spec, os.fspath(path))
     bad = [k for k, v in flat.items() if not np.all(np.isfinite(v))]
@@ -448,7 +562,24 @@ def save(path: str, spec: ModelSpec, params, *, overwrite: bool = False) -> str:
         save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, os.path.join(tmp, PARAMS_FILE))
         files.write_json(os.path.join(tmp, SPEC_FILE),
                          {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec.to_dict()})
+        if tokenizer_files:
+            os.mkdir(os.path.join(tmp, TOKENIZER_DIR))
+            for src in tokenizer_files:
+                shutil.copyfile(src, os.path.join(tmp, TOKENIZER_DIR, os.path.basename(src)))
     return os.path.abspath(os.fspath(path))
+
+
+def tokenizer_dir(path) -> str:
+    """The tokenizer folder of the model directory ``path`` (its files checked), or a one-line error."""
+    path = os.fspath(path)
+    if not is_model_dir(path):
+        raise FileNotFoundError(f"{path} is not a model directory ({SPEC_FILE})")
+    folder = os.path.join(path, TOKENIZER_DIR)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"the model directory {path} has no {TOKENIZER_DIR}/ (only a model converted with "
+                                "its text encoder and tokenizer has one)")
+    _tokenizer_files(folder)
+    return folder
 
 
 def load(path) -> tuple[ModelSpec, dict]:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from ddim_jax.autoencoder import AutoencoderKL, AutoencoderVQ
 from ddim_jax.cond_unet import UNet2DCondition
+from ddim_jax.convert.clip_text import find_text_encoder, text_encoder_params
 from ddim_jax.convert.common import (BOOL, NAMES, NUMBER, POSITIVE_INT, POSITIVE_INT_OR_LIST, POSITIVE_INTS,
                                      POSITIVE_NUMBER, config_value, diffusers_key, find_diffusers_weights,
                                      map_params, read_json)
@@ -95,6 +96,7 @@ def convert_stable_diffusion(folder: str | os.PathLike) -> tuple[ModelSpec, dict
         has = [n + "/" for n in ("unet", "vae", "scheduler") if os.path.isdir(os.path.join(folder, n))]
         raise ConversionError(f"Stable Diffusion folder {folder} has {', '.join(has) or 'no unet/ or vae/'} but no "
                               f"{' or '.join(missing)} (it needs unet/ and vae/, each a config.json and its weights)")
+    text = find_text_encoder(folder)  # (spec, weights, tokenizer/) or None; checked before any weights are read
     parts = {}
     for name in ("unet", "vae"):
         weights, config_dir = find_diffusers_weights(os.path.join(folder, name))
@@ -140,15 +142,20 @@ def convert_stable_diffusion(folder: str | os.PathLike) -> tuple[ModelSpec, dict
         size, latent_ch = ae.latent_shape
     except ValueError as e:
         raise ConversionError(f"{vae_where}: {e}") from None
-    for k in ("in_channels", "out_channels"):
-        if u(k, 4, POSITIVE_INT) != latent_ch:
-            raise ConversionError(f"{unet_where}: {k}={uc.get(k, 4)} but the VAE's latents have {latent_ch} channels")
+    if u("out_channels", 4, POSITIVE_INT) != latent_ch:
+        raise ConversionError(f"{unet_where}: out_channels={uc.get('out_channels', 4)} but the VAE's latents have "
+                              f"{latent_ch} channels")
+    in_ch = u("in_channels", 4, POSITIVE_INT)  # an inpainting UNet also takes the mask and the masked image's latents
+    if in_ch not in (latent_ch, 2 * latent_ch + 1):
+        raise ConversionError(f"{unet_where}: in_channels={in_ch} but the VAE's latents have {latent_ch} channels "
+                              f"(allowed: {latent_ch}, or {2 * latent_ch + 1} for an inpainting UNet)")
     sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
     sched = read_json(sched_path) if os.path.isfile(sched_path) else None
     schedule, prediction_type = diffusers_schedule(sched, sched_path)
     try:
         spec = ModelSpec("unet2d_condition", arch, size, latent_ch, schedule, prediction_type, autoencoder=ae,
-                         scale_factor=scale)
+                         scale_factor=scale, concat=None if in_ch == latent_ch else "sd_inpaint",
+                         text_encoder=text and text[0])
     except ValueError as e:
         raise ConversionError(f"{unet_where}: {e}") from None
     shapes = spec.param_shapes()
@@ -156,6 +163,8 @@ def convert_stable_diffusion(folder: str | os.PathLike) -> tuple[ModelSpec, dict
                                      "diffusers UNet2DConditionModel"),
               "autoencoder": map_params(read_state_dict(vae_weights)[0], shapes["autoencoder"], diffusers_key,
                                         "diffusers AutoencoderKL")}
+    if text is not None:
+        params["text_encoder"] = text_encoder_params(text[1], spec.text_encoder)
     return spec, params
 
 
