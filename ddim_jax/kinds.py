@@ -5,9 +5,11 @@ A :class:`ModelKind` says which Flax module the kind builds and which of the mod
 model spec fills in (channels, labels); the other fields of the module's dataclass are the kind's
 architecture fields (``spec.arch``, a config's ``model`` block), with the module's defaults. It also
 holds the defaults of a new training config, the checks of the architecture fields (run on configs
-and on ``spec.json`` files alike), the example inputs that create parameters, what training optimises
-(``objective``: a name in :data:`ddim_jax.training.objectives.OBJECTIVES`), what a diffusion model's
-``y`` is (``conditioning``) and, for autoencoders, how its latents are read.
+and on ``spec.json`` files alike), the example inputs that create parameters, what the kind is
+(``objective``: a diffusion model or an autoencoder, the two that training optimises, a name in
+:data:`ddim_jax.training.objectives.OBJECTIVES`; or a text encoder, converted and used, not trained here),
+what a diffusion model's ``y`` is (``conditioning``), for autoencoders how its latents are read and for text
+encoders how their outputs are.
 
 Adding a kind is one module (the network) and one :func:`register` call; config.py, the model spec,
 training and sampling ask this registry and hold no list of kinds.
@@ -22,12 +24,13 @@ from typing import Any, Callable, Mapping
 import jax.numpy as jnp
 
 from ddim_jax.autoencoder import AutoencoderKL, AutoencoderVQ
+from ddim_jax.clip_text import ACTIVATIONS, CLIPTextModel
 from ddim_jax.cond_unet import ClassConditionedUNet, UNet2DCondition
 from ddim_jax.unet import UNet
 
 # Module fields no spec or config sets: the compute dtype and remat are arguments of ModelSpec.build.
 _BUILD_FIELDS = ("dtype", "remat", "parent", "name")
-OBJECTIVES = ("diffusion", "autoencoder")
+OBJECTIVES = ("diffusion", "autoencoder", "text_encoder")
 CONDITIONINGS = ("labels", "context")
 
 
@@ -59,6 +62,22 @@ class Latents:
 
 
 @dataclasses.dataclass(frozen=True)
+class TextEncoding:
+    """How a text-encoder kind's outputs are read (a text-conditioned model's ``spec.encode_text``).
+
+    ``width(arch)``: the width D of its hidden states (a UNet's ``cross_attention_dim``). ``length(arch)``:
+    the token ids a row holds (77 for CLIP). ``layers(arch)``: its layer count. ``vocab(arch)``: the ids it
+    takes are ``0 .. vocab - 1``. ``encode(net, variables, ids, clip_skip)``: the context ``[B, L, D]`` of
+    token ids ``[B, L]``, ``clip_skip`` layers before the last (0: the last hidden state)."""
+
+    width: Callable[[Mapping], int]
+    length: Callable[[Mapping], int]
+    layers: Callable[[Mapping], int]
+    vocab: Callable[[Mapping], int]
+    encode: Callable
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelKind:
     """One kind of network. ``from_spec``: the module fields the spec fills in, as ``name -> f(spec)``.
     ``defaults``: a new training config's model block (the embedded digits' settings; fields left out
@@ -67,7 +86,9 @@ class ModelKind:
     ``train_check`` likewise for settings a model may have but a training config should not (they train
     badly).
     ``needs_labels``: a class-conditional-only kind. ``remat``: the module takes ``remat``.
-    ``trainable``: train.py trains it (a kind conditioned on context arrays has no data to train on)."""
+    ``trainable``: train.py trains it (a kind conditioned on context arrays, or a text encoder, has no data
+    to train on). A text encoder (``objective="text_encoder"``) takes no images: its spec's ``image_size`` and
+    ``channels`` are None."""
 
     module: type
     from_spec: Mapping[str, Callable[[Any], Any]]
@@ -81,6 +102,7 @@ class ModelKind:
     remat: bool = False
     trainable: bool = True
     latents: Latents | None = None
+    text: TextEncoding | None = None
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -92,9 +114,19 @@ class ModelKind:
                              "set trainable=False")
         if (self.objective == "autoencoder") != (self.latents is not None):
             raise ValueError("an autoencoder kind (and only one) describes its latents")
+        if (self.objective == "text_encoder") != (self.text is not None):
+            raise ValueError("a text-encoder kind (and only one) describes its outputs (text=TextEncoding(...))")
+        if self.objective == "text_encoder" and self.trainable:
+            raise ValueError("a text-encoder kind is not trainable (train.py has no text data): set trainable=False")
         unknown = sorted(set(self.defaults) - set(self.arch_fields) - {"num_classes"})
         if unknown:
             raise ValueError(f"defaults name {unknown[0]!r}, not an architecture field of {self.module.__name__}")
+
+    @property
+    def has_images(self) -> bool:
+        """Whether its models take or make images (a spec's ``image_size`` and ``channels``); a text encoder's
+        do not."""
+        return self.objective != "text_encoder"
 
     def _fields(self):
         skip = set(self.from_spec) | set(_BUILD_FIELDS)
@@ -220,6 +252,23 @@ def _check_cond_unet(a: Mapping, need) -> None:
             need(_int(a[name]) and a[name] >= 1, name, "a positive integer")
 
 
+def _check_clip_text(a: Mapping, need) -> None:
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "max_position_embeddings"):
+        need(_int(a[name]) and a[name] >= 1, name, "a positive integer")
+    need(a["hidden_size"] % a["num_attention_heads"] == 0, "num_attention_heads",
+         f"a divisor of hidden_size ({a['hidden_size']})")
+    need(a["hidden_act"] in ACTIVATIONS, "hidden_act", f"one of {', '.join(ACTIVATIONS)}")
+    need(_real(a["layer_norm_eps"]) and a["layer_norm_eps"] > 0, "layer_norm_eps", "a positive number")
+    need(_int(a["eos_token_id"]) and 0 <= a["eos_token_id"] < a["vocab_size"], "eos_token_id",
+         f"a token id in [0, {a['vocab_size']})")
+
+
+def text_inputs(spec) -> tuple:
+    """One row of token ids (a text encoder's input)."""
+    return (jnp.zeros((1, get(spec.kind).full_arch(spec.arch)["max_position_embeddings"]), jnp.int32),)
+
+
 def _check_autoencoder(a: Mapping, need) -> None:
     _check_levels(a, need)
     need(_int(a["latent_channels"]) and a["latent_channels"] >= 1, "latent_channels", "a positive integer")
@@ -296,3 +345,10 @@ register("autoencoder_vq", ModelKind(
     AutoencoderVQ, {"in_channels": lambda s: s.channels}, image_inputs,
     defaults=dict(_AUTOENCODER_DIGITS, num_embeddings=256, embedding_dim=None, beta=0.25),
     check=_check_autoencoder, objective="autoencoder", latents=_VQ))
+# CLIP's text transformer (transformers' CLIPTextModel layout), Stable Diffusion's text encoder; python -m
+# ddim_jax.convert reads it from a Stable Diffusion folder's text_encoder/ into the model's spec.text_encoder.
+register("clip_text", ModelKind(
+    CLIPTextModel, {}, text_inputs, check=_check_clip_text, objective="text_encoder", trainable=False,
+    text=TextEncoding(lambda a: a["hidden_size"], lambda a: a["max_position_embeddings"],
+                      lambda a: a["num_hidden_layers"], lambda a: a["vocab_size"],
+                      lambda net, variables, ids, clip_skip: net.apply(variables, ids, clip_skip, method="encode"))))

@@ -14,12 +14,14 @@ Three source formats, read from local files only:
 - ``ddim``: a state dict of the ``Model`` in ermongroup/ddim ``models/diffusion.py`` (pesser's converted
   DDPM checkpoints, ``.ckpt``/``.pth``), a training checkpoint list whose index 4 holds the EMA weights,
   or a DataParallel state dict (``module.`` prefix). These all use DDPM's schedule.
-- ``stable_diffusion``: a diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``scheduler/``; the
-  text encoder is not read): one latent diffusion model directory holding the UNet (kind
-  ``unet2d_condition``), the VAE and its scaling factor (:func:`convert_stable_diffusion`).
+- ``stable_diffusion``: a diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``scheduler/``, and
+  ``text_encoder/`` with ``tokenizer/`` when it has them): one latent diffusion model directory holding the
+  UNet (kind ``unet2d_condition``), the VAE and its scaling factor, and the CLIP text encoder (kind
+  ``clip_text``, :mod:`ddim_jax.convert.clip_text`) with its tokenizer's files in ``tokenizer/``
+  (:func:`convert_stable_diffusion`).
 
 Modules: :mod:`ddim_jax.state_dicts` reads weights files (torch, safetensors, npz); one module per
-format with its key map (``ddim``, ``diffusers_unet``, ``stable_diffusion``; ``scheduler`` translates
+format with its key map (``ddim``, ``diffusers_unet``, ``stable_diffusion``, ``clip_text``; ``scheduler`` translates
 diffusers' scheduler configs); ``common`` holds the config-value checks and the key mapping they share;
 ``cli`` is :func:`convert` (a path to a model directory) and the command line::
 
@@ -27,6 +29,7 @@ diffusers' scheduler configs); ``common`` holds the config-value checks and the 
 """
 
 from ddim_jax.convert.cli import FORMATS, convert, main
+from ddim_jax.convert.clip_text import clip_text_key, clip_text_spec, convert_clip_text
 from ddim_jax.convert.common import config_value, diffusers_key
 from ddim_jax.convert.ddim import convert_ddim, ddim_key, ddim_spec
 from ddim_jax.convert.diffusers_unet import convert_diffusers, diffusers_params, diffusers_spec, unet2d_key
@@ -35,8 +38,8 @@ from ddim_jax.convert.stable_diffusion import (cond_unet_key, convert_autoencode
                                                convert_stable_diffusion, convert_unet2d_condition)
 from ddim_jax.state_dicts import ConversionError, read_state_dict
 
-__all__ = ["DDPM_SCHEDULE", "DIFFUSERS_PREDICTION_TYPES", "DIFFUSERS_SCHEDULES", "FORMATS", "ConversionError",
-           "cond_unet_key", "config_value", "convert", "convert_autoencoder_kl", "convert_autoencoder_vq",
-           "convert_ddim", "convert_diffusers", "convert_stable_diffusion", "convert_unet2d_condition", "ddim_key",
-           "ddim_spec", "diffusers_key", "diffusers_params", "diffusers_schedule", "diffusers_spec", "main",
-           "read_state_dict", "unet2d_key"]
+__all__ = ["ConversionError", "DDPM_SCHEDULE", "DIFFUSERS_PREDICTION_TYPES", "DIFFUSERS_SCHEDULES", "FORMATS",
+           "clip_text_key", "clip_text_spec", "cond_unet_key", "config_value", "convert", "convert_autoencoder_kl",
+           "convert_autoencoder_vq", "convert_clip_text", "convert_ddim", "convert_diffusers",
+           "convert_stable_diffusion", "convert_unet2d_condition", "ddim_key", "ddim_spec", "diffusers_key",
+           "diffusers_params", "diffusers_schedule", "diffusers_spec", "main", "read_state_dict", "unet2d_key"]

@@ -74,10 +74,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "auto", o
     if fmt == "auto":
         fmt, loaded = _detect_format(src)
     source = {"path": src, "format": fmt, "entry": None}
+    tokenizer = None
     if fmt == "stable_diffusion":
         if not os.path.isdir(src):
             raise ConversionError(f"stable_diffusion format needs a folder (unet/, vae/, scheduler/), not a file: {src}")
         spec, params = convert_stable_diffusion(src)
+        tokenizer = None if spec.text_encoder is None else os.path.join(src, models.TOKENIZER_DIR)
     elif fmt == "diffusers":
         weights, config_dir = find_diffusers_weights(src)
         config_path = os.path.join(config_dir, "config.json")
@@ -95,7 +97,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "auto", o
         sd, source["entry"] = loaded or read_state_dict(src)
         spec, params = convert_ddim(sd, image_size)
     spec = dataclasses.replace(spec, info={"source": source})
-    models.save(dst, spec, params, overwrite=overwrite)
+    models.save(dst, spec, params, overwrite=overwrite, tokenizer=tokenizer)
     return spec
 
 
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Convert a DDPM/DDIM PyTorch checkpoint (local files) to a "
                                                  "ddim_jax model directory.")
     parser.add_argument("src", help="diffusers UNet2DModel directory / weights file, a diffusers Stable Diffusion "
-                                    "folder (unet/, vae/, scheduler/), or an ermongroup/ddim .ckpt/.pth")
+                                    "folder (unet/, vae/, scheduler/, and text_encoder/ with tokenizer/), or an "
+                                    "ermongroup/ddim .ckpt/.pth")
     parser.add_argument("dst", help=f"output model directory ({models.SPEC_FILE} + {models.PARAMS_FILE})")
     parser.add_argument("--format", default="auto", choices=FORMATS)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory at DST")

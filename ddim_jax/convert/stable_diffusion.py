@@ -1,5 +1,6 @@
 """The ``stable_diffusion`` format: a diffusers Stable Diffusion folder (``unet/``: a ``UNet2DConditionModel``,
-``vae/``: an ``AutoencoderKL``, ``scheduler/``; the text encoder is not read) -> one latent diffusion model;
+``vae/``: an ``AutoencoderKL``, ``scheduler/``, and ``text_encoder/`` with ``tokenizer/`` when it has them) -> one
+latent diffusion model;
 and the diffusers ``UNet2DConditionModel`` / ``AutoencoderKL`` / ``VQModel`` state dicts of modules built here."""
 
 from __future__ import annotations
@@ -88,8 +89,10 @@ def convert_stable_diffusion(folder: str | os.PathLike) -> tuple[ModelSpec, dict
     ``unet/`` (a ``UNet2DConditionModel``) and ``vae/`` (an ``AutoencoderKL``), each a ``config.json`` and
     its weights (safetensors: no torch needed), and ``scheduler/scheduler_config.json`` (the schedule and
     prediction type; without it DDPM's). The spec is a ``unet2d_condition`` model over the VAE's latents,
-    scaled by the VAE's ``scaling_factor`` (0.18215 for SD 1.x); sample it with given text-encoder outputs
-    (``spec.eps_fn(params, context, guidance, null_context=...)``; no text encoder ships)."""
+    scaled by the VAE's ``scaling_factor`` (0.18215 for SD 1.x). A folder with ``text_encoder/`` (a transformers
+    ``CLIPTextModel``) and ``tokenizer/`` gives the spec its ``text_encoder`` (:mod:`ddim_jax.convert.clip_text`;
+    ``spec.encode_text(params, ids)`` is the context); without them, sample with text-encoder outputs computed
+    elsewhere (``spec.eps_fn(params, context, guidance, null_context=...)``)."""
     folder = os.fspath(folder)
     missing = [n + "/config.json" for n in ("unet", "vae") if not os.path.isfile(os.path.join(folder, n, "config.json"))]
     if missing:
