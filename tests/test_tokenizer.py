@@ -1,7 +1,7 @@
-"""CLIP tokenizer: ids identical to transformers' CLIPTokenizer (diffusers' tokenizer) and to OpenCLIP's
-SimpleTokenizer on generated prompts, SD 1.x and SD 2.x padding, truncation, and the files it refuses.
+"""CLIP tokenizer: ids identical to transformers' CLIPTokenizer (diffusers' tokenizer) and to OpenAI
+CLIP's own SimpleTokenizer on generated prompts, SD 1.x and SD 2.x padding, truncation, and the files it refuses.
 
-The tokenizer folder is built from the BPE merges OpenCLIP ships (the layout of openai/clip-vit-large-patch14's
+The tokenizer folder is built from the BPE merges OpenAI's CLIP package ships (the layout of openai/clip-vit-large-patch14's
 ``tokenizer/``); nothing is downloaded."""
 
 import gzip
@@ -22,16 +22,34 @@ transformers = pytest.importorskip("transformers")
 SOT, EOT = 49406, 49407
 
 
-def _open_clip_tokenizer_module():
-    """open_clip/tokenizer.py loaded on its own (the package's ``__init__`` imports the whole model zoo)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None:
-        pytest.skip("open-clip-torch is not installed")
-    path = pathlib.Path(spec.submodule_search_locations[0]) / "tokenizer.py"
-    module_spec = importlib.util.spec_from_file_location("_open_clip_tokenizer", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
+class _OpenAIClip:
+    """OpenAI CLIP's own tokenizer (``clip/simple_tokenizer.py`` of the openai-clip package, loaded on its own:
+    the package's ``__init__`` imports torchvision) and ``clip.tokenize``'s framing, written out here without
+    torch: ``[SOT] + ids + [EOT]``, cut to 77 with the end token kept (``truncate=True``), padded with 0."""
+
+    def __init__(self):
+        spec = importlib.util.find_spec("clip")
+        if spec is None:
+            pytest.skip("openai-clip is not installed")
+        path = pathlib.Path(spec.submodule_search_locations[0]) / "simple_tokenizer.py"
+        module_spec = importlib.util.spec_from_file_location("_openai_clip_tokenizer", path)
+        self.module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(self.module)
+        self.tokenizer = self.module.SimpleTokenizer()
+        self.encoder = self.tokenizer.encoder
+
+    def clean_lower(self, text: str) -> str:
+        return self.module.whitespace_clean(self.module.basic_clean(text)).lower()
+
+    def __call__(self, texts) -> np.ndarray:
+        out = np.zeros((1 if isinstance(texts, str) else len(texts), 77), np.int64)
+        for i, text in enumerate([texts] if isinstance(texts, str) else texts):
+            ids = [SOT] + self.tokenizer.encode(text) + [EOT]
+            if len(ids) > 77:
+                ids = ids[:77]
+                ids[-1] = EOT
+            out[i, :len(ids)] = ids
+        return out
 
 
 def _bytes_to_unicode():
@@ -70,19 +88,14 @@ def _write_folder(root: pathlib.Path, vocab_json: str, merges_txt: str, pad: str
 
 
 @pytest.fixture(scope="module")
-def oc():
-    return _open_clip_tokenizer_module()
+def simple():
+    return _OpenAIClip()
 
 
 @pytest.fixture(scope="module")
-def simple(oc):
-    return oc.SimpleTokenizer()
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory, oc):
-    """``{"sd1": root, "sd2": root}``: SD folders whose tokenizer/ is derived from OpenCLIP's merges."""
-    with gzip.open(oc.default_bpe()) as f:
+def folders(tmp_path_factory, simple):
+    """``{"sd1": root, "sd2": root}``: SD folders whose tokenizer/ is derived from CLIP's merges."""
+    with gzip.open(simple.module.default_bpe()) as f:
         lines = f.read().decode("utf-8").split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]
     units = list(_bytes_to_unicode().values())
@@ -164,14 +177,13 @@ def _ids(tokenizer, prompts):
 
 def test_folder_has_clip_layout(folders, simple):
     """The built files are CLIP ViT-L/14's: 49,408 tokens, 48,894 merges after a #version line, and the ids
-    OpenCLIP's tokenizer assigns."""
+    CLIP's own tokenizer assigns."""
     d = folders["sd1"] / "tokenizer"
     vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
     lines = (d / "merges.txt").read_text(encoding="utf-8").splitlines()
     assert len(vocab) == 49408 and lines[0] == "#version: 0.2" and len(lines) == 1 + 48894
     assert vocab["<|startoftext|>"] == SOT and vocab["<|endoftext|>"] == EOT and vocab["!"] == 0
-    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    assert {renamed.get(t, t): i for t, i in simple.encoder.items()} == vocab
+    assert simple.encoder == vocab
 
 
 def test_generated_prompts_cover_the_cases():
@@ -194,19 +206,20 @@ def test_matches_transformers(kind, hf, ours):
     assert (ref[:, 0] == SOT).all() and (ref[:, -1] == pad).sum() > 100 and (ref[:, -1] == EOT).sum() > 10
 
 
-def test_matches_open_clip(ours, oc, simple):
-    """OpenCLIP's SimpleTokenizer, the tokenizer OpenCLIP ViT-H (SD 2.x's text model) was trained with, cleans
+def test_matches_openai_clip(ours, simple):
+    """CLIP's SimpleTokenizer (OpenAI's; OpenCLIP, whose ViT-H is SD 2.x's text model, uses a copy of it) cleans
     the text first: ftfy.fix_text, html.unescape twice, whitespace runs to one space, lower case. transformers
-    (and so this tokenizer) does NFC, whitespace and lower case only; on OpenCLIP's cleaned text the two agree.
-    Compared where they mean the same thing: OpenCLIP pads with 0 (SD 2.x's pad), has no ``<|startoftext|>``
-    literal (and its own ``<start_of_text>`` is text here), and reads ``!`` as 256 where an SD 2.x folder, whose pad token is ``!``, reads it as 0."""
+    (and so this tokenizer) does NFC, whitespace and lower case only; on CLIP's cleaned text the two agree.
+    Compared where they mean the same thing: CLIP pads with 0 (SD 2.x's pad), its special-token literals are
+    left out (transformers matches them by other rules), and it reads ``!`` as 256 where an SD 2.x folder, whose
+    pad token is ``!``, reads it as 0."""
     literals = ("<|startoftext|>", "<|endoftext|>", "<start_of_text>", "<end_of_text>")  # special to one side only
     candidates = [p for p in PROMPTS if not any(s in p.lower() for s in literals)]
-    cleaned = [oc._clean_lower(p) for p in candidates]
-    ref = simple(candidates).numpy()
+    cleaned = [simple.clean_lower(p) for p in candidates]
+    ref = simple(candidates)
     got1 = _ids(ours["sd1"], cleaned)
     after_end = np.cumsum(ref == EOT, axis=1) - (ref == EOT) > 0
-    ref_sd1 = np.where(after_end, EOT, ref)  # OpenCLIP's ids, padded as SD 1.x folders pad
+    ref_sd1 = np.where(after_end, EOT, ref)  # CLIP's ids, padded as SD 1.x folders pad
     bad = [i for i in range(len(cleaned)) if not np.array_equal(ref_sd1[i], got1[i])]
     assert len(cleaned) > 900 and not bad, f"{len(bad)} differ, first {candidates[bad[0]]!r}"
     no_bang = [i for i, c in enumerate(cleaned) if "!" not in c]
@@ -217,11 +230,11 @@ def test_matches_open_clip(ours, oc, simple):
     assert not np.array_equal(raw, ref_sd1)
 
 
-def test_open_clip_differences_are_the_cleaning_and_the_sd2_pad(ours, simple):
+def test_openai_clip_differences_are_the_cleaning_and_the_sd2_pad(ours, simple):
     for prompt in ["&amp; it’s ｆｕｌｌ", "caf\u00c3\u00a9"]:  # html, curly quote, full width; mojibake
-        assert not np.array_equal(_ids(ours["sd1"], prompt)[0, :8], simple(prompt).numpy()[0, :8])
+        assert not np.array_equal(_ids(ours["sd1"], prompt)[0, :8], simple(prompt)[0, :8])
     assert list(_ids(ours["sd2"], "hi!")[0, :4]) == [SOT, 1883, 0, EOT]  # "!" matched as the pad token
-    assert list(simple("hi!").numpy()[0, :4]) == [SOT, 1883, 256, EOT]
+    assert list(simple("hi!")[0, :4]) == [SOT, 1883, 256, EOT]
     assert list(_ids(ours["sd1"], "hi!")[0, :4]) == [SOT, 1883, 256, EOT]
 
 
