@@ -313,3 +313,78 @@ def slerp(z0, z1, alpha):
     w0 = jnp.where(small, 1.0 - a, jnp.sin((1.0 - a) * theta) / safe_sin)
     w1 = jnp.where(small, a, jnp.sin(a * theta) / safe_sin)
     return w0 * z0 + w1 * z1
+
+
+# ---------------------------------------------------------------------------------------------
+# Inpainting any model: the known region replaced by the forward-noised observation (RePaint).
+
+
+@functools.partial(jax.jit, static_argnames=("resample", "stochastic", "prediction_type"))
+def _repaint_scan(eps_fn, x_T, known, keep, ts, a_t, a_prev, eta, key, *, resample, stochastic, prediction_type):
+    def one_step(x, i, r, t, at, ap):
+        k = jax.random.fold_in(jax.random.fold_in(key, i), r)
+        k_step, k_known, k_back = jax.random.split(k, 3)
+        noise = jax.random.normal(k_step, x.shape, jnp.float32) if stochastic else None
+        x_prev, _ = ddim_step(x, _model(eps_fn, x, t), a_t=at, a_prev=ap, noise=noise,
+                              eta=eta if stochastic else 0.0, prediction_type=prediction_type)
+        z = jax.random.normal(k_known, x.shape, jnp.float32)
+        seen = jnp.sqrt(ap) * known + jnp.sqrt(1.0 - ap) * z  # q(x_prev | known); exactly known at a_prev = 1
+        x_prev = jnp.where(keep, seen.astype(x.dtype), x_prev)
+        # Resampling: back to t through q(x_t | x_prev) (the forward step from a_prev to a_t), then again.
+        back = jnp.sqrt(at / ap) * x_prev + jnp.sqrt(1.0 - at / ap) * jax.random.normal(k_back, x.shape, jnp.float32)
+        return jnp.where(r < resample - 1, back.astype(x.dtype), x_prev)
+
+    def body(x, inp):
+        i, t, at, ap = inp
+        x, _ = jax.lax.scan(lambda x, r: (one_step(x, i, r, t, at, ap), None), x, jnp.arange(resample))
+        return x, None
+
+    steps = jnp.arange(ts.shape[0], dtype=jnp.int32)
+    x0, _ = jax.lax.scan(body, x_T, (steps, ts, a_t, a_prev))
+    return x0
+
+
+def repaint_sample(
+    eps_fn,
+    schedule: Schedule,
+    x_T,
+    known,
+    keep,
+    num_steps: int | None = None,
+    *,
+    key,
+    spacing: str = "uniform",
+    timesteps=None,
+    eta: float = 0.0,
+    resample: int = 1,
+    prediction_type: str = "epsilon",
+):
+    """Inpainting with any unconditional or conditional ``eps_fn``: DDIM over tau (as :func:`ddim_sample`)
+    where after every step the region ``keep`` takes the forward-noised ``known`` at the step's alpha-bar,
+    ``sqrt(a_prev) known + sqrt(1 - a_prev) z`` (Lugmayr et al. 2022, RePaint). The last step lands on
+    alpha-bar 1, where that is ``known`` itself: the result equals ``known`` exactly where ``keep``.
+
+    ``known``: x_T's shape (the observed sample); ``keep``: a boolean (or 0/1) array broadcastable to it,
+    true where ``known`` is kept. ``resample`` (RePaint's U, >= 1): each step is taken ``resample`` times,
+    going back from a_prev to a_t through the forward process ``q(x_t | x_prev)`` between them (1 = no
+    resampling). ``eta`` as in :func:`ddim_step` (RePaint uses the DDPM sampler, eta = 1). ``key`` is
+    required (the known region's noise): step ``i``'s repetition ``r`` draws from ``fold_in(fold_in(key, i),
+    r)``. Returns x_0 (x_T's shape and dtype)."""
+    eps_fn, x_T, tau = _prepare(eps_fn, schedule, x_T, "x_T", num_steps, spacing, timesteps, prediction_type)
+    _check_eta(eta)
+    if isinstance(resample, bool) or not isinstance(resample, (int, np.integer)) or resample < 1:
+        raise ValueError(f"resample must be an integer >= 1 (1 = no resampling); got {resample!r}")
+    if key is None:
+        raise ValueError("key (a jax.random key) is required: the known region is noised afresh at every step")
+    known = jnp.asarray(known, x_T.dtype)
+    if known.shape != x_T.shape:
+        raise ValueError(f"known must have x_T's shape {tuple(x_T.shape)}; got {tuple(known.shape)}")
+    keep = jnp.asarray(keep)
+    try:
+        keep = jnp.broadcast_to(keep.astype(bool), x_T.shape)
+    except ValueError:
+        raise ValueError(f"keep must broadcast to x_T's shape {tuple(x_T.shape)}; got {tuple(keep.shape)}") from None
+    ts, prev = _decoding_steps(tau)
+    return _repaint_scan(eps_fn, x_T, known, keep, ts, schedule.alpha_bar(ts), schedule.alpha_bar(prev),
+                         np.float32(eta), key, resample=int(resample), stochastic=bool(eta > 0),
+                         prediction_type=prediction_type)

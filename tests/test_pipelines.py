@@ -1,0 +1,272 @@
+"""Stable Diffusion pipelines (ddim_jax.pipelines) against diffusers' torch pipelines built from tiny random
+components and converted with our converter: text to image (guidance 1 and 7.5), img2img and a 9-channel
+inpainting UNet, the same initial latents and noise given to both. RePaint on the Gaussian-mixture oracle
+and on a latent model keeps the known region; DDIM inversion's reconstruction error shrinks with S."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddim_jax import concat, convert, loading, models, pipelines
+from ddim_jax.oracle import GaussianMixture
+from ddim_jax.sampling import ddim_sample, repaint_sample
+from ddim_jax.schedules import make_schedule
+from ddim_jax.tokenizer import CLIPTokenizer
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+UNET = {"block_out_channels": (16,), "down_block_types": ("CrossAttnDownBlock2D",),
+        "up_block_types": ("CrossAttnUpBlock2D",), "layers_per_block": 1, "attention_head_dim": 2,
+        "cross_attention_dim": 16, "norm_num_groups": 8, "sample_size": 8}  # one level: quick to compile
+B, M, D, SIDE, LAT = 2, 77, 16, 16, 8  # batch, context tokens (CLIP's 77) and width, image side, latent side
+S = 4  # sampling steps
+
+
+def _perturb(*modules):
+    with torch.no_grad():  # diffusers zero-initialises some output layers: random weights everywhere
+        for mod in modules:
+            for p in mod.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+
+
+def _scheduler():
+    # SD's DDIM ("leading" spacing, steps_offset 1) landing on alpha-bar 1 as our samplers do.
+    return diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   steps_offset=1, timestep_spacing="leading", set_alpha_to_one=True,
+                                   clip_sample=False)
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    """Two tiny SD folders sharing a VAE (a text-to-image UNet, a 9-channel inpainting UNet), converted."""
+    root = tmp_path_factory.mktemp("sd")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                                  latent_channels=4, norm_num_groups=8, sample_size=SIDE,
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  scaling_factor=0.3)
+    unet = diffusers.UNet2DConditionModel(in_channels=4, out_channels=4, **UNET)
+    unet9 = diffusers.UNet2DConditionModel(in_channels=9, out_channels=4, **UNET)
+    _perturb(vae, unet, unet9)
+    # The text-to-image folder also holds a tiny CLIP text encoder and its tokenizer (lower-case letters, two merges).
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = letters + [c + "</w>" for c in letters] + ["at</w>", "cat</w>", "<|startoftext|>", "<|endoftext|>"]
+    (root / "vocab").mkdir()
+    (root / "vocab" / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (root / "vocab" / "merges.txt").write_text("#version: 0.2\na t</w>\nc at</w>\n")
+    CLIPTokenizer.from_files(root / "vocab" / "vocab.json", root / "vocab" / "merges.txt").save(
+        str(root / "sd" / "tokenizer"))
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(tokens), hidden_size=D, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=len(tokens) - 2, eos_token_id=2))
+    _perturb(text)
+    text.save_pretrained(root / "sd" / "text_encoder")
+    out = {"root": root, "text_encoder": text.eval()}
+    for name, u in (("sd", unet), ("sd_inpaint", unet9)):
+        u.save_pretrained(root / name / "unet", safe_serialization=True)
+        vae.save_pretrained(root / name / "vae", safe_serialization=True)
+        _scheduler().save_pretrained(root / name / "scheduler")
+        assert convert.main([str(root / name), str(root / f"{name}_jax")]) == 0
+        out[name] = (u.eval(), *loading.load(root / f"{name}_jax"))
+    out["vae"] = vae.eval()
+    return out
+
+
+def _torch_pipe(cls, unet, vae, text_encoder=None, tokenizer=None):
+    return cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(),
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    ctx = rng.standard_normal((B, M, D)).astype(np.float32)
+    null = rng.standard_normal((B, M, D)).astype(np.float32)
+    image = rng.uniform(-1, 1, (B, SIDE, SIDE, 3)).astype(np.float32)
+    return ctx, null, image
+
+
+def _nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def _nhwc(t):
+    return np.asarray(t).transpose(0, 2, 3, 1)
+
+
+def _timesteps(pipe_scheduler):
+    pipe_scheduler.set_timesteps(S)
+    return pipe_scheduler.timesteps.numpy()[::-1].astype(np.int32)
+
+
+def _images01(x):
+    return (np.asarray(x) + 1.0) / 2.0  # ours in [-1, 1]; diffusers' output_type="np" in [0, 1]
+
+
+def _close(ours, want):
+    assert np.abs(want - want.mean()).mean() > 1e-3  # not a flat image
+    np.testing.assert_allclose(_images01(ours), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_text_to_image_matches_diffusers(sd, guidance):
+    unet, spec, params = sd["sd"]
+    ctx, null, _ = _inputs()
+    latents = np.random.default_rng(1).standard_normal((B, LAT, LAT, 4)).astype(np.float32)
+    pipe = _torch_pipe(diffusers.StableDiffusionPipeline, unet, sd["vae"])
+    want = pipe(prompt_embeds=torch.from_numpy(ctx), negative_prompt_embeds=torch.from_numpy(null),
+                latents=_nchw(latents), num_inference_steps=S, guidance_scale=guidance, height=SIDE, width=SIDE,
+                output_type="np").images
+    ours = pipelines.text_to_image(spec, params, ctx, null, guidance=guidance, latents=latents, num_steps=None,
+                                   timesteps=_timesteps(_scheduler()))
+    _close(ours, want)
+
+
+def test_prompts_end_to_end_match_diffusers(sd):
+    """The converted text encoder and tokenizer: prompts and negative prompts to images, as diffusers does."""
+    unet, spec, params = sd["sd"]
+    assert spec.text_encoder is not None
+    prompts, negative = ["a cat", "cat at a cat"], ["", "cat"]
+    latents = np.random.default_rng(9).standard_normal((B, LAT, LAT, 4)).astype(np.float32)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(sd["root"] / "sd" / "tokenizer")
+    pipe = _torch_pipe(diffusers.StableDiffusionPipeline, unet, sd["vae"], sd["text_encoder"], tokenizer)
+    want = pipe(prompt=prompts, negative_prompt=negative, latents=_nchw(latents), num_inference_steps=S,
+                guidance_scale=7.5, height=SIDE, width=SIDE, output_type="np").images
+    ctx, null = pipelines.encode_prompts(spec, params, models.load_tokenizer(sd["root"] / "sd_jax"), prompts, negative)
+    assert ctx.shape == null.shape == (B, 77, D)
+    ours = pipelines.text_to_image(spec, params, ctx, null, guidance=7.5, latents=latents, num_steps=None,
+                                   timesteps=_timesteps(_scheduler()))
+    _close(ours, want)
+    with pytest.raises(ValueError, match="prompts must be a string or a non-empty list"):
+        pipelines.encode_prompts(spec, params, models.load_tokenizer(sd["root"] / "sd_jax"), [])
+    with pytest.raises(ValueError, match="has no text encoder"):
+        pipelines.encode_prompts(sd["sd_inpaint"][1], sd["sd_inpaint"][2], None, ["a cat"])
+
+
+def test_image_to_image_matches_diffusers(sd):
+    unet, spec, params = sd["sd"]
+    ctx, null, image = _inputs(2)
+    strength = 0.6  # int(4 * 0.6) = 2 of the 4 steps
+    g = torch.Generator().manual_seed(3)  # diffusers draws the posterior sample, then the noise
+    enc_noise, noise = torch.randn((B, 4, LAT, LAT), generator=g), torch.randn((B, 4, LAT, LAT), generator=g)
+    pipe = _torch_pipe(diffusers.StableDiffusionImg2ImgPipeline, unet, sd["vae"])
+    want = pipe(image=_nchw(image), strength=strength, prompt_embeds=torch.from_numpy(ctx),
+                negative_prompt_embeds=torch.from_numpy(null), num_inference_steps=S, guidance_scale=7.5,
+                generator=torch.Generator().manual_seed(3), output_type="np").images
+    tau = _timesteps(_scheduler())
+    assert list(pipelines.start_steps(tau, strength)) == list(tau[:2])
+    ours = pipelines.image_to_image(spec, params, image, ctx, null, strength=strength, guidance=7.5, num_steps=None,
+                                    timesteps=tau, noise=_nhwc(noise), encoder_noise=_nhwc(enc_noise))
+    _close(ours, want)
+
+
+def test_inpainting_unet_converts_and_matches_diffusers(sd):
+    unet, spec, params = sd["sd_inpaint"]
+    assert spec.concat == "sd_inpaint" and spec.input_channels == 9
+    ctx, null, image = _inputs(4)
+    mask = np.zeros((B, SIDE, SIDE), np.float32)
+    mask[:, 4:12, 6:14] = 1.0  # white = repaint
+    mask[1, :3, :] = 0.7  # binarised at 0.5, as diffusers does
+    latents = np.random.default_rng(5).standard_normal((B, LAT, LAT, 4)).astype(np.float32)
+    enc_noise = torch.randn((B, 4, LAT, LAT), generator=torch.Generator().manual_seed(6))  # the masked image's
+    pipe = _torch_pipe(diffusers.StableDiffusionInpaintPipeline, unet, sd["vae"])
+    want = pipe(image=_nchw(image), mask_image=torch.from_numpy(mask[:, None]), prompt_embeds=torch.from_numpy(ctx),
+                negative_prompt_embeds=torch.from_numpy(null), latents=_nchw(latents), num_inference_steps=S,
+                guidance_scale=7.5, height=SIDE, width=SIDE, generator=torch.Generator().manual_seed(6),
+                output_type="np").images
+    ours = pipelines.inpaint(spec, params, image, mask, ctx, null, guidance=7.5, latents=latents, num_steps=None,
+                             timesteps=_timesteps(_scheduler()), encoder_noise=_nhwc(enc_noise))
+    _close(ours, want)
+    cond = pipelines.inpaint_condition(spec, params, image, mask)
+    np.testing.assert_array_equal(cond[..., 0], (mask[:, ::2, ::2] >= 0.5))  # torch's nearest: pixel 2i
+    with pytest.raises(ValueError, match=r"mask must be \[16, 16\]"):
+        pipelines.inpaint(spec, params, image, mask[:, :8], ctx, null, guidance=7.5, num_steps=2)
+    with pytest.raises(ValueError, match="sd_inpaint observations .* need the autoencoder"):
+        concat.get("sd_inpaint").observe(image)
+    with pytest.raises(ValueError, match="use inpaint"):
+        pipelines.text_to_image(spec, params, ctx, num_steps=2)
+
+
+def test_repaint_keeps_the_known_region_exactly_on_the_oracle():
+    mix = GaussianMixture(np.array([[-0.5] * 16, [0.5] * 16]), 0.2)
+    schedule = make_schedule("linear", num_timesteps=200)
+    eps_fn = mix.eps_fn(schedule)
+    known = np.asarray(mix.sample(jax.random.key(0), 64))
+    keep = np.zeros(16, bool)
+    keep[:6] = True
+    x_T = jax.random.normal(jax.random.key(1), known.shape)
+    side = np.sign(known[:, :6].mean(1))  # the component the known coordinates show (0.5 apart, std 0.2)
+    agree = {}
+    for resample in (1, 10):
+        x0 = np.asarray(repaint_sample(eps_fn, schedule, x_T, known, keep, 10, key=jax.random.key(2), eta=1.0,
+                                       resample=resample))
+        np.testing.assert_array_equal(x0[:, keep], known[:, keep])
+        agree[resample] = np.mean(np.sign(x0[:, ~keep].mean(1)) == side)
+    # The posterior puts the unknown coordinates on the known ones' component; resampling harmonises
+    # (RePaint's point): the replacement alone often misses it.
+    assert agree[1] < agree[10] and agree[10] >= 0.95
+    # No replacement at all (keep nowhere) is DDIM itself.
+    free = repaint_sample(eps_fn, schedule, x_T, known, np.zeros(16, bool), 10, key=jax.random.key(2))
+    np.testing.assert_allclose(free, ddim_sample(eps_fn, schedule, x_T, 10), atol=1e-6)
+    with pytest.raises(ValueError, match="resample must be an integer >= 1"):
+        repaint_sample(eps_fn, schedule, x_T, known, keep, 10, key=jax.random.key(2), resample=0)
+
+
+def test_repaint_on_a_latent_model_keeps_the_images_latents(sd):
+    _, spec, params = sd["sd"]
+    ctx, _, image = _inputs(7)
+    mask = np.zeros((SIDE, SIDE), np.float32)
+    mask[:, 8:] = 1.0  # repaint the right half
+    z = pipelines.inpaint(spec, params, image, mask, ctx, num_steps=3, decode=False, seed=1)
+    z0 = spec.encode(params, jnp.asarray(image))
+    # Latent columns 0..3 are known: the image's latents (to the round-off of the encoder in another program).
+    np.testing.assert_allclose(np.asarray(z)[:, :, :4], np.asarray(z0)[:, :, :4], atol=1e-5, rtol=0)
+    assert np.abs(np.asarray(z)[:, :, 4:] - np.asarray(z0)[:, :, 4:]).mean() > 1e-2
+    img = np.asarray(spec.decode(params, z))
+    with pytest.raises(ValueError, match="RePaint.* runs DDIM"):
+        pipelines.inpaint(spec, params, image, mask, ctx, num_steps=3, solver="dpmpp_2m")
+    assert np.all(np.isfinite(img))
+
+
+def test_ddim_inversion_error_shrinks_with_steps_on_the_oracle():
+    mix = GaussianMixture(np.array([[-0.5] * 16, [0.5] * 16]), 0.2)
+    schedule = make_schedule("scaled_linear", num_timesteps=1000)
+    x0 = mix.sample(jax.random.key(0), 16)
+    errors, _ = pipelines.reconstruction_errors(mix.eps_fn(schedule), schedule, x0, (4, 16, 64))
+    assert errors[64] < errors[16] < errors[4] and errors[64] < 0.1 * errors[4]  # the ODE's error, -> 0
+
+
+def test_inversion_and_edit_on_a_latent_model(sd):
+    _, spec, params = sd["sd"]
+    ctx, null, image = _inputs(8)  # the shapes of the text-to-image test: its S = 4 decoder is reused
+    err = pipelines.inversion_error(spec, params, image, ctx, steps=(S,))
+    z0 = spec.encode(params, jnp.asarray(image))
+    x_T = pipelines.invert(spec, params, image, ctx, num_steps=S)
+    same = pipelines.edit(spec, params, image, ctx, ctx, edit_guidance=1.0, num_steps=S, decode=False)
+    back = pipelines.text_to_image(spec, params, ctx, latents=x_T, num_steps=S, decode=False)  # DDIM from x_T
+    np.testing.assert_allclose(same, back, atol=1e-5)
+    np.testing.assert_allclose(float(jnp.mean((same - z0) ** 2)), err[S]["latent_mse"], rtol=1e-3)
+    assert err[S]["image_mse"] > 0 and np.all(np.isfinite(x_T))
+    edited = pipelines.edit(spec, params, image, ctx, ctx[::-1], null, edit_guidance=7.5, num_steps=S, decode=False)
+    assert np.abs(np.asarray(edited) - np.asarray(same)).mean() > 1e-3  # the edited prompt changes the result
+
+
+def test_bad_inputs_are_one_line_errors_naming_the_argument(sd):
+    _, spec, params = sd["sd"]
+    ctx, _, image = _inputs()
+    for strength, needle in ((0.0, "strength must be a number in"), (1.5, "strength must be a number in"),
+                             (0.1, r"strength=0.1 with 4 steps leaves no step")):
+        with pytest.raises(ValueError, match=needle):
+            pipelines.image_to_image(spec, params, image, ctx, num_steps=4, strength=strength)
+    with pytest.raises(ValueError, match="image is 9x9: height must be a positive multiple of 2"):
+        pipelines.image_to_image(spec, params, image[:, :9, :9], ctx, num_steps=4)
+    with pytest.raises(ValueError, match="guidance=7.5 needs null_context"):
+        pipelines.text_to_image(spec, params, ctx, guidance=7.5, num_steps=2)
+    with pytest.raises(ValueError, match=r"context must be context arrays .* \[B, M, 16\]"):
+        pipelines.text_to_image(spec, params, ctx[..., :8], num_steps=2)
+    with pytest.raises(ValueError, match="width must be a positive multiple of 2"):
+        pipelines.text_to_image(spec, params, ctx, width=17, num_steps=2)
