@@ -9,6 +9,9 @@
     python sample.py --workdir=runs/digits --steps=10 --solver=dpmpp_2m          # DPM-Solver++ (2M)
     python sample.py --workdir=runs/digits_cond --labels=3,7 --guidance=3        # class-conditional, guided
     python sample.py --checkpoint=ckpt/cifar10 --mode=fid --inception_weights=pt_inception-2015-12-05-6726825d.pth
+    python sample.py --checkpoint=sd15 --mode=text2img --prompt="a watercolor fox" --steps=30   # Stable Diffusion
+    python sample.py --checkpoint=sd15 --mode=img2img --prompt="a fox, oil painting" --init_image=in.png --strength=0.6
+    python sample.py --checkpoint=sd15-inpainting --mode=inpaint --prompt="a red door" --init_image=in.png --mask=m.png
 
 Outputs go to --output (default: <workdir>/<mode>, or <checkpoint>_<mode> beside a model directory,
 with the solver, labels and guidance appended when they are not the defaults, e.g. sample_dpmpp_2m_g3);
@@ -32,14 +35,26 @@ from absl import app, flags, logging
 flags.DEFINE_string("workdir", None, "A training run directory (its EMA params are used).")
 flags.DEFINE_string("checkpoint", None, "A model directory (python -m ddim_jax.convert, or a run's model/).")
 flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the newest).")
-flags.DEFINE_string("mode", "sample", "sample | consistency | interpolation | sequence | reconstruction | fid")
+flags.DEFINE_string("mode", "sample", "sample | consistency | interpolation | sequence | reconstruction | fid | "
+                    "text2img | img2img | inpaint")
 flags.DEFINE_integer("steps", 50, "Number of sampling steps S.")
 flags.DEFINE_string("solver", "ddim", "Sampler: ddim | dpmpp_2m | dpmpp_3m | dpmpp_2m_sde | unipc | plms (eta is "
                     "DDIM's; the others take none).")
 flags.DEFINE_string("labels", "all", "Class-conditional models: 'all' (every class in turn), a comma-separated "
                     "list of classes (cycled over the samples), or 'none' (the unconditional model).")
-flags.DEFINE_float("guidance", None, "Classifier-free guidance scale for class-conditional models (1 = no "
-                   "guidance, 0 = unconditional, > 1 = stronger; default: none).")
+flags.DEFINE_float("guidance", None, "Classifier-free guidance scale for class-conditional models and prompts (1 = "
+                   "no guidance, 0 = unconditional, > 1 = stronger; default: none, 7.5 with prompts).")
+flags.DEFINE_string("prompt", None, "text2img, img2img, inpaint on a text-conditioned model (a Stable Diffusion folder "
+                    "converted with its text encoder): the prompt.")
+flags.DEFINE_string("negative_prompt", None, "The prompt guided away from (default: the empty prompt).")
+flags.DEFINE_string("prompts_file", None, "A text file of prompts, one per line (instead of --prompt); images cycle "
+                    "through them.")
+flags.DEFINE_string("init_image", None, "img2img, inpaint: the input image, a PNG at the model's image size.")
+flags.DEFINE_float("strength", None, "img2img, inpaint: how far the input is noised, in (0, 1] (1 = from pure noise; "
+                   "default 0.8 for img2img, 1 for inpaint).")
+flags.DEFINE_string("mask", None, "inpaint: a PNG of --init_image's size, white = repaint.")
+flags.DEFINE_integer("resample", 1, "inpaint with a model that is not an inpainting UNet (RePaint): times each step "
+                     "is taken (1 = no resampling).")
 flags.DEFINE_string("eta", "0", "eta (0 = DDIM, 1 = DDPM), or 'sigma_hat' for the larger DDPM variance.")
 flags.DEFINE_string("spacing", None, "Timestep spacing: uniform | quadratic | leading | trailing | linspace "
                     "| karras | exponential (default: the solver's, uniform for ddim and plms, trailing for dpmpp_*).")
@@ -99,6 +114,12 @@ class Settings:
     dtype: str
     output: str | None
     overwrite: bool
+    prompts: tuple[str, ...] | None = None  # --prompt or --prompts_file's lines
+    negative_prompt: str | None = None
+    init_image: object = None  # --init_image's pixels, uint8 [H, W, 3]
+    strength: float | None = None
+    mask: object = None  # --mask's pixels, bool [H, W] (True = repaint)
+    resample: int = 1
 
     @classmethod
     def from_flags(cls) -> "Settings":
@@ -116,8 +137,8 @@ class Settings:
             raise ValueError("give exactly one of --workdir (a training run) or --checkpoint (a model directory)")
         if FLAGS.checkpoint is not None and FLAGS.step is not None:
             raise ValueError("--step picks a checkpoint of a --workdir; a --checkpoint holds one set of parameters")
-        num = FLAGS.num_samples if FLAGS.num_samples is not None else mode.num_samples
-        if num <= 0:
+        num = FLAGS.num_samples if FLAGS.num_samples is not None else mode.num_samples  # 0: one per prompt
+        if num <= 0 and (FLAGS.num_samples is not None or not mode.prompts):
             raise ValueError(f"--num_samples must be >= 1; got {num}")
         if FLAGS.batch_size <= 0:
             raise ValueError(f"--batch_size must be >= 1; got {FLAGS.batch_size}")
@@ -144,6 +165,7 @@ class Settings:
             raise ValueError(f"--guidance must be a finite number (1 = no guidance); got {FLAGS.guidance}")
         if FLAGS.guidance is not None and labels is None:
             raise ValueError("--guidance needs classes to guide towards; --labels=none is the unconditional model")
+        inputs = _pipeline_inputs(mode)
         return cls(mode=FLAGS.mode, model_path=FLAGS.workdir or FLAGS.checkpoint,
                    from_workdir=FLAGS.workdir is not None, step=FLAGS.step, num=num, steps=FLAGS.steps, solver=FLAGS.solver, eta=eta, sigma_hat=sigma_hat,
                    spacing=FLAGS.spacing, seed=FLAGS.seed, batch_size=FLAGS.batch_size, labels=labels,
@@ -151,7 +173,7 @@ class Settings:
                    fid_steps=_int_list("fid_steps", FLAGS.fid_steps), fid_etas=tuple(FLAGS.fid_etas),
                    fid_solvers=tuple(FLAGS.fid_solvers), fid_stats=FLAGS.fid_stats,
                    inception_weights=FLAGS.inception_weights, features=FLAGS.features, data_dir=FLAGS.data_dir,
-                   dtype=FLAGS.dtype, output=FLAGS.output, overwrite=FLAGS.overwrite)
+                   dtype=FLAGS.dtype, output=FLAGS.output, overwrite=FLAGS.overwrite, **inputs)
 
     def check_model(self, model) -> None:
         """The step counts against the model's T, the labels against its classes, the mode against its
@@ -169,9 +191,39 @@ class Settings:
             bad = [v for v in self.labels if not 0 <= v < model.num_classes] if isinstance(self.labels, tuple) else []
             if bad:
                 raise ValueError(f"--labels must be classes in [0, {model.num_classes}); got {bad[0]}")
+        if model.spec.concat == "sd_inpaint" and self.mode != "inpaint":
+            raise ValueError(f"--mode={self.mode} is not offered for an inpainting UNet (sd_inpaint); use --mode=inpaint")
         if model.spec.concat is not None and not MODES[self.mode].concat:
             raise ValueError(f"--mode={self.mode} is not offered for a concat-conditioned model ({model.spec.concat}); "
                              "--mode=sample draws from held-out images' observations")
+        if MODES[self.mode].prompts:
+            self._check_pipeline(model)
+
+    def _check_pipeline(self, model) -> None:
+        """A text2img / img2img / inpaint run against the model: prompts for a text-conditioned model (with its
+        text encoder), labels for the others, the input image's and mask's sizes."""
+        from ddim_jax import kinds
+
+        text = kinds.get(model.spec.kind).conditioning == "context"
+        if text:
+            if self.prompts is None:
+                raise ValueError(f"--mode={self.mode} on a text-conditioned model needs --prompt or --prompts_file")
+            if getattr(model.spec, "text_encoder", None) is None:
+                raise ValueError("--prompt needs a model with a text encoder; this one has none (convert the Stable "
+                                 "Diffusion folder with its text_encoder/ and tokenizer/)")
+            if self.labels != "all":
+                raise ValueError("--labels applies to class-conditional models; this model takes --prompt")
+        elif self.prompts is not None or self.negative_prompt is not None:
+            raise ValueError("--prompt, --prompts_file and --negative_prompt apply to text-conditioned models; this "
+                             f"model is {'class-conditional (use --labels)' if model.num_classes else 'unconditional'}")
+        if self.init_image is not None:
+            h, w = self.init_image.shape[:2]
+            H, W = model.spec.output_shape[:2]
+            if (h, w) != (H, W):
+                raise ValueError(f"--init_image is {w}x{h}; this model takes {W}x{H} images (resize it)")
+        if self.mode == "inpaint" and model.spec.concat != "sd_inpaint" and self.solver != "ddim":
+            raise ValueError(f"--solver={self.solver}: inpainting a model that is not an inpainting UNet (RePaint) runs "
+                             "DDIM (--solver=ddim, with --eta)")
 
     def cond(self, model) -> dict:
         """The experiments' ``labels`` and ``guidance`` for ``model``."""
@@ -214,6 +266,68 @@ class Settings:
         if self.from_workdir:
             return os.path.join(self.model_path, self.output_name)
         return os.path.normpath(self.model_path) + f"_{self.output_name}"
+
+
+def _read_png(path: str, flag: str, gray: bool = False):
+    """A PNG's pixels (uint8 [H, W, 3], or [H, W] with ``gray``), or a one-line error naming the flag."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L" if gray else "RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--{flag} {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--{flag} {path} is not an image ({type(e).__name__})") from None
+
+
+def _pipeline_flags(mode) -> set[str]:
+    """The prompt, image and mask flags a mode takes."""
+    return (({"--prompt", "--negative_prompt", "--prompts_file"} if mode.prompts else set())
+            | ({"--init_image", "--strength"} if mode.init_image else set())
+            | ({"--mask", "--resample"} if mode.mask else set()))
+
+
+def _pipeline_inputs(mode) -> dict:
+    """The prompt, image and mask flags of text2img / img2img / inpaint, read and checked (files included)."""
+    given = [f"--{name}" for name in ("prompt", "negative_prompt", "prompts_file", "init_image", "strength", "mask")
+             if getattr(FLAGS, name) is not None] + (["--resample"] if FLAGS.resample != 1 else [])
+    wrong = [g for g in given if g not in _pipeline_flags(mode)]
+    if wrong:
+        offered = [name for name, m in MODES.items() if wrong[0] in _pipeline_flags(m)]
+        raise ValueError(f"{wrong[0]} does not apply to --mode={FLAGS.mode} (it applies to --mode="
+                         f"{', '.join(offered)})")
+    if FLAGS.prompt is not None and FLAGS.prompts_file is not None:
+        raise ValueError("give --prompt or --prompts_file, not both")
+    prompts = None if FLAGS.prompt is None else (FLAGS.prompt,)
+    if FLAGS.prompts_file is not None:
+        try:
+            with open(FLAGS.prompts_file, encoding="utf-8") as f:
+                prompts = tuple(line.strip() for line in f if line.strip())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--prompts_file {FLAGS.prompts_file} does not exist") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--prompts_file {FLAGS.prompts_file} is not UTF-8 text") from None
+        if not prompts:
+            raise ValueError(f"--prompts_file {FLAGS.prompts_file} holds no prompts (one per line)")
+    if FLAGS.strength is not None and not 0 < FLAGS.strength <= 1:
+        raise ValueError(f"--strength must be in (0, 1] (1 = from pure noise); got {FLAGS.strength}")
+    if FLAGS.resample < 1:
+        raise ValueError(f"--resample must be >= 1 (1 = no resampling); got {FLAGS.resample}")
+    if mode.init_image and FLAGS.init_image is None:
+        raise ValueError(f"--mode={FLAGS.mode} needs --init_image (a PNG)")
+    if mode.mask and FLAGS.mask is None:
+        raise ValueError(f"--mode={FLAGS.mode} needs --mask (a PNG of --init_image's size, white = repaint)")
+    init = None if FLAGS.init_image is None else _read_png(FLAGS.init_image, "init_image")
+    mask = None
+    if FLAGS.mask is not None:
+        mask = _read_png(FLAGS.mask, "mask", gray=True) >= 128
+        if mask.shape != init.shape[:2]:
+            raise ValueError(f"--mask is {mask.shape[1]}x{mask.shape[0]}; --init_image is {init.shape[1]}x"
+                             f"{init.shape[0]} (they must be the same size)")
+    return {"prompts": prompts, "negative_prompt": FLAGS.negative_prompt, "init_image": init,
+            "strength": FLAGS.strength, "mask": mask, "resample": FLAGS.resample}
 
 
 def _parse_labels(text: str):
@@ -454,6 +568,61 @@ def run_fid(model, s: Settings, paths):
         print(f"wrote {json_path}, {md_path}, {plot_path}")
 
 
+def _pipeline_mode(call):
+    """A mode running a Stable Diffusion pipeline (:mod:`ddim_jax.pipelines`) through ``call(pipelines, model,
+    settings, images, latents, options)``: one image per prompt (cycled to --num_samples), or --num_samples
+    (default 8) images of a model without text; written as PNGs in images/, a grid and, with prompts, prompts.txt."""
+
+    def run(model, s: Settings, paths):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from PIL import Image
+
+        from ddim_jax import experiments as ex
+        from ddim_jax import files, models, pipelines
+        from ddim_jax.images import from_uint8, to_uint8
+
+        images_dir, grid_path, prompts_path = paths
+        text = s.prompts is not None
+        n = s.num or (len(s.prompts) if text else 8)
+        rows = [s.prompts[i % len(s.prompts)] for i in range(n)] if text else None
+        labels = None if text else ex.class_labels(model, s.cond(model)["labels"], n)
+        tokenizer = models.load_tokenizer(s.model_path) if text else None
+        guidance = s.guidance if s.guidance is not None else (7.5 if text else None)
+        init = None
+        if s.init_image is not None:
+            init = from_uint8(s.init_image if model.channels == 3 else s.init_image.mean(-1, keepdims=True).round())
+        out = []
+        for start in range(0, n, s.batch_size):
+            count = min(s.batch_size, n - start)
+            opts = {"guidance": guidance, "num_steps": s.steps, "solver": s.solver, "spacing": s.spacing,
+                    "eta": s.eta, "seed": s.seed + start, "dtype": s.dtype}
+            if text:
+                opts["context"], opts["null_context"] = pipelines.encode_prompts(
+                    model.spec, model.params, tokenizer, rows[start:start + count], s.negative_prompt)
+            elif labels is not None:
+                opts["labels"] = labels[start:start + count]
+            latents = np.asarray(jax.vmap(lambda i: jax.random.normal(  # image i's x_T: fold_in(key(seed), i)
+                jax.random.fold_in(jax.random.key(s.seed), i), model.sample_shape))(jnp.arange(start, start + count)))
+            images = None if init is None else np.repeat(init[None], count, axis=0)
+            out.append(to_uint8(call(pipelines, model, s, images, latents, opts)))
+        if not _is_main():
+            return
+        out = np.concatenate(out)
+        with files.replace_dir(images_dir, overwrite=s.overwrite) as tmp:
+            for i, img in enumerate(out):
+                picture = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+                files.atomic_write(os.path.join(tmp, f"{i:05d}.png"), lambda f, p=picture: p.save(f, format="PNG"))
+        _grid(out[:100], grid_path)
+        if text:
+            files.write_text(prompts_path, "".join(f"{i:05d}.png\t{p}\n" for i, p in enumerate(rows)))
+        print(f"wrote {n} images to {images_dir} and a grid to {grid_path}"
+              + (f" (their prompts in {prompts_path})" if text else ""))
+
+    return run
+
+
 @dataclasses.dataclass(frozen=True)
 class Mode:
     """One --mode: ``run(model, settings, paths)`` computes on every process and writes ``paths`` (its
@@ -466,8 +635,12 @@ class Mode:
     solvers: bool = True  # takes --solver (else it is DDIM's: its trajectory, its encoder)
     labels: bool = True  # takes --labels and --guidance
     concat: bool = False  # offered for a concat-conditioned model
+    prompts: bool = False  # a pipeline mode: takes --prompt, --prompts_file and --negative_prompt
+    init_image: bool = False  # takes (and needs) --init_image, and --strength
+    mask: bool = False  # takes (and needs) --mask, and --resample
 
 
+_PIPELINE_OUTPUTS = ("images", "grid.png", "prompts.txt")
 MODES = {
     "sample": Mode(run_sample, ("samples.npy", "samples.png", "labels.npy"), concat=True),
     "consistency": Mode(  # Figure 4: the same x_T decoded with each S
@@ -488,6 +661,16 @@ MODES = {
     "reconstruction": Mode(run_reconstruction, ("reconstruction.json", "reconstruction.png"),
                            step_flags=("steps", "steps_list"), solvers=False, labels=False),
     "fid": Mode(run_fid, ("fid.json", "fid.md", "fid.png"), num_samples=50_000, step_flags=("steps", "fid_steps")),
+    # Stable Diffusion's pipelines (ddim_jax.pipelines): prompts for a text-conditioned model, labels otherwise.
+    "text2img": Mode(_pipeline_mode(lambda p, m, s, x, z, o: p.text_to_image(m.spec, m.params, latents=z, **o)),
+                     _PIPELINE_OUTPUTS, num_samples=0, prompts=True),
+    "img2img": Mode(_pipeline_mode(lambda p, m, s, x, z, o: p.image_to_image(
+        m.spec, m.params, x, strength=0.8 if s.strength is None else s.strength, **o)),
+        _PIPELINE_OUTPUTS, num_samples=0, prompts=True, init_image=True),
+    "inpaint": Mode(_pipeline_mode(lambda p, m, s, x, z, o: p.inpaint(
+        m.spec, m.params, x, s.mask, latents=z, strength=1.0 if s.strength is None else s.strength,
+        resample=s.resample, **o)),
+        _PIPELINE_OUTPUTS, num_samples=0, prompts=True, init_image=True, mask=True, concat=True),
 }
 
 

@@ -270,3 +270,96 @@ def test_bad_inputs_are_one_line_errors_naming_the_argument(sd):
         pipelines.text_to_image(spec, params, ctx[..., :8], num_steps=2)
     with pytest.raises(ValueError, match="width must be a positive multiple of 2"):
         pipelines.text_to_image(spec, params, ctx, width=17, num_steps=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# sample.py's pipeline modes.
+
+
+def _cli(*args):
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    import sample
+
+    sample.FLAGS.unparse_flags()
+    sample.FLAGS(["sample.py", *args])
+    sample.run()
+
+
+def _png(path, pixels):
+    from PIL import Image
+
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def test_sample_py_text2img_writes_pngs_a_grid_and_the_prompts(sd, tmp_path):
+    from ddim_jax.images import to_uint8
+
+    _, spec, params = sd["sd"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\ncat at a cat\n")
+    out = tmp_path / "out"
+    _cli(f"--checkpoint={sd['root'] / 'sd_jax'}", "--mode=text2img", f"--prompts_file={prompts}", "--steps=4",
+         "--negative_prompt=at", f"--output={out}")
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png"]
+    assert (out / "grid.png").is_file()
+    assert (out / "prompts.txt").read_text() == "00000.png\ta cat\n00001.png\tcat at a cat\n"
+    from PIL import Image
+
+    got = np.stack([np.asarray(Image.open(out / "images" / f"0000{i}.png")) for i in range(2)])
+    ctx, null = pipelines.encode_prompts(spec, params, models.load_tokenizer(sd["root"] / "sd_jax"),
+                                         ["a cat", "cat at a cat"], "at")
+    x_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(0), i), (LAT, LAT, 4)))(jnp.arange(2))
+    want = to_uint8(pipelines.text_to_image(spec, params, ctx, null, guidance=7.5, latents=x_T, num_steps=4))
+    assert np.abs(got.astype(int) - want).max() <= 1  # the pipeline's images (rounding aside)
+
+
+def test_sample_py_refuses_bad_pipeline_inputs_in_one_line_and_writes_nothing(sd, tmp_path, capsys):
+    rgb = np.random.default_rng(0).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+    image = _png(tmp_path / "in.png", rgb)
+    small = _png(tmp_path / "small.png", rgb[:8, :8])
+    mask = _png(tmp_path / "mask.png", np.full((SIDE, SIDE), 255, np.uint8))
+    small_mask = _png(tmp_path / "small_mask.png", np.full((8, 8), 255, np.uint8))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    sd15, inpainter = f"--checkpoint={sd['root'] / 'sd_jax'}", f"--checkpoint={sd['root'] / 'sd_inpaint_jax'}"
+    out = tmp_path / "out"
+    for args, message in [
+        ((sd15, "--mode=text2img", f"--prompts_file={empty}"), f"--prompts_file {empty} holds no prompts"),
+        ((sd15, "--mode=img2img", "--prompt=a cat", f"--init_image={image}", "--strength=1.5"),
+         r"--strength must be in \(0, 1\]"),
+        ((sd15, "--mode=img2img", "--prompt=a cat", f"--init_image={image}", "--strength=0"),
+         r"--strength must be in \(0, 1\]"),
+        ((sd15, "--mode=img2img", "--prompt=a cat", f"--init_image={small}"),
+         "--init_image is 8x8; this model takes 16x16 images"),
+        ((inpainter, "--mode=inpaint", "--prompt=a cat", f"--init_image={image}", f"--mask={small_mask}"),
+         "--mask is 8x8; --init_image is 16x16"),
+        ((inpainter, "--mode=inpaint", "--prompt=a cat", f"--init_image={image}", f"--mask={mask}"),
+         "--prompt needs a model with a text encoder"),
+        ((sd15, "--mode=img2img", "--prompt=a cat"), "--mode=img2img needs --init_image"),
+        ((sd15, "--mode=text2img", "--prompt=a cat", f"--mask={mask}"),
+         "--mask does not apply to --mode=text2img .*--mode=inpaint"),
+        ((sd15, "--mode=text2img"), "needs --prompt or --prompts_file"),
+        ((inpainter, "--mode=text2img", "--prompt=a cat"), "use --mode=inpaint"),
+    ]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message) as e:
+            _cli(*args, f"--output={out}")
+        assert "\n" not in str(e.value) and not out.exists()
+
+
+def test_sample_py_img2img_and_inpaint_run(sd, tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+    image = _png(tmp_path / "in.png", rgb)
+    white = np.zeros((SIDE, SIDE), np.uint8)
+    white[:, 8:] = 255  # repaint the right half
+    mask = _png(tmp_path / "mask.png", white)
+    sd15 = f"--checkpoint={sd['root'] / 'sd_jax'}"
+    for extra in (("--mode=img2img", "--strength=0.5"), ("--mode=inpaint", f"--mask={mask}", "--resample=2")):
+        out = tmp_path / extra[0][7:]
+        _cli(sd15, *extra, "--prompt=a cat", f"--init_image={image}", "--steps=4", "--num_samples=2",
+             f"--output={out}")
+        assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png"]
+        assert (out / "prompts.txt").read_text() == "00000.png\ta cat\n00001.png\ta cat\n"
