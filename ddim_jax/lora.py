@@ -11,7 +11,7 @@ PyTorch files are not):
   ``<part>.<module>.alpha`` entry or the file's adapter metadata (``lora_alpha``, ``alpha_pattern``,
   ``use_rslora``), else ``alpha = r``. Keys without a part prefix (peft's own state dict) are the UNet's.
 - kohya: ``lora_unet_<module with "_" for ".">.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, and
-  ``lora_te_<module>...`` for the text encoder; alpha = r without an ``.alpha``.
+  ``lora_te_<module>...`` for the text encoder; alpha = r without an ``.alpha`` (or with an alpha of 0).
 
 ``<module>`` is diffusers' ``UNet2DConditionModel`` module path (``down_blocks.0.attentions.0.transformer_blocks.0
 .attn1.to_q``) or transformers' ``CLIPTextModel`` one (``text_model.encoder.layers.0.self_attn.q_proj``, with or
@@ -173,6 +173,8 @@ def parse_lora(state_dict: Mapping[str, Any], adapters: Mapping[str, Any] | None
             if alpha.size != 1:
                 raise ConversionError(f"{source}: key '{alpha_key}' must be one number; it has shape {alpha.shape}")
             alpha, rslora = float(alpha.reshape(())), False
+            if fmt == "kohya" and alpha == 0:  # sd-scripts reads an alpha of 0 as none: alpha = r
+                alpha = float(rank)
         else:
             alpha, rslora = _config_alpha(config.get(part), module, rank)
         scaling = alpha / math.sqrt(rank) if rslora else alpha / rank

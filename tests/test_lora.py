@@ -246,6 +246,27 @@ def test_older_diffusers_names_read_as_the_same_modules(setup):
     _equal(lora.lora_delta(s["spec"], lora.parse_lora(old)), lora.lora_delta(s["spec"], s["root"] / "lora" / WEIGHTS))
 
 
+def test_rank_stabilised_scaling_is_peft_s():
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q, self.to_k = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    config = LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_k"], alpha_pattern={"to_k": 5},
+                        use_rslora=True)
+    net = inject_adapter_in_model(config, Net())
+    meta = {f"unet.{k}": v for k, v in json.loads(json.dumps(config.to_dict(), default=list)).items()}
+    parsed = lora.parse_lora({f"unet.{k}": v for k, v in get_peft_model_state_dict(net).items()}, meta)
+    assert {m.module: m.scaling for m in parsed.modules} == {
+        name: getattr(net, name).scaling["default"] for name in ("to_q", "to_k")}
+    kohya = lora.parse_lora({"lora_unet_to_q.lora_down.weight": np.ones((4, 8)),
+                             "lora_unet_to_q.lora_up.weight": np.ones((8, 4)), "lora_unet_to_q.alpha": np.zeros(())})
+    assert kohya.modules[0].scaling == 1.0  # sd-scripts: an alpha of 0 is none, alpha = r
+
+
 def _metadata(path):
     from safetensors import safe_open
 
