@@ -9,8 +9,8 @@ text-conditioned model may hold its text encoder's spec too (``spec.text_encoder
 
     spec.json            {"format": "ddim_jax.model", "version": 1, "spec": {...}}
     params.safetensors   the float32 parameters, keys joined with "/" (e.g. "down_0_block_0/conv1/kernel")
-    tokenizer/           optional: the tokenizer's files (vocab.json, merges.txt, tokenizer_config.json,
-                         special_tokens_map.json), read back by :func:`load_tokenizer`
+    tokenizer/           optional: the text encoder's tokenizer (:class:`ddim_jax.tokenizer.CLIPTokenizer`'s
+                         files), read back by :func:`load_tokenizer`
 
 Training runs export their EMA parameters in this format (``workdir/model``), ``python -m
 ddim_jax.convert`` writes it, and :func:`load` reads it (:func:`ddim_jax.loading.load` also reads a
@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from typing import Any, Mapping
 
 import jax
@@ -33,6 +32,7 @@ import numpy as np
 
 from ddim_jax import concat as concat_lib
 from ddim_jax import conditioning, files, kinds
+from ddim_jax import tokenizer as tokenizer_lib
 from ddim_jax.conditioning import Conditioning, check_labels
 from ddim_jax.diffusion import PREDICTION_TYPES
 from ddim_jax.guidance import guided_by
@@ -44,7 +44,6 @@ FORMAT_VERSION = 1
 SPEC_FILE = "spec.json"
 PARAMS_FILE = "params.safetensors"
 TOKENIZER_DIR = "tokenizer"
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 EXPORT_DIR = "model"  # a training workdir's exported EMA model
 
 _SHAPES: dict = {}  # param_shapes by architecture (tracing a network takes a while)
@@ -526,33 +525,25 @@ def _holds_only_a_model(path: str) -> bool:
         return False
     tok = os.path.join(path, TOKENIZER_DIR)
     return not os.path.lexists(tok) or (os.path.isdir(tok) and not os.path.islink(tok)
-                                         and set(os.listdir(tok)) <= set(TOKENIZER_FILES))
+                                         and set(os.listdir(tok)) <= set(tokenizer_lib.FILES))
 
 
-def _tokenizer_files(folder: str) -> list[str]:
-    """The tokenizer files of ``folder``, or a one-line error naming the first one missing."""
-    for name in TOKENIZER_FILES:
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise FileNotFoundError(f"tokenizer folder {folder} has no {name} (a tokenizer is "
-                                    f"{', '.join(TOKENIZER_FILES)})")
-    return [os.path.join(folder, name) for name in TOKENIZER_FILES]
-
-
-def save(path: str, spec: ModelSpec, params, *, overwrite: bool = False, tokenizer: str | None = None) -> str:
+def save(path: str, spec: ModelSpec, params, *, overwrite: bool = False,
+         tokenizer: tokenizer_lib.CLIPTokenizer | None = None) -> str:
     """Writes ``spec`` and ``params`` to the model directory ``path`` (atomically; returns its absolute path).
 
-    The params must match the spec's shapes and be finite. ``tokenizer``: a folder whose tokenizer files
-    (:data:`TOKENIZER_FILES`) are copied into ``path/tokenizer/`` as they are (a model with a text encoder).
-    An existing ``path`` is replaced only with ``overwrite``, and only if it holds a model and nothing else (or
-    is empty): other files are never deleted.
+    The params must match the spec's shapes and be finite. ``tokenizer``: the text encoder's tokenizer, written
+    into ``path/tokenizer/`` (a model with a text encoder only). An existing ``path`` is replaced only with
+    ``overwrite``, and only if it holds a model and nothing else (or is empty): other files are never deleted.
     """
     from safetensors.numpy import save_file
 
     if spec.autoencoder is not None:
         spec._require_scale()
     if tokenizer is not None and spec.text_encoder is None:
-        raise ValueError("a tokenizer is saved with a model that has a text encoder (spec.text_encoder is None)")
-    tokenizer_files = [] if tokenizer is None else _tokenizer_files(os.fspath(tokenizer))
+        raise ValueError("tokenizer is saved with a model that has a text encoder; this spec's text_encoder is None")
+    if tokenizer is not None and not isinstance(tokenizer, tokenizer_lib.CLIPTokenizer):
+        raise TypeError(f"tokenizer must be a ddim_jax.tokenizer.CLIPTokenizer or None; got {type(tokenizer).__name__}")
     flat = _flatten(jax.tree.map(lambda a: np.asarray(a, np.float32), params))
     _check_params(flat, spec, os.fspath(path))
     bad = [k for k, v in flat.items() if not np.all(np.isfinite(v))]
@@ -562,24 +553,22 @@ def save(path: str, spec: ModelSpec, params, *, overwrite: bool = False, tokeniz
         save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, os.path.join(tmp, PARAMS_FILE))
         files.write_json(os.path.join(tmp, SPEC_FILE),
                          {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec.to_dict()})
-        if tokenizer_files:
-            os.mkdir(os.path.join(tmp, TOKENIZER_DIR))
-            for src in tokenizer_files:
-                shutil.copyfile(src, os.path.join(tmp, TOKENIZER_DIR, os.path.basename(src)))
+        if tokenizer is not None:
+            tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))
     return os.path.abspath(os.fspath(path))
 
 
-def tokenizer_dir(path) -> str:
-    """The tokenizer folder of the model directory ``path`` (its files checked), or a one-line error."""
+def load_tokenizer(path) -> tokenizer_lib.CLIPTokenizer:
+    """The tokenizer saved in the model directory ``path`` (``path/tokenizer/``): ``tokenizer(prompts)`` gives
+    the ids :meth:`ModelSpec.encode_text` takes. A directory without one is a one-line error."""
     path = os.fspath(path)
     if not is_model_dir(path):
         raise FileNotFoundError(f"{path} is not a model directory ({SPEC_FILE})")
     folder = os.path.join(path, TOKENIZER_DIR)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"the model directory {path} has no {TOKENIZER_DIR}/ (only a model converted with "
-                                "its text encoder and tokenizer has one)")
-    _tokenizer_files(folder)
-    return folder
+        raise FileNotFoundError(f"the model directory {path} has no {TOKENIZER_DIR}/ (a model converted with its "
+                                "text encoder and tokenizer has one)")
+    return tokenizer_lib.CLIPTokenizer.from_folder(folder)
 
 
 def load(path) -> tuple[ModelSpec, dict]:

@@ -10,6 +10,7 @@ import os
 import sys
 
 from ddim_jax import models
+from ddim_jax.convert.clip_text import sd_tokenizer
 from ddim_jax.convert.common import find_diffusers_weights, read_json
 from ddim_jax.convert.ddim import convert_ddim
 from ddim_jax.convert.diffusers_unet import diffusers_params, diffusers_spec
@@ -79,7 +80,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "auto", o
         if not os.path.isdir(src):
             raise ConversionError(f"stable_diffusion format needs a folder (unet/, vae/, scheduler/), not a file: {src}")
         spec, params = convert_stable_diffusion(src)
-        tokenizer = None if spec.text_encoder is None else os.path.join(src, models.TOKENIZER_DIR)
+        tokenizer = None if spec.text_encoder is None else sd_tokenizer(src)
     elif fmt == "diffusers":
         weights, config_dir = find_diffusers_weights(src)
         config_path = os.path.join(config_dir, "config.json")

@@ -13,8 +13,9 @@ from typing import Any, Mapping
 
 from ddim_jax.clip_text import ACTIVATIONS
 from ddim_jax.convert.common import POSITIVE_INT, POSITIVE_NUMBER, config_value, diffusers_key, map_params, read_json
-from ddim_jax.models import TOKENIZER_DIR, TOKENIZER_FILES, ModelSpec
+from ddim_jax.models import TOKENIZER_DIR, ModelSpec
 from ddim_jax.state_dicts import ConversionError, read_state_dict
+from ddim_jax.tokenizer import CLIPTokenizer
 
 TEXT_ENCODER_DIR = "text_encoder"
 TEXT_ENCODER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -70,10 +71,20 @@ def convert_clip_text(state_dict: Mapping[str, Any], spec: ModelSpec) -> dict:
                       ignore=tuple(prefix + k for k in IGNORED_KEYS))
 
 
-def find_text_encoder(folder: str) -> tuple[ModelSpec, str, str] | None:
-    """``(spec, weights file, tokenizer folder)`` of a Stable Diffusion folder's text encoder, or None when it
-    has neither ``text_encoder/`` nor ``tokenizer/``; refuses (one line naming what is missing) a folder with
-    one of them only, or with a part missing a file. Reads the config, not the weights."""
+def sd_tokenizer(folder: str) -> CLIPTokenizer:
+    """The tokenizer of a Stable Diffusion folder's ``tokenizer/``; a missing or bad file is a one-line
+    :class:`ConversionError` naming it."""
+    try:
+        return CLIPTokenizer.from_folder(os.path.join(folder, TOKENIZER_DIR))
+    except (ValueError, OSError) as e:
+        raise ConversionError(" ".join(str(e).split())) from None
+
+
+def find_text_encoder(folder: str) -> tuple[ModelSpec, str] | None:
+    """``(spec, weights file)`` of a Stable Diffusion folder's text encoder, or None when it has neither
+    ``text_encoder/`` nor ``tokenizer/``; refuses (one line naming what is missing) a folder with one of them
+    only, or with a part missing a file, or a tokenizer whose rows the text encoder cannot read. Reads the
+    configs and the tokenizer, not the weights."""
     te, tok = os.path.join(folder, TEXT_ENCODER_DIR), os.path.join(folder, TOKENIZER_DIR)
     has_te, has_tok = os.path.isdir(te), os.path.isdir(tok)
     if not has_te and not has_tok:
@@ -84,9 +95,7 @@ def find_text_encoder(folder: str) -> tuple[ModelSpec, str, str] | None:
     if not has_te:
         raise ConversionError(f"Stable Diffusion folder {folder} has {TOKENIZER_DIR}/ but no {TEXT_ENCODER_DIR}/ "
                               "(the tokenizer converts with its text encoder)")
-    for name in TOKENIZER_FILES:
-        if not os.path.isfile(os.path.join(tok, name)):
-            raise ConversionError(f"{tok} has no {name} (a CLIP tokenizer folder holds {', '.join(TOKENIZER_FILES)})")
+    tokenizer = sd_tokenizer(folder)
     config_path = os.path.join(te, "config.json")
     if not os.path.isfile(config_path):
         raise ConversionError(f"{te} has no config.json (a transformers CLIPTextModel folder: config.json and "
@@ -94,7 +103,15 @@ def find_text_encoder(folder: str) -> tuple[ModelSpec, str, str] | None:
     weights = [os.path.join(te, n) for n in TEXT_ENCODER_WEIGHTS if os.path.isfile(os.path.join(te, n))]
     if not weights:
         raise ConversionError(f"{te} has no {' or '.join(TEXT_ENCODER_WEIGHTS)} (the text encoder's weights)")
-    return clip_text_spec(read_json(config_path), config_path), weights[0], tok
+    spec = clip_text_spec(read_json(config_path), config_path)
+    length, vocab = spec.arch["max_position_embeddings"], spec.arch["vocab_size"]
+    if tokenizer.max_length != length:
+        raise ConversionError(f"{tok}: model_max_length={tokenizer.max_length} but the text encoder reads "
+                              f"{length} tokens ({config_path}: max_position_embeddings)")
+    if max(tokenizer.vocab.values()) >= vocab:
+        raise ConversionError(f"{tok}: vocab.json has ids up to {max(tokenizer.vocab.values())} but the text encoder "
+                              f"has {vocab} embeddings ({config_path}: vocab_size)")
+    return spec, weights[0]
 
 
 def text_encoder_params(weights: str, spec: ModelSpec) -> dict:

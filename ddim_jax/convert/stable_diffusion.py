@@ -99,7 +99,7 @@ def convert_stable_diffusion(folder: str | os.PathLike) -> tuple[ModelSpec, dict
         has = [n + "/" for n in ("unet", "vae", "scheduler") if os.path.isdir(os.path.join(folder, n))]
         raise ConversionError(f"Stable Diffusion folder {folder} has {', '.join(has) or 'no unet/ or vae/'} but no "
                               f"{' or '.join(missing)} (it needs unet/ and vae/, each a config.json and its weights)")
-    text = find_text_encoder(folder)  # (spec, weights, tokenizer/) or None; checked before any weights are read
+    text = find_text_encoder(folder)  # (spec, weights) or None; checked, with tokenizer/, before any weights are read
     parts = {}
     for name in ("unet", "vae"):
         weights, config_dir = find_diffusers_weights(os.path.join(folder, name))
