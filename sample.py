@@ -569,8 +569,8 @@ def run_fid(model, s: Settings, paths):
 
 
 def _pipeline_mode(call):
-    """A mode running a Stable Diffusion pipeline (:mod:`ddim_jax.pipelines`) through ``call(pipelines, model,
-    settings, images, latents, options)``: one image per prompt (cycled to --num_samples), or --num_samples
+    """A mode running a Stable Diffusion pipeline (:mod:`ddim_jax.pipelines`) through ``call(pipelines, spec,
+    params, settings, images, latents, options)`` on one device: one image per prompt (cycled to --num_samples), or --num_samples
     (default 8) images of a model without text; written as PNGs in images/, a grid and, with prompts, prompts.txt."""
 
     def run(model, s: Settings, paths):
@@ -584,6 +584,9 @@ def _pipeline_mode(call):
         from ddim_jax.images import from_uint8, to_uint8
 
         images_dir, grid_path, prompts_path = paths
+        # The pipelines run on one device: the params once on the default device, uncommitted (as a loaded
+        # model's), not replicated over every device.
+        params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), model.params)
         text = s.prompts is not None
         n = s.num or (len(s.prompts) if text else 8)
         rows = [s.prompts[i % len(s.prompts)] for i in range(n)] if text else None
@@ -600,13 +603,13 @@ def _pipeline_mode(call):
                     "eta": s.eta, "seed": s.seed + start, "dtype": s.dtype}
             if text:
                 opts["context"], opts["null_context"] = pipelines.encode_prompts(
-                    model.spec, model.params, tokenizer, rows[start:start + count], s.negative_prompt)
+                    model.spec, params, tokenizer, rows[start:start + count], s.negative_prompt)
             elif labels is not None:
                 opts["labels"] = labels[start:start + count]
             latents = np.asarray(jax.vmap(lambda i: jax.random.normal(  # image i's x_T: fold_in(key(seed), i)
                 jax.random.fold_in(jax.random.key(s.seed), i), model.sample_shape))(jnp.arange(start, start + count)))
             images = None if init is None else np.repeat(init[None], count, axis=0)
-            out.append(to_uint8(call(pipelines, model, s, images, latents, opts)))
+            out.append(to_uint8(call(pipelines, model.spec, params, s, images, latents, opts)))
         if not _is_main():
             return
         out = np.concatenate(out)
@@ -662,13 +665,13 @@ MODES = {
                            step_flags=("steps", "steps_list"), solvers=False, labels=False),
     "fid": Mode(run_fid, ("fid.json", "fid.md", "fid.png"), num_samples=50_000, step_flags=("steps", "fid_steps")),
     # Stable Diffusion's pipelines (ddim_jax.pipelines): prompts for a text-conditioned model, labels otherwise.
-    "text2img": Mode(_pipeline_mode(lambda p, m, s, x, z, o: p.text_to_image(m.spec, m.params, latents=z, **o)),
+    "text2img": Mode(_pipeline_mode(lambda p, spec, params, s, x, z, o: p.text_to_image(spec, params, latents=z, **o)),
                      _PIPELINE_OUTPUTS, num_samples=0, prompts=True),
-    "img2img": Mode(_pipeline_mode(lambda p, m, s, x, z, o: p.image_to_image(
-        m.spec, m.params, x, strength=0.8 if s.strength is None else s.strength, **o)),
+    "img2img": Mode(_pipeline_mode(lambda p, spec, params, s, x, z, o: p.image_to_image(
+        spec, params, x, strength=0.8 if s.strength is None else s.strength, **o)),
         _PIPELINE_OUTPUTS, num_samples=0, prompts=True, init_image=True),
-    "inpaint": Mode(_pipeline_mode(lambda p, m, s, x, z, o: p.inpaint(
-        m.spec, m.params, x, s.mask, latents=z, strength=1.0 if s.strength is None else s.strength,
+    "inpaint": Mode(_pipeline_mode(lambda p, spec, params, s, x, z, o: p.inpaint(
+        spec, params, x, s.mask, latents=z, strength=1.0 if s.strength is None else s.strength,
         resample=s.resample, **o)),
         _PIPELINE_OUTPUTS, num_samples=0, prompts=True, init_image=True, mask=True, concat=True),
 }

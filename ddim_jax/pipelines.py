@@ -59,16 +59,26 @@ from ddim_jax.solvers import SOLVER_TABLE, resolve_spacing, sample
 __all__ = ["edit", "encode_prompts", "image_to_image", "inpaint", "inpaint_condition", "inversion_error", "invert",
            "latent_size", "reconstruction_errors", "start_steps", "text_to_image"]
 
-_JITTED: dict = {}  # (what, the spec's JSON) -> a jitted encode / decode
+_JITTED: dict = {}  # (what, the component's spec as JSON, ...) -> a jitted function of the component's params
 
 
 def _jitted(spec: ModelSpec, what: str, clip_skip: int | None = None):
-    key = (what, clip_skip, json.dumps(spec.to_dict(), sort_keys=True))
+    """``fn(params, ...)``, jitted once per component (models sharing an autoencoder share its programs)."""
+    part = spec.autoencoder if what in ("encode", "decode") else spec.text_encoder
+    if what == "encode_text":
+        clip_skip = spec.clip_skip if clip_skip is None else clip_skip
+    key = (what, clip_skip, spec.scale_factor, json.dumps(part.to_dict(), sort_keys=True))
     if key not in _JITTED:
-        fn = {"encode": lambda p, x, n: spec.encode(p, x, n), "decode": spec.decode,
-              "encode_text": lambda p, ids: spec.encode_text(p, ids, clip_skip)}[what]
-        _JITTED[key] = jax.jit(fn)
-    return _JITTED[key]
+        if what == "encode":
+            fn = jax.jit(lambda p, x, n, ae=part, k=spec.scale_factor: ae.latents(p, x, n) * k)
+        elif what == "decode":
+            fn = jax.jit(lambda p, z, ae=part, k=spec.scale_factor: ae.build().apply({"params": p}, z / k,
+                                                                                     method="decode"))
+        else:
+            fn = jax.jit(lambda p, ids, s=spec: s.encode_text({"text_encoder": p}, ids, clip_skip))
+        _JITTED[key] = fn
+    name = {"encode": "autoencoder", "decode": "autoencoder", "encode_text": "text_encoder"}[what]
+    return lambda params, *args: _JITTED[key](params[name], *args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -98,8 +98,8 @@ def _nhwc(t):
     return np.asarray(t).transpose(0, 2, 3, 1)
 
 
-def _timesteps(pipe_scheduler):
-    pipe_scheduler.set_timesteps(S)
+def _timesteps(pipe_scheduler, steps=S):
+    pipe_scheduler.set_timesteps(steps)
     return pipe_scheduler.timesteps.numpy()[::-1].astype(np.int32)
 
 
@@ -150,15 +150,15 @@ def test_prompts_end_to_end_match_diffusers(sd):
 def test_image_to_image_matches_diffusers(sd):
     unet, spec, params = sd["sd"]
     ctx, null, image = _inputs(2)
-    strength = 0.6  # int(4 * 0.6) = 2 of the 4 steps
+    strength = 0.55  # int(8 * 0.55) = 4 of 8 steps (S = 4 model calls: the text-to-image test's program)
     g = torch.Generator().manual_seed(3)  # diffusers draws the posterior sample, then the noise
     enc_noise, noise = torch.randn((B, 4, LAT, LAT), generator=g), torch.randn((B, 4, LAT, LAT), generator=g)
     pipe = _torch_pipe(diffusers.StableDiffusionImg2ImgPipeline, unet, sd["vae"])
     want = pipe(image=_nchw(image), strength=strength, prompt_embeds=torch.from_numpy(ctx),
-                negative_prompt_embeds=torch.from_numpy(null), num_inference_steps=S, guidance_scale=7.5,
+                negative_prompt_embeds=torch.from_numpy(null), num_inference_steps=2 * S, guidance_scale=7.5,
                 generator=torch.Generator().manual_seed(3), output_type="np").images
-    tau = _timesteps(_scheduler())
-    assert list(pipelines.start_steps(tau, strength)) == list(tau[:2])
+    tau = _timesteps(_scheduler(), 2 * S)
+    assert list(pipelines.start_steps(tau, strength)) == [1, 126, 251, 376]  # diffusers' timesteps[8 - 4:]
     ours = pipelines.image_to_image(spec, params, image, ctx, null, strength=strength, guidance=7.5, num_steps=None,
                                     timesteps=tau, noise=_nhwc(noise), encoder_noise=_nhwc(enc_noise))
     _close(ours, want)
@@ -218,33 +218,31 @@ def test_repaint_keeps_the_known_region_exactly_on_the_oracle():
 
 def test_repaint_on_a_latent_model_keeps_the_images_latents(sd):
     _, spec, params = sd["sd"]
-    ctx, _, image = _inputs(7)
+    ctx, null, image = _inputs(7)
     mask = np.zeros((SIDE, SIDE), np.float32)
     mask[:, 8:] = 1.0  # repaint the right half
-    z = pipelines.inpaint(spec, params, image, mask, ctx, num_steps=3, decode=False, seed=1)
-    z0 = spec.encode(params, jnp.asarray(image))
+    z = pipelines.inpaint(spec, params, image, mask, ctx, null, guidance=7.5, num_steps=S, decode=False, seed=1)
+    z0 = jax.jit(spec.encode)(params, jnp.asarray(image))
     # Latent columns 0..3 are known: the image's latents (to the round-off of the encoder in another program).
     np.testing.assert_allclose(np.asarray(z)[:, :, :4], np.asarray(z0)[:, :, :4], atol=1e-5, rtol=0)
     assert np.abs(np.asarray(z)[:, :, 4:] - np.asarray(z0)[:, :, 4:]).mean() > 1e-2
-    img = np.asarray(spec.decode(params, z))
     with pytest.raises(ValueError, match="RePaint.* runs DDIM"):
         pipelines.inpaint(spec, params, image, mask, ctx, num_steps=3, solver="dpmpp_2m")
-    assert np.all(np.isfinite(img))
 
 
 def test_ddim_inversion_error_shrinks_with_steps_on_the_oracle():
     mix = GaussianMixture(np.array([[-0.5] * 16, [0.5] * 16]), 0.2)
     schedule = make_schedule("scaled_linear", num_timesteps=1000)
     x0 = mix.sample(jax.random.key(0), 16)
-    errors, _ = pipelines.reconstruction_errors(mix.eps_fn(schedule), schedule, x0, (4, 16, 64))
-    assert errors[64] < errors[16] < errors[4] and errors[64] < 0.1 * errors[4]  # the ODE's error, -> 0
+    errors, _ = pipelines.reconstruction_errors(mix.eps_fn(schedule), schedule, x0, (4, 64))
+    assert errors[64] < 0.1 * errors[4]  # the ODE's error, -> 0 (about S^-1.5 here)
 
 
 def test_inversion_and_edit_on_a_latent_model(sd):
     _, spec, params = sd["sd"]
     ctx, null, image = _inputs(8)  # the shapes of the text-to-image test: its S = 4 decoder is reused
     err = pipelines.inversion_error(spec, params, image, ctx, steps=(S,))
-    z0 = spec.encode(params, jnp.asarray(image))
+    z0 = jax.jit(spec.encode)(params, jnp.asarray(image))
     x_T = pipelines.invert(spec, params, image, ctx, num_steps=S)
     same = pipelines.edit(spec, params, image, ctx, ctx, edit_guidance=1.0, num_steps=S, decode=False)
     back = pipelines.text_to_image(spec, params, ctx, latents=x_T, num_steps=S, decode=False)  # DDIM from x_T
@@ -357,9 +355,9 @@ def test_sample_py_img2img_and_inpaint_run(sd, tmp_path):
     white[:, 8:] = 255  # repaint the right half
     mask = _png(tmp_path / "mask.png", white)
     sd15 = f"--checkpoint={sd['root'] / 'sd_jax'}"
-    for extra in (("--mode=img2img", "--strength=0.5"), ("--mode=inpaint", f"--mask={mask}", "--resample=2")):
+    for extra in (("--mode=img2img", "--strength=0.5", "--steps=8"), ("--mode=inpaint", f"--mask={mask}", "--steps=4")):
         out = tmp_path / extra[0][7:]
-        _cli(sd15, *extra, "--prompt=a cat", f"--init_image={image}", "--steps=4", "--num_samples=2",
+        _cli(sd15, *extra, "--prompt=a cat", f"--init_image={image}", "--num_samples=2",
              f"--output={out}")
         assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png"]
         assert (out / "prompts.txt").read_text() == "00000.png\ta cat\n00001.png\ta cat\n"
