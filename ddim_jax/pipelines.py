@@ -270,9 +270,14 @@ def _sampler_options(solver, eta, key_steps):
     return {"solver": solver, "eta": eta, "key": key_steps if stochastic else None}
 
 
+def _clip(spec: ModelSpec):
+    """The paper's x0 clipping to [-1, 1], for pixel models only (latents are not bounded like pixels)."""
+    return 1.0 if spec.autoencoder is None else None
+
+
 def _run(spec, eps_fn, x_start, tau, solver, eta, key_steps):
     return sample(eps_fn, spec.make_schedule(), x_start, timesteps=tau, prediction_type=spec.prediction_type,
-                  **_sampler_options(solver, eta, key_steps))
+                  clip_x0=_clip(spec), **_sampler_options(solver, eta, key_steps))
 
 
 def _no_concat(spec: ModelSpec, what: str) -> None:
@@ -387,8 +392,11 @@ def inpaint(spec: ModelSpec, params, image, mask, context=None, null_context=Non
     m = _mask(mask, B, H, W)
     k_T, k_noise, k_steps = _keys(seed)
     tau = start_steps(_tau(spec, num_steps, spacing, timesteps, solver), strength)
-    if B != _batch(context, labels, (x,)) or (latents is not None and np.shape(latents)[0] != B):
-        raise ValueError(f"image has {B} rows; latents and [B, M, D] context must have as many")
+    rows = [("latents", latents), ("context", context if np.ndim(context) == 3 else None),
+            ("labels", labels if np.ndim(labels) == 1 else None)]
+    for name, v in rows:
+        if v is not None and np.shape(v)[0] != B:
+            raise ValueError(f"{name} has {np.shape(v)[0]} rows; image has {B} (give one per image)")
     if spec.concat == "sd_inpaint":
         concat = inpaint_condition(spec, params, x, m, encoder_noise)
         eps_fn = _eps_fn(spec, params, context, null_context, labels, guidance, concat, dtype, rescale)
@@ -410,7 +418,7 @@ def inpaint(spec: ModelSpec, params, image, mask, context=None, null_context=Non
         x_T = np.sqrt(a) * z0 + np.sqrt(1.0 - a) * _normal(noise, k_noise, z0.shape, "noise")
     eps_fn = _eps_fn(spec, params, context, null_context, labels, guidance, None, dtype, rescale)
     z = repaint_sample(eps_fn, spec.make_schedule(), x_T, z0, keep > 0.5, timesteps=tau, key=k_steps, eta=eta,
-                       resample=resample, prediction_type=spec.prediction_type)
+                       resample=resample, prediction_type=spec.prediction_type, clip_x0=_clip(spec))
     return _decode(spec, params, z, decode)
 
 

@@ -319,14 +319,15 @@ def slerp(z0, z1, alpha):
 # Inpainting any model: the known region replaced by the forward-noised observation (RePaint).
 
 
-@functools.partial(jax.jit, static_argnames=("resample", "stochastic", "prediction_type"))
-def _repaint_scan(eps_fn, x_T, known, keep, ts, a_t, a_prev, eta, key, *, resample, stochastic, prediction_type):
+@functools.partial(jax.jit, static_argnames=("resample", "stochastic", "prediction_type", "clip_x0"))
+def _repaint_scan(eps_fn, x_T, known, keep, ts, a_t, a_prev, eta, key, *, resample, stochastic, prediction_type,
+                  clip_x0):
     def one_step(x, i, r, t, at, ap):
         k = jax.random.fold_in(jax.random.fold_in(key, i), r)
         k_step, k_known, k_back = jax.random.split(k, 3)
         noise = jax.random.normal(k_step, x.shape, jnp.float32) if stochastic else None
         x_prev, _ = ddim_step(x, _model(eps_fn, x, t), a_t=at, a_prev=ap, noise=noise,
-                              eta=eta if stochastic else 0.0, prediction_type=prediction_type)
+                              eta=eta if stochastic else 0.0, prediction_type=prediction_type, clip_x0=clip_x0)
         z = jax.random.normal(k_known, x.shape, jnp.float32)
         seen = jnp.sqrt(ap) * known + jnp.sqrt(1.0 - ap) * z  # q(x_prev | known); exactly known at a_prev = 1
         x_prev = jnp.where(keep, seen.astype(x.dtype), x_prev)
@@ -358,6 +359,7 @@ def repaint_sample(
     eta: float = 0.0,
     resample: int = 1,
     prediction_type: str = "epsilon",
+    clip_x0: float | None = None,
 ):
     """Inpainting with any unconditional or conditional ``eps_fn``: DDIM over tau (as :func:`ddim_sample`)
     where after every step the region ``keep`` takes the forward-noised ``known`` at the step's alpha-bar,
@@ -369,9 +371,10 @@ def repaint_sample(
     going back from a_prev to a_t through the forward process ``q(x_t | x_prev)`` between them (1 = no
     resampling). ``eta`` as in :func:`ddim_step` (RePaint uses the DDPM sampler, eta = 1). ``key`` is
     required (the known region's noise): step ``i``'s repetition ``r`` draws from ``fold_in(fold_in(key, i),
-    r)``. Returns x_0 (x_T's shape and dtype)."""
+    r)``. ``clip_x0`` as in :func:`ddim_step`. Returns x_0 (x_T's shape and dtype)."""
     eps_fn, x_T, tau = _prepare(eps_fn, schedule, x_T, "x_T", num_steps, spacing, timesteps, prediction_type)
     _check_eta(eta)
+    _check_thresholds(clip_x0, None)
     if isinstance(resample, bool) or not isinstance(resample, (int, np.integer)) or resample < 1:
         raise ValueError(f"resample must be an integer >= 1 (1 = no resampling); got {resample!r}")
     if key is None:
@@ -387,4 +390,4 @@ def repaint_sample(
     ts, prev = _decoding_steps(tau)
     return _repaint_scan(eps_fn, x_T, known, keep, ts, schedule.alpha_bar(ts), schedule.alpha_bar(prev),
                          np.float32(eta), key, resample=int(resample), stochastic=bool(eta > 0),
-                         prediction_type=prediction_type)
+                         prediction_type=prediction_type, clip_x0=None if clip_x0 is None else float(clip_x0))

@@ -216,6 +216,20 @@ def test_repaint_keeps_the_known_region_exactly_on_the_oracle():
         repaint_sample(eps_fn, schedule, x_T, known, keep, 10, key=jax.random.key(2), resample=0)
 
 
+def test_repaint_on_a_pixel_model_returns_the_image_exactly_where_it_is_known():
+    spec = models.ModelSpec("unet", {"ch": 8, "ch_mult": (1,), "num_res_blocks": 1, "norm_groups": 4}, 8, 1,
+                            {"name": "cosine", "num_timesteps": 100})
+    rng = np.random.default_rng(1)  # random weights drawn on the host (no initialiser to compile)
+    params = jax.tree.map(lambda a: jnp.asarray(0.2 * rng.standard_normal(a.shape), jnp.float32), spec.param_shapes())
+    image = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)).astype(np.float32)
+    mask = np.zeros((8, 8), np.float32)
+    mask[2:6, 2:6] = 1.0
+    out = np.asarray(pipelines.inpaint(spec, params, image, mask, num_steps=5, eta=1.0, resample=2, seed=3))
+    known = mask < 0.5
+    np.testing.assert_array_equal(out[:, known], image[:, known])
+    assert np.abs(out[:, ~known] - image[:, ~known]).mean() > 1e-2 and np.all(np.abs(out) <= 1)
+
+
 def test_repaint_on_a_latent_model_keeps_the_images_latents(sd):
     _, spec, params = sd["sd"]
     ctx, null, image = _inputs(7)
