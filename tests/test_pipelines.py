@@ -191,6 +191,19 @@ def test_inpainting_unet_converts_and_matches_diffusers(sd):
         pipelines.text_to_image(spec, params, ctx, num_steps=2)
 
 
+def test_a_unet_whose_input_channels_are_neither_latents_nor_inpainting_is_refused(sd, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "sd"
+    shutil.copytree(sd["root"] / "sd_inpaint", src)
+    config = json.loads((src / "unet" / "config.json").read_text())
+    (src / "unet" / "config.json").write_text(json.dumps(dict(config, in_channels=6)))
+    assert convert.main([str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "in_channels=6" in err and "allowed: 4, or 9" in err  # the latents' channels, or an inpainting UNet's
+    assert "\n" not in err and not (tmp_path / "out").exists()
+
+
 def test_repaint_keeps_the_known_region_exactly_on_the_oracle():
     mix = GaussianMixture(np.array([[-0.5] * 16, [0.5] * 16]), 0.2)
     schedule = make_schedule("linear", num_timesteps=200)
