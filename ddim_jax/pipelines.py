@@ -20,14 +20,15 @@ Conventions: images are ``[B, H, W, C]`` in [-1, 1] (the project's), outputs are
 1], 1 (white) = repaint, binarised at 0.5 as diffusers does. A latent model works at any ``height`` and
 ``width`` divisible by its autoencoder's factor times its UNet's (latents ``[B, H / f, W / f, C]``); a
 pixel model's f is 1. Context arrays are ``[B, M, D]`` (one per image) or ``[M, D]`` (one for all); class
-labels (a class-conditional pixel or latent model) go in ``labels``. ``guidance`` is diffusers' scale (None or 1 =
-the conditional model alone, one network call per step); other values need ``null_context`` (or a null label).
+labels (a class-conditional pixel or latent model) go in ``labels``. ``guidance`` is diffusers' scale (None or
+1 = the conditional model alone, one network call per step); other values need ``null_context`` (or a null
+label). Pixel models' x0 predictions are clipped to [-1, 1] (the paper's); latents are not.
 
-Sampling runs :func:`ddim_jax.solvers.sample` (any solver and spacing, or explicit ``timesteps``; SD
-folders' DDIM schedule is ``leading`` with ``steps_offset = 1``: ``timesteps = i * (T // S) + 1``). Every
-sampler lands on alpha-bar 1 after its last step, i.e. diffusers' DDIMScheduler with
-``set_alpha_to_one=True``; SD folders ship ``set_alpha_to_one=False``, whose last step stops at
-``alphas_cumprod[0]`` and keeps a little noise (``sqrt(1 - 0.99915) = 0.03`` of it in latent space).
+Sampling runs :func:`ddim_jax.solvers.sample`: any solver and spacing over ``num_steps`` (default 50), or
+explicit increasing ``timesteps`` (SD folders' DDIM schedule is ``leading`` with ``steps_offset = 1``:
+``timesteps = i * (T // S) + 1``). Every sampler lands on alpha-bar 1 after its last step, i.e. diffusers'
+DDIMScheduler with ``set_alpha_to_one=True``; SD folders ship ``set_alpha_to_one=False``, whose last step
+stops at ``alphas_cumprod[0]`` and keeps a little noise (``sqrt(1 - 0.99915) = 0.03`` of it in latent space).
 
 Noise: ``seed`` draws everything not given: ``x_T`` from ``fold_in(key(seed), 0)``, the img2img noise from
 ``fold_in(key(seed), 1)``, a stochastic solver's or RePaint's per-step noise from ``fold_in(key(seed), 2)``.
@@ -59,6 +60,7 @@ from ddim_jax.solvers import SOLVER_TABLE, resolve_spacing, sample
 __all__ = ["edit", "encode_prompts", "image_to_image", "inpaint", "inpaint_condition", "inversion_error", "invert",
            "latent_size", "reconstruction_errors", "start_steps", "text_to_image"]
 
+DEFAULT_STEPS = 50  # the step count when neither num_steps nor timesteps is given
 _JITTED: dict = {}  # (what, the component's spec as JSON, ...) -> a jitted function of the component's params
 
 
@@ -108,7 +110,8 @@ def latent_size(spec: ModelSpec, height: int | None = None, width: int | None = 
 
 
 def _tau(spec: ModelSpec, num_steps, spacing, timesteps, solver) -> np.ndarray:
-    """The increasing timesteps tau of a run (``timesteps`` as given, else ``make_timesteps``)."""
+    """The increasing timesteps tau of a run: ``timesteps`` as given, else ``make_timesteps`` with ``num_steps``
+    (default :data:`DEFAULT_STEPS`) and ``spacing`` (default: the solver's)."""
     schedule = spec.make_schedule()
     if timesteps is not None:
         if num_steps is not None:
@@ -118,7 +121,7 @@ def _tau(spec: ModelSpec, num_steps, spacing, timesteps, solver) -> np.ndarray:
             raise ValueError(f"timesteps must be a non-empty increasing 1-D integer array; got {timesteps!r}")
         return tau.astype(np.int32)
     if num_steps is None:
-        raise ValueError("num_steps is required unless timesteps is given")
+        num_steps = DEFAULT_STEPS
     return make_timesteps(schedule.num_timesteps, num_steps, resolve_spacing(solver, spacing), schedule=schedule)
 
 
@@ -320,7 +323,7 @@ def encode_prompts(spec: ModelSpec, params, tokenizer, prompts, negative_prompts
 
 
 def text_to_image(spec: ModelSpec, params, context=None, null_context=None, *, labels=None, guidance=None,
-                  num_steps: int | None = 50, solver: str = "ddim", spacing: str | None = None, timesteps=None,
+                  num_steps: int | None = None, solver: str = "ddim", spacing: str | None = None, timesteps=None,
                   eta: float = 0.0, seed: int = 0, latents=None, height: int | None = None, width: int | None = None,
                   rescale: float = 0.0, dtype: str = "float32", decode: bool = True):
     """Images ``[B, H, W, C]`` in [-1, 1] sampled under ``context`` (``[B, M, D]``: one per image; ``[M, D]``
@@ -341,7 +344,7 @@ def text_to_image(spec: ModelSpec, params, context=None, null_context=None, *, l
 
 
 def image_to_image(spec: ModelSpec, params, image, context=None, null_context=None, *, strength: float = 0.8,
-                   labels=None, guidance=None, num_steps: int | None = 50, solver: str = "ddim",
+                   labels=None, guidance=None, num_steps: int | None = None, solver: str = "ddim",
                    spacing: str | None = None, timesteps=None, eta: float = 0.0, seed: int = 0, noise=None,
                    encoder_noise=None, rescale: float = 0.0, dtype: str = "float32", decode: bool = True):
     """SDEdit: ``image`` ``[B, H, W, C]`` in [-1, 1] encoded (latent models), noised to the timestep ``strength``
@@ -373,7 +376,7 @@ def inpaint_condition(spec: ModelSpec, params, image, mask, encoder_noise=None):
 
 
 def inpaint(spec: ModelSpec, params, image, mask, context=None, null_context=None, *, labels=None, guidance=None,
-            num_steps: int | None = 50, solver: str = "ddim", spacing: str | None = None, timesteps=None,
+            num_steps: int | None = None, solver: str = "ddim", spacing: str | None = None, timesteps=None,
             eta: float = 0.0, seed: int = 0, latents=None, strength: float = 1.0, noise=None, encoder_noise=None,
             resample: int = 1, rescale: float = 0.0, dtype: str = "float32", decode: bool = True):
     """``image`` ``[B, H, W, C]`` in [-1, 1] with the region where ``mask`` is 1 (white) generated anew.
@@ -427,7 +430,7 @@ def inpaint(spec: ModelSpec, params, image, mask, context=None, null_context=Non
 
 
 def invert(spec: ModelSpec, params, image, context=None, null_context=None, *, labels=None, guidance=1.0,
-           num_steps: int | None = 50, spacing: str = "uniform", timesteps=None, encoder_noise=None,
+           num_steps: int | None = None, spacing: str = "uniform", timesteps=None, encoder_noise=None,
            dtype: str = "float32"):
     """DDIM inversion: ``image`` ``[B, H, W, C]`` in [-1, 1] -> x_T ``[B, h, w, C]``, the eta = 0 ODE run forward
     over tau (:func:`ddim_jax.sampling.ddim_encode`) under ``context`` (or ``labels``) and ``guidance`` (1: the
@@ -441,7 +444,7 @@ def invert(spec: ModelSpec, params, image, context=None, null_context=None, *, l
 
 
 def edit(spec: ModelSpec, params, image, context, edited_context, null_context=None, *, guidance=1.0,
-         edit_guidance=7.5, num_steps: int | None = 50, spacing: str = "uniform", timesteps=None,
+         edit_guidance=7.5, num_steps: int | None = None, spacing: str = "uniform", timesteps=None,
          encoder_noise=None, dtype: str = "float32", decode: bool = True):
     """Inversion editing: ``image`` inverted under ``context`` (its prompt) with ``guidance`` (:func:`invert`),
     then regenerated by DDIM (eta = 0) from that x_T under ``edited_context`` (the edited prompt) with
