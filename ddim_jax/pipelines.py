@@ -71,14 +71,18 @@ def _jitted(spec: ModelSpec, what: str, clip_skip: int | None = None):
         clip_skip = spec.clip_skip if clip_skip is None else clip_skip
     key = (what, clip_skip, spec.scale_factor, json.dumps(part.to_dict(), sort_keys=True))
     if key not in _JITTED:
-        if what == "encode":
-            fn = jax.jit(lambda p, x, n, ae=part, k=spec.scale_factor: ae.latents(p, x, n) * k)
-        elif what == "decode":
-            fn = jax.jit(lambda p, z, ae=part, k=spec.scale_factor: ae.build().apply({"params": p}, z / k,
-                                                                                     method="decode"))
-        else:
-            fn = jax.jit(lambda p, ids, s=spec: s.encode_text({"text_encoder": p}, ids, clip_skip))
-        _JITTED[key] = fn
+        scale = spec.scale_factor
+
+        def encode(p, x, noise):  # the scaled latents of images x
+            return part.latents(p, x, noise) * scale
+
+        def decode(p, z):
+            return part.build().apply({"params": p}, z / scale, method="decode")
+
+        def encode_text(p, ids, s=spec):
+            return s.encode_text({"text_encoder": p}, ids, clip_skip)
+
+        _JITTED[key] = jax.jit({"encode": encode, "decode": decode, "encode_text": encode_text}[what])
     name = {"encode": "autoencoder", "decode": "autoencoder", "encode_text": "text_encoder"}[what]
     return lambda params, *args: _JITTED[key](params[name], *args)
 
