@@ -57,7 +57,7 @@ from ddim_jax.sampling import ddim_encode, ddim_sample, repaint_sample
 from ddim_jax.schedules import make_timesteps
 from ddim_jax.solvers import SOLVER_TABLE, resolve_spacing, sample
 
-__all__ = ["edit", "encode_prompts", "image_to_image", "inpaint", "inpaint_condition", "inversion_error", "invert",
+__all__ = ["edit", "encode_images", "encode_prompts", "image_to_image", "inpaint", "inpaint_condition", "inversion_error", "invert",
            "latent_size", "reconstruction_errors", "start_steps", "text_to_image"]
 
 DEFAULT_STEPS = 50  # the step count when neither num_steps nor timesteps is given
@@ -245,6 +245,12 @@ def _encode(spec: ModelSpec, params, x, encoder_noise):
     if noise is None:
         return _jitted(spec, "encode")(params, x, jnp.zeros((x.shape[0], h, w, lat_ch), jnp.float32))
     return _jitted(spec, "encode")(params, x, noise)
+
+
+def encode_images(spec: ModelSpec, params, images, encoder_noise=None):
+    """Images ``[B, H, W, C]`` in [-1, 1] -> the diffusion's space, as the pipelines encode them: a latent model's
+    scaled posterior mean (or ``mean + std * encoder_noise``), a pixel model's images themselves."""
+    return _encode(spec, params, _images(spec, images), encoder_noise)
 
 
 def _decode(spec: ModelSpec, params, z, decode: bool):

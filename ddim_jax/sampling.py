@@ -319,8 +319,8 @@ def slerp(z0, z1, alpha):
 # Inpainting any model: the known region replaced by the forward-noised observation (RePaint).
 
 
-@functools.partial(jax.jit, static_argnames=("resample", "stochastic", "prediction_type", "clip_x0"))
-def _repaint_scan(eps_fn, x_T, known, keep, ts, a_t, a_prev, eta, key, *, resample, stochastic, prediction_type,
+@functools.partial(jax.jit, static_argnames=("stochastic", "prediction_type", "clip_x0"))
+def _repaint_scan(eps_fn, x_T, known, keep, ts, a_t, a_prev, eta, key, resample, *, stochastic, prediction_type,
                   clip_x0):
     def one_step(x, i, r, t, at, ap):
         k = jax.random.fold_in(jax.random.fold_in(key, i), r)
@@ -336,9 +336,8 @@ def _repaint_scan(eps_fn, x_T, known, keep, ts, a_t, a_prev, eta, key, *, resamp
         return jnp.where(r < resample - 1, back.astype(x.dtype), x_prev)
 
     def body(x, inp):
-        i, t, at, ap = inp
-        x, _ = jax.lax.scan(lambda x, r: (one_step(x, i, r, t, at, ap), None), x, jnp.arange(resample))
-        return x, None
+        i, t, at, ap = inp  # resample is traced: one program for every count
+        return jax.lax.fori_loop(0, resample, lambda r, x: one_step(x, i, r, t, at, ap), x), None
 
     steps = jnp.arange(ts.shape[0], dtype=jnp.int32)
     x0, _ = jax.lax.scan(body, x_T, (steps, ts, a_t, a_prev))
@@ -389,5 +388,5 @@ def repaint_sample(
         raise ValueError(f"keep must broadcast to x_T's shape {tuple(x_T.shape)}; got {tuple(keep.shape)}") from None
     ts, prev = _decoding_steps(tau)
     return _repaint_scan(eps_fn, x_T, known, keep, ts, schedule.alpha_bar(ts), schedule.alpha_bar(prev),
-                         np.float32(eta), key, resample=int(resample), stochastic=bool(eta > 0),
+                         np.float32(eta), key, np.int32(resample), stochastic=bool(eta > 0),
                          prediction_type=prediction_type, clip_x0=None if clip_x0 is None else float(clip_x0))
