@@ -15,8 +15,8 @@ PyTorch files are not):
 
 ``<module>`` is diffusers' ``UNet2DConditionModel`` module path (``down_blocks.0.attentions.0.transformer_blocks.0
 .attn1.to_q``) or transformers' ``CLIPTextModel`` one (``text_model.encoder.layers.0.self_attn.q_proj``, with or
-without ``text_model.``), resolved against the model's own parameters through the converters' key maps
-(:func:`ddim_jax.convert.cond_unet_key`, :func:`ddim_jax.convert.clip_text.clip_text_key`). Text-encoder
+without ``text_model.``), resolved against the model's own parameters through the key functions of the
+converters' table (:data:`ddim_jax.convert.kinds.CONVERTERS`, the model's kind and its text encoder's). Text-encoder
 entries need a model converted with its text encoder (``params["text_encoder"]``).
 
 :func:`apply_lora` merges a file into the params (new params; the old ones are untouched). :func:`lora_delta`
@@ -41,8 +41,7 @@ import numpy as np
 from flax import traverse_util
 
 from ddim_jax.convert.clip_text import PREFIX as CLIP_PREFIX
-from ddim_jax.convert.clip_text import clip_text_key
-from ddim_jax.convert.stable_diffusion import cond_unet_key
+from ddim_jax.convert.kinds import converter
 from ddim_jax.models import ModelSpec
 from ddim_jax.state_dicts import ConversionError, one_line, to_numpy
 
@@ -265,16 +264,18 @@ def _targets(spec: ModelSpec) -> dict[str, dict]:
         shapes = spec.param_shapes()
         components = "denoiser" in shapes  # {"denoiser", "autoencoder", "text_encoder"}, else the UNet's own
         parts = {"unet": {}}
+        unet_key = converter(spec.kind).key(spec)
         for path, s in traverse_util.flatten_dict(shapes["denoiser"] if components else shapes).items():
             if path[-1] == "kernel":
-                parts["unet"][cond_unet_key(path)[: -len(".weight")]] = (
+                parts["unet"][unet_key(path)[: -len(".weight")]] = (
                     ("denoiser", *path) if components else path, tuple(s.shape))
         if spec.text_encoder is not None:
             parts["text_encoder"] = {}
+            text_key = converter(spec.text_encoder.kind).key(spec.text_encoder)  # transformers 4's keys
             for path, s in traverse_util.flatten_dict(shapes["text_encoder"]).items():
                 if path[-1] == "kernel":
-                    module = clip_text_key(path, "")[: -len(".weight")]
-                    for name in (CLIP_PREFIX + module, module):  # transformers 4's layout, and 5's
+                    module = text_key(path)[: -len(".weight")]
+                    for name in (module, module.removeprefix(CLIP_PREFIX)):  # transformers 4's layout, and 5's
                         parts["text_encoder"][name] = (("text_encoder", *path), tuple(s.shape))
         for part, modules in list(parts.items()):
             kohya = {m.replace(".", "_"): m for m in modules if part == "unet" or m.startswith(CLIP_PREFIX)}

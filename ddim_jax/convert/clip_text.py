@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from ddim_jax import kinds
 from ddim_jax.clip_text import ACTIVATIONS
 from ddim_jax.convert.common import POSITIVE_INT, POSITIVE_NUMBER, config_value, diffusers_key, map_params, read_json
 from ddim_jax.models import TOKENIZER_DIR, ModelSpec
@@ -59,6 +60,22 @@ def clip_text_spec(config: Mapping[str, Any], where: str) -> ModelSpec:
         return ModelSpec("clip_text", arch, None, None, None, None)
     except ValueError as e:
         raise ConversionError(f"{where}: {e}") from None
+
+
+def clip_text_config(spec: ModelSpec) -> dict:
+    """The transformers ``CLIPTextConfig`` (``config.json``) of a ``clip_text`` spec: the inverse of
+    :func:`clip_text_spec`. The tokenizer's ``bos_token_id`` and ``pad_token_id`` are not the encoder's (a
+    Stable Diffusion folder's exporter adds its tokenizer's)."""
+    if spec.kind != "clip_text":
+        raise ConversionError(f"a CLIPTextConfig is written for kind clip_text, not {spec.kind}")
+    a = kinds.get("clip_text").full_arch(spec.arch)
+    config = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "torch_dtype": "float32",
+              "attention_dropout": 0.0, "dropout": 0.0, "initializer_factor": 1.0, "initializer_range": 0.02,
+              "projection_dim": a["hidden_size"]}
+    config.update({k: a[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                     "num_attention_heads", "max_position_embeddings", "hidden_act", "eos_token_id")})
+    config["layer_norm_eps"] = float(a["layer_norm_eps"])
+    return config
 
 
 def convert_clip_text(state_dict: Mapping[str, Any], spec: ModelSpec) -> dict:

@@ -16,6 +16,8 @@ from ddim_jax.models import ModelSpec
 from ddim_jax.state_dicts import ConversionError, one_line, to_numpy
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# The diffusers release whose folder layout the exporter writes (``_diffusers_version`` in its config files).
+DIFFUSERS_VERSION = "0.30.0"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,3 +183,31 @@ def map_params(state_dict: Mapping[str, Any], shapes, ref_key: Callable[[tuple],
                f"{len(mismatched)} shape mismatches, {len(nonfinite)} non-finite)" if len(problems) > 1 else ""
         raise ConversionError(f"{what} checkpoint: {problems[0]}{more}")
     return traverse_util.unflatten_dict(flat)
+
+
+def _to_torch(value: np.ndarray, leaf: str, pointwise: bool) -> np.ndarray:
+    """The inverse of :func:`_to_flax`: our param in the reference's layout (``pointwise``: a dense kernel the
+    reference holds as a 1x1 convolution)."""
+    if leaf == "kernel" and value.ndim == 4:  # conv: HWIO -> OIHW
+        return np.transpose(value, (3, 2, 0, 1))
+    if leaf == "kernel" and value.ndim == 2:  # dense: IO -> OI (or OI11)
+        return value.T.reshape(value.shape[1], value.shape[0], *((1, 1) if pointwise else ()))
+    return value
+
+
+def unmap_params(params, ref_key: Callable[[tuple], str], pointwise: Callable[[str], bool] = lambda key: False,
+                 what: str = "model") -> dict[str, np.ndarray]:
+    """The reference state dict of ``params`` (float32, C-contiguous numpy arrays): the inverse of
+    :func:`map_params`, our path -> ``ref_key(path)``, kernels transposed back to torch's layout
+    (``pointwise(key)``: a dense kernel the reference stores as a 1x1 convolution). Refuses, in one line, a
+    non-finite value or two params mapped onto one key."""
+    out: dict[str, np.ndarray] = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        value = np.asarray(value, np.float32)
+        key = ref_key(path)
+        if not np.all(np.isfinite(value)):
+            raise ConversionError(f"{what}: param '{'/'.join(path)}' has non-finite values (NaN or inf)")
+        if key in out:
+            raise ConversionError(f"{what}: two params map onto the key '{key}'")
+        out[key] = np.ascontiguousarray(_to_torch(value, path[-1], pointwise(key)))
+    return out

@@ -7,9 +7,10 @@ import math
 import re
 from typing import Any, Mapping
 
-from ddim_jax.convert.common import (DROPOUT, NAMES, OPTIONAL_POSITIVE_INT, POSITIVE_INT, POSITIVE_INT_OR_LIST,
-                                     POSITIVE_INTS, POSITIVE_NUMBER, check_image_size, config_value, map_params,
-                                     unet_key, unet_spec)
+from ddim_jax import kinds
+from ddim_jax.convert.common import (DIFFUSERS_VERSION, DROPOUT, NAMES, OPTIONAL_POSITIVE_INT, POSITIVE_INT,
+                                     POSITIVE_INT_OR_LIST, POSITIVE_INTS, POSITIVE_NUMBER, check_image_size,
+                                     config_value, map_params, unet_key, unet_spec)
 from ddim_jax.convert.scheduler import diffusers_schedule
 from ddim_jax.models import ModelSpec
 from ddim_jax.state_dicts import ConversionError
@@ -40,6 +41,52 @@ _LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "
 def unet2d_key(path: tuple[str, ...], num_levels: int) -> str:
     """The diffusers ``UNet2DModel`` key of our UNet param ``path`` (a UNet of ``num_levels`` levels)."""
     return unet_key(path, _TOP, _SUB, num_levels, "diffusers")
+
+
+def unet2d_pointwise(key: str) -> bool:
+    """Whether a ``UNet2DModel`` key holds a 1x1 convolution where our UNet has a dense kernel (``nin_shortcut``)."""
+    return key.endswith(".conv_shortcut.weight")
+
+
+def unet2d_aliases(state_dict: Mapping[str, Any]) -> dict:
+    """A ``UNet2DModel`` state dict with the legacy attention names of the original google/ddpm-* uploads
+    (``query``/``key``/``value``/``proj_attn``) renamed to the current ones (``to_q``/.../``to_out.0``)."""
+    out = {}
+    for key, value in state_dict.items():
+        m = _LEGACY_ATTN.match(key)
+        out[f"{m[1]}.{_LEGACY_NAMES[m[2]]}.{m[3]}" if m else key] = value
+    return out
+
+
+def unet2d_config(spec: ModelSpec) -> dict:
+    """The diffusers ``UNet2DModel`` config (``config.json``) of a pixel ``unet`` model: the inverse of
+    :func:`diffusers_spec` (a class-conditional model's null label is class embedding ``num_classes``). What
+    UNet2DModel cannot express is a one-line :class:`ConversionError` naming the field."""
+    if spec.kind != "unet":
+        raise ConversionError(f"a UNet2DModel config is written for kind unet, not {spec.kind}")
+    if spec.autoencoder is not None:
+        raise ConversionError("a latent unet model (autoencoder set) has no diffusers counterpart: UNet2DModel "
+                              "pipelines diffuse pixels")
+    if spec.concat is not None:
+        raise ConversionError(f"unet concat={spec.concat!r} has no diffusers counterpart (a UNet2DModel predicts "
+                              "for all of its input channels)")
+    a = kinds.get("unet").full_arch(spec.arch)
+    if not a["resamp_with_conv"]:
+        raise ConversionError("unet resamp_with_conv=False has no diffusers counterpart (UNet2DModel resamples "
+                              "with convolutions)")
+    n = len(a["ch_mult"])
+    attn = [spec.image_size // 2 ** i in a["attn_resolutions"] for i in range(n)]
+    return {"_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION, "sample_size": spec.image_size,
+            "in_channels": spec.channels, "out_channels": spec.channels, "center_input_sample": False,
+            "time_embedding_type": "positional", "freq_shift": 1, "flip_sin_to_cos": False,
+            "down_block_types": ["AttnDownBlock2D" if x else "DownBlock2D" for x in attn],
+            "up_block_types": ["AttnUpBlock2D" if x else "UpBlock2D" for x in reversed(attn)],
+            "block_out_channels": [a["ch"] * m for m in a["ch_mult"]], "layers_per_block": a["num_res_blocks"],
+            "mid_block_scale_factor": 1, "downsample_padding": 0, "downsample_type": "conv", "upsample_type": "conv",
+            "dropout": float(a["dropout"]), "act_fn": "silu", "attention_head_dim": None,
+            "norm_num_groups": a["norm_groups"], "attn_norm_num_groups": None, "norm_eps": 1e-6,
+            "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
+            "num_class_embeds": spec.num_labels}
 
 
 # UNet2DModel.__init__ defaults for the settings we check.
@@ -145,12 +192,9 @@ def diffusers_spec(config: Mapping[str, Any], image_size: int | None = None,
 
 def diffusers_params(state_dict: Mapping[str, Any], spec: ModelSpec) -> dict:
     """The params of ``spec`` (a converted ``UNet2DModel``'s) from the diffusers state dict."""
-    sd = {}
-    for key, value in state_dict.items():
-        m = _LEGACY_ATTN.match(key)
-        sd[f"{m[1]}.{_LEGACY_NAMES[m[2]]}.{m[3]}" if m else key] = value
     num_levels = len(spec.arch["ch_mult"])
-    return map_params(sd, spec.param_shapes(), lambda path: unet2d_key(path, num_levels), "diffusers")
+    return map_params(unet2d_aliases(state_dict), spec.param_shapes(), lambda path: unet2d_key(path, num_levels),
+                      "diffusers")
 
 
 def convert_diffusers(state_dict: Mapping[str, Any], config: Mapping[str, Any], image_size: int | None = None,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-from ddim_jax.convert.common import BOOL, NUMBER, OPTIONAL_NUMBERS, TIMESTEPS, config_value
+from ddim_jax.convert.common import BOOL, DIFFUSERS_VERSION, NUMBER, OPTIONAL_NUMBERS, TIMESTEPS, config_value
+from ddim_jax.models import ModelSpec
 from ddim_jax.schedules import make_schedule
 from ddim_jax.state_dicts import ConversionError
 
@@ -74,3 +75,35 @@ def diffusers_schedule(scheduler_config: Mapping[str, Any] | None,
     except ValueError as e:
         raise ConversionError(f"{where}: {e}") from None
     return schedule, DIFFUSERS_PREDICTION_TYPES[pred]
+
+
+# Our schedules diffusers' DDIMScheduler computes by name (the others are written as trained_betas).
+_DDIM_NAMES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+SCHEDULER_CLASS = "DDIMScheduler"
+
+
+def scheduler_config(spec: ModelSpec) -> dict:
+    """A diffusers ``DDIMScheduler`` config (``scheduler_config.json``) for a diffusion model's schedule and
+    prediction type: the inverse of :func:`diffusers_schedule`. ``linear``, ``scaled_linear`` and ``cosine``
+    (``squaredcos_cap_v2``) by name, every other schedule (``custom``, ``quadratic``, ``sigmoid``) as its
+    ``trained_betas``; ``rescale_zero_terminal_snr`` is ``rescale_betas_zero_snr``. Sampling settings as
+    ddim_jax's DDIM sampler: no clipping, the last step lands on alpha-bar 1 (``set_alpha_to_one``), and
+    ``"leading"`` timesteps without an offset (ddim_jax's ``"uniform"`` spacing where S divides T)."""
+    schedule = dict(spec.schedule)
+    name = schedule.pop("name")
+    rescale = bool(schedule.pop("rescale_zero_terminal_snr", False))
+    config = {"_class_name": SCHEDULER_CLASS, "_diffusers_version": DIFFUSERS_VERSION,
+              "prediction_type": {v: k for k, v in DIFFUSERS_PREDICTION_TYPES.items()}[spec.prediction_type],
+              "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0, "timestep_spacing": "leading",
+              "rescale_betas_zero_snr": rescale, "trained_betas": None}
+    if name in _DDIM_NAMES:
+        config.update(beta_schedule=_DDIM_NAMES[name], num_train_timesteps=schedule["num_timesteps"])
+        if name != "cosine":  # the ends as make_schedule used them (its defaults where the spec has none)
+            betas = make_schedule(name, **schedule).betas
+            lo, hi = (schedule.get("beta_start"), schedule.get("beta_end"))
+            config.update(beta_start=float(betas[0] if lo is None else lo),
+                          beta_end=float(betas[-1] if hi is None else hi))
+        return config
+    betas = [float(b) for b in (schedule["betas"] if name == "custom" else make_schedule(name, **schedule).betas)]
+    config.update(beta_schedule="linear", num_train_timesteps=len(betas), trained_betas=betas)
+    return config
