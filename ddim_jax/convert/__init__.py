@@ -26,6 +26,13 @@ diffusers' scheduler configs); ``common`` holds the config-value checks and the 
 ``cli`` is :func:`convert` (a path to a model directory) and the command line::
 
     python -m ddim_jax.convert SRC DST [--format auto|diffusers|ddim|stable_diffusion] [--overwrite] [--image-size N]
+
+Each model kind's diffusers or transformers class, key function, config writer and reader are in one table,
+:data:`ddim_jax.convert.kinds.CONVERTERS`, which the importers, :mod:`ddim_jax.lora` and the exporter read. The
+exporter (:mod:`ddim_jax.convert.export`, :func:`export_diffusers`) writes a model directory back as a diffusers
+folder (a ``DDIMPipeline``, a Stable Diffusion pipeline, an ``AutoencoderKL``/``VQModel``)::
+
+    python -m ddim_jax.convert --to diffusers MODEL_DIR OUT [--overwrite]
 """
 
 from ddim_jax.convert.cli import FORMATS, convert, main
@@ -33,13 +40,17 @@ from ddim_jax.convert.clip_text import clip_text_key, clip_text_spec, convert_cl
 from ddim_jax.convert.common import config_value, diffusers_key
 from ddim_jax.convert.ddim import convert_ddim, ddim_key, ddim_spec
 from ddim_jax.convert.diffusers_unet import convert_diffusers, diffusers_params, diffusers_spec, unet2d_key
-from ddim_jax.convert.scheduler import DDPM_SCHEDULE, DIFFUSERS_PREDICTION_TYPES, DIFFUSERS_SCHEDULES, diffusers_schedule
+from ddim_jax.convert.export import export_diffusers
+from ddim_jax.convert.kinds import CONVERTERS, NO_EXTERNAL_FORMAT, Converter, converter
+from ddim_jax.convert.scheduler import (DDPM_SCHEDULE, DIFFUSERS_PREDICTION_TYPES, DIFFUSERS_SCHEDULES,
+                                        diffusers_schedule, scheduler_config)
 from ddim_jax.convert.stable_diffusion import (cond_unet_key, convert_autoencoder_kl, convert_autoencoder_vq,
                                                convert_stable_diffusion, convert_unet2d_condition)
 from ddim_jax.state_dicts import ConversionError, read_state_dict
 
-__all__ = ["ConversionError", "DDPM_SCHEDULE", "DIFFUSERS_PREDICTION_TYPES", "DIFFUSERS_SCHEDULES", "FORMATS",
-           "clip_text_key", "clip_text_spec", "cond_unet_key", "config_value", "convert", "convert_autoencoder_kl",
-           "convert_autoencoder_vq", "convert_clip_text", "convert_ddim", "convert_diffusers",
-           "convert_stable_diffusion", "convert_unet2d_condition", "ddim_key", "ddim_spec", "diffusers_key",
-           "diffusers_params", "diffusers_schedule", "diffusers_spec", "main", "read_state_dict", "unet2d_key"]
+__all__ = ["CONVERTERS", "ConversionError", "Converter", "DDPM_SCHEDULE", "DIFFUSERS_PREDICTION_TYPES",
+           "DIFFUSERS_SCHEDULES", "FORMATS", "NO_EXTERNAL_FORMAT", "clip_text_key", "clip_text_spec", "cond_unet_key",
+           "config_value", "convert", "convert_autoencoder_kl", "convert_autoencoder_vq", "convert_clip_text",
+           "convert_ddim", "convert_diffusers", "convert_stable_diffusion", "convert_unet2d_condition", "converter",
+           "ddim_key", "ddim_spec", "diffusers_key", "diffusers_params", "diffusers_schedule", "diffusers_spec",
+           "export_diffusers", "main", "read_state_dict", "scheduler_config", "unet2d_key"]

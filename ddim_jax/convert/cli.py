@@ -13,7 +13,9 @@ from ddim_jax import models
 from ddim_jax.convert.clip_text import sd_tokenizer
 from ddim_jax.convert.common import find_diffusers_weights, read_json
 from ddim_jax.convert.ddim import convert_ddim
-from ddim_jax.convert.diffusers_unet import diffusers_params, diffusers_spec
+from ddim_jax.convert.diffusers_unet import diffusers_spec
+from ddim_jax.convert.export import EXPORT_FORMATS, export_diffusers
+from ddim_jax.convert.kinds import converter
 from ddim_jax.convert.scheduler import find_scheduler_config
 from ddim_jax.convert.stable_diffusion import convert_stable_diffusion, is_sd_folder
 from ddim_jax.models import ModelSpec
@@ -21,6 +23,7 @@ from ddim_jax.state_dicts import ConversionError, read_state_dict
 from ddim_jax.unet import count_params
 
 FORMATS = ("auto", "diffusers", "ddim", "stable_diffusion")
+TARGETS = ("ddim_jax",) + EXPORT_FORMATS  # --to: a model directory (importing), or a diffusers folder (exporting)
 
 
 def _detect_format(src: str) -> tuple[str, tuple[dict, str | None] | None]:
@@ -78,7 +81,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "auto", o
     tokenizer = None
     if fmt == "stable_diffusion":
         if not os.path.isdir(src):
-            raise ConversionError(f"stable_diffusion format needs a folder (unet/, vae/, scheduler/), not a file: {src}")
+            raise ConversionError(f"stable_diffusion format needs a folder (unet/, vae/, scheduler/), not a file: "
+                                  f"{src}")
         spec, params = convert_stable_diffusion(src)
         tokenizer = None if spec.text_encoder is None else sd_tokenizer(src)
     elif fmt == "diffusers":
@@ -91,7 +95,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "auto", o
         scheduler_config = None if scheduler_path is None else read_json(scheduler_path)
         spec = diffusers_spec(unet_config, image_size, scheduler_config, config_path, scheduler_path)
         sd, _ = loaded or read_state_dict(weights)
-        params = diffusers_params(sd, spec)
+        params = converter(spec.kind).to_params(sd, spec)
     else:
         if os.path.isdir(src):
             raise ConversionError(f"ddim format needs a weights file, got a directory: {src}")
@@ -110,20 +114,43 @@ def _describe(spec: ModelSpec) -> str:
     return json.dumps(d, sort_keys=True)
 
 
+def _export(args) -> int:
+    given = [f for f, v in (("--format", args.format != "auto"), ("--image-size", args.image_size is not None)) if v]
+    if given:
+        print(f"error: {given[0]} applies to importing; --to {args.to} takes a model directory as it is",
+              file=sys.stderr)
+        return 2
+    try:
+        cls = export_diffusers(args.src, args.dst, args.overwrite)
+    except (ConversionError, FloatingPointError, OSError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"exported model directory {os.path.abspath(args.src)} -> {os.path.abspath(args.dst)}: diffusers {cls}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddim_jax.convert",
                                      description="Convert a DDPM/DDIM PyTorch checkpoint (local files) to a "
-                                                 "ddim_jax model directory.")
+                                                 "ddim_jax model directory, or (--to diffusers) a model directory "
+                                                 "to a diffusers folder.")
     parser.add_argument("src", help="diffusers UNet2DModel directory / weights file, a diffusers Stable Diffusion "
                                     "folder (unet/, vae/, scheduler/, and text_encoder/ with tokenizer/), or an "
-                                    "ermongroup/ddim .ckpt/.pth")
-    parser.add_argument("dst", help=f"output model directory ({models.SPEC_FILE} + {models.PARAMS_FILE})")
-    parser.add_argument("--format", default="auto", choices=FORMATS)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory at DST")
+                                    "ermongroup/ddim .ckpt/.pth; with --to diffusers, a model directory")
+    parser.add_argument("dst", help=f"output model directory ({models.SPEC_FILE} + {models.PARAMS_FILE}); with --to "
+                                    "diffusers, the diffusers folder")
+    parser.add_argument("--format", default="auto", choices=FORMATS, help="the source's format (importing)")
+    parser.add_argument("--to", default="ddim_jax", choices=TARGETS,
+                        help="ddim_jax: SRC is a checkpoint, DST a model directory; diffusers: SRC is a model "
+                             "directory, DST the diffusers folder written from it (safetensors)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing model directory (--to diffusers: an exported folder) at DST")
     parser.add_argument("--image-size", type=int, default=None,
                         help="training image size (default: diffusers sample_size; ddim: 16 px at the first "
                              "attention level)")
     args = parser.parse_args(argv)
+    if args.to != "ddim_jax":
+        return _export(args)
     try:
         spec = convert(args.src, args.dst, args.format, args.overwrite, args.image_size)
     except (ConversionError, FloatingPointError, OSError, ImportError) as e:
