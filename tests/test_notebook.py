@@ -16,7 +16,7 @@ nbformat = pytest.importorskip("nbformat", reason="the notebook test needs nbfor
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
-TIMEOUT = 300  # seconds per cell; the whole notebook takes well under a minute on 2 CPU cores
+TIMEOUT = 300  # seconds per cell; the whole notebook takes about a minute on 2 CPU cores
 
 
 def _tagged(nb, tag):
@@ -77,5 +77,14 @@ def test_the_notebook_runs_and_shows_what_it_claims(tmp_path, monkeypatch):
     assert share[3.0] > share[1.0] > share[0.0] + 0.3, share
 
     # Section 4 drew its grid.
+    grid = _tagged(nb, "digits")
+    assert any("image/png" in o.get("data", {}) for o in grid.outputs), grid.outputs
+
+    # Section 5: the converted tiny SD folder reads prompts with CLIP's BPE as transformers does, encodes them as
+    # transformers' text encoder does, and draws one 16x16 RGB image per prompt, which the last cell shows.
+    sd = _result(_tagged(nb, "text_to_image"))
+    assert sd["tokens"][0] == ["a", "watercolor", "painting", "of", "a", "fox"], sd
+    assert sd["same_ids_as_transformers"] and sd["context_max_abs_diff"] < 1e-4, sd
+    assert sd["images"] == (2, 16, 16, 3), sd
     last = [c for c in nb.cells if c.cell_type == "code"][-1]
     assert any("image/png" in o.get("data", {}) for o in last.outputs), last.outputs
