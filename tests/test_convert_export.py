@@ -210,6 +210,12 @@ def test_a_vq_autoencoder_exports_to_a_vqmodel_with_our_outputs(tmp_path):
     with torch.no_grad():  # decoding quantises: both decode our latents (a code boundary is not crossed by round-off)
         assert _rel(z, _nhwc(vq.encode(_nchw(images)).latents)) < 1e-4
         assert _rel(decoded, _nhwc(vq.decode(_nchw(z)).sample)) < 1e-4
+    entry = converter("autoencoder_vq")  # the table's reader and importer take the folder back
+    back = entry.read_config(json.loads((tmp_path / "out" / "config.json").read_text()), "config.json")
+    assert (back.image_size, back.channels) == (SIDE, 3)
+    assert kinds.get(back.kind).full_arch(back.arch) == kinds.get(spec.kind).full_arch(spec.arch)
+    jax.tree.map(np.testing.assert_array_equal, entry.to_params(load_file(tmp_path / "out" / entry.weights), back),
+                 params)
 
 
 # ----------------------------------------------------------------------------------------------
