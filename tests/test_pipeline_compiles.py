@@ -29,7 +29,7 @@ from test_clip_text import _reference, _small_config, _vocab_folder  # noqa: E40
 PXLA = "jax._src.interpreters.pxla"  # the logger of "Compiling ..." records
 TRACE = "/jax/core/compile/jaxpr_trace_duration"
 COMPILE = "/jax/core/compile/backend_compile_duration"
-SIDE, STEPS, GUIDANCE = 16, 3, 7.5  # image side (latents 8x8), sampling steps, SD's guidance scale
+SIDE, STEPS, GUIDANCE = 8, 3, 7.5  # image side (a one-level VAE: latents 8x8), sampling steps, SD's guidance scale
 
 
 class _Lowered(logging.Handler):
@@ -86,17 +86,16 @@ def _named(seen, word):
 
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
-    """A tiny SD folder (a one-level UNet, a two-level VAE, a two-layer CLIP and its BPE), converted and loaded."""
+    """A tiny SD folder (one-level UNet and VAE, a three-layer CLIP and its BPE), converted and loaded."""
     root = tmp_path_factory.mktemp("sd")
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
         in_channels=4, out_channels=4, block_out_channels=(16,), down_block_types=("CrossAttnDownBlock2D",),
         up_block_types=("CrossAttnUpBlock2D",), layers_per_block=1, attention_head_dim=2, cross_attention_dim=16,
-        norm_num_groups=8, sample_size=SIDE // 2)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
+        norm_num_groups=8, sample_size=SIDE)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), layers_per_block=1,
                                   latent_channels=4, norm_num_groups=8, sample_size=SIDE,
-                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2)
+                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
     unet.save_pretrained(root / "sd" / "unet", safe_serialization=True)
     vae.save_pretrained(root / "sd" / "vae", safe_serialization=True)
     diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
