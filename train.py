@@ -1,9 +1,11 @@
 """Trains a DDPM/DDIM noise-prediction UNet (or a latent-diffusion autoencoder), data-parallel over every
-device of every host.
+device of every host; with ``training.mesh = (data, fsdp)`` the parameters, EMA and Adam state are split
+over ``fsdp`` devices (FSDP).
 
     python train.py                                   # the embedded digits default, into runs/digits
     python train.py --config=configs/paper.py:cifar10 --config.training.batch_size=256   # into runs/cifar10
     python train.py --config=configs/autoencoder_digits.py   # an f = 4 KL autoencoder, into runs/autoencoder_digits
+    python train.py --config=configs/paper.py:lsun_church256 --config.training.mesh="(-1,4)"   # FSDP over 4 devices
 
 A run resumes from the newest checkpoint in its workdir. On a TPU pod, run the same command on
 every host with --multihost.

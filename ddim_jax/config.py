@@ -23,8 +23,8 @@ from ddim_jax.schedules import SCHEDULES
 
 # Fields that may change when a run is resumed (extending training, logging cadence, where the data is).
 RESUMABLE_CHANGES = ("training.num_steps", "training.log_every", "training.sample_every",
-                     "training.checkpoint_every", "training.keep_checkpoints", "training.remat", "data.data_dir",
-                     "data.num_workers", "data.prefetch")
+                     "training.checkpoint_every", "training.keep_checkpoints", "training.remat", "training.mesh",
+                     "data.data_dir", "data.num_workers", "data.prefetch")
 
 CROPS = ("center", "celeba", "none")
 MAX_PREFETCH = 64  # steps of batches loaded ahead (each is a whole global batch in host memory)
@@ -96,6 +96,9 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     t.steps_per_dispatch = 1  # train steps per compiled call (lax.scan)
     t.compute_dtype = "float32"  # 'bfloat16': mixed precision (params, Adam, EMA, loss, softmax, norm stats in float32)
     t.remat = False  # recompute each ResNet block's activations in the backward pass: less memory, same numbers
+    # The device mesh (data, fsdp): the batch is split over all devices; parameters, EMA and Adam state are
+    # split over the fsdp devices (FSDP) and replicated over data. -1: the devices left. (-1, 1): all on data.
+    t.mesh = (-1, 1)
     t.log_every = 100
     t.checkpoint_every = 1000
     t.keep_checkpoints = 3
@@ -236,6 +239,22 @@ def _real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def mesh_shape(mesh, num_devices: int) -> tuple[int, int]:
+    """``training.mesh`` as ``(data, fsdp)`` device counts for ``num_devices`` devices (a -1 is the devices
+    left); a one-line ValueError naming the field when it is not two positive integers (one may be -1)
+    whose product is ``num_devices``."""
+    what = (f"(data, fsdp): two positive integers whose product is the number of devices ({num_devices}), "
+            "or one of them -1 (the devices left)")
+    if not (isinstance(mesh, (tuple, list)) and len(mesh) == 2 and all(_int(n) and (n >= 1 or n == -1) for n in mesh)
+            and list(mesh).count(-1) < 2):
+        raise ValueError(f"training.mesh must be {what}; got {mesh!r}")
+    data, fsdp = mesh
+    known = data * fsdp * (-1 if -1 in mesh else 1)
+    if num_devices % known or (-1 not in mesh and known != num_devices):
+        raise ValueError(f"training.mesh must be {what}; got {tuple(mesh)!r}")
+    return (num_devices // fsdp if data == -1 else data), (num_devices // data if fsdp == -1 else fsdp)
+
+
 def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> None:
     """Raises a one-line ValueError naming the first field that is unknown or out of range.
 
@@ -281,6 +300,7 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
     need(isinstance(t.remat, bool), "training.remat", "True or False")
     need(isinstance(t.compute_dtype, str) and t.compute_dtype in COMPUTE_DTYPES, "training.compute_dtype",
          f"one of {', '.join(COMPUTE_DTYPES)}")
+    mesh_shape(t.mesh, num_devices)
     if t.batch_size % num_devices:
         raise ValueError(f"training.batch_size ({t.batch_size}) must be divisible by the number of devices "
                          f"({num_devices})")

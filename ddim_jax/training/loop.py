@@ -27,9 +27,9 @@ from safetensors import SafetensorError
 
 from ddim_jax import data as data_lib
 from ddim_jax import files, models
-from ddim_jax.config import config_differences, to_dict
+from ddim_jax.config import config_differences, mesh_shape, to_dict
 from ddim_jax.images import save_grid
-from ddim_jax.parallel import host, make_mesh, on_main
+from ddim_jax.parallel import BATCH_AXES, data_mesh, gather_host_tree, host, on_main, train_mesh
 from ddim_jax.training import latent
 from ddim_jax.training import run as run_lib
 from ddim_jax.training.checkpoints import Checkpointer, resume
@@ -95,12 +95,13 @@ def check_labels(config, source) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False,
           progress: bool = True, devices=None) -> TrainResult:
-    """Trains (or resumes) the run in ``workdir`` on ``devices`` (default: all); returns when
-    ``training.num_steps`` are done, after a SIGTERM (having saved), or raises after ``max_nonfinite``
-    non-finite losses in a row."""
-    mesh = make_mesh(devices)
+    """Trains (or resumes) the run in ``workdir`` on ``devices`` (default: all), on the mesh
+    ``training.mesh``; returns when ``training.num_steps`` are done, after a SIGTERM (having saved), or
+    raises after ``max_nonfinite`` non-finite losses in a row."""
+    devices = jax.devices() if devices is None else list(devices)
     # The config resolved once: its autoencoder or LPIPS weights read, validated, its spec and objective built.
-    run = run_lib.resolve(config, workdir, num_devices=mesh.devices.size, num_processes=jax.process_count())
+    run = run_lib.resolve(config, workdir, num_devices=len(devices), num_processes=jax.process_count())
+    mesh = train_mesh(devices, mesh_shape(run.config.training.mesh, len(devices)))
     check_batch_fits(run.config, jax.process_count())
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
@@ -213,7 +214,7 @@ def _loop(run, workdir, mesh, is_main, progress, source, ckpt, state, frozen) ->
     cfg_dict = to_dict(config)
     start = int(host(state.step))
     train_step = cached_train_step(run, mesh)
-    batch_sharding = NamedSharding(mesh, P(None, "data"))
+    batch_sharding = NamedSharding(mesh, P(None, BATCH_AXES))
     k, last = t_cfg.steps_per_dispatch, t_cfg.num_steps
     conditional = spec.num_classes is not None
 
@@ -224,7 +225,8 @@ def _loop(run, workdir, mesh, is_main, progress, source, ckpt, state, frozen) ->
         commit()
         ckpt.save(state, {"step": step, "data_position": step, "seed": t_cfg.seed,
                           "global_batch": t_cfg.batch_size, "config": cfg_dict, "record": run.record.to_dict()})
-        writing = step, jax.tree.map(host, objective.model_params(state.ema_params, frozen))
+        # The EMA model on the host, assembled from its shards (the next step donates the state's buffers).
+        writing = step, gather_host_tree(objective.model_params(state.ema_params, frozen))
 
     def commit():
         """Waits for the checkpoint being written; once it has committed, writes its checksums and exports
@@ -295,7 +297,7 @@ def _loop(run, workdir, mesh, is_main, progress, source, ckpt, state, frozen) ->
             if due(step, t_cfg.checkpoint_every, last):
                 checkpoint(step)
             if t_cfg.sample_every and due(step, t_cfg.sample_every, last):
-                imgs = objective.preview(objective.model_params(state.ema_params, frozen), mesh, source,
+                imgs = objective.preview(objective.model_params(state.ema_params, frozen), data_mesh(mesh), source,
                                          t_cfg.num_sample_images, config)
                 on_main(lambda: save_grid(imgs, os.path.join(workdir, "samples", f"step_{step:08d}.png"),
                                           scale=max(1, 64 // config.data.image_size)), "writing a sample grid")

@@ -2,10 +2,11 @@
 
 :func:`memory_plan` compiles the train step ahead of time for abstract inputs (nothing is allocated;
 the later calls reuse the compiled program) and adds up, per device: the parameters, the EMA copy, the
-optimizer state, one dispatch's batch, and XLA's temporaries (activations kept for the backward pass,
-gradients, workspace: ``memory_analysis().temp_size_in_bytes``). :func:`check_fits` compares the total
-with the device's memory (an accelerator's ``bytes_limit``; on CPU the host memory available now,
-shared by the process's devices).
+optimizer state (each the device's shards under the mesh's ``fsdp``, whole when replicated), one
+dispatch's batch, and XLA's temporaries (activations kept for the backward pass, the gathered parameters,
+gradients, workspace: ``memory_analysis().temp_size_in_bytes`` of the partitioned program).
+:func:`check_fits` compares the total with the device's memory (an accelerator's ``bytes_limit``; on
+CPU the host memory available now, shared by the process's devices).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddim_jax import files
+from ddim_jax.parallel import BATCH_AXES, as_train_mesh, fsdp_size
 from ddim_jax.training.state import abstract_state, cached_train_step
 
 GiB = 2 ** 30
@@ -35,6 +37,7 @@ class MemoryPlan:
     temporaries: int
     limit: int  # the device's memory (bytes)
     device: str
+    mesh: tuple = (1, 1)  # (data, fsdp)
 
     @property
     def total(self) -> int:
@@ -43,7 +46,8 @@ class MemoryPlan:
     def summary(self) -> str:
         parts = ", ".join(f"{name} {size(getattr(self, name))}" for name in
                           ("params", "ema", "optimizer", "batch", "temporaries"))
-        return (f"memory per device ({self.device}): {size(self.total)} of {size(self.limit)} ({parts}; "
+        return (f"memory per device ({self.device}), mesh data {self.mesh[0]} x fsdp {self.mesh[1]}: "
+                f"{size(self.total)} of {size(self.limit)} ({parts}; "
                 "temporaries: activations, gradients and workspace, from XLA's memory analysis)")
 
 
@@ -65,14 +69,21 @@ def _bytes(tree) -> int:
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+def _device_bytes(tree) -> int:
+    """Bytes one device holds of ``tree``'s ShapeDtypeStructs: each one's shard under its sharding."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+
+
 def memory_plan(run, mesh, step=None) -> MemoryPlan:
     """The plan of a :class:`~ddim_jax.training.run.Run`'s train step on ``mesh`` (``step``: the train step if
     already made; it is compiled here for the full dispatch of ``training.steps_per_dispatch`` steps)."""
     t, data = run.config.training, run.config.data
+    mesh = as_train_mesh(mesh)
     step = cached_train_step(run, mesh) if step is None else step
     state = abstract_state(run, mesh)
     k, b = t.steps_per_dispatch, t.batch_size
-    rows = NamedSharding(mesh, P(None, "data"))
+    rows = NamedSharding(mesh, P(None, BATCH_AXES))
     images = jax.ShapeDtypeStruct((k, b, data.image_size, data.image_size, data.channels), jnp.uint8, sharding=rows)
     labels = jax.ShapeDtypeStruct((k, b), jnp.int32, sharding=rows)
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
@@ -80,10 +91,11 @@ def memory_plan(run, mesh, step=None) -> MemoryPlan:
     stats = step.jitted.lower(state, images, labels, frozen).compile().memory_analysis()
     per_device_batch = (_bytes(images) + _bytes(labels)) // mesh.devices.size
     device = next(dev for dev in mesh.devices.flat if dev.process_index == jax.process_index())  # one of ours
-    return MemoryPlan(params=_bytes(state.params) + _bytes(frozen), ema=_bytes(state.ema_params),
-                      optimizer=_bytes(state.opt_state),
+    return MemoryPlan(params=_device_bytes(state.params) + _bytes(frozen), ema=_device_bytes(state.ema_params),
+                      optimizer=_device_bytes(state.opt_state),
                       batch=per_device_batch, temporaries=int(getattr(stats, "temp_size_in_bytes", 0) or 0),
-                      limit=device_memory(device), device=f"{device.platform}:{device.id}")
+                      limit=device_memory(device), device=f"{device.platform}:{device.id}",
+                      mesh=(mesh.devices.shape[0], fsdp_size(mesh)))
 
 
 def check_fits(plan: MemoryPlan, config) -> None:
@@ -92,6 +104,10 @@ def check_fits(plan: MemoryPlan, config) -> None:
         return
     t = config.training
     hints = ["a smaller training.batch_size (or more devices)"]
+    data, fsdp = plan.mesh
+    if data > 1 and data % 2 == 0:
+        hints.append(f"training.mesh=({data // 2}, {2 * fsdp}) (params, EMA and Adam state split over {2 * fsdp} "
+                     "devices)")
     if t.steps_per_dispatch > 1:
         hints.append("training.steps_per_dispatch=1")
     if not t.remat:

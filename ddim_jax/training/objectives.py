@@ -23,7 +23,8 @@ preview grid it writes.
 
 The train step (:mod:`ddim_jax.training.state`) draws each example's key, normalises and flips the images,
 averages the gradients over devices and applies the update; an objective's ``loss`` runs inside the
-step's ``shard_map`` (``lax.pmean`` over ``'data'`` is available) and returns ``(value, metrics)``: the
+step's ``shard_map`` on the whole parameters (``lax.pmean`` over the batch's axes,
+``ddim_jax.parallel.BATCH_AXES``, is available) and returns ``(value, metrics)``: the
 value is differentiated, the metrics (``loss`` is the value unless the objective reports its own) are
 averaged over devices and logged. ``frozen`` holds the parameters the run uses but does not train (a
 latent model's autoencoder: ``{"autoencoder": ...}``; an autoencoder's LPIPS network: ``{"lpips": ...}``;
@@ -43,7 +44,7 @@ from ddim_jax import conditioning, experiments, kinds, lpips
 from ddim_jax.conditioning import Conditioning
 from ddim_jax.diffusion import per_example_loss
 from ddim_jax.models import ModelSpec
-from ddim_jax.parallel import round_up
+from ddim_jax.parallel import BATCH_AXES, round_up
 from ddim_jax.training.perceptual import enabled as perceptual_enabled
 
 
@@ -230,7 +231,7 @@ class Autoencoder:
         at_rec = (jax.grad(lambda r: self._rec_loss(x0, r, frozen)[0])(rec),
                   jax.grad(lambda r: -jnp.mean(self.disc.apply({"params": disc}, r)))(rec))
         (grad_rec,), (grad_adv,) = vjp(at_rec[0]), vjp(at_rec[1])
-        grad_rec, grad_adv = jax.lax.pmean((grad_rec, grad_adv), "data")
+        grad_rec, grad_adv = jax.lax.pmean((grad_rec, grad_adv), BATCH_AXES)
         return jax.lax.stop_gradient(adaptive_weight(grad_rec, grad_adv))
 
     def preview(self, params, mesh, source, n: int, config):

@@ -1,17 +1,26 @@
-"""The train state, the optimizer and the data-parallel train step.
+"""The train state, the optimizer and the sharded train step.
 
 The step is written pmap-style: a per-device function sees its rows of the global batch, computes
-gradients, averages gradients and metrics with ``lax.pmean`` over the ``'data'`` mesh axis, and
-applies the update to replicated parameters. It runs under ``jax.jit(jax.shard_map(...))`` on a
-1-D mesh of every device of every host (the form JAX recommends now that ``jax.pmap`` is in
-maintenance mode). Randomness is stateless: example ``i`` of the global batch at step ``s`` draws
-its timestep, noise and flip from ``fold_in(fold_in(key(seed), s), i)``, so the losses do not
-depend on how many devices or hosts share the batch, and a resumed run draws what an uninterrupted
-one would. (Dropout masks are drawn per device and do depend on the layout.)
+gradients, averages gradients and metrics over the devices, and applies the update. It runs under
+``jax.jit(jax.shard_map(...))`` on a 2-D ``('data', 'fsdp')`` mesh of every device of every host
+(:func:`ddim_jax.parallel.train_mesh`; the form JAX recommends now that ``jax.pmap`` is in maintenance
+mode); the batch's rows are split over both axes. With ``fsdp = 1`` the parameters, their EMA and Adam's
+state are replicated and the gradients averaged with ``lax.pmean`` (data parallelism). With ``fsdp > 1``
+each large array of the state is split over ``'fsdp'`` (:func:`ddim_jax.parallel.fsdp_spec`, one place):
+the step all-gathers the parameters over ``'fsdp'`` for the forward and backward passes, reduce-scatters
+the gradients back to shards (``lax.psum_scatter``), averages them over ``'data'``, and updates Adam's
+moments, the parameters and the EMA on the shards; the gradient norm (clipping, the non-finite check, the
+logs) is the whole gradient's, summed over the shards.
+
+Randomness is stateless: example ``i`` of the global batch at step ``s`` draws its timestep, noise and
+flip from ``fold_in(fold_in(key(seed), s), i)``, so the losses do not depend on how many devices or
+hosts share the batch, nor on the mesh's shape, and a resumed run draws what an uninterrupted one would.
+(Dropout masks are drawn per device and do depend on the layout.)
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -24,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from ddim_jax.config import RESUMABLE_CHANGES, flatten, to_dict
 from ddim_jax.nets import run_once_options
+from ddim_jax.parallel import BATCH_AXES, as_train_mesh, fsdp_size, fsdp_specs, spec_axis
 from ddim_jax.training.objectives import make_objective
 
 
@@ -37,15 +47,30 @@ class TrainState:
     nonfinite_total: jax.Array
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-    """Adam with a linear warmup to ``lr``, after clipping the (device-averaged) gradient's global norm."""
+def make_optimizer(config, norm=None) -> optax.GradientTransformation:
+    """Adam with a linear warmup to ``lr``, after clipping the (device-averaged) gradient's global norm.
+    ``norm``: the function of the updates that gives that norm when they are shards of the gradient
+    (default: ``optax.tree.norm``, for a whole gradient); the state is the same either way."""
     t = config.training
     warmup = max(t.warmup_steps, 1)
 
     def lr(count):  # update k (0-based) uses lr * min((k + 1) / warmup, 1): the first update is not zero
         return t.lr * jnp.minimum((count + 1) / warmup, 1.0)
 
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), optax.adam(lr, b1=t.adam_b1, b2=t.adam_b2))
+    clip = optax.clip_by_global_norm(t.grad_clip) if norm is None else _clip_by_global_norm(t.grad_clip, norm)
+    return optax.chain(clip, optax.adam(lr, b1=t.adam_b1, b2=t.adam_b2))
+
+
+def _clip_by_global_norm(max_norm: float, norm) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm``'s rule (and its empty state) with the norm given by ``norm(updates)``."""
+
+    def update(updates, state, params=None):
+        g_norm = norm(updates)
+        trigger = jnp.squeeze(g_norm < max_norm)
+        return jax.tree.map(lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm),
+                            updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def ema_decay_at(step, decay: float, warmup: bool):
@@ -76,20 +101,68 @@ def _init_key(run) -> str:
     return json.dumps([run.spec.architecture(), to_dict(run.config).get("loss")], sort_keys=True)
 
 
+def _mesh_key(mesh) -> tuple:
+    mesh = as_train_mesh(mesh)
+    return tuple(d.id for d in mesh.devices.flat), tuple(mesh.devices.shape)
+
+
+def state_specs(run, mesh) -> TrainState:
+    """The PartitionSpec of each array of the train state on ``mesh`` (a 1-D ``'data'`` mesh counts as
+    ``fsdp = 1``): :func:`ddim_jax.parallel.fsdp_spec` of its shape, for the parameters, the EMA and
+    Adam's moments alike (Adam's step counts are scalars: replicated)."""
+    return fsdp_specs(jax.eval_shape(_init_fn(run), jax.random.key(0)), as_train_mesh(mesh))
+
+
+def state_shardings(run, mesh) -> TrainState:
+    mesh = as_train_mesh(mesh)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs(run, mesh))
+
+
 def init_state(run, mesh) -> TrainState:
-    """The initial state of a :class:`~ddim_jax.training.run.Run`, created directly in its replicated
-    sharding (compiled once per architecture and mesh)."""
-    key = (_init_key(run), tuple(d.id for d in mesh.devices.flat), "init")
+    """The initial state of a :class:`~ddim_jax.training.run.Run`, created directly in its sharding on
+    ``mesh`` (compiled once per architecture and mesh)."""
+    key = (_init_key(run), _mesh_key(mesh), "init")
     if key not in _CACHE:
-        _CACHE[key] = jax.jit(_init_fn(run), out_shardings=NamedSharding(mesh, P()),
+        _CACHE[key] = jax.jit(_init_fn(run), out_shardings=state_shardings(run, mesh),
                               compiler_options=run_once_options(mesh.devices.flat[0].platform))
     return _CACHE[key](jax.random.key(run.config.training.seed))
 
 
 def abstract_state(run, mesh) -> TrainState:
-    """Shapes, dtypes and (replicated) shardings of the train state, without computing it."""
+    """Shapes, dtypes and shardings (:func:`state_specs`) of the train state on ``mesh``, without computing it."""
     shapes = jax.eval_shape(_init_fn(run), jax.random.key(0))
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, P())), shapes)
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes,
+                        state_shardings(run, mesh))
+
+
+def _gather(params, specs):
+    """The whole parameters from their shards: each split array all-gathered over ``'fsdp'``."""
+    return jax.tree.map(lambda x, spec: x if spec_axis(spec) is None else
+                        jax.lax.all_gather(x, "fsdp", axis=spec_axis(spec), tiled=True), params, specs)
+
+
+def _average(grads, value, metrics, specs, fsdp: int):
+    """Gradients, loss and metrics averaged over all devices. Replicated arrays' gradients with ``lax.pmean``
+    over both axes (with the loss and metrics, in one all-reduce); split arrays' gradients reduce-scattered
+    over ``'fsdp'`` to this device's shard, then averaged over ``'data'``."""
+    flat, tree = jax.tree.flatten(grads)
+    axes = [spec_axis(spec) for spec in tree.flatten_up_to(specs)]
+    whole, value, metrics = jax.lax.pmean(([g for g, a in zip(flat, axes) if a is None], value, metrics), BATCH_AXES)
+    split = [jax.lax.pmean(jax.lax.psum_scatter(g, "fsdp", scatter_dimension=a, tiled=True), "data") / fsdp
+             for g, a in zip(flat, axes) if a is not None]
+    whole, split = iter(whole), iter(split)
+    return tree.unflatten([next(whole) if a is None else next(split) for a in axes]), value, metrics
+
+
+def _global_norm(grads, specs):
+    """The whole gradient's L2 norm from this device's shards: split arrays' squares summed over ``'fsdp'``."""
+    flat, tree = jax.tree.flatten(grads)
+    axes = [spec_axis(spec) for spec in tree.flatten_up_to(specs)]
+    if all(a is None for a in axes):
+        return optax.tree.norm(grads)
+    square = lambda xs: sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in xs)  # noqa: E731
+    split = jax.lax.psum(square([g for g, a in zip(flat, axes) if a is not None]), "fsdp")
+    return jnp.sqrt(square([g for g, a in zip(flat, axes) if a is None]) + split)
 
 
 def make_train_step(run, mesh, model=None):
@@ -104,12 +177,16 @@ def make_train_step(run, mesh, model=None):
     t_cfg = config.training
     seed, decay, flip = t_cfg.seed, t_cfg.ema_decay, config.data.random_flip
     objective = run.objective if model is None else make_objective(config, run.spec, model)
-    tx, conditional = make_optimizer(config), objective.spec.num_classes is not None
+    mesh = as_train_mesh(mesh)
+    fsdp, conditional = fsdp_size(mesh), objective.spec.num_classes is not None
 
-    def one_step(state: TrainState, batch, frozen):
+    def one_step(state: TrainState, batch, frozen, specs):
+        """One step on this device's rows and shards; ``specs``: the PartitionSpecs of the state's params."""
+        split = any(spec_axis(s) is not None for s in jax.tree.leaves(specs))
+        tx = make_optimizer(config, (lambda g: _global_norm(g, specs)) if split else None)
         images, labels = batch
         b = images.shape[0]
-        device = jax.lax.axis_index("data")
+        device = jax.lax.axis_index(BATCH_AXES)  # (data, fsdp) row-major: the order of the batch's blocks
         step_key = jax.random.fold_in(jax.random.key(seed), state.step)
         keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, device * b + jnp.arange(b))
         x0 = images.astype(jnp.float32) / 127.5 - 1.0
@@ -121,10 +198,10 @@ def make_train_step(run, mesh, model=None):
         def loss_fn(params):
             return objective.loss(params, frozen, x0, labels, keys, state.step, dropout_key)
 
-        (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(_gather(state.params, specs))
         metrics = dict({"loss": value}, **metrics)
-        grads, value, metrics = jax.lax.pmean((grads, value, metrics), "data")
-        grad_norm = optax.tree.norm(grads)
+        grads, value, metrics = _average(grads, value, metrics, specs, fsdp)
+        grad_norm = _global_norm(grads, specs)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -143,19 +220,28 @@ def make_train_step(run, mesh, model=None):
 
     on_cpu = mesh.devices.flat[0].platform == "cpu"
 
-    def per_device(state, images, labels, frozen):
+    def device_steps(state, images, labels, frozen, specs):
         if not on_cpu:
-            return jax.lax.scan(lambda s, b: one_step(s, b, frozen), state, (images, labels))
+            return jax.lax.scan(lambda s, b: one_step(s, b, frozen, specs), state, (images, labels))
         # XLA:CPU computes convolution filter gradients ~60x slower inside a while loop (a scan of
         # length 1 included), so on CPU the k steps are unrolled into straight-line code.
         metrics = []
         for i in range(images.shape[0]):
-            state, m = one_step(state, (images[i], labels[i]), frozen)
+            state, m = one_step(state, (images[i], labels[i]), frozen, specs)
             metrics.append(m)
         return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
 
-    sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(None, "data"), P(None, "data"), P()),
-                                    out_specs=(P(), P()), check_vma=False), donate_argnums=0)
+    rows = P(None, BATCH_AXES)
+
+    def per_device(state, images, labels, frozen):  # (its name: the compiled program's, as before the mesh)
+        # The state's PartitionSpecs follow from its arrays' shapes (ddim_jax.parallel.fsdp_spec), so a
+        # state of any structure (another model's, as the tests give) is split by the same rule.
+        specs = fsdp_specs(state, mesh)
+        return jax.shard_map(functools.partial(device_steps, specs=specs.params), mesh=mesh,
+                             in_specs=(specs, rows, rows, P()), out_specs=(specs, P()),
+                             check_vma=False)(state, images, labels, frozen)
+
+    sharded = jax.jit(per_device, donate_argnums=0)
 
     placeholders = {}  # by shape: labels the unconditional network never reads, made once
 
@@ -165,7 +251,7 @@ def make_train_step(run, mesh, model=None):
         if labels is None:
             shape = images.shape[:2]
             if shape not in placeholders:
-                placeholders[shape] = jnp.zeros(shape, jnp.int32, device=NamedSharding(mesh, P(None, "data")))
+                placeholders[shape] = jnp.zeros(shape, jnp.int32, device=NamedSharding(mesh, rows))
             labels = placeholders[shape]
         if frozen is None:
             if objective.frozen_shapes():
@@ -176,13 +262,15 @@ def make_train_step(run, mesh, model=None):
 
     step.jitted = sharded  # (state, images, labels, frozen): to compile ahead of time (training.memory)
     step.objective = objective
+    step.mesh = mesh
     return step
 
 
-# Compiled programs by (config without the fields a resumed run may change, devices, what): repeated
-# ``train`` calls in one process (resuming in a notebook, the tests) reuse them.
+# Compiled programs by (config without the fields a resumed run may change, devices and mesh shape, what):
+# repeated ``train`` calls in one process (resuming in a notebook, the tests) reuse them.
 _CACHE: dict = {}
-# Fields the step's program does not depend on (remat may change on resume, but it changes the program).
+# Fields the step's program does not depend on (remat may change on resume, but it changes the program;
+# training.mesh too, and the key holds the mesh's actual shape instead).
 _NOT_IN_STEP = frozenset(RESUMABLE_CHANGES) - {"training.remat"}
 
 
@@ -190,7 +278,7 @@ def cached_train_step(run, mesh):
     """``make_train_step`` for this run and mesh, built once per process."""
     d = flatten(to_dict(run.config))
     key = (json.dumps([{k: v for k, v in d.items() if k not in _NOT_IN_STEP}, run.record.to_dict()], sort_keys=True),
-           tuple(dev.id for dev in mesh.devices.flat), "step")
+           _mesh_key(mesh), "step")
     if key not in _CACHE:
         _CACHE[key] = make_train_step(run, mesh)
     return _CACHE[key]
