@@ -12,9 +12,11 @@
     python sample.py --checkpoint=sd15 --mode=text2img --prompt="a watercolor fox" --steps=30   # Stable Diffusion
     python sample.py --checkpoint=sd15 --mode=img2img --prompt="a fox, oil painting" --init_image=in.png --strength=0.6
     python sample.py --checkpoint=sd15-inpainting --mode=inpaint --prompt="a red door" --init_image=in.png --mask=m.png
+    python sample.py --checkpoint=sd15 --mode=text2img --prompt="a fox" --lora=style.safetensors --lora_scale=0.8 \
+        --height=512 --width=768
 
 Outputs go to --output (default: <workdir>/<mode>, or <checkpoint>_<mode> beside a model directory,
-with the solver, labels and guidance appended when they are not the defaults, e.g. sample_dpmpp_2m_g3);
+with the solver, labels, guidance, LoRA and size appended when they are not the defaults, e.g. sample_dpmpp_2m_g3);
 existing files are kept unless --overwrite, and are then replaced atomically; one run at a time writes to an
 output directory (a second is refused at once), and a run that fails removes the directories it created.
 Sample mode streams to samples.npy (uint8 [N, H, W, C]) and writes labels.npy for a class-conditional model.
@@ -55,6 +57,12 @@ flags.DEFINE_float("strength", None, "img2img, inpaint: how far the input is noi
 flags.DEFINE_string("mask", None, "inpaint: a PNG of --init_image's size, white = repaint.")
 flags.DEFINE_integer("resample", 1, "inpaint with a model that is not an inpainting UNet (RePaint): times each step "
                      "is taken (1 = no resampling).")
+flags.DEFINE_string("lora", None, "text2img, img2img, inpaint on a Stable Diffusion model: a LoRA file (.safetensors, "
+                    "diffusers/peft or kohya keys) merged into its UNet and text encoder.")
+flags.DEFINE_float("lora_scale", 1.0, "--lora's scale: W + scale * (alpha / r) * B @ A.")
+flags.DEFINE_integer("height", None, "text2img: the images' height in pixels, a multiple of the autoencoder's factor "
+                     "times the UNet's (default: the model's image size).")
+flags.DEFINE_integer("width", None, "text2img: the images' width (as --height).")
 flags.DEFINE_string("eta", "0", "eta (0 = DDIM, 1 = DDPM), or 'sigma_hat' for the larger DDPM variance.")
 flags.DEFINE_string("spacing", None, "Timestep spacing: uniform | quadratic | leading | trailing | linspace "
                     "| karras | exponential (default: the solver's, uniform for ddim and plms, trailing for dpmpp_*).")
@@ -68,7 +76,8 @@ flags.DEFINE_list("fid_steps", ["10", "20", "50", "100"], "S values of the FID t
 flags.DEFINE_list("fid_etas", ["0.0", "0.2", "0.5", "1.0", "sigma_hat"], "eta values of the FID table (DDIM rows).")
 flags.DEFINE_list("fid_solvers", ["ddim"], "Solvers of the FID table: ddim (one row per --fid_etas) and/or "
                   "dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, unipc, plms (one row each).")
-flags.DEFINE_string("fid_stats", None, "Reference statistics .npz (default: computed from the training data and cached).")
+flags.DEFINE_string("fid_stats", None, "Reference statistics .npz (default: computed from the training data and "
+                    "cached).")
 flags.DEFINE_string("inception_weights", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (local path).")
 flags.DEFINE_string("features", None, "Feature extractor for fid: inception | digits (default: digits for the "
                     "digits dataset, else inception).")
@@ -120,6 +129,10 @@ class Settings:
     strength: float | None = None
     mask: object = None  # --mask's pixels, bool [H, W] (True = repaint)
     resample: int = 1
+    lora: object = None  # --lora's file, read (a ddim_jax.lora.Lora)
+    lora_scale: float = 1.0
+    height: int | None = None  # text2img's image size (default: the model's)
+    width: int | None = None
 
     @classmethod
     def from_flags(cls) -> "Settings":
@@ -167,7 +180,8 @@ class Settings:
             raise ValueError("--guidance needs classes to guide towards; --labels=none is the unconditional model")
         inputs = _pipeline_inputs(mode)
         return cls(mode=FLAGS.mode, model_path=FLAGS.workdir or FLAGS.checkpoint,
-                   from_workdir=FLAGS.workdir is not None, step=FLAGS.step, num=num, steps=FLAGS.steps, solver=FLAGS.solver, eta=eta, sigma_hat=sigma_hat,
+                   from_workdir=FLAGS.workdir is not None, step=FLAGS.step, num=num, steps=FLAGS.steps,
+                   solver=FLAGS.solver, eta=eta, sigma_hat=sigma_hat,
                    spacing=FLAGS.spacing, seed=FLAGS.seed, batch_size=FLAGS.batch_size, labels=labels,
                    guidance=FLAGS.guidance, steps_list=_int_list("steps_list", FLAGS.steps_list),
                    fid_steps=_int_list("fid_steps", FLAGS.fid_steps), fid_etas=tuple(FLAGS.fid_etas),
@@ -192,7 +206,8 @@ class Settings:
             if bad:
                 raise ValueError(f"--labels must be classes in [0, {model.num_classes}); got {bad[0]}")
         if model.spec.concat == "sd_inpaint" and self.mode != "inpaint":
-            raise ValueError(f"--mode={self.mode} is not offered for an inpainting UNet (sd_inpaint); use --mode=inpaint")
+            raise ValueError(f"--mode={self.mode} is not offered for an inpainting UNet (sd_inpaint); use "
+                             "--mode=inpaint")
         if model.spec.concat is not None and not MODES[self.mode].concat:
             raise ValueError(f"--mode={self.mode} is not offered for a concat-conditioned model ({model.spec.concat}); "
                              "--mode=sample draws from held-out images' observations")
@@ -216,14 +231,40 @@ class Settings:
         elif self.prompts is not None or self.negative_prompt is not None:
             raise ValueError("--prompt, --prompts_file and --negative_prompt apply to text-conditioned models; this "
                              f"model is {'class-conditional (use --labels)' if model.num_classes else 'unconditional'}")
+        if self.height is not None or self.width is not None:
+            from ddim_jax.pipelines import latent_size
+
+            try:
+                latent_size(model.spec, self.height, self.width)
+            except ValueError as e:  # "height must be a positive multiple of 8 (...); got 500"
+                raise ValueError(f"--{e}") from None
+        if self.lora is not None:
+            from ddim_jax.lora import lora_delta
+
+            try:
+                lora_delta(model.spec, self.lora)  # the modules it adapts, against the model's
+            except ValueError as e:
+                raise ValueError(_lora_error(self.lora.source, e)) from None
         if self.init_image is not None:
             h, w = self.init_image.shape[:2]
             H, W = model.spec.output_shape[:2]
             if (h, w) != (H, W):
                 raise ValueError(f"--init_image is {w}x{h}; this model takes {W}x{H} images (resize it)")
         if self.mode == "inpaint" and model.spec.concat != "sd_inpaint" and self.solver != "ddim":
-            raise ValueError(f"--solver={self.solver}: inpainting a model that is not an inpainting UNet (RePaint) runs "
-                             "DDIM (--solver=ddim, with --eta)")
+            raise ValueError(f"--solver={self.solver}: inpainting a model that is not an inpainting UNet (RePaint) "
+                             "runs DDIM (--solver=ddim, with --eta)")
+
+    def params(self, model):
+        """The model's params for a pipeline mode, on one device (uncommitted, as a loaded model's; not replicated
+        over every device), with --lora merged at --lora_scale."""
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        from ddim_jax.lora import apply_lora
+
+        params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), model.params)
+        return params if self.lora is None else apply_lora(model.spec, params, self.lora, self.lora_scale)
 
     def cond(self, model) -> dict:
         """The experiments' ``labels`` and ``guidance`` for ``model``."""
@@ -255,6 +296,10 @@ class Settings:
             parts.append("labels" + self.labels_text.replace(",", "-"))
         if self.guidance is not None:
             parts.append(f"g{self.guidance:g}")
+        if self.lora is not None:
+            stem = os.path.splitext(os.path.basename(self.lora.source))[0]
+            parts.append(f"lora-{stem}" + ("" if self.lora_scale == 1 else f"-{self.lora_scale:g}"))
+        parts += [f"{k[0]}{v}" for k, v in (("height", self.height), ("width", self.width)) if v is not None]
         return "_".join(parts)
 
     @property
@@ -283,16 +328,38 @@ def _read_png(path: str, flag: str, gray: bool = False):
 
 
 def _pipeline_flags(mode) -> set[str]:
-    """The prompt, image and mask flags a mode takes."""
+    """The prompt, image, mask, LoRA and size flags a mode takes."""
     return (({"--prompt", "--negative_prompt", "--prompts_file"} if mode.prompts else set())
             | ({"--init_image", "--strength"} if mode.init_image else set())
-            | ({"--mask", "--resample"} if mode.mask else set()))
+            | ({"--mask", "--resample"} if mode.mask else set())
+            | ({"--lora", "--lora_scale"} if mode.lora else set())
+            | ({"--height", "--width"} if mode.size else set()))
+
+
+def _lora_error(path: str, e: Exception) -> str:
+    """A LoRA problem (ddim_jax.lora's one-line messages start with the file's path) as one line naming --lora."""
+    return f"--lora {path}: {str(e).removeprefix(path + ': ')}"
+
+
+def _read_lora(path: str):
+    """--lora's file, read and checked on its own (its fit to the model is check_model's)."""
+    from ddim_jax.lora import read_lora
+
+    try:
+        return read_lora(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--lora {path} does not exist") from None
+    except ValueError as e:
+        raise ValueError(_lora_error(path, e)) from None
 
 
 def _pipeline_inputs(mode) -> dict:
-    """The prompt, image and mask flags of text2img / img2img / inpaint, read and checked (files included)."""
-    given = [f"--{name}" for name in ("prompt", "negative_prompt", "prompts_file", "init_image", "strength", "mask")
-             if getattr(FLAGS, name) is not None] + (["--resample"] if FLAGS.resample != 1 else [])
+    """The prompt, image, mask, LoRA and size flags of text2img / img2img / inpaint, read and checked (files
+    included)."""
+    given = [f"--{name}" for name in ("prompt", "negative_prompt", "prompts_file", "init_image", "strength", "mask",
+                                      "lora", "height", "width")
+             if getattr(FLAGS, name) is not None] + (["--resample"] if FLAGS.resample != 1 else []) + (
+        ["--lora_scale"] if FLAGS.lora_scale != 1 else [])
     wrong = [g for g in given if g not in _pipeline_flags(mode)]
     if wrong:
         offered = [name for name, m in MODES.items() if wrong[0] in _pipeline_flags(m)]
@@ -315,6 +382,13 @@ def _pipeline_inputs(mode) -> dict:
         raise ValueError(f"--strength must be in (0, 1] (1 = from pure noise); got {FLAGS.strength}")
     if FLAGS.resample < 1:
         raise ValueError(f"--resample must be >= 1 (1 = no resampling); got {FLAGS.resample}")
+    if not math.isfinite(FLAGS.lora_scale):
+        raise ValueError(f"--lora_scale must be a finite number; got {FLAGS.lora_scale}")
+    if FLAGS.lora_scale != 1 and FLAGS.lora is None:
+        raise ValueError("--lora_scale scales --lora; give a LoRA file with --lora")
+    for name in ("height", "width"):
+        if getattr(FLAGS, name) is not None and getattr(FLAGS, name) < 1:
+            raise ValueError(f"--{name} must be a positive number of pixels; got {getattr(FLAGS, name)}")
     if mode.init_image and FLAGS.init_image is None:
         raise ValueError(f"--mode={FLAGS.mode} needs --init_image (a PNG)")
     if mode.mask and FLAGS.mask is None:
@@ -327,7 +401,9 @@ def _pipeline_inputs(mode) -> dict:
             raise ValueError(f"--mask is {mask.shape[1]}x{mask.shape[0]}; --init_image is {init.shape[1]}x"
                              f"{init.shape[0]} (they must be the same size)")
     return {"prompts": prompts, "negative_prompt": FLAGS.negative_prompt, "init_image": init,
-            "strength": FLAGS.strength, "mask": mask, "resample": FLAGS.resample}
+            "strength": FLAGS.strength, "mask": mask, "resample": FLAGS.resample,
+            "lora": None if FLAGS.lora is None else _read_lora(FLAGS.lora), "lora_scale": FLAGS.lora_scale,
+            "height": FLAGS.height, "width": FLAGS.width}
 
 
 def _parse_labels(text: str):
@@ -570,8 +646,9 @@ def run_fid(model, s: Settings, paths):
 
 def _pipeline_mode(call):
     """A mode running a Stable Diffusion pipeline (:mod:`ddim_jax.pipelines`) through ``call(pipelines, spec,
-    params, settings, images, latents, options)`` on one device: one image per prompt (cycled to --num_samples), or --num_samples
-    (default 8) images of a model without text; written as PNGs in images/, a grid and, with prompts, prompts.txt."""
+    params, settings, images, latents, options)`` on one device: one image per prompt (cycled to --num_samples),
+    or --num_samples (default 8) images of a model without text; written as PNGs in images/, a grid and, with
+    prompts, prompts.txt."""
 
     def run(model, s: Settings, paths):
         import jax
@@ -584,9 +661,8 @@ def _pipeline_mode(call):
         from ddim_jax.images import from_uint8, to_uint8
 
         images_dir, grid_path, prompts_path = paths
-        # The pipelines run on one device: the params once on the default device, uncommitted (as a loaded
-        # model's), not replicated over every device.
-        params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), model.params)
+        params = s.params(model)  # on one device, with --lora merged
+        shape = (*pipelines.latent_size(model.spec, s.height, s.width), model.sample_shape[-1])  # x_T's
         text = s.prompts is not None
         n = s.num or (len(s.prompts) if text else 8)
         rows = [s.prompts[i % len(s.prompts)] for i in range(n)] if text else None
@@ -607,7 +683,7 @@ def _pipeline_mode(call):
             elif labels is not None:
                 opts["labels"] = labels[start:start + count]
             latents = np.asarray(jax.vmap(lambda i: jax.random.normal(  # image i's x_T: fold_in(key(seed), i)
-                jax.random.fold_in(jax.random.key(s.seed), i), model.sample_shape))(jnp.arange(start, start + count)))
+                jax.random.fold_in(jax.random.key(s.seed), i), shape))(jnp.arange(start, start + count)))
             images = None if init is None else np.repeat(init[None], count, axis=0)
             out.append(to_uint8(call(pipelines, model.spec, params, s, images, latents, opts)))
         if not _is_main():
@@ -641,6 +717,8 @@ class Mode:
     prompts: bool = False  # a pipeline mode: takes --prompt, --prompts_file and --negative_prompt
     init_image: bool = False  # takes (and needs) --init_image, and --strength
     mask: bool = False  # takes (and needs) --mask, and --resample
+    lora: bool = False  # takes --lora and --lora_scale (a LoRA merged into a Stable Diffusion model's params)
+    size: bool = False  # takes --height and --width (the images' size)
 
 
 _PIPELINE_OUTPUTS = ("images", "grid.png", "prompts.txt")
@@ -665,15 +743,16 @@ MODES = {
                            step_flags=("steps", "steps_list"), solvers=False, labels=False),
     "fid": Mode(run_fid, ("fid.json", "fid.md", "fid.png"), num_samples=50_000, step_flags=("steps", "fid_steps")),
     # Stable Diffusion's pipelines (ddim_jax.pipelines): prompts for a text-conditioned model, labels otherwise.
-    "text2img": Mode(_pipeline_mode(lambda p, spec, params, s, x, z, o: p.text_to_image(spec, params, latents=z, **o)),
-                     _PIPELINE_OUTPUTS, num_samples=0, prompts=True),
+    "text2img": Mode(_pipeline_mode(lambda p, spec, params, s, x, z, o: p.text_to_image(
+        spec, params, latents=z, height=s.height, width=s.width, **o)),
+        _PIPELINE_OUTPUTS, num_samples=0, prompts=True, lora=True, size=True),
     "img2img": Mode(_pipeline_mode(lambda p, spec, params, s, x, z, o: p.image_to_image(
         spec, params, x, strength=0.8 if s.strength is None else s.strength, **o)),
-        _PIPELINE_OUTPUTS, num_samples=0, prompts=True, init_image=True),
+        _PIPELINE_OUTPUTS, num_samples=0, prompts=True, init_image=True, lora=True),
     "inpaint": Mode(_pipeline_mode(lambda p, spec, params, s, x, z, o: p.inpaint(
         spec, params, x, s.mask, latents=z, strength=1.0 if s.strength is None else s.strength,
         resample=s.resample, **o)),
-        _PIPELINE_OUTPUTS, num_samples=0, prompts=True, init_image=True, mask=True, concat=True),
+        _PIPELINE_OUTPUTS, num_samples=0, prompts=True, init_image=True, mask=True, concat=True, lora=True),
 }
 
 

@@ -1,8 +1,11 @@
 """Stable Diffusion pipelines (ddim_jax.pipelines) against diffusers' torch pipelines built from tiny random
 components and converted with our converter: text to image (guidance 1 and 7.5), img2img and a 9-channel
 inpainting UNet, the same initial latents and noise given to both. RePaint on the Gaussian-mixture oracle
-and on a latent model keeps the known region; DDIM inversion's reconstruction error shrinks with S."""
+and on a latent model keeps the known region; DDIM inversion's reconstruction error shrinks with S. A LoRA file
+(peft's, saved by diffusers) merged into ours gives diffusers' images after its load_lora_weights, at two scales.
+sample.py's text2img, img2img and inpaint modes, their --lora, --height and --width."""
 
+import copy
 import json
 
 import jax
@@ -10,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddim_jax import concat, convert, loading, models, pipelines
+from ddim_jax import concat, convert, loading, lora, models, pipelines
 from ddim_jax.oracle import GaussianMixture
 from ddim_jax.sampling import ddim_sample, repaint_sample
 from ddim_jax.schedules import make_schedule
@@ -48,7 +51,8 @@ def sd(tmp_path_factory):
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
                                   latent_channels=4, norm_num_groups=8, sample_size=SIDE,
-                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2,
                                   scaling_factor=0.3)
     unet = diffusers.UNet2DConditionModel(in_channels=4, out_channels=4, **UNET)
     unet9 = diffusers.UNet2DConditionModel(in_channels=9, out_channels=4, **UNET)
@@ -190,6 +194,63 @@ def test_inpainting_unet_converts_and_matches_diffusers(sd):
     with pytest.raises(ValueError, match="use inpaint"):
         pipelines.text_to_image(spec, params, ctx, num_steps=2)
 
+
+LORA = "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def sd_lora(sd, tmp_path_factory):
+    """A random peft LoRA on the text-to-image folder's UNet (attention, proj_in, resnet convolutions; one
+    alpha_pattern entry) and text encoder (attention and MLP), saved by diffusers with its adapter metadata."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    root = tmp_path_factory.mktemp("lora")
+    torch.manual_seed(2)
+    configs = {"unet": LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in",
+                                                                       "conv1", "conv2"], alpha_pattern={"to_k": 2}),
+               "text_encoder": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "out_proj", "fc1"])}
+    layers = {}
+    for part, module in (("unet", sd["sd"][0]), ("text_encoder", sd["text_encoder"])):
+        module = copy.deepcopy(module)
+        # transformers' add_adapter wants a newer peft than the registry has; peft's own injection is the same.
+        inject_adapter_in_model(configs[part], module)
+        with torch.no_grad():  # peft starts B at zero: a random B makes the update matter
+            for name, p in module.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.3 * torch.randn_like(p))
+        layers[part] = get_peft_model_state_dict(module)
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        root, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
+        unet_lora_adapter_metadata=configs["unet"].to_dict(),
+        text_encoder_lora_adapter_metadata=configs["text_encoder"].to_dict())
+    return root / LORA
+
+
+def test_a_lora_file_gives_diffusers_images_after_its_load_lora_weights(sd, sd_lora):
+    """The prompts test's run (its batch, steps and guidance: its programs) with a LoRA on the UNet and the
+    text encoder: diffusers' pipeline loads the file (load_lora_weights; its scale through
+    cross_attention_kwargs, which scales the text encoder's layers too), ours merges it (lora.apply_lora)."""
+    unet, spec, params = sd["sd"]
+    prompts = ["a cat", "cat at a cat"]
+    latents = np.random.default_rng(9).standard_normal((B, LAT, LAT, 4)).astype(np.float32)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(sd["root"] / "sd" / "tokenizer")
+    pipe = _torch_pipe(diffusers.StableDiffusionPipeline, copy.deepcopy(unet), sd["vae"],
+                       copy.deepcopy(sd["text_encoder"]), tokenizer)  # load_lora_weights changes the modules
+    pipe.load_lora_weights(str(sd_lora.parent), weight_name=LORA)
+    tok = models.load_tokenizer(sd["root"] / "sd_jax")
+
+    def ours(p):
+        ctx, null = pipelines.encode_prompts(spec, p, tok, prompts)
+        return pipelines.text_to_image(spec, p, ctx, null, guidance=7.5, latents=latents, num_steps=None,
+                                       timesteps=_timesteps(_scheduler()))
+
+    without = _images01(ours(params))  # diffusers' images without the LoRA (the prompts test)
+    for scale in (1.0, 0.5):
+        want = pipe(prompt=prompts, latents=_nchw(latents), num_inference_steps=S, guidance_scale=7.5, height=SIDE,
+                    width=SIDE, output_type="np", cross_attention_kwargs={"scale": scale}).images
+        assert np.abs(want - without).max() > 0.05  # the LoRA changes the images (500 times the tolerance)
+        _close(ours(lora.apply_lora(spec, params, sd_lora, scale=scale)), want)
 
 def test_a_unet_whose_input_channels_are_neither_latents_nor_inpainting_is_refused(sd, tmp_path, capsys):
     import shutil
@@ -374,7 +435,7 @@ def test_sample_py_refuses_bad_pipeline_inputs_in_one_line_and_writes_nothing(sd
         assert "\n" not in str(e.value) and not out.exists()
 
 
-def test_sample_py_img2img_and_inpaint_run(sd, tmp_path):
+def test_sample_py_img2img_and_inpaint_run(sd, sd_lora, tmp_path):
     rgb = np.random.default_rng(1).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
     image = _png(tmp_path / "in.png", rgb)
     white = np.zeros((SIDE, SIDE), np.uint8)
@@ -383,7 +444,66 @@ def test_sample_py_img2img_and_inpaint_run(sd, tmp_path):
     sd15 = f"--checkpoint={sd['root'] / 'sd_jax'}"
     for extra in (("--mode=img2img", "--strength=0.5", "--steps=8"), ("--mode=inpaint", f"--mask={mask}", "--steps=4")):
         out = tmp_path / extra[0][7:]
-        _cli(sd15, *extra, "--prompt=a cat", f"--init_image={image}", "--num_samples=2",
+        _cli(sd15, *extra, "--prompt=a cat", f"--init_image={image}", "--num_samples=2", f"--lora={sd_lora}",
              f"--output={out}")
         assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png"]
         assert (out / "prompts.txt").read_text() == "00000.png\ta cat\n00001.png\ta cat\n"
+
+
+def test_sample_py_text2img_merges_a_lora_at_a_size(sd, sd_lora, tmp_path):
+    """--lora at --lora_scale, --height x --width: the images of the pipeline on the merged params (the LoRA test
+    checks those against diffusers) from the CLI's latents, and not the images without the LoRA."""
+    from PIL import Image
+
+    from ddim_jax.images import to_uint8
+
+    _, spec, params = sd["sd"]
+    out = tmp_path / "out"
+    args = (f"--checkpoint={sd['root'] / 'sd_jax'}", "--mode=text2img", "--prompt=a cat", "--num_samples=2",
+            "--steps=4", f"--lora={sd_lora}", "--lora_scale=0.5", "--height=16", "--width=24")
+    _cli(*args, f"--output={out}")
+    got = np.stack([np.asarray(Image.open(out / "images" / f"0000{i}.png")) for i in range(2)])
+    assert got.shape == (2, 16, 24, 3)
+    x_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(0), i), (8, 12, 4)))(jnp.arange(2))
+    tok = models.load_tokenizer(sd["root"] / "sd_jax")
+
+    def images(p):
+        ctx, null = pipelines.encode_prompts(spec, p, tok, ["a cat"] * 2)
+        return to_uint8(pipelines.text_to_image(spec, p, ctx, null, guidance=7.5, latents=x_T, num_steps=4,
+                                                height=16, width=24)).astype(int)
+
+    assert np.abs(got - images(lora.apply_lora(spec, params, sd_lora, scale=0.5))).max() <= 1
+    assert np.abs(got - images(params)).mean() > 4  # the LoRA changes the images (12 levels of 255 on average)
+    import sample
+
+    assert sample.Settings.from_flags().output_name == "text2img_lora-pytorch_lora_weights-0.5_h16_w24"
+
+
+def test_sample_py_refuses_bad_lora_and_size_flags_in_one_line_and_writes_nothing(sd, sd_lora, tmp_path):
+    from safetensors.numpy import save_file
+
+    other = str(tmp_path / "other.safetensors")  # a module this UNet does not have (one level, not two)
+    save_file({"unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": np.ones((4, 32, 1, 1), np.float32),
+               "unet.down_blocks.1.attentions.0.proj_in.lora_B.weight": np.ones((32, 4, 1, 1), np.float32)}, other)
+    pickled = tmp_path / "lora.bin"
+    pickled.write_bytes(b"")
+    sd15, text = f"--checkpoint={sd['root'] / 'sd_jax'}", ("--mode=text2img", "--prompt=a cat")
+    out = tmp_path / "out"
+    for args, message in [
+        ((*text, f"--lora={tmp_path / 'missing.safetensors'}"), "^--lora .*missing.safetensors does not exist$"),
+        ((*text, f"--lora={pickled}"), r"^--lora .*lora\.bin: LoRA weights are read from \.safetensors files only"),
+        ((*text, f"--lora={other}"), r"^--lora .*other\.safetensors: key .* adapts module 'down_blocks\.1\.attentions"
+                                     r"\.0\.proj_in', which this model's unet does not have \(a LoRA for another"),
+        ((*text, "--lora_scale=0.5"), "^--lora_scale scales --lora; give a LoRA file with --lora$"),
+        ((*text, f"--lora={sd_lora}", "--lora_scale=nan"), "^--lora_scale must be a finite number"),
+        (("--mode=sample", f"--lora={sd_lora}"), r"^--lora does not apply to --mode=sample \(it applies to "
+                                                 "--mode=text2img, img2img, inpaint\\)$"),
+        ((*text, "--height=9"), r"^--height must be a positive multiple of 2 \(the autoencoder's factor 2 times the "
+                                r"denoiser's 1\); got 9$"),
+        ((*text, "--width=0"), "^--width must be a positive number of pixels; got 0$"),
+        (("--mode=img2img", "--prompt=a cat", "--height=16"), r"^--height does not apply to --mode=img2img \(it "
+                                                              r"applies to --mode=text2img\)$"),
+    ]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message) as e:
+            _cli(sd15, *args, f"--output={out}")
+        assert "\n" not in str(e.value) and not out.exists()
