@@ -10,12 +10,13 @@ import pytest
 from helpers import tiny_config
 
 from ddim_jax import data as data_lib
-from ddim_jax import loading, training
-from ddim_jax.config import mesh_shape, validate_config
+from ddim_jax import training
+from ddim_jax.config import mesh_shape, to_dict, validate_config
 from ddim_jax.parallel import BATCH_AXES, FSDP_MIN_SIZE, fsdp_spec, fsdp_specs, gather_host_tree, train_mesh
 from ddim_jax.training import checkpoints, memory
 from ddim_jax.training.run import build
-from ddim_jax.training.state import abstract_state
+from ddim_jax.training.memory import GiB
+from ddim_jax.training.state import abstract_state, init_state
 
 P = jax.sharding.PartitionSpec
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
@@ -48,16 +49,14 @@ def test_the_mesh_field_is_checked_in_one_line():
 
 
 class _Net(nn.Module):
-    """A small denoiser of 8x8x1 images whose kernels are above the FSDP size threshold or below it, split
-    along either axis: the sharded step's arithmetic at a compile time the suite can afford."""
+    """A small denoiser of 8x8x1 images: two kernels above the FSDP size threshold, split along either axis,
+    and two biases below it (the sharded step's arithmetic at a compile time the suite can afford)."""
 
     @nn.compact
     def __call__(self, x, t, y=None, train=False):
         b = x.shape[0]
-        h = nn.Conv(8, (3, 3))(x).reshape(b, -1)  # kernel 3x3x1x8: whole
-        h = nn.Dense(256)(h) + nn.Dense(256)(t[:, None].astype(jnp.float32) / 100.0)  # 512x256: split; 1x256: whole
-        h = nn.Dense(256)(nn.silu(h))  # 256x256: split along its last axis
-        return nn.Dense(64)(nn.silu(h)).reshape(x.shape)  # 256x64: split along its first
+        h = nn.Dense(256)(x.reshape(b, -1)) + t[:, None].astype(jnp.float32) / 100.0  # 64x256: split on its last
+        return nn.Dense(64)(nn.silu(h)).reshape(x.shape)  # 256x64: split on its first
 
 
 def _fresh_state(c, params):
@@ -142,51 +141,62 @@ def test_gradients_are_reduce_scattered_not_all_reduced(runs):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The tiny run trained for 4 steps on the (4, 2) mesh, through train(): (config, workdir, its state)."""
+def saved(tmp_path_factory):
+    """The tiny run's initial state made on the (4, 2) mesh (its large kernels split in two), checkpointed
+    at step 4 as the training loop does: (config, workdir, the state)."""
     workdir = tmp_path_factory.mktemp("fsdp_run")
-    c = tiny_config(num_steps=4, checkpoint_every=4, log_every=4)
+    c = tiny_config(num_steps=4, checkpoint_every=4)
     c.training.mesh = (4, 2)
-    r = training.train(c, str(workdir), progress=False)
-    return c, workdir, r.state
+    run = build(c)
+    state = init_state(run, train_mesh(jax.devices(), (4, 2)))
+    ckpt = checkpoints.Checkpointer(str(workdir), keep=3)
+    try:
+        ckpt.save(state, {"step": 4, "data_position": 4, "seed": 0, "global_batch": 16, "config": to_dict(c),
+                          "record": run.record.to_dict()})
+        ckpt.wait()
+        ckpt.seal(4)
+    finally:
+        ckpt.close()
+    return c, workdir, state
 
 
-def test_checkpoints_restore_onto_other_meshes_and_device_counts_bit_for_bit(trained):
-    c, workdir, trained_state = trained
-    assert any(not x.is_fully_replicated for x in jax.tree.leaves(trained_state.params))
-    saved = gather_host_tree(trained_state)
+def test_checkpoints_restore_onto_other_meshes_and_device_counts_bit_for_bit(saved):
+    c, workdir, written = saved
+    assert any(not x.is_fully_replicated for x in jax.tree.leaves(written.params))
+    whole = gather_host_tree(written)
     ckpt = checkpoints.Checkpointer(str(workdir), keep=3, create=False)
     try:
+        ckpt.verify(4)
         for devices, shape in [(8, (8, 1)), (4, (1, 4)), (1, (1, 1))]:
             mesh = train_mesh(jax.devices()[:devices], shape)
             state = ckpt.restore_state(4, abstract_state(build(c), mesh))
             assert {x.sharding.mesh.devices.shape for x in jax.tree.leaves(state)} == {shape}
             assert any(not x.is_fully_replicated for x in jax.tree.leaves(state.params)) == (shape[1] > 1)
-            for a, b in zip(jax.tree.leaves(gather_host_tree(state)), jax.tree.leaves(saved)):
+            for a, b in zip(jax.tree.leaves(gather_host_tree(state)), jax.tree.leaves(whole)):
                 np.testing.assert_array_equal(a, b)
         # Resuming on another mesh is a change a resumed run may make: its newest checkpoint is restored onto it.
-        other = tiny_config(num_steps=8, checkpoint_every=4, log_every=4)
+        other = tiny_config(num_steps=8, checkpoint_every=4)
         other.training.mesh = (1, 2)
-        mesh = train_mesh(jax.devices()[:2], (1, 2))
-        state, meta = checkpoints.resume(ckpt, build(other), mesh, allow_config_change=False)
+        state, meta = checkpoints.resume(ckpt, build(other), train_mesh(jax.devices()[:2], (1, 2)),
+                                         allow_config_change=False)
         assert meta["step"] == 4 and meta["config"]["training"]["mesh"] == [4, 2]
-        for a, b in zip(jax.tree.leaves(gather_host_tree(state)), jax.tree.leaves(saved)):
+        for a, b in zip(jax.tree.leaves(gather_host_tree(state)), jax.tree.leaves(whole)):
             np.testing.assert_array_equal(a, b)
     finally:
         ckpt.close()
-    # The exported model is the whole EMA, assembled from its shards.
-    _, params = loading.load(str(workdir))
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved.ema_params)):
-        np.testing.assert_array_equal(a, b)
 
 
-def test_the_memory_plan_counts_each_devices_shards(trained):
-    c, _, trained_state = trained
-    run, mesh = build(c), train_mesh(jax.devices(), (4, 2))
-    plan = memory.memory_plan(run, mesh)
+def test_the_memory_plan_counts_each_devices_shards(saved):
+    c, _, written = saved
+    planned = abstract_state(build(c), train_mesh(jax.devices(), (4, 2)))
     held = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
-    whole = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
-    assert plan.params == held(trained_state.params) < whole(trained_state.params)
-    assert plan.ema == held(trained_state.ema_params) and plan.optimizer == held(trained_state.opt_state)
-    assert plan.mesh == (4, 2) and "mesh data 4 x fsdp 2" in plan.summary()
-    assert plan.batch == 16 * 8 * 8 * 1 // 8 + 16 * 4 // 8  # each device's rows of the images and labels
+    for name in ("params", "ema_params", "opt_state"):
+        got, want = memory.device_bytes(getattr(planned, name)), held(getattr(written, name))
+        assert got == want < sum(x.nbytes for x in jax.tree.leaves(getattr(written, name))), name
+    plan = memory.MemoryPlan(params=2 * GiB, ema=2 * GiB, optimizer=4 * GiB, batch=0, temporaries=GiB, limit=8 * GiB,
+                             device="gpu:0", mesh=(8, 2))
+    assert plan.summary().startswith("memory per device (gpu:0), mesh data 8 x fsdp 2: 9.00 GiB of 8.00 GiB")
+    with pytest.raises(ValueError, match=r"gpu:0 has 8.00 GiB: try a smaller training.batch_size \(or more devices\), "
+                                         r"or training.mesh=\(4, 4\) \(params, EMA and Adam state split over 4 "
+                                         r"devices\), or training.remat=True"):
+        memory.check_fits(plan, c)

@@ -69,7 +69,7 @@ def _bytes(tree) -> int:
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def _device_bytes(tree) -> int:
+def device_bytes(tree) -> int:
     """Bytes one device holds of ``tree``'s ShapeDtypeStructs: each one's shard under its sharding."""
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
                for x in jax.tree.leaves(tree))
@@ -91,8 +91,8 @@ def memory_plan(run, mesh, step=None) -> MemoryPlan:
     stats = step.jitted.lower(state, images, labels, frozen).compile().memory_analysis()
     per_device_batch = (_bytes(images) + _bytes(labels)) // mesh.devices.size
     device = next(dev for dev in mesh.devices.flat if dev.process_index == jax.process_index())  # one of ours
-    return MemoryPlan(params=_device_bytes(state.params) + _bytes(frozen), ema=_device_bytes(state.ema_params),
-                      optimizer=_device_bytes(state.opt_state),
+    return MemoryPlan(params=device_bytes(state.params) + _bytes(frozen), ema=device_bytes(state.ema_params),
+                      optimizer=device_bytes(state.opt_state),
                       batch=per_device_batch, temporaries=int(getattr(stats, "temp_size_in_bytes", 0) or 0),
                       limit=device_memory(device), device=f"{device.platform}:{device.id}",
                       mesh=(mesh.devices.shape[0], fsdp_size(mesh)))
