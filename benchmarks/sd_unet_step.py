@@ -2,7 +2,7 @@
 transformers' torch models of the same configurations, timed in the same run.
 
     python benchmarks/sd_unet_step.py [--batches 1,2] [--iters 5] [--warmup 1] [--threads N] [--sequential]
-                                      [--json FILE]
+                                      [--torch-device cpu|cuda] [--json FILE]
 
 * UNet step: ``cond_unet.SD15`` (SD 1.x's UNet, 859,520,964 parameters) on 64x64x4 latents (512x512 images)
   with a 77x768 context, guided (classifier-free guidance, scale 7.5): one network call on ``[x; x]`` under
@@ -21,10 +21,11 @@ interleaved rounds (one call of each side per round, so background load hits bot
 time / ours) are of the medians (and of the minima) of the same run. Both UNets' float32 weights take 6.9 GB,
 and our attention holds its [rows, heads, 4096, 4096] scores at 64x64 latents (0.5 GB per row and matrix);
 ``--sequential`` times our UNet, frees it, then builds and times diffusers' (torch's initialisation from the
-same seed: the same weights), for machines without ~12 GB free: the two sides are then not interleaved.
-torch uses ``--threads`` threads (default: the usable cores); XLA's CPU backend one per core. FLOPs: XLA's
-cost analysis of our compiled programs. ``--smoke``: tiny configurations (a two-level UNet at 8x8, a two-layer
-text encoder), batch 1, one round: a quick test of this script.
+same seed: the same weights), for machines without ~16 GB free (the interleaved run peaked at 15.2 GB
+resident on CPU): the two sides are then not interleaved. torch uses ``--threads`` threads (default: the
+usable cores) on ``--torch-device``; ours runs on JAX's default device (XLA's CPU backend: one thread per
+core). FLOPs: XLA's cost analysis of our compiled programs. ``--smoke``: tiny configurations (a two-level
+UNet at 8x8, a two-layer text encoder), batch 1, one round: a quick test of this script.
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=5, help="timed rounds (medians of these)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls of each side first")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch.set_num_threads")
+    p.add_argument("--torch-device", default="cpu", help="where the torch models run (cuda on a GPU machine; JAX "
+                   "takes its default device)")
     p.add_argument("--sequential", action="store_true", help="time our UNet, free it, then build and time "
-                   "diffusers' (the same weights): half the memory (about 4 GB of weights less), not interleaved")
+                   "diffusers' (the same weights): one UNet's weights (3.4 GB) in memory at a time, not interleaved")
     p.add_argument("--no-text", action="store_true", help="skip the text encoders")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--smoke", action="store_true", help="tiny configurations, batch 1, one round: a quick test")
@@ -71,6 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         args.batches, args.latent, args.iters, args.warmup = [1], 8, 1, 0
     return args
+
+
+def _synced(torch, out):
+    """``out`` once the device has computed it (a CUDA call returns before)."""
+    if out.device.type == "cuda":
+        torch.cuda.synchronize(out.device)
+    return out
 
 
 def _flops(compiled) -> float | None:
@@ -130,7 +140,7 @@ def unet_rows(args, torch, diffusers) -> list[dict]:
             attention_head_dim=arch["attention_head_dim"], cross_attention_dim=arch["cross_attention_dim"],
             norm_num_groups=arch["norm_groups"], norm_eps=arch["norm_eps"],
             use_linear_projection=arch["use_linear_projection"], flip_sin_to_cos=arch["flip_sin_to_cos"],
-            freq_shift=arch["freq_shift"]).eval()
+            freq_shift=arch["freq_shift"]).eval().to(args.torch_device)
 
     _progress("UNet: building the torch model and converting its weights")
     peer = peer_model()
@@ -160,20 +170,20 @@ def unet_rows(args, torch, diffusers) -> list[dict]:
     def theirs(B, peer):
         """(the step, its output): the batch doubled, chunked and combined as StableDiffusionPipeline does"""
         x, t, context, null = inputs[B]
-        x2 = torch.from_numpy(np.concatenate([x, x]).transpose(0, 3, 1, 2).copy())
-        t2 = torch.from_numpy(np.concatenate([t, t]).astype(np.int64))
-        c2 = torch.from_numpy(np.concatenate([context, null]))
+        x2 = torch.from_numpy(np.concatenate([x, x]).transpose(0, 3, 1, 2).copy()).to(args.torch_device)
+        t2 = torch.from_numpy(np.concatenate([t, t]).astype(np.int64)).to(args.torch_device)
+        c2 = torch.from_numpy(np.concatenate([context, null])).to(args.torch_device)
 
         def fn():
             with torch.inference_mode():
                 cond, uncond = peer(x2, t2, encoder_hidden_states=c2).sample.chunk(2)
-                return uncond + GUIDANCE * (cond - uncond)
+                return _synced(torch, uncond + GUIDANCE * (cond - uncond))
 
-        return fn, fn().numpy()
+        return fn, fn().cpu().numpy()
 
     found = {}  # B -> {"jax": times, "torch": times, ...}
     for B in args.batches:
-        _progress(f"UNet step, batch {B}: ours (compiling)")
+        _progress(f"UNet step, batch {B}: compiling ours, then timing")
         fn, out, compile_s, flops = ours(B)
         found[B] = {"jax_out": out, "compile_s": compile_s, "flops": flops}
         if args.sequential:
@@ -212,6 +222,7 @@ def text_rows(args, torch, transformers) -> list[dict]:
                                                                    pad_token_id=1)).eval()
     spec = clip_text_spec(dict(config, architectures=["CLIPTextModel"]), "benchmark")
     params = convert_clip_text(peer.state_dict(), spec)
+    peer.to(args.torch_device)
     net = spec.build()
     rows = []
     for B in args.batches:
@@ -220,15 +231,15 @@ def text_rows(args, torch, transformers) -> list[dict]:
         ids[:, 0], ids[:, -1] = config["vocab_size"] - 2, config["vocab_size"] - 1  # start and end tokens
         idj = jnp.asarray(ids)
         encode, compile_s = _aot(lambda p, ids: net.apply({"params": p}, ids, 0, method="encode"), params, idj)
-        idt = torch.from_numpy(ids.astype(np.int64))
+        idt = torch.from_numpy(ids.astype(np.int64)).to(args.torch_device)
 
         def torch_encode():
             with torch.inference_mode():
-                return peer(idt).last_hidden_state
+                return _synced(torch, peer(idt).last_hidden_state)
 
         fns = {"jax": lambda: encode(params, idj).block_until_ready(), "torch": torch_encode}
         _progress(f"text encoder, {2 * B} rows")
-        diff = float(np.abs(np.asarray(fns["jax"]()) - torch_encode().numpy()).max())
+        diff = float(np.abs(np.asarray(fns["jax"]()) - torch_encode().cpu().numpy()).max())
         times = _timed(fns, args)
         rows.append(_row(f"text encoder, {2 * B}x77 ids", times["jax"], times["torch"], _flops(encode), diff,
                          compile_s))
@@ -248,7 +259,8 @@ def main(argv=None) -> None:
     res = {"command": "python benchmarks/sd_unet_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "revision": git_revision(), "machine": machine_description(), "jax": jax.__version__,
            "jax_device": str(jax.devices()[0]), "torch": torch.__version__, "diffusers": diffusers.__version__,
-           "transformers": transformers.__version__, "torch_threads": args.threads, "latent": args.latent,
+           "transformers": transformers.__version__, "torch_threads": args.threads,
+           "torch_device": args.torch_device, "latent": args.latent,
            "iters": args.iters, "warmup": args.warmup, "sequential": args.sequential,
            "loadavg_before": os.getloadavg()}
     rows = unet_rows(args, torch, diffusers)
@@ -257,7 +269,7 @@ def main(argv=None) -> None:
     res["loadavg_after"], res["rows"] = os.getloadavg(), rows
 
     print(json.dumps(res, indent=1))
-    print(f"\n{jax.devices()[0].platform} (XLA, one thread per core) vs torch {torch.__version__} "
+    print(f"\n{jax.devices()[0].platform} (XLA) vs torch {torch.__version__} on {args.torch_device} "
           f"({args.threads} threads); latents {args.latent}x{args.latent}x4, context 77; {args.iters} rounds "
           f"({'UNets one after the other' if args.sequential else 'interleaved'}); "
           f"load average {res['loadavg_before'][0]:.1f} before, {res['loadavg_after'][0]:.1f} after")
