@@ -93,6 +93,13 @@ FLAGS = flags.FLAGS
 # The settings: every flag read and checked once.
 
 
+def _takes_prompts(model) -> bool:
+    """Whether the model is conditioned on context arrays (text), so a pipeline mode takes prompts, not labels."""
+    from ddim_jax import kinds
+
+    return kinds.get(model.spec.kind).conditioning == "context"
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """The flags, parsed and checked once by :meth:`from_flags` (one-line ValueErrors naming the flag); the
@@ -198,7 +205,7 @@ class Settings:
             bad = [v for v in values if not 1 <= v <= T]
             if bad:
                 raise ValueError(f"--{name} must be in [1, {T}] (the model's T); got {bad[0]}")
-        if MODES[self.mode].labels:
+        if MODES[self.mode].labels and not (MODES[self.mode].prompts and _takes_prompts(model)):
             if model.num_classes is None and (self.guidance is not None or self.labels != "all"):
                 raise ValueError("--labels and --guidance apply to class-conditional models; this model is "
                                  "unconditional")
@@ -217,10 +224,7 @@ class Settings:
     def _check_pipeline(self, model) -> None:
         """A text2img / img2img / inpaint run against the model: prompts for a text-conditioned model (with its
         text encoder), labels for the others, the input image's and mask's sizes."""
-        from ddim_jax import kinds
-
-        text = kinds.get(model.spec.kind).conditioning == "context"
-        if text:
+        if _takes_prompts(model):
             if self.prompts is None:
                 raise ValueError(f"--mode={self.mode} on a text-conditioned model needs --prompt or --prompts_file")
             if getattr(model.spec, "text_encoder", None) is None:
