@@ -75,7 +75,12 @@ def _read_json(path: str) -> dict:
 
 
 def _read_vocab(path: str) -> dict[str, int]:
-    vocab = _read_json(path)
+    return _check_vocab(_read_json(path), path)
+
+
+def _check_vocab(vocab: Any, path: str) -> dict[str, int]:
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{path} holds no token -> id map")
     bad = next(((k, v) for k, v in vocab.items() if not isinstance(v, int) or isinstance(v, bool)), None)
     if bad is not None:
         raise ValueError(f"{path} maps {bad[0]!r} to {bad[1]!r}, not an integer id")
@@ -103,6 +108,28 @@ def _read_merges(path: str) -> list[tuple[str, str]]:
     if not merges:
         raise ValueError(f"{path} holds no merges")
     return merges
+
+
+def _read_tokenizer_json(path: str) -> tuple[dict[str, int], list[tuple[str, str]], dict[str, dict]]:
+    """The vocab, merges and added tokens (by content) of a ``tokenizer.json`` holding CLIP's BPE (the layout
+    transformers 5 saves a CLIP tokenizer in, beside ``tokenizer_config.json``)."""
+    obj = _read_json(path)
+    model = obj.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
+        kind = model.get("type") if isinstance(model, dict) else None
+        raise ValueError(f"{path} does not hold CLIP's BPE (a BPE model with end-of-word suffix </w>); "
+                         f"its model is {kind!r}")
+    vocab = _check_vocab(model.get("vocab"), path)
+    merges = []
+    for n, m in enumerate(model.get("merges") or []):
+        parts = m.split(" ") if isinstance(m, str) else m
+        if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not all(isinstance(x, str) and x for x in parts):
+            raise ValueError(f"{path} merge {n} is not a pair of tokens: {str(m)[:60]!r}")
+        merges.append((parts[0], parts[1]))
+    if not merges:
+        raise ValueError(f"{path} holds no merges")
+    added = {t["content"]: t for t in obj.get("added_tokens") or [] if isinstance(t, dict) and "content" in t}
+    return vocab, merges, added
 
 
 def tokenizer_dir(path: str, subfolder: str = "tokenizer") -> str:
@@ -141,7 +168,8 @@ class CLIPTokenizer:
             if _content(value) not in self.vocab:
                 raise ValueError(f"{where}: {key} {_content(value)!r} is not in {os.path.join(source, 'vocab.json')}")
         self.bos_token, self.eos_token, self.unk_token, self.pad_token = (_content(tokens[k]) for k in SPECIAL)
-        self.bos_id, self.eos_id, self.pad_id = (self.vocab[t] for t in (self.bos_token, self.eos_token, self.pad_token))
+        self.bos_id, self.eos_id, self.pad_id = (self.vocab[t]
+                                                 for t in (self.bos_token, self.eos_token, self.pad_token))
         max_length = self.config.get("model_max_length", 77)
         if not isinstance(max_length, (int, float)) or isinstance(max_length, bool) or max_length != int(max_length) \
                 or not 2 <= max_length <= 4096:
@@ -182,7 +210,8 @@ class CLIPTokenizer:
     def from_folder(cls, path: str, subfolder: str = "tokenizer") -> CLIPTokenizer:
         """The tokenizer of a diffusers Stable Diffusion folder (``path/tokenizer/``), or of a folder holding
         the four files itself (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``,
-        ``special_tokens_map.json``). Other layouts are refused."""
+        ``special_tokens_map.json``), or the two transformers 5 saves (``tokenizer.json``,
+        ``tokenizer_config.json``). Other layouts are refused."""
         d = tokenizer_dir(path, subfolder)
         names = set(os.listdir(d))
         if "vocab.json" not in names and "merges.txt" not in names:
@@ -191,8 +220,7 @@ class CLIPTokenizer:
                 raise ValueError(f"{os.path.join(d, sentencepiece[0])} is a sentencepiece model, not CLIP's BPE "
                                  "(vocab.json and merges.txt)")
             if "tokenizer.json" in names:
-                raise ValueError(f"{os.path.join(d, 'tokenizer.json')} alone is not a layout this reads; CLIP's "
-                                 "tokenizer folder holds vocab.json and merges.txt")
+                return cls._from_tokenizer_json(d)
         for name in FILES:
             if name not in names:
                 raise FileNotFoundError(f"{os.path.join(d, name)} is missing (a CLIP tokenizer folder holds "
@@ -205,6 +233,27 @@ class CLIPTokenizer:
         if kind is not None and kind not in ("CLIPTokenizer", "CLIPTokenizerFast"):
             raise ValueError(f"{config_path} names tokenizer_class {kind!r}, not CLIPTokenizer")
         special = _read_json(os.path.join(d, "special_tokens_map.json"))
+        return cls(vocab, merges, config, special, source=d)
+
+    @classmethod
+    def _from_tokenizer_json(cls, d: str) -> CLIPTokenizer:
+        """transformers 5's layout: the BPE in ``tokenizer.json``, the special tokens named in
+        ``tokenizer_config.json`` with their flags in ``tokenizer.json``'s added tokens."""
+        config_path = os.path.join(d, "tokenizer_config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{config_path} is missing (beside tokenizer.json it names the special tokens)")
+        vocab, merges, added = _read_tokenizer_json(os.path.join(d, "tokenizer.json"))
+        config = _read_json(config_path)
+        kind = config.get("tokenizer_class")
+        if kind is not None and kind not in ("CLIPTokenizer", "CLIPTokenizerFast"):
+            raise ValueError(f"{config_path} names tokenizer_class {kind!r}, not CLIPTokenizer")
+        special = {}
+        for name in SPECIAL:
+            content = _content(config.get(name))
+            if content is not None:
+                flags = {k: bool(added[content][k]) for k in ("lstrip", "normalized", "rstrip", "single_word")
+                         if content in added and k in added[content]}
+                special[name] = {"__type": "AddedToken", "content": content, **flags}
         return cls(vocab, merges, config, special, source=d)
 
     def save(self, dst_dir: str) -> str:

@@ -1,8 +1,8 @@
 """CLIP tokenizer: ids identical to transformers' CLIPTokenizer (diffusers' tokenizer) and to OpenAI
 CLIP's own SimpleTokenizer on generated prompts, SD 1.x and SD 2.x padding, truncation, and the files it refuses.
 
-The tokenizer folder is built from the BPE merges OpenAI's CLIP package ships (the layout of openai/clip-vit-large-patch14's
-``tokenizer/``); nothing is downloaded."""
+The tokenizer folder is built from the BPE merges OpenAI's CLIP package ships (the layout of
+openai/clip-vit-large-patch14's ``tokenizer/``); nothing is downloaded."""
 
 import gzip
 import importlib.util
@@ -145,7 +145,8 @@ def _prompts(n: int = 1200, seed: int = 0) -> list[str]:
     """``n`` prompts: the pieces above alone, empty and blank strings, and random mixtures of them joined by
     assorted whitespace (or by nothing), some longer than 77 tokens."""
     rng = random.Random(seed)
-    fixed = [p for pool in (WORDS, ACCENTED, SCRIPTS, EMOJI, PUNCT, NUMBERS, CONTRACTIONS, HTML, SPECIALS) for p in pool]
+    pools = (WORDS, ACCENTED, SCRIPTS, EMOJI, PUNCT, NUMBERS, CONTRACTIONS, HTML, SPECIALS)
+    fixed = [p for pool in pools for p in pool]
     fixed += ["", " ", "\t\n", "\u00a0\u00a0", "a photo of an astronaut riding a horse on mars",
               "A PHOTO OF A CAT!!!", "x" * 300, "word " * 76, "word " * 75, "word " * 74, "ab" * 200,
               "🙂" * 100, "!" * 100, "a <|endoftext|> b", "<|startoftext|><|endoftext|>", "<|startoftext|> a"]
@@ -263,6 +264,19 @@ def test_save_round_trip(kind, folders, ours, tmp_path):
                           _ids(back, prompts))
 
 
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_a_folder_saved_by_transformers_5_reads_the_same(kind, hf, tmp_path):
+    """transformers 5 saves a CLIP tokenizer as tokenizer.json (the BPE, the added tokens' flags) and
+    tokenizer_config.json (the special tokens' names): an SD folder re-saved with it still converts."""
+    hf[kind].save_pretrained(str(tmp_path / "tokenizer"))
+    assert sorted(p.name for p in (tmp_path / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    back = CLIPTokenizer.from_folder(tmp_path)
+    prompts = PROMPTS[::3]
+    ref = hf[kind](prompts, padding="max_length", max_length=77, truncation=True).input_ids
+    assert back.pad_id == {"sd1": EOT, "sd2": 0}[kind]
+    assert np.array_equal(_ids(back, prompts), np.asarray(ref))
+
+
 def test_from_files(folders, ours):
     d = folders["sd2"] / "tokenizer"
     tok = CLIPTokenizer.from_files(d / "vocab.json", d / "merges.txt", pad_token="!")
@@ -350,9 +364,12 @@ def test_malformed_file_is_named(name, text, match, folders, tmp_path):
 def test_unknown_layouts_are_refused(tmp_path, folders):
     only_json = tmp_path / "a" / "tokenizer"
     only_json.mkdir(parents=True)
-    (only_json / "tokenizer.json").write_text("{}")
+    (only_json / "tokenizer.json").write_text('{"model": {"type": "Unigram", "vocab": []}}')
     (only_json / "tokenizer_config.json").write_text("{}")
-    with pytest.raises(ValueError, match=r"tokenizer/tokenizer.json alone is not a layout"):
+    with pytest.raises(ValueError, match=r"tokenizer/tokenizer.json does not hold CLIP's BPE .* 'Unigram'"):
+        CLIPTokenizer.from_folder(only_json.parent)
+    (only_json / "tokenizer_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"tokenizer_config.json is missing \(beside tokenizer.json"):
         CLIPTokenizer.from_folder(only_json.parent)
     spm = tmp_path / "b" / "tokenizer"
     spm.mkdir(parents=True)

@@ -3,7 +3,8 @@
 
 A Stable Diffusion folder converts with its text encoder when it has both ``text_encoder/`` (``config.json``
 and ``model.safetensors`` or ``pytorch_model.bin``) and ``tokenizer/`` (CLIP's ``vocab.json``, ``merges.txt``,
-``tokenizer_config.json``, ``special_tokens_map.json``); with neither, as a model without one; with one of
+``tokenizer_config.json``, ``special_tokens_map.json``, or transformers 5's ``tokenizer.json`` and
+``tokenizer_config.json``); with neither, as a model without one; with one of
 the two, not at all."""
 
 from __future__ import annotations
