@@ -1,11 +1,16 @@
-"""Input pipeline throughput on 256x256 JPEGs: images/s of ``ddim_jax.data.BatchLoader`` alone.
+"""Input pipeline throughput on 256x256 JPEGs: images/s of the grain loader (``ddim_jax.data.BatchLoader``)
+against the threaded loader it replaced, measured in the same run.
 
 The data: ``--images`` JPEG files of ``--size`` (default 320x384, quality 90, smooth random content with
-noise, as photographs decode), written to a temporary directory. Each record read opens its file and
-decodes it with PIL, as ``tfds.data_source`` decodes the JPEG bytes of a prepared LSUN or CelebA split;
-``RecordSource`` then center-crops and resizes it to 256x256, as training does. The loader serves
-``--steps`` consecutive global batches of ``--batch`` images (after one untimed step), with 0 workers (in
-the training loop's thread, as before the loader existed), 2, and all usable cores.
+noise, as photographs decode), written to a temporary directory and read as a ``data.folder`` dataset
+(``ddim_jax.data.FolderSource``): each image is opened and decoded with PIL when it is read, then
+center-cropped and resized to 256x256, the host's part of the training augment (the random flip runs on
+the device, in the train step). Each loader serves ``--steps`` consecutive global batches of ``--batch``
+images after one untimed step (its start: the workers' spawn is reported apart):
+
+* ``threaded``: the loader before grain (kept here as the baseline): ``w`` threads read the batch's images
+  ``prefetch`` steps ahead (0: in the caller's thread);
+* ``grain``: ``BatchLoader`` with ``w`` grain worker processes (0: in the training process), prefetch 2.
 
 What a training step consumes: XLA's FLOP count of one train step of ``configs/paper.py:lsun_church256``
 (compiled here at batch ``--flops_batch``, not run) divided into an accelerator's sustained rate
@@ -13,9 +18,9 @@ What a training step consumes: XLA's FLOP count of one train step of ``configs/p
 pipeline must feed one such device. That is an estimate, not a measurement.
 
     python benchmarks/input_pipeline.py [--images 256] [--batch 64] [--steps 6] [--workers 0,2,all]
-        [--tflops 300] [--skip_flops] [--json PATH] [--smoke]
+        [--loaders threaded,grain] [--tflops 300] [--skip_flops] [--json PATH] [--smoke]
 
---smoke: 4 small JPEGs, batch 2, one step, 0 and 2 workers, the FLOPs of a tiny UNet's step: a quick test.
+--smoke: 4 small JPEGs, batch 2, one step, 0 and 1 workers, the FLOPs of a tiny UNet's step: a quick test.
 """
 
 from __future__ import annotations
@@ -33,20 +38,37 @@ from _machine import ROOT, git_revision, machine_description, tiny_unet
 sys.path.insert(0, str(ROOT))
 
 
-class JpegFiles:
-    """Random access to JPEG files, decoded on read (what a tfds record read does with its image bytes)."""
+class ThreadedLoader:
+    """The loader before grain, as it was: ``workers`` threads read a step's images one by one (PIL's decoding
+    releases the GIL), ``prefetch`` steps ahead of the one asked for; 0 workers read in the caller's thread."""
 
-    def __init__(self, paths):
-        self.paths = paths
+    def __init__(self, source, global_batch, seed, *, workers=0, prefetch=2):
+        from concurrent.futures import ThreadPoolExecutor
 
-    def __len__(self):
-        return len(self.paths)
+        self.source, self.global_batch, self.seed, self.prefetch = source, global_batch, seed, prefetch
+        self._pool = ThreadPoolExecutor(workers) if workers else None
+        self._pending = {}
 
-    def __getitem__(self, i):
-        from PIL import Image
+    def __call__(self, step):
+        from ddim_jax.data import batch_indices
 
-        with Image.open(self.paths[i]) as im:
-            return {"image": np.asarray(im.convert("RGB"))}
+        rows = lambda s: batch_indices(len(self.source), self.global_batch, s, self.seed)  # noqa: E731
+        if self._pool is None:
+            return self.source.get(rows(step))
+        for s in range(step, step + 1 + self.prefetch):
+            if s not in self._pending:
+                self._pending[s] = [self._pool.submit(self.source.get, [i]) for i in rows(s)]
+        return np.concatenate([f.result() for f in self._pending.pop(step)])
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def write_jpegs(folder, n, height, width, seed=0):
@@ -84,7 +106,8 @@ def step_flops_per_image(batch, smoke=False):
     images = jax.ShapeDtypeStruct((1, batch, size, size, 3), jnp.uint8, sharding=rows)
     labels = jax.ShapeDtypeStruct((1, batch), jnp.int32, sharding=rows)
     run = build(c)
-    cost = make_train_step(run, mesh).jitted.lower(abstract_state(run, mesh), images, labels, {}).compile().cost_analysis()
+    lowered = make_train_step(run, mesh).jitted.lower(abstract_state(run, mesh), images, labels, {})
+    cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"]) / batch
 
@@ -96,6 +119,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--workers", default="0,2,all")
+    p.add_argument("--loaders", default="threaded,grain")
     p.add_argument("--tflops", type=float, default=300.0)
     p.add_argument("--flops_batch", type=int, default=4)
     p.add_argument("--skip_flops", action="store_true")
@@ -103,36 +127,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="a few small JPEGs, one step, a tiny UNet: a quick test")
     a = p.parse_args(argv)
     if a.smoke:
-        a.images, a.size, a.batch, a.steps, a.workers, a.flops_batch = 4, "64x64", 2, 1, "0,2", 2
+        a.images, a.size, a.batch, a.steps, a.workers, a.flops_batch = 4, "64x64", 2, 1, "0,1", 2
     return a
 
 
 def main(argv=None):
     a = parse_args(argv)
 
-    from ddim_jax.data import BatchLoader, RecordSource, usable_cores
+    from ddim_jax.data import BatchLoader, FolderSource, process_batch, usable_cores
 
     height, width = map(int, a.size.split("x"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_jpegs(tmp, a.images, height, width)
-        source = RecordSource(JpegFiles(paths), "jpegs", 256, "center")
+        source = FolderSource(tmp, 256, 3)
         print(f"{a.images} JPEGs of {height}x{width}, {sum(map(os.path.getsize, paths)) / len(paths) / 1024:.0f} KiB "
-              f"each; global batch {a.batch}; {usable_cores()} usable cores; checkout {git_revision()}")
-        print("| workers | images/s | s per batch |")
-        print("|---|---|---|")
-        for w in a.workers.split(","):
-            workers = usable_cores() if w == "all" else int(w)
-            with BatchLoader(source, a.batch, 0, workers=workers, prefetch=2) as load:
-                load(0)
+              f"each; global batch {a.batch}; {usable_cores()} usable cores; load average {os.getloadavg()[0]:.2f}; "
+              f"checkout {git_revision()}")
+        print("| loader | workers | images/s | s per batch | start s |")
+        print("|---|---|---|---|---|")
+        want = process_batch(source, a.batch, a.steps, 0, 0, 1)  # the last timed step, read directly
+        for kind in a.loaders.split(","):
+            for w in a.workers.split(","):
+                workers = usable_cores() if w == "all" else int(w)
                 t0 = time.perf_counter()
-                for s in range(1, a.steps + 1):
-                    batch = load(s)
-                secs = time.perf_counter() - t0
-            assert batch.shape == (a.batch, 256, 256, 3)
-            ips = a.steps * a.batch / secs
-            rows.append({"workers": w, "images_per_s": ips, "s_per_batch": secs / a.steps})
-            print(f"| {w} ({workers}) | {ips:.0f} | {secs / a.steps:.3f} |", flush=True)
+                if kind == "grain":
+                    loader = BatchLoader(source, a.batch, 0, workers=workers, prefetch=2)
+                else:
+                    loader = ThreadedLoader(source, a.batch, 0, workers=workers, prefetch=2)
+                with loader as load:
+                    load(0)
+                    start = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    for s in range(1, a.steps + 1):
+                        batch = load(s)
+                    secs = time.perf_counter() - t0
+                np.testing.assert_array_equal(batch, want)  # every loader serves the same batches
+                ips = a.steps * a.batch / secs
+                rows.append({"loader": kind, "workers": w, "images_per_s": ips, "s_per_batch": secs / a.steps,
+                             "start_s": start})
+                print(f"| {kind} | {w} ({workers}) | {ips:.0f} | {secs / a.steps:.3f} | {start:.1f} |", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     need = None
     if not a.skip_flops:
         per_image = step_flops_per_image(a.flops_batch, a.smoke)
@@ -142,6 +177,7 @@ def main(argv=None):
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"rows": rows, "images_per_s_needed": need, "tflops": a.tflops, "revision": git_revision(),
+                       "load_average": os.getloadavg(),
                        "machine": machine_description()}, f, indent=1)
 
 

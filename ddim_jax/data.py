@@ -1,34 +1,47 @@
-"""Training data as random-access uint8 image sources, and the deterministic batch order.
+"""Training data as random-access uint8 image sources, the deterministic batch order, and the loader.
 
 Every source is a sequence of ``[H, W, C]`` uint8 images (``len(source)``, ``source.get(indices)``),
 with class labels where the data has them (``source.num_classes``, ``source.get_labelled(indices)`` ->
 ``(images, int32 labels)``; ``num_classes`` is None for a source without labels):
 
 * ``digits``: scikit-learn's 1,797 real 8x8 handwritten digits, shipped inside scikit-learn (no
-  download, no network): the embedded default. At another ``image_size`` they are upscaled (bicubic).
-* ``folder``: the PNG/JPEG images under a directory (recursively; 16-bit PNGs scaled to 8 bits),
-  center-cropped and resized. When every image lies inside a sub-folder of the directory, the
-  sub-folders (sorted by name) are the classes, as image-folder loaders do: ``root/cat/1.png`` has
-  the label of ``cat``.
+  download, no network): the embedded default, held in memory. At another ``image_size`` they are
+  upscaled (bicubic).
+* ``folder``: the PNG/JPEG images under a directory (recursively; 16-bit PNGs scaled to 8 bits), read
+  lazily: opening the source lists the files, and each image is decoded, center-cropped and resized
+  when it is asked for, so a folder larger than memory trains. When every image lies inside a
+  sub-folder of the directory, the sub-folders (sorted by name) are the classes, as image-folder
+  loaders do: ``root/cat/1.png`` has the label of ``cat``.
 * any tensorflow-datasets name (``cifar10``, ``celeb_a``, ``lsun/church_outdoor``, ...), read by
   random access through ``tfds.data_source`` from a prepared ``data_dir``; its ``label`` feature
   (when it has one, e.g. cifar10) gives the classes. Its images are decoded, cropped and resized as
-  they are read, by :class:`BatchLoader`'s worker threads ahead of the training step.
+  they are read.
 
 The batch order is a pure function of (seed, step): epoch ``e`` visits the examples in the
 permutation ``permutation(seed, e)``; the global batch of step ``s`` is the ``s``-th run of
 ``global_batch`` indices in that stream; process ``p`` of ``P`` loads rows ``[p * B / P, (p + 1) * B / P)``
 of it. So the data position saved in a checkpoint is the step alone, a resumed run sees exactly the
 batches an uninterrupted one would, and a run on 1 process and on 2 processes trains on the same
-global batches. (``tfds.split_for_jax_process`` would instead give each process a fixed part of the
-dataset, making the global batch depend on the process count.)
+global batches. (``tfds.split_for_jax_process`` and grain's ``ShardOptions`` would instead give each
+process a fixed part of the dataset, making the global batch depend on the process count.)
+
+:class:`BatchLoader` serves a process's batches of consecutive steps through grain: the process's rows
+of the order above, as a ``grain.MapDataset`` (element ``k`` is row ``k % (B / P)`` of step
+``k // (B / P)``), mapped through the source's decoding and batched, read by ``workers`` grain worker
+processes (which escape the GIL) or in the training process. Each batch is a function of its step
+alone, so the workers only change when it is ready, never what it holds, and grain's iterator state
+is the step: nothing beyond it is saved in a checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import pathlib
+import signal
 
+import grain
 import numpy as np
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -66,8 +79,7 @@ class ArraySource:
 class RecordSource:
     """Records read by random access and decoded on read: ``records[i]`` is a dict with an ``"image"``
     (uint8 ``[H, W, C]`` or ``[H, W]``) and, when ``num_classes`` is given, a ``"label"``; each image is
-    cropped and resized to ``image_size`` on load. The training loop reads such a source through
-    :class:`BatchLoader`'s worker threads."""
+    cropped and resized to ``image_size`` on load."""
 
     decodes_on_read = True
 
@@ -180,28 +192,57 @@ def _read_image(path: pathlib.Path, mode: str) -> np.ndarray:
     return np.asarray(Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8)).convert(mode))
 
 
-def load_folder(path: str, image_size: int, channels: int = 3) -> ArraySource:
-    """All images under ``path`` (recursively, sorted by path), center-cropped and resized; labelled by
-    their top-level sub-folder when every image lies in one (else unlabelled)."""
-    mode = _IMAGE_MODES[_check_channels(channels)]
-    root = pathlib.Path(os.path.expanduser(path))
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.folder: {str(root)!r} is not a directory")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise FileNotFoundError(f"data.folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}")
-    images = np.stack([prepare_image(_read_image(f, mode), image_size) for f in files])
-    parts = [f.relative_to(root).parts for f in files]
-    if any(len(p) < 2 for p in parts):  # an image directly under the root: no classes
-        return ArraySource(images, f"folder:{path}")
-    names = tuple(sorted({p[0] for p in parts}))
-    index = {n: i for i, n in enumerate(names)}
-    return ArraySource(images, f"folder:{path}", np.array([index[p[0]] for p in parts], np.int32), names)
+class FolderSource:
+    """The images under a directory (recursively, sorted by path), decoded, center-cropped and resized when
+    read (nothing is read when the source is opened); labelled by their top-level sub-folder when every
+    image lies in one (``labels``, ``class_names``), else unlabelled (``num_classes`` None)."""
+
+    decodes_on_read = True
+
+    def __init__(self, path: str, image_size: int, channels: int = 3):
+        self.mode = _IMAGE_MODES[_check_channels(channels)]
+        root = pathlib.Path(os.path.expanduser(path))
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.folder: {str(root)!r} is not a directory")
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise FileNotFoundError(f"data.folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}")
+        self.name, self.image_size, self.files = f"folder:{path}", image_size, [str(f) for f in files]
+        parts = [f.relative_to(root).parts for f in files]
+        if any(len(p) < 2 for p in parts):  # an image directly under the root: no classes
+            self.labels, self.class_names, self.num_classes = None, None, None
+        else:
+            self.class_names = tuple(sorted({p[0] for p in parts}))
+            index = {n: i for i, n in enumerate(self.class_names)}
+            self.labels = np.array([index[p[0]] for p in parts], np.int32)
+            self.num_classes = len(self.class_names)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i) -> np.ndarray:
+        return prepare_image(_read_image(pathlib.Path(self.files[int(i)]), self.mode), self.image_size)
+
+    def get(self, indices) -> np.ndarray:
+        return np.stack([self[i] for i in np.asarray(indices).reshape(-1)])
+
+    def get_labelled(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        if self.labels is None:
+            raise ValueError(f"dataset {self.name!r} has no class labels")
+        idx = np.asarray(indices).reshape(-1)
+        return self.get(idx), self.labels[idx]
+
+
+def load_folder(path: str, image_size: int, channels: int = 3) -> FolderSource:
+    """The images under ``path`` as a :class:`FolderSource` (read lazily)."""
+    return FolderSource(path, image_size, channels)
 
 
 def load_folder_images(path: str, image_size: int, channels: int = 3) -> np.ndarray:
-    """All images under ``path`` (recursively, sorted by path), center-cropped and resized."""
-    return load_folder(path, image_size, channels).images
+    """All images under ``path`` (recursively, sorted by path), center-cropped and resized, read now:
+    for small folders (previews, tests); training reads a folder through :class:`FolderSource`."""
+    src = load_folder(path, image_size, channels)
+    return src.get(range(len(src)))
 
 
 def make_source(data_config):
@@ -220,6 +261,14 @@ def make_source(data_config):
                        data_config.image_size, data_config.get("crop", "center"))
 
 
+@functools.lru_cache(maxsize=4)
+def _permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of ``epoch``'s examples (cached: a loader reads each epoch's one image at a time)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    perm.setflags(write=False)
+    return perm
+
+
 def batch_indices(num_examples: int, global_batch: int, step: int, seed: int) -> np.ndarray:
     """Indices of the global batch of ``step``: a run of the stream of per-epoch permutations."""
     start = step * global_batch
@@ -227,7 +276,7 @@ def batch_indices(num_examples: int, global_batch: int, step: int, seed: int) ->
     filled = 0
     while filled < global_batch:
         epoch, offset = divmod(start + filled, num_examples)
-        perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+        perm = _permutation(num_examples, seed, epoch)
         take = min(global_batch - filled, num_examples - offset)
         out[filled:filled + take] = perm[offset:offset + take]
         filled += take
@@ -248,60 +297,102 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-class BatchLoader:
-    """This process's batches of consecutive steps, as :func:`process_batch` gives them, loaded ahead.
+class _ProcessRows:
+    """The indices a process reads, one element per image: element ``k`` is row ``k % per`` of this
+    process's rows of the global batch of step ``k // per`` (a grain random-access data source)."""
 
-    A source that decodes on read (:class:`RecordSource`: tfds, and any records) is read image by image
-    by ``workers`` threads (JPEG/PNG decoding and resizing release the GIL), ``prefetch`` steps ahead of
-    the one asked for; the threads only fill slots of batches whose indices are fixed in advance, so the
-    batches are exactly :func:`process_batch`'s whatever the number of workers. In-memory sources, and
-    ``workers=0``, load in the caller's thread. Steps must be asked for in order (a jump starts over).
+    def __init__(self, num_examples: int, global_batch: int, seed: int, process_index: int, process_count: int):
+        self.n, self.global_batch, self.seed = num_examples, global_batch, seed
+        self.per = global_batch // process_count
+        self.first = process_index * self.per
+
+    def __len__(self):
+        return 2 ** 62  # the stream of epochs does not end; the loader stops asking
+
+    def __getitem__(self, k) -> int:
+        step, row = divmod(int(k), self.per)
+        i = step * self.global_batch + self.first + row  # its position in the stream of epochs
+        epoch, offset = divmod(i, self.n)
+        return int(_permutation(self.n, self.seed, epoch)[offset])
+
+
+class _Read(grain.transforms.Map):
+    """Index -> the source's image (and label): the decoding, run by grain's workers."""
+
+    def __init__(self, source, labelled: bool):
+        self.source, self.labelled = source, labelled
+
+    def map(self, i):
+        if self.labelled:
+            x, y = self.source.get_labelled([i])
+            return x[0], y[0]
+        return self.source.get([i])[0]
+
+
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+    """In a grain worker: Ctrl-C is the training process's to act on (it saves a checkpoint, then stops the
+    workers); a worker that died of it would fail the steps read until then."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class BatchLoader:
+    """This process's batches of consecutive steps, exactly as :func:`process_batch` gives them.
+
+    A source that decodes on read (a :class:`FolderSource`, a :class:`RecordSource`: tfds) is read by a
+    grain pipeline over :class:`_ProcessRows`: ``workers`` worker processes each build whole batches, image
+    after image, about ``prefetch`` steps ahead of the one asked for; with 0 workers the calling process
+    reads each batch when it is asked for. Every batch is a function of its step, so it is the same
+    whatever the workers. In-memory sources are indexed in the caller's thread. Steps are asked for in
+    order; another step (a resumed run) starts the pipeline over at that step.
     """
 
     def __init__(self, source, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1, *,
                  labelled: bool = False, workers: int = 0, prefetch: int = 2):
-        self.source, self.labelled, self.prefetch = source, labelled, max(int(prefetch), 0)
+        self.source, self.labelled = source, labelled
+        self.workers, self.prefetch = int(workers), max(int(prefetch), 0)
         self._args = (global_batch, seed, process_index, process_count)
-        self._pool = None
-        if workers and getattr(source, "decodes_on_read", False):
-            from concurrent.futures import ThreadPoolExecutor
+        self._grain = getattr(source, "decodes_on_read", False)
+        self._iter, self._next = None, None
 
-            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ddim_jax-data")
-        self._pending: dict[int, list] = {}  # step -> one future per image
-
-    def _rows(self, step: int) -> np.ndarray:
+    def dataset(self, start: int = 0) -> "grain.MapDataset":
+        """The process's batches from step ``start`` on, as a grain ``MapDataset`` (element ``j``: step
+        ``start + j``)."""
         global_batch, seed, p, count = self._args
         per = global_batch // count
-        return batch_indices(len(self.source), global_batch, step, seed)[p * per:(p + 1) * per]
+        rows = grain.MapDataset.source(_ProcessRows(len(self.source), global_batch, seed, p, count))
+        images = rows.slice(slice(start * per, None)).map(_Read(self.source, self.labelled))
+        return images.batch(per, drop_remainder=True)
 
-    def _read_one(self, i):
-        return self.source.get_labelled([i]) if self.labelled else self.source.get([i])
+    def _start(self, step: int):
+        self.close()
+        # One image after another in each process: the worker processes are the parallelism (grain's reading
+        # threads on top of them were slower, benchmarks/RESULTS_accelerators.md).
+        ds = self.dataset(step).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        if self.workers > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain reads its flags in multiprocess mode: their defaults here
+                flags.FLAGS.mark_as_parsed()
+            buffer = max(1, math.ceil(self.prefetch / self.workers))
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=buffer),
+                                worker_init_fn=_ignore_interrupts)
+        self._iter = iter(ds)
 
     def __call__(self, step: int):
-        if self._pool is None:
+        if not self._grain:
             global_batch, seed, p, count = self._args
             return process_batch(self.source, global_batch, step, seed, p, count, labelled=self.labelled)
-        if step not in self._pending:
-            self._cancel()
-        for s in range(step, step + 1 + self.prefetch):
-            if s not in self._pending:
-                self._pending[s] = [self._pool.submit(self._read_one, i) for i in self._rows(s)]
-        parts = [f.result() for f in self._pending.pop(step)]
-        if self.labelled:
-            return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
-        return np.concatenate(parts)
-
-    def _cancel(self):
-        for futures in self._pending.values():
-            for f in futures:
-                f.cancel()
-        self._pending.clear()
+        if self._iter is None or step != self._next:
+            self._start(step)
+        batch = next(self._iter)
+        self._next = step + 1
+        # Plain arrays: a worker's batch arrives in shared memory, freed as soon as it is copied out.
+        return (np.array(batch[0]), np.array(batch[1])) if self.labelled else np.array(batch)
 
     def close(self):
-        if self._pool is not None:
-            self._cancel()
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        it, self._iter = self._iter, None
+        if it is not None and hasattr(it, "close"):
+            it.close()
 
     def __enter__(self):
         return self
