@@ -6,7 +6,9 @@ noise, as photographs decode), written to a temporary directory and read as a ``
 (``ddim_jax.data.FolderSource``): each image is opened and decoded with PIL when it is read, then
 center-cropped and resized to 256x256, the host's part of the training augment (the random flip runs on
 the device, in the train step). Each loader serves ``--steps`` consecutive global batches of ``--batch``
-images after one untimed step (its start: the workers' spawn is reported apart):
+images after one untimed step (its start: the workers' spawn is reported apart), in ``--repeats`` rounds
+over all loaders in turn (so that a shared machine's background load hits them alike), the median round
+reported:
 
 * ``threaded``: the loader before grain (kept here as the baseline): ``w`` threads read the batch's images
   ``prefetch`` steps ahead (0: in the caller's thread);
@@ -18,7 +20,7 @@ What a training step consumes: XLA's FLOP count of one train step of ``configs/p
 pipeline must feed one such device. That is an estimate, not a measurement.
 
     python benchmarks/input_pipeline.py [--images 256] [--batch 64] [--steps 6] [--workers 0,2,all]
-        [--loaders threaded,grain] [--tflops 300] [--skip_flops] [--json PATH] [--smoke]
+        [--loaders threaded,grain] [--repeats 3] [--tflops 300] [--skip_flops] [--json PATH] [--smoke]
 
 --smoke: 4 small JPEGs, batch 2, one step, 0 and 1 workers, the FLOPs of a tiny UNet's step: a quick test.
 """
@@ -120,6 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--workers", default="0,2,all")
     p.add_argument("--loaders", default="threaded,grain")
+    p.add_argument("--repeats", type=int, default=3, help="rounds over the loaders; the median round is reported")
     p.add_argument("--tflops", type=float, default=300.0)
     p.add_argument("--flops_batch", type=int, default=4)
     p.add_argument("--skip_flops", action="store_true")
@@ -127,7 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="a few small JPEGs, one step, a tiny UNet: a quick test")
     a = p.parse_args(argv)
     if a.smoke:
-        a.images, a.size, a.batch, a.steps, a.workers, a.flops_batch = 4, "64x64", 2, 1, "0,1", 2
+        a.images, a.size, a.batch, a.steps, a.workers, a.flops_batch, a.repeats = 4, "64x64", 2, 1, "0,1", 2, 1
     return a
 
 
@@ -144,11 +147,14 @@ def main(argv=None):
         print(f"{a.images} JPEGs of {height}x{width}, {sum(map(os.path.getsize, paths)) / len(paths) / 1024:.0f} KiB "
               f"each; global batch {a.batch}; {usable_cores()} usable cores; load average {os.getloadavg()[0]:.2f}; "
               f"checkout {git_revision()}")
-        print("| loader | workers | images/s | s per batch | start s |")
-        print("|---|---|---|---|---|")
+        print("| loader | workers | images/s (median) | s per batch | start s | images/s of each round |")
+        print("|---|---|---|---|---|---|")
         want = process_batch(source, a.batch, a.steps, 0, 0, 1)  # the last timed step, read directly
-        for kind in a.loaders.split(","):
-            for w in a.workers.split(","):
+        configs = [(kind, w) for kind in a.loaders.split(",") for w in a.workers.split(",")]
+        times = {c: [] for c in configs}
+        starts = {c: [] for c in configs}
+        for _ in range(a.repeats):  # rounds over all loaders in turn, so that background load hits them alike
+            for kind, w in configs:
                 workers = usable_cores() if w == "all" else int(w)
                 t0 = time.perf_counter()
                 if kind == "grain":
@@ -157,16 +163,21 @@ def main(argv=None):
                     loader = ThreadedLoader(source, a.batch, 0, workers=workers, prefetch=2)
                 with loader as load:
                     load(0)
-                    start = time.perf_counter() - t0
+                    starts[kind, w].append(time.perf_counter() - t0)
                     t0 = time.perf_counter()
                     for s in range(1, a.steps + 1):
                         batch = load(s)
-                    secs = time.perf_counter() - t0
+                    times[kind, w].append(time.perf_counter() - t0)
                 np.testing.assert_array_equal(batch, want)  # every loader serves the same batches
-                ips = a.steps * a.batch / secs
-                rows.append({"loader": kind, "workers": w, "images_per_s": ips, "s_per_batch": secs / a.steps,
-                             "start_s": start})
-                print(f"| {kind} | {w} ({workers}) | {ips:.0f} | {secs / a.steps:.3f} | {start:.1f} |", flush=True)
+        for kind, w in configs:
+            secs = float(np.median(times[kind, w]))
+            ips = a.steps * a.batch / secs
+            each = [a.steps * a.batch / t for t in times[kind, w]]
+            rows.append({"loader": kind, "workers": w, "images_per_s": ips, "s_per_batch": secs / a.steps,
+                         "start_s": float(np.median(starts[kind, w])), "images_per_s_each": each})
+            workers = usable_cores() if w == "all" else int(w)
+            print(f"| {kind} | {w} ({workers}) | {ips:.0f} | {secs / a.steps:.3f} | {np.median(starts[kind, w]):.1f} | "
+                  f"{', '.join(f'{x:.0f}' for x in each)} |", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     need = None
     if not a.skip_flops:
