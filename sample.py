@@ -8,6 +8,7 @@
     python sample.py --workdir=runs/digits --mode=fid --num_samples=2000 --fid_steps=10,20,50 --fid_etas=0,1
     python sample.py --workdir=runs/digits --steps=10 --solver=dpmpp_2m          # DPM-Solver++ (2M)
     python sample.py --workdir=runs/digits_cond --labels=3,7 --guidance=3        # class-conditional, guided
+    python sample.py --workdir=runs/big --mesh=-1,4     # parameters split over groups of 4 devices (FSDP)
     python sample.py --checkpoint=ckpt/cifar10 --mode=fid --inception_weights=pt_inception-2015-12-05-6726825d.pth
     python sample.py --checkpoint=sd15 --mode=text2img --prompt="a watercolor fox" --steps=30   # Stable Diffusion
     python sample.py --checkpoint=sd15 --mode=img2img --prompt="a fox, oil painting" --init_image=in.png --strength=0.6
@@ -68,6 +69,10 @@ flags.DEFINE_string("spacing", None, "Timestep spacing: uniform | quadratic | le
                     "| karras | exponential (default: the solver's, uniform for ddim and plms, trailing for dpmpp_*).")
 flags.DEFINE_integer("num_samples", None, "Number of samples N (default: 64; 50,000 in fid mode).")
 flags.DEFINE_integer("batch_size", 64, "Global batch size (a multiple of the device count).")
+flags.DEFINE_list("mesh", ["-1", "1"], "The devices as a (data, fsdp) mesh, as training.mesh: the batch is split "
+                  "over all of them, the parameters over the fsdp devices (by training's rule), e.g. 2,4 on 8 "
+                  "devices; one of them may be -1 (the devices left). The pipeline modes (text2img, img2img, "
+                  "inpaint) run on one device and take fsdp = 1 only.")
 flags.DEFINE_integer("seed", 0, "Seed of the latents x_T.")
 flags.DEFINE_string("output", None, "Output directory.")
 flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
@@ -140,6 +145,7 @@ class Settings:
     lora_scale: float = 1.0
     height: int | None = None  # text2img's image size (default: the model's)
     width: int | None = None
+    mesh: tuple[int, int] | None = None  # --mesh as (data, fsdp) device counts (None: all devices on data)
 
     @classmethod
     def from_flags(cls) -> "Settings":
@@ -185,8 +191,13 @@ class Settings:
             raise ValueError(f"--guidance must be a finite number (1 = no guidance); got {FLAGS.guidance}")
         if FLAGS.guidance is not None and labels is None:
             raise ValueError("--guidance needs classes to guide towards; --labels=none is the unconditional model")
+        mesh = _mesh(FLAGS.mesh)
+        if mode.prompts and mesh[1] > 1:
+            sharded = ", ".join(n for n, m in MODES.items() if not m.prompts)
+            raise ValueError(f"--mesh={','.join(FLAGS.mesh)}: --mode={FLAGS.mode} runs on one device (fsdp = 1); "
+                             f"--mesh with fsdp > 1 applies to the {sharded} modes")
         inputs = _pipeline_inputs(mode)
-        return cls(mode=FLAGS.mode, model_path=FLAGS.workdir or FLAGS.checkpoint,
+        return cls(mesh=mesh, mode=FLAGS.mode, model_path=FLAGS.workdir or FLAGS.checkpoint,
                    from_workdir=FLAGS.workdir is not None, step=FLAGS.step, num=num, steps=FLAGS.steps,
                    solver=FLAGS.solver, eta=eta, sigma_hat=sigma_hat,
                    spacing=FLAGS.spacing, seed=FLAGS.seed, batch_size=FLAGS.batch_size, labels=labels,
@@ -418,6 +429,19 @@ def _parse_labels(text: str):
         return tuple(int(v) for v in value.split(","))
     except ValueError:
         raise ValueError(f"--labels must be 'all', 'none' or comma-separated class numbers; got {text!r}") from None
+
+
+def _mesh(values) -> tuple[int, int]:
+    """--mesh as ``(data, fsdp)`` device counts, checked by training.mesh's rule (one line naming the flag)."""
+    import jax
+
+    from ddim_jax.config import mesh_shape
+
+    shape = tuple(int(v) if v.strip().lstrip("+-").isdigit() else v for v in values)
+    try:
+        return mesh_shape(shape, jax.device_count())
+    except ValueError as e:  # "training.mesh must be (data, fsdp): ...; got (3, 2)"
+        raise ValueError("--mesh" + str(e).removeprefix("training.mesh")) from None
 
 
 def _int_list(name, values) -> tuple[int, ...]:
@@ -767,12 +791,13 @@ def run():
     from ddim_jax.parallel import on_main
 
     s = Settings.from_flags()  # flag errors before loading anything
-    model = loading.load_model(s.model_path, step=s.step, dtype=s.dtype)
+    model = loading.load_model(s.model_path, step=s.step, dtype=s.dtype, mesh=s.mesh)
     s.check_model(model)
     mode = MODES[s.mode]
     paths = [os.path.join(s.out, name) for name in mode.outputs]
-    print(f"model: {model.source}; {jax.device_count()} {jax.devices()[0].platform} device(s), "
-          f"{jax.process_count()} process(es)", flush=True)
+    data, fsdp = model.mesh.devices.shape
+    print(f"model: {model.source}; {jax.device_count()} {jax.devices()[0].platform} device(s) (mesh data {data} x "
+          f"fsdp {fsdp}), {jax.process_count()} process(es)", flush=True)
     with contextlib.ExitStack() as claim:  # process 0 writes, so it alone holds the output directory
         on_main(lambda: claim.enter_context(claim_output(s.out)), "claiming --output")
         on_main(lambda: _refuse_existing(paths, s.overwrite), "checking --output")

@@ -1,10 +1,12 @@
 """The paper's experiments on a trained model: sampling, consistency, interpolation, the x0
 sequence, reconstruction (Table 2) and FID (Table 1). ``sample.py`` is the command line over these.
 
-Every batch is sharded over all devices of all hosts; x_T of sample ``i`` is drawn from
-``fold_in(key(seed), i)``, so a seed gives the same images whatever the device count and batch size
-(with eta > 0 the per-step noise is drawn per batch, so it depends on the batch size, not on the
-device count).
+Every batch is sharded over all devices of all hosts, on the model's ``('data', 'fsdp')`` mesh; the
+parameters are split over ``'fsdp'`` as in training (:func:`ddim_jax.parallel.fsdp_spec`) and the compiled
+samplers, given arrays in those shardings, gather them where the network needs them. x_T of sample ``i`` is
+drawn from ``fold_in(key(seed), i)``, so a seed gives the same images whatever the device count, mesh
+shape and batch size (with eta > 0 the per-step noise is drawn per batch, so it depends on the batch size,
+not on the device count or mesh; with ``fsdp > 1`` the images agree to float32 round-off).
 
 Class-conditional models take ``labels`` (one per sample, see :func:`class_labels`; None = the
 unconditional model) and an optional classifier-free ``guidance`` scale (1 = no guidance) in every
@@ -31,7 +33,7 @@ from ddim_jax import files
 from ddim_jax.conditioning import check_labels
 from ddim_jax.images import from_uint8, save_grid, to_uint8
 from ddim_jax.models import ModelSpec, compute_dtype
-from ddim_jax.parallel import gather_rows, pad_rows, replicated, round_up, shard_rows
+from ddim_jax.parallel import as_train_mesh, fsdp_shardings, gather_rows, pad_rows, round_up, shard_rows
 from ddim_jax.sampling import ddim_encode, ddim_sample, slerp
 from ddim_jax.schedules import Schedule
 from ddim_jax.solvers import resolve_spacing, sample
@@ -39,9 +41,12 @@ from ddim_jax.solvers import resolve_spacing, sample
 
 @dataclasses.dataclass
 class Model:
-    """A trained network ready to sample: its spec and its params, replicated over ``mesh``; the
-    network computes in ``dtype`` (``"bfloat16"`` on accelerators: about half the memory traffic; the
-    sampler's own arithmetic stays float32)."""
+    """A trained network ready to sample: its spec and its params on ``mesh``, a ``('data', 'fsdp')`` mesh
+    (:func:`ddim_jax.parallel.train_mesh`; a 1-D ``'data'`` mesh is taken as ``fsdp = 1``): each array split
+    over ``'fsdp'`` by :func:`ddim_jax.parallel.fsdp_spec`, the training rule, and replicated over ``'data'``
+    (all replicated when ``fsdp = 1``); batches are split over all the devices. The network computes in
+    ``dtype`` (``"bfloat16"`` on accelerators: about half the memory traffic; the sampler's own arithmetic
+    stays float32)."""
 
     spec: ModelSpec
     params: Any
@@ -50,7 +55,8 @@ class Model:
 
     def __post_init__(self):
         compute_dtype(self.dtype)  # a bad name fails here
-        self.params = jax.device_put(self.params, replicated(self.mesh))
+        self.mesh = as_train_mesh(self.mesh)
+        self.params = jax.device_put(self.params, fsdp_shardings(self.params, self.mesh))
         self.schedule: Schedule = self.spec.make_schedule()
         self.clip_x0 = 1.0 if self.spec.autoencoder is None else None  # the paper's clipping, in pixel space only
         self._decode = jax.jit(self.spec.decode)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Sequence
 
 from ddim_jax import models
 from ddim_jax.experiments import Model
-from ddim_jax.parallel import make_mesh
+from ddim_jax.parallel import train_mesh
 from ddim_jax.training import checkpoints
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,9 @@ def load(path, *, step: int | None = None, use_ema: bool = True) -> tuple[models
 
 
 def load_model(path, *, step: int | None = None, use_ema: bool = True, devices=None,
-               dtype: str = "float32") -> Model:
+               dtype: str = "float32", mesh: Sequence[int] | None = None) -> Model:
     """A model directory or a training workdir (see :func:`load`) ready to sample on ``devices``,
-    computing in ``dtype``."""
+    computing in ``dtype``, on a ``(data, fsdp)`` ``mesh`` of them (default: all on ``'data'``, parameters
+    replicated; ``fsdp > 1`` splits them as training does, :func:`ddim_jax.parallel.fsdp_spec`)."""
     spec, params = load(path, step=step, use_ema=use_ema)
-    return Model(spec, params, make_mesh(devices), dtype)
+    return Model(spec, params, train_mesh(devices, mesh), dtype)

@@ -1,10 +1,10 @@
 """The device meshes and moving batches between the host and the devices.
 
-Sampling runs on a 1-D mesh named ``'data'`` over every device of every host (:func:`make_mesh`).
-Training runs on a 2-D mesh ``('data', 'fsdp')`` (:func:`train_mesh`): the batch's rows are split
-over all its devices (both axes, :data:`BATCH_AXES`), and the parameters, their EMA and Adam's moments
-are split over ``'fsdp'`` (:func:`fsdp_spec` says how, from each array's shape) and replicated over
-``'data'``; with ``fsdp = 1`` everything is replicated, which is plain data parallelism.
+Training and sampling run on a 2-D mesh ``('data', 'fsdp')`` (:func:`train_mesh`; a 1-D ``'data'`` mesh,
+:func:`make_mesh`, counts as ``fsdp = 1``): the batch's rows are split over all its devices (both axes,
+:data:`BATCH_AXES`), and the parameters (and in training their EMA and Adam's moments) are split over
+``'fsdp'`` (:func:`fsdp_spec` says how, from each array's shape) and replicated over ``'data'``; with
+``fsdp = 1`` everything is replicated, which is plain data parallelism.
 A batch whose size does not divide by the device count is padded, sharded, and unpadded after the
 gather; :func:`shard_rows` and :func:`gather_rows` are the one place that does it.
 """
@@ -92,8 +92,19 @@ def fsdp_specs(tree, mesh: jax.sharding.Mesh):
     return jax.tree.map(lambda x: fsdp_spec(x.shape, fsdp), tree)
 
 
+def fsdp_shardings(tree, mesh: jax.sharding.Mesh):
+    """The NamedSharding on ``mesh`` of each array of ``tree`` (:func:`fsdp_specs`)."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), fsdp_specs(tree, mesh))
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """A batch's rows split over every device of ``mesh``: over ``'data'`` on a 1-D mesh, over
+    :data:`BATCH_AXES` (``'data'`` major) on a training mesh."""
+    return NamedSharding(mesh, P("data") if tuple(mesh.axis_names) == ("data",) else P(BATCH_AXES))
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -108,11 +119,11 @@ def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 
 def shard_rows(x: np.ndarray, mesh: jax.sharding.Mesh) -> tuple[jax.Array, int]:
     """``x`` (the same full array on every process) padded with zero rows to a multiple of the mesh
-    size and sharded over its first axis: ``(array, number of real rows)``."""
+    size and sharded over its first axis (:func:`batch_sharding`): ``(array, number of real rows)``."""
     x = np.asarray(x)
     n = len(x)
     x = pad_rows(x, round_up(max(n, 1), mesh.devices.size))
-    return jax.device_put(x, NamedSharding(mesh, P("data"))), n
+    return jax.device_put(x, batch_sharding(mesh)), n
 
 
 def gather_rows(x: jax.Array, n: int | None = None) -> np.ndarray:
