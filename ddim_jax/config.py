@@ -27,6 +27,8 @@ RESUMABLE_CHANGES = ("training.num_steps", "training.log_every", "training.sampl
                      "data.data_dir", "data.num_workers", "data.prefetch")
 
 CROPS = ("center", "celeba", "none")
+# What training.lora.targets may name: the denoiser's kernels that get low-rank adapters.
+LORA_TARGETS = ("attention", "feed_forward", "conv1x1", "conv3x3")
 MAX_PREFETCH = 64  # steps of batches loaded ahead (each is a whole global batch in host memory)
 
 
@@ -106,6 +108,14 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     t.num_sample_images = 64
     t.sample_steps = 50  # DDIM steps for the sample grids
     t.max_nonfinite = 10  # stop after this many non-finite losses in a row
+    # Fine-tuning: '' = random initial weights; else a model directory or a training workdir whose model the
+    # run starts from (its architecture, schedule and autoencoder: model fields left at their defaults are
+    # filled from it, others must agree; ddim_jax.training.finetune).
+    t.init_from = ""
+    t.lora = lo = ml_collections.ConfigDict()  # low-rank adapters on the init model's frozen kernels
+    lo.rank = config_dict.placeholder(int)  # None = no LoRA (the whole network trains)
+    lo.alpha = config_dict.placeholder(float)  # the update is alpha / rank * B @ A; None = alpha is the rank
+    lo.targets = ("attention",)  # of LORA_TARGETS: attention projections, feed_forward, conv1x1, conv3x3
     return c
 
 
@@ -323,7 +333,8 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
         check(arch, lambda ok, field, what: need(ok, f"model.{field}", what))
     need(t.remat is False or entry.remat, "training.remat", f"False (remat is not offered for {kind})")
     _CHECKS[goal](config, need)
-    if goal == "diffusion" and config.latent.autoencoder:
+    _check_finetune(config, goal)
+    if goal == "diffusion" and (config.latent.autoencoder or t.init_from):
         return  # the model's shape is the autoencoder's latents': checked once it is read (training.run)
     spec_from_config(config)  # the model block's own checks (kind, arguments, schedule)
 
@@ -372,6 +383,29 @@ def _check_autoencoder(config, need) -> None:
          ">= 16 with an LPIPS term (VGG16 pools the images 4 times)")
 
 
+def _check_finetune(config, goal: str) -> None:
+    t = config["training"]
+    lo = t.lora
+    if not isinstance(t.init_from, str):
+        raise ValueError(f"training.init_from must be '' (random initial weights) or the path of a model directory "
+                         f"or training workdir; got {t.init_from!r}")
+    if t.init_from and goal != "diffusion":
+        raise ValueError(f"training.init_from must be '' for a {goal} run (fine-tuning applies to diffusion models)")
+    if lo.rank is not None and not (_int(lo.rank) and lo.rank >= 1):
+        raise ValueError(f"training.lora.rank must be None (no LoRA) or a positive integer; got {lo.rank!r}")
+    if lo.alpha is not None and not (_real(lo.alpha) and lo.alpha > 0):
+        raise ValueError(f"training.lora.alpha must be None (the rank) or a finite number > 0; got {lo.alpha!r}")
+    targets = lo.targets
+    if (not isinstance(targets, (tuple, list)) or not targets or len(set(targets)) != len(targets)
+            or any(x not in LORA_TARGETS for x in targets)):
+        bad = next((x for x in targets if x not in LORA_TARGETS), None) if isinstance(targets, (tuple, list)) else None
+        raise ValueError(f"training.lora.targets must be distinct names from {', '.join(LORA_TARGETS)}; got "
+                         f"{(bad if bad is not None else targets)!r}")
+    if lo.rank is not None and not t.init_from:
+        raise ValueError("training.lora.rank needs training.init_from: the model whose frozen weights the adapters "
+                         "adapt")
+
+
 _CHECKS = {"diffusion": _check_diffusion, "autoencoder": _check_autoencoder}
 
 
@@ -392,7 +426,7 @@ def spec_from_config(config, *, autoencoder: ModelSpec | None = None, scale_fact
         schedule.update(beta_start=f["beta_start"], beta_end=f["beta_end"])
     size, channels, latent = data["image_size"], data["channels"], {}
     lat = d.get("latent") or {}
-    if lat.get("autoencoder"):
+    if lat.get("autoencoder") or autoencoder is not None:  # (a latent training.init_from's autoencoder: the latter)
         if autoencoder is None:
             raise ValueError(f"the autoencoder {lat['autoencoder']!r} of this latent config has not been read yet "
                              "(ddim_jax.training.run.resolve reads it)")

@@ -14,7 +14,8 @@ PyTorch files are not):
   ``lora_te_<module>...`` for the text encoder; alpha = r without an ``.alpha`` (or with an alpha of 0).
 
 ``<module>`` is diffusers' ``UNet2DConditionModel`` module path (``down_blocks.0.attentions.0.transformer_blocks.0
-.attn1.to_q``) or transformers' ``CLIPTextModel`` one (``text_model.encoder.layers.0.self_attn.q_proj``, with or
+.attn1.to_q``; for a DDPM UNet, kind ``unet``, ``UNet2DModel``'s, as :mod:`ddim_jax.training.adapters` writes
+them) or transformers' ``CLIPTextModel`` one (``text_model.encoder.layers.0.self_attn.q_proj``, with or
 without ``text_model.``), resolved against the model's own parameters through the key functions of the
 converters' table (:data:`ddim_jax.convert.kinds.CONVERTERS`, the model's kind and its text encoder's). Text-encoder
 entries need a model converted with its text encoder (``params["text_encoder"]``).
@@ -48,6 +49,7 @@ from ddim_jax.state_dicts import ConversionError, one_line, to_numpy
 __all__ = ["Lora", "LoraModule", "add_delta", "apply_lora", "lora_delta", "parse_lora", "read_lora"]
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' adapter configs in a safetensors header, as JSON
+LORA_KINDS = ("unet2d_condition", "unet")  # the kinds whose diffusers module paths LoRA files name
 
 # diffusers / peft keys: <module>.<suffix> -> which matrix.
 _DIFFUSERS_SUFFIXES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down",
@@ -256,9 +258,9 @@ def _targets(spec: ModelSpec) -> dict[str, dict]:
     key maps: ``{part: {module path: (our param path, kernel shape)}}`` for the parts ``"unet"`` (diffusers'
     ``UNet2DConditionModel`` paths) and, with a text encoder, ``"text_encoder"`` (transformers' ``CLIPTextModel``
     paths, with and without its ``text_model.`` level), and ``{"kohya:" + part: {kohya name: module path}}``."""
-    if spec.kind != "unet2d_condition":
-        raise ConversionError(f"LoRA files apply to Stable Diffusion UNets (kind unet2d_condition); this model is "
-                              f"a {spec.kind}")
+    if spec.kind not in LORA_KINDS:
+        raise ConversionError(f"LoRA files apply to Stable Diffusion UNets (kind unet2d_condition) and DDPM UNets "
+                              f"(kind unet, diffusers' UNet2DModel); this model is a {spec.kind}")
     key = json.dumps(spec.architecture(), sort_keys=True)
     if key not in _TARGETS:
         shapes = spec.param_shapes()

@@ -349,7 +349,8 @@ def test_bad_files_are_refused_in_one_line(setup, tmp_path):
 
 
 def test_another_kind_of_model_is_refused(setup):
-    spec = ModelSpec("unet", {"ch": 32, "ch_mult": (1, 2), "norm_groups": 8}, 8, 3,
-                     {"name": "linear", "num_timesteps": 1000}, "epsilon")
-    with pytest.raises(convert.ConversionError, match="apply to Stable Diffusion UNets .* this model is a unet"):
+    spec = ModelSpec("cross_attention_unet", {}, 8, 1, {"name": "linear", "num_timesteps": 1000}, "epsilon",
+                     num_classes=10)
+    with pytest.raises(convert.ConversionError,
+                       match="apply to Stable Diffusion UNets .* this model is a cross_attention_unet"):
         lora.lora_delta(spec, setup["root"] / "lora" / WEIGHTS)

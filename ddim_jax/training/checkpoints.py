@@ -27,6 +27,8 @@ from ddim_jax import files
 from ddim_jax.config import config_differences, flatten, to_dict
 from ddim_jax.models import ModelSpec
 from ddim_jax.parallel import host, host_tree, make_mesh
+from ddim_jax.training import adapters
+from ddim_jax.training.finetune import load_base_copy
 from ddim_jax.training.latent import load_copy
 from ddim_jax.training import run as run_lib
 from ddim_jax.training.state import TrainState, abstract_state
@@ -352,5 +354,7 @@ def load_params(workdir: str, *, step: int | None = None, use_ema: bool = True) 
     frozen = {}
     if spec.autoencoder is not None:
         frozen = load_copy(workdir)
+    if adapters.enabled(saved.config):
+        frozen = dict(frozen, base=load_base_copy(workdir))
     params = saved.objective.model_params(state.ema_params if use_ema else state.params, frozen)
     return spec, host_tree(params)

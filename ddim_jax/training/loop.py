@@ -30,7 +30,7 @@ from ddim_jax import files, models
 from ddim_jax.config import config_differences, mesh_shape, to_dict
 from ddim_jax.images import save_grid
 from ddim_jax.parallel import BATCH_AXES, data_mesh, gather_host_tree, host, on_main, train_mesh
-from ddim_jax.training import latent
+from ddim_jax.training import adapters, finetune, latent
 from ddim_jax.training import run as run_lib
 from ddim_jax.training.checkpoints import Checkpointer, resume
 from ddim_jax.training.memory import check_fits, memory_plan
@@ -116,6 +116,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
 
 # What files.atomic_write and files.replace_dir leave beside their targets when the process is killed.
 _LEFTOVER = re.compile(rf"\.({re.escape(models.EXPORT_DIR)}|{re.escape(latent.COPY_DIR)}|config\.json|run\.json|"
+                       rf"{re.escape(adapters.BASE_DIR)}|{re.escape(adapters.LORA_FILE)}|"
                        rf"{re.escape(METRICS)})\..+\.(tmp|old)")
 
 
@@ -172,6 +173,8 @@ def _train_locked(run, workdir, mesh, is_main, allow_config_change, progress) ->
         if run.first_stage is not None:
             on_main(lambda: latent.save_copy(workdir, run.first_stage, run.record.scale_factor),
                     "copying the autoencoder")
+        if run.start is not None and run.start.base is not None:
+            on_main(lambda: finetune.save_base_copy(workdir, run.start), "copying the LoRA run's base model")
         on_main(lambda: files.write_json(os.path.join(workdir, run_lib.RECORD_FILE), run.record.to_dict()),
                 "writing run.json")
         on_main(lambda: files.write_json(cfg_path, cfg_dict), "writing config.json")
@@ -218,7 +221,11 @@ def _loop(run, workdir, mesh, is_main, progress, source, ckpt, state, frozen) ->
     k, last = t_cfg.steps_per_dispatch, t_cfg.num_steps
     conditional = spec.num_classes is not None
 
-    writing = None  # (step, its EMA model on the host) of the checkpoint being written in the background
+    writing = None  # (step, its EMA model, a LoRA run's EMA adapters, on the host) of the checkpoint being written
+    # A LoRA run exports the merged model (workdir/model) and, for a kind with a diffusers counterpart, its
+    # EMA adapters in diffusers' LoRA format beside it (workdir/lora.safetensors).
+    lora = adapters.enabled(config)
+    lora_file = lora and adapters.has_lora_format(spec)
 
     def checkpoint(step):
         nonlocal writing
@@ -226,7 +233,8 @@ def _loop(run, workdir, mesh, is_main, progress, source, ckpt, state, frozen) ->
         ckpt.save(state, {"step": step, "data_position": step, "seed": t_cfg.seed,
                           "global_batch": t_cfg.batch_size, "config": cfg_dict, "record": run.record.to_dict()})
         # The EMA model on the host, assembled from its shards (the next step donates the state's buffers).
-        writing = step, gather_host_tree(objective.model_params(state.ema_params, frozen))
+        writing = (step, gather_host_tree(objective.model_params(state.ema_params, frozen)),
+                   gather_host_tree(state.ema_params) if lora else None)
 
     def commit():
         """Waits for the checkpoint being written; once it has committed, writes its checksums and exports
@@ -235,11 +243,11 @@ def _loop(run, workdir, mesh, is_main, progress, source, ckpt, state, frozen) ->
         nonlocal writing
         if writing is None:
             return
-        (step, params), writing = writing, None
+        (step, params, lora_params), writing = writing, None
         ckpt.wait()
-        on_main(lambda: export(step, params), "exporting the model")
+        on_main(lambda: export(step, params, lora_params), "exporting the model")
 
-    def export(step, params):
+    def export(step, params, lora_params):
         ckpt.seal(step)
         info = dict(spec.info, source=f"{os.path.abspath(workdir)} (step {step}, EMA params)", step=step)
         path = os.path.join(workdir, models.EXPORT_DIR)
@@ -247,6 +255,8 @@ def _loop(run, workdir, mesh, is_main, progress, source, ckpt, state, frozen) ->
             models.save(path, dataclasses.replace(spec, info=info), params, overwrite=True)
         except SafetensorError as e:  # safetensors' word for a failed write (a full disk, ...)
             raise OSError(f"writing the model to {path} failed: {e}") from None
+        if lora_params is not None and lora_file:
+            adapters.save_lora(os.path.join(workdir, adapters.LORA_FILE), spec, lora_params, objective.alpha)
 
     workers = config.data.num_workers if config.data.num_workers >= 0 else data_lib.usable_cores()
     loader = data_lib.BatchLoader(source, t_cfg.batch_size, t_cfg.seed, jax.process_index(), jax.process_count(),

@@ -28,7 +28,8 @@ step's ``shard_map`` on the whole parameters (``lax.pmean`` over the batch's axe
 value is differentiated, the metrics (``loss`` is the value unless the objective reports its own) are
 averaged over devices and logged. ``frozen`` holds the parameters the run uses but does not train (a
 latent model's autoencoder: ``{"autoencoder": ...}``; an autoencoder's LPIPS network: ``{"lpips": ...}``;
-else ``{}``); ``model_params(params, frozen)`` is the model a run exports.
+else ``{}``; a LoRA run's frozen base network: ``{"base": ...}``, :mod:`ddim_jax.training.adapters`);
+``model_params(params, frozen)`` is the model a run exports.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from ddim_jax.conditioning import Conditioning
 from ddim_jax.diffusion import per_example_loss
 from ddim_jax.models import ModelSpec
 from ddim_jax.parallel import BATCH_AXES, round_up
+from ddim_jax.training import adapters
 from ddim_jax.training.perceptual import enabled as perceptual_enabled
 
 
@@ -251,4 +253,5 @@ def make_objective(config, spec: ModelSpec, model=None):
     ``training.compute_dtype``, rematerialised with ``training.remat``)."""
     if model is None:
         model = spec.build(config.training.compute_dtype, config.training.remat)
-    return OBJECTIVES[kinds.get(spec.kind).objective](config, spec, model)
+    objective = OBJECTIVES[kinds.get(spec.kind).objective](config, spec, model)
+    return adapters.LoraObjective(objective, config) if adapters.enabled(config) else objective

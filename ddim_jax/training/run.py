@@ -23,7 +23,7 @@ import ml_collections
 
 from ddim_jax import models
 from ddim_jax.config import flatten, spec_from_config, to_dict, validate_config, with_defaults
-from ddim_jax.training import latent, perceptual
+from ddim_jax.training import finetune, latent, perceptual
 from ddim_jax.training.objectives import make_objective
 
 RECORD_FILE = "run.json"
@@ -37,6 +37,9 @@ class Record:
     autoencoder_sha256: str = ""
     scale_factor: float = 0.0  # the latents' scale factor (given or estimated); 0 = not known yet
     lpips_sha256: str = ""
+    init_from: str = ""  # training.init_from's model: its absolute path, spec (to_dict(), no info) and params digest
+    init_spec: Mapping[str, Any] | None = None
+    init_sha256: str = ""
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -81,35 +84,52 @@ class Run:
     objective: Any
     frozen: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     first_stage: latent.FirstStage | None = None
+    start: finetune.Start | None = None  # training.init_from's model (ddim_jax.training.finetune)
 
     def with_scale(self, scale: float) -> "Run":
         """This run with the latents' scale factor (estimated once the data is open)."""
         return build(self.config, dataclasses.replace(self.record, scale_factor=float(scale)), self.frozen,
-                     self.first_stage)
+                     self.first_stage, self.start)
+
+    @property
+    def init_params(self):
+        """The trainable params a fine-tuning run starts from (None: the objective's random init, or the
+        adapters' of a LoRA run)."""
+        if self.start is None or self.start.base is not None or self.start.init.params is None:
+            return None
+        return self.start.init.network_params()
 
 
 def resolve(config, workdir: str | None = None, *, num_devices: int = 1, num_processes: int = 1) -> Run:
     """Reads what ``config`` names (from the run's own copies in ``workdir`` where it has them), validates
     it for ``num_devices`` over ``num_processes``, and builds its spec and objective. Writes nothing."""
-    first = latent.resolve(config, workdir)
+    start = finetune.resolve(config, workdir)
+    if start is not None:
+        config = start.config  # its model fields filled from the init model (ddim_jax.training.finetune)
     validate_config(config, num_devices, num_processes)
+    first = latent.resolve(config, workdir) if start is None else start.first_stage
     frozen, lpips_sha256 = perceptual.resolve(config)
     record = Record(lpips_sha256=lpips_sha256)
+    if start is not None:
+        record = dataclasses.replace(record, init_from=start.init.path, init_sha256=start.init.sha256,
+                                     init_spec={k: v for k, v in start.init.spec.to_dict().items() if k != "info"})
+        if start.base is not None:
+            frozen = dict(frozen, base=start.base)
     if first is not None:
         frozen = dict(frozen, autoencoder=first.params)
         record = dataclasses.replace(
             record, autoencoder={k: v for k, v in first.spec.to_dict().items() if k != "info"},
             autoencoder_sha256=first.sha256, scale_factor=float(config.latent.scale_factor or first.scale_factor or 0))
-    return build(config, record, frozen, first)
+    return build(config, record, frozen, first, start)
 
 
-def build(config, record: Record | None = None, frozen=None, first_stage=None) -> Run:
+def build(config, record: Record | None = None, frozen=None, first_stage=None, start=None) -> Run:
     """The :class:`Run` of an already validated config and its record (a checkpoint's, to read it back)."""
     record = record or Record()
     ae = None if record.autoencoder is None else models.ModelSpec.from_dict(record.autoencoder)
     spec = spec_from_config(config, autoencoder=ae, scale_factor=record.scale_factor or None)
     objective = make_objective(config, spec)
-    return Run(config, record, spec, objective, dict(frozen or {}), first_stage)
+    return Run(config, record, spec, objective, dict(frozen or {}), first_stage, start)
 
 
 def from_saved(meta: Mapping[str, Any]) -> Run:

@@ -86,8 +86,8 @@ def ema_decay_at(step, decay: float, warmup: bool):
 def _init_fn(run):
     objective, tx = run.objective, make_optimizer(run.config)
 
-    def init(key):
-        params = objective.init(key)
+    def init(key, start=None):  # start: the params a fine-tuning run starts from (ddim_jax.training.finetune)
+        params = objective.init(key) if start is None else start
         z = jnp.zeros((), jnp.int32)
         return TrainState(step=z, params=params, ema_params=params, opt_state=tx.init(params),
                           nonfinite_in_a_row=z, nonfinite_total=z)
@@ -120,12 +120,16 @@ def state_shardings(run, mesh) -> TrainState:
 
 def init_state(run, mesh) -> TrainState:
     """The initial state of a :class:`~ddim_jax.training.run.Run`, created directly in its sharding on
-    ``mesh`` (compiled once per architecture and mesh)."""
-    key = (_init_key(run), _mesh_key(mesh), "init")
+    ``mesh`` (compiled once per architecture and mesh): random params, or a fine-tuning run's init model's
+    (``run.init_params``)."""
+    start = getattr(run, "init_params", None)
+    key = (_init_key(run), _mesh_key(mesh), "init" if start is None else "init_from")
     if key not in _CACHE:
         _CACHE[key] = jax.jit(_init_fn(run), out_shardings=state_shardings(run, mesh),
                               compiler_options=run_once_options(mesh.devices.flat[0].platform))
-    return _CACHE[key](jax.random.key(run.config.training.seed))
+    if start is None:
+        return _CACHE[key](jax.random.key(run.config.training.seed))
+    return _CACHE[key](jax.random.key(run.config.training.seed), jax.tree.map(jnp.asarray, start))
 
 
 def abstract_state(run, mesh) -> TrainState:
