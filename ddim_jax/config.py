@@ -66,8 +66,8 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     d.channels = 1
     d.crop = "center"  # 'center', 'celeba' or 'none' (tfds and folder sources)
     d.random_flip = False  # digits are not mirror-symmetric; the paper's datasets flip (paper_config)
-    d.num_workers = -1  # threads decoding tfds images ahead of the step (-1 = the usable cores, 0 = in the loop)
-    d.prefetch = 2  # steps loaded ahead by those threads
+    d.num_workers = -1  # grain worker processes reading folder/tfds images (-1 = the usable cores, 0 = in process)
+    d.prefetch = 2  # steps loaded ahead by those workers
 
     c.model = model  # the network's architecture (ddim_jax.kinds: the kind's module fields)
 
