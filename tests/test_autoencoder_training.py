@@ -84,13 +84,14 @@ def test_loss_terms_and_the_discriminator_switch():
     params = jax.jit(obj.init, compiler_options=models.run_once_options("cpu"))(jax.random.key(0))
     x0 = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (4, 16, 16, 1)), jnp.float32)
     keys = jax.random.split(jax.random.key(2), 4)
-    # One device's loss, inside a mapped axis named 'data' (the objective averages over it).
-    value_and_grad = jax.jit(jax.vmap(jax.value_and_grad(
-        lambda p, step: obj.loss(p, {}, x0, None, keys, step, None), has_aux=True), (None, 0), axis_name="data"))
+    # One device's loss, inside the mapped batch axes 'data' and 'fsdp' (the objective averages over them).
+    value_and_grad = jax.jit(jax.vmap(jax.vmap(jax.value_and_grad(
+        lambda p, step: obj.loss(p, {}, x0, None, keys, step, None), has_aux=True), (None, None), axis_name="fsdp",
+        axis_size=1), (None, 0), axis_name="data"))
     l1, kl, adv, weight = jax.jit(lambda p: _loss_terms(config, p, x0, keys))(params)
     pixels = 16 * 16
     for step in (4, 5):  # the discriminator's terms switch on at disc_start = 5
-        (_, m), grads = jax.tree.map(lambda a: a[0], value_and_grad(params, jnp.array([step], jnp.int32)))
+        (_, m), grads = jax.tree.map(lambda a: a[0, 0], value_and_grad(params, jnp.array([step], jnp.int32)))
         on = float(step >= 5)
         np.testing.assert_allclose(m["rec_loss"], l1, rtol=1e-5)
         np.testing.assert_allclose(m["kl"], kl, rtol=1e-4)

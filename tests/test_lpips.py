@@ -196,9 +196,10 @@ def test_the_objective_adds_the_perceptual_term(weights):
         return l1(ae), p(ae), weight, nll(ae) + 1e-6 * kl / 256 + weight * adv(ae)
 
     l1, p, weight, total = by_hand(ae, frozen)
-    loss = jax.jit(jax.vmap(lambda p, f: obj.loss(p, f, x0, None, keys, jnp.int32(0), None)[1], (None, None),
-                            axis_name="data", axis_size=1))
-    m = jax.tree.map(lambda a: a[0], loss(params, frozen))
+    one = lambda p, f: obj.loss(p, f, x0, None, keys, jnp.int32(0), None)[1]  # noqa: E731
+    for axis in ("fsdp", "data"):  # the step's batch axes, which the objective averages over
+        one = jax.vmap(one, (None, None), axis_name=axis, axis_size=1)
+    m = jax.tree.map(lambda a: a[0, 0], jax.jit(one)(params, frozen))
     np.testing.assert_allclose(m["rec_loss"], l1, rtol=1e-5)
     np.testing.assert_allclose(m["p_loss"], p, rtol=1e-5)
     assert m["p_loss"] > 0.01  # LPIPS is a sizeable part of the loss, so a missing term would show
