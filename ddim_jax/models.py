@@ -432,7 +432,7 @@ class ModelSpec:
                                  f"got {np.shape(concat)}")
             concat = jnp.asarray(concat, jnp.float32)
         if kinds.get(self.kind).conditioning == "context":
-            return Conditioning(context=self._context(y, "y"), concat=concat)
+            return Conditioning(context=self.check_context(y, "y"), concat=concat)
         if self.num_classes is None:
             if y is not None:
                 raise ValueError("this model is unconditional: labels and guidance do not apply")
@@ -447,7 +447,7 @@ class ModelSpec:
         if kinds.get(self.kind).conditioning == "context":
             if null_context is None:
                 raise ValueError("guidance needs null_context: the context of the empty prompt")
-            null = self._context(null_context, "null_context")
+            null = self.check_context(null_context, "null_context")
             if cond.context is not None and null.shape[-2:] != cond.context.shape[-2:]:
                 raise ValueError(f"context {tuple(cond.context.shape)} and null_context {tuple(null.shape)} must "
                                  "have the same [M, D]")
@@ -460,12 +460,15 @@ class ModelSpec:
     def _context_width(self) -> int:
         return kinds.get(self.kind).full_arch(self.arch).get("cross_attention_dim", 768)
 
-    def _context(self, c, name: str):
+    def check_context(self, c, name: str):
+        """``c`` as float32 context arrays for this context-conditioned model (``[B, M, D]`` or ``[M, D]``,
+        finite), or a one-line ValueError naming ``name``."""
         d = self._context_width()
         if c is None or np.ndim(c) not in (2, 3) or np.shape(c)[-1] != d:
-            raise ValueError(f"this {self.kind} model conditions on context arrays (e.g. text-encoder outputs) "
-                             f"of shape [B, M, {d}] or [M, {d}]; got {name} {None if c is None else np.shape(c)} "
-                             "(sample it from Python: spec.eps_fn(params, context, guidance, null_context=...))")
+            raise ValueError(f"{name} must be context arrays for this {self.kind} model, which conditions on context "
+                             f"arrays (e.g. text-encoder outputs) of shape [B, M, {d}] or [M, {d}]; got "
+                             f"{None if c is None else np.shape(c)} (sample it from Python: "
+                             "spec.eps_fn(params, context, guidance, null_context=...))")
         c = jnp.asarray(c, jnp.float32)
         if not bool(jnp.all(jnp.isfinite(c))):
             raise ValueError(f"{name} has non-finite values")

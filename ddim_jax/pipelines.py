@@ -57,8 +57,8 @@ from ddim_jax.sampling import ddim_encode, ddim_sample, repaint_sample
 from ddim_jax.schedules import make_timesteps
 from ddim_jax.solvers import SOLVER_TABLE, resolve_spacing, sample
 
-__all__ = ["edit", "encode_images", "encode_prompts", "image_to_image", "inpaint", "inpaint_condition", "inversion_error", "invert",
-           "latent_size", "reconstruction_errors", "start_steps", "text_to_image"]
+__all__ = ["edit", "encode_images", "encode_prompts", "image_to_image", "inpaint", "inpaint_condition",
+           "inversion_error", "invert", "latent_size", "reconstruction_errors", "start_steps", "text_to_image"]
 
 DEFAULT_STEPS = 50  # the step count when neither num_steps nor timesteps is given
 _JITTED: dict = {}  # (what, the component's spec as JSON, ...) -> a jitted function of the component's params
@@ -105,7 +105,7 @@ def latent_size(spec: ModelSpec, height: int | None = None, width: int | None = 
     f, d = _factors(spec)
     size = spec.output_shape[0]
     out = []
-    for name, v in (("height", height if height is not None else size), ("width", width if width is not None else size)):
+    for name, v in (("height", size if height is None else height), ("width", size if width is None else width)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 or v % (f * d):
             raise ValueError(f"{name} must be a positive multiple of {f * d} (the autoencoder's factor {f} times the "
                              f"denoiser's {d}); got {v!r}")
@@ -147,17 +147,6 @@ def _is_context(spec: ModelSpec) -> bool:
     return kinds.get(spec.kind).conditioning == "context"
 
 
-def _context(spec: ModelSpec, c, name: str):
-    d = kinds.get(spec.kind).full_arch(spec.arch).get("cross_attention_dim", 768)
-    if c is None or np.ndim(c) not in (2, 3) or np.shape(c)[-1] != d:
-        raise ValueError(f"{name} must be context arrays (a text encoder's output) of shape [B, M, {d}] or "
-                         f"[M, {d}]; got {None if c is None else np.shape(c)}")
-    c = jnp.asarray(c, jnp.float32)
-    if not bool(jnp.all(jnp.isfinite(c))):
-        raise ValueError(f"{name} has non-finite values")
-    return c
-
-
 def _eps_fn(spec: ModelSpec, params, context, null_context, labels, guidance, concat, dtype, rescale):
     """The ``eps_fn(x, t)`` of the model under its conditioning (context arrays, labels or none), guided when
     ``guidance`` is not 1; ``concat``: an ``sd_inpaint`` model's extra channels."""
@@ -173,13 +162,13 @@ def _eps_fn(spec: ModelSpec, params, context, null_context, labels, guidance, co
     if labels is not None:
         raise ValueError(f"this {spec.kind} model conditions on context arrays, not labels")
     model_fn = make_model_fn(spec.build(dtype), spec.network_params(params))
-    cond = Conditioning(context=_context(spec, context, "context"), concat=concat)
+    cond = Conditioning(context=spec.check_context(context, "context"), concat=concat)
     if plain:
         return conditioned_eps_fn(model_fn, cond)
     if null_context is None:
         raise ValueError(f"guidance={guidance} needs null_context (the negative or empty prompt's context); "
                          "guidance=1 needs none")
-    null = _context(spec, null_context, "null_context")
+    null = spec.check_context(null_context, "null_context")
     if null.shape[-2:] != cond.context.shape[-2:]:
         raise ValueError(f"context {tuple(cond.context.shape)} and null_context {tuple(null.shape)} must have the "
                          "same [M, D]")
