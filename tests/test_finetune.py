@@ -155,6 +155,12 @@ def test_lora_step_0_is_the_base_model(source):
     x, t = jax.random.normal(jax.random.key(3), (2, 8, 8, 1)), jnp.array([3, 70])
     np.testing.assert_array_equal(apply(merged, x, t), apply(params, x, t))
     assert run.record.init_sha256 == params_digest(params) and set(run.frozen) == {"base"}
+    # A full run of the same architecture, later in the same process, starts from the network's params, not
+    # from the LoRA run's adapters (the compiled initialiser is not shared between the two).
+    c = tiny_config()
+    c.diffusion.schedule = "linear"
+    full = training.init_state(resolve(c), make_mesh(jax.devices()[:1]))
+    assert jax.tree.structure(full.params) == jax.tree.structure(spec.param_shapes())
 
 
 def test_lora_trains_only_the_adapters_and_checkpoints_them_alone(source, lora_run):

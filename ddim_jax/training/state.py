@@ -96,9 +96,12 @@ def _init_fn(run):
 
 
 def _init_key(run) -> str:
-    """What fixes the trainable parameters' shapes: the model's architecture and the objective's own
-    networks (a discriminator's settings). Adam's state starts at zero whatever its settings."""
-    return json.dumps([run.spec.architecture(), to_dict(run.config).get("loss")], sort_keys=True)
+    """What fixes the trainable parameters' shapes: the objective (a LoRA run trains adapters, not the
+    network), the model's architecture, the objective's own networks (a discriminator's settings) and the
+    adapters' rank and targets. Adam's state starts at zero whatever its settings."""
+    c = to_dict(run.config)
+    return json.dumps([type(run.objective).__qualname__, run.spec.architecture(), c.get("loss"),
+                       c["training"].get("lora")], sort_keys=True)
 
 
 def _mesh_key(mesh) -> tuple:
