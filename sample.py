@@ -40,7 +40,7 @@ flags.DEFINE_string("checkpoint", None, "A model directory (python -m ddim_jax.c
 flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the newest).")
 flags.DEFINE_string("mode", "sample", "sample | consistency | interpolation | sequence | reconstruction | fid | "
                     "text2img | img2img | inpaint")
-flags.DEFINE_integer("steps", 50, "Number of sampling steps S.")
+flags.DEFINE_integer("steps", None, "Number of sampling steps S (default: a distilled student's own count, else 50).")
 flags.DEFINE_string("solver", "ddim", "Sampler: ddim | dpmpp_2m | dpmpp_3m | dpmpp_2m_sde | unipc | plms (eta is "
                     "DDIM's; the others take none).")
 flags.DEFINE_string("labels", "all", "Class-conditional models: 'all' (every class in turn), a comma-separated "
@@ -105,6 +105,9 @@ def _takes_prompts(model) -> bool:
     return kinds.get(model.spec.kind).conditioning == "context"
 
 
+DEFAULT_STEPS = 50  # --steps when not given, for a model that is not a distilled student
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """The flags, parsed and checked once by :meth:`from_flags` (one-line ValueErrors naming the flag); the
@@ -115,7 +118,7 @@ class Settings:
     from_workdir: bool
     step: int | None
     num: int
-    steps: int
+    steps: int | None  # None: the model's default (a distilled student's own count, else DEFAULT_STEPS)
     solver: str
     eta: float
     sigma_hat: bool
@@ -206,6 +209,14 @@ class Settings:
                    fid_solvers=tuple(FLAGS.fid_solvers), fid_stats=FLAGS.fid_stats,
                    inception_weights=FLAGS.inception_weights, features=FLAGS.features, data_dir=FLAGS.data_dir,
                    dtype=FLAGS.dtype, output=FLAGS.output, overwrite=FLAGS.overwrite, **inputs)
+
+    def for_model(self, model) -> "Settings":
+        """These settings with --steps' default resolved for the model: a distilled student's own step count
+        (``spec.distilled["steps"]``), else :data:`DEFAULT_STEPS`."""
+        if self.steps is not None:
+            return self
+        d = model.spec.distilled
+        return dataclasses.replace(self, steps=DEFAULT_STEPS if d is None else int(d["steps"]))
 
     def check_model(self, model) -> None:
         """The step counts against the model's T, the labels against its classes, the mode against its
@@ -792,6 +803,7 @@ def run():
 
     s = Settings.from_flags()  # flag errors before loading anything
     model = loading.load_model(s.model_path, step=s.step, dtype=s.dtype, mesh=s.mesh)
+    s = s.for_model(model)
     s.check_model(model)
     mode = MODES[s.mode]
     paths = [os.path.join(s.out, name) for name in mode.outputs]

@@ -17,6 +17,7 @@ from ml_collections import config_dict
 from ddim_jax import kinds
 from ddim_jax.concat import CONDITIONS
 from ddim_jax.diffusion import PREDICTION_TYPES
+from ddim_jax.distillation import METHODS, METRICS, ODE_SOLVERS, WEIGHTINGS
 from ddim_jax.models import ModelSpec
 from ddim_jax.nets import COMPUTE_DTYPES
 from ddim_jax.schedules import SCHEDULES
@@ -116,6 +117,22 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     lo.rank = config_dict.placeholder(int)  # None = no LoRA (the whole network trains)
     lo.alpha = config_dict.placeholder(float)  # the update is alpha / rank * B @ A; None = alpha is the rank
     lo.targets = ("attention",)  # of LORA_TARGETS: attention projections, feed_forward, conv1x1, conv3x3
+    # Few-step distillation of a trained teacher (ddim_jax.training.distill); the student starts as its copy.
+    t.distill = ds = ml_collections.ConfigDict()
+    ds.method = ""  # '' = none; 'progressive' (Salimans and Ho) or 'consistency' (Song et al.)
+    ds.teacher = ""  # the teacher: a model directory or a training workdir (its export)
+    ds.guidance = config_dict.placeholder(float)  # a class-conditional teacher's guidance scale (None = 1: none)
+    ds.steps = 0  # progressive: the first round's student steps (the teacher takes twice as many); consistency:
+    #               the discretisation's points N (round(linspace(0, T - 1, N)))
+    ds.final_steps = 1  # progressive: the last round's student steps (steps / final_steps a power of 2)
+    ds.round_steps = 0  # progressive: training steps per round (training.num_steps = round_steps x rounds)
+    ds.prediction_type = "v"  # progressive: the student's output, 'v' or 'x0' (eps is unstable at few steps)
+    ds.weighting = "truncated_snr"  # progressive: the x-loss weight, 'truncated_snr' max(SNR, 1) or 'snr_plus_one'
+    ds.solver = "ddim"  # consistency: the teacher's ODE step between adjacent points, 'ddim' or 'dpmpp_2m'
+    ds.metric = "pseudo_huber"  # consistency: 'l2' or 'pseudo_huber'
+    ds.sigma_data = 0.5  # consistency: c_skip / c_out's sigma_data
+    ds.timestep_scaling = 10.0  # consistency: c_skip / c_out's s = timestep_scaling x t
+    ds.sample_steps = 1  # consistency: the student's default sampling steps (sample.py's --steps)
     return c
 
 
@@ -334,7 +351,8 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
     need(t.remat is False or entry.remat, "training.remat", f"False (remat is not offered for {kind})")
     _CHECKS[goal](config, need)
     _check_finetune(config, goal)
-    if goal == "diffusion" and (config.latent.autoencoder or t.init_from):
+    _check_distill(config, goal)
+    if goal == "diffusion" and (config.latent.autoencoder or t.init_from or distilling(config)):
         return  # the model's shape is the autoencoder's latents': checked once it is read (training.run)
     spec_from_config(config)  # the model block's own checks (kind, arguments, schedule)
 
@@ -404,6 +422,69 @@ def _check_finetune(config, goal: str) -> None:
     if lo.rank is not None and not t.init_from:
         raise ValueError("training.lora.rank needs training.init_from: the model whose frozen weights the adapters "
                          "adapt")
+
+
+def distilling(config) -> str:
+    """The distillation method a config trains with ('' = none)."""
+    ds = config["training"].get("distill")
+    return (ds.get("method") or "") if ds is not None else ""
+
+
+def progressive_rounds(config) -> list[int]:
+    """A progressive distillation config's student step count of each round: steps, steps / 2, ..., final_steps."""
+    ds = config.training.distill
+    out = [ds.steps]
+    while out[-1] > ds.final_steps:
+        out.append(out[-1] // 2)
+    return out
+
+
+def _check_distill(config, goal: str) -> None:
+    t = config["training"]
+    ds = t.distill
+
+    def need(ok: bool, name: str, what: str):
+        if not ok:
+            raise ValueError(f"training.distill.{name} must be {what}; got {ds[name]!r}")
+
+    need(ds.method == "" or ds.method in METHODS, "method", f"'' (no distillation) or one of {', '.join(METHODS)}")
+    if not ds.method:
+        return
+    if goal != "diffusion":
+        raise ValueError(f"training.distill.method must be '' for a {goal} run (distillation applies to diffusion "
+                         "models)")
+    need(isinstance(ds.teacher, str) and ds.teacher != "", "teacher",
+         "the path of the teacher: a model directory or a training workdir")
+    if t.init_from:
+        raise ValueError("training.init_from must be '' with training.distill: the student starts as a copy of "
+                         "training.distill.teacher")
+    if t.lora.rank is not None:
+        raise ValueError("training.lora.rank must be None with training.distill (the whole student trains)")
+    need(ds.guidance is None or (_real(ds.guidance) and ds.guidance >= 0), "guidance",
+         "None (no guidance) or a finite number >= 0")
+    if ds.method == "progressive":
+        need(_int(ds.final_steps) and ds.final_steps >= 1, "final_steps", "a positive integer")
+        k = ds.steps // ds.final_steps if _int(ds.steps) and ds.steps >= 1 else 0
+        need(_int(ds.steps) and ds.steps >= ds.final_steps and ds.steps % ds.final_steps == 0 and k & (k - 1) == 0,
+             "steps", f"training.distill.final_steps ({ds.final_steps}) times a power of 2")
+        need(_int(ds.round_steps) and ds.round_steps >= 1 and ds.round_steps % t.steps_per_dispatch == 0,
+             "round_steps", f"a positive multiple of training.steps_per_dispatch ({t.steps_per_dispatch})")
+        rounds = len(progressive_rounds(config))
+        if t.num_steps != ds.round_steps * rounds:
+            raise ValueError(f"training.num_steps must be training.distill.round_steps x the rounds "
+                             f"({ds.round_steps} x {rounds} = {ds.round_steps * rounds}: {ds.steps} down to "
+                             f"{ds.final_steps} steps); got {t.num_steps}")
+        need(ds.prediction_type in ("v", "x0"), "prediction_type", "'v' or 'x0'")
+        need(ds.weighting in WEIGHTINGS, "weighting", f"one of {', '.join(WEIGHTINGS)}")
+    else:
+        need(ds.solver in ODE_SOLVERS, "solver", f"one of {', '.join(ODE_SOLVERS)}")
+        low = 3 if ds.solver == "dpmpp_2m" else 2
+        need(_int(ds.steps) and ds.steps >= low, "steps", f"an integer >= {low} (the discretisation's points"
+             + (", 3 for dpmpp_2m's two steps)" if low == 3 else ")"))
+        need(ds.metric in METRICS, "metric", f"one of {', '.join(METRICS)}")
+        need(_real(ds.sigma_data) and ds.sigma_data > 0, "sigma_data", "a finite number > 0")
+        need(_real(ds.timestep_scaling) and ds.timestep_scaling > 0, "timestep_scaling", "a finite number > 0")
+        need(_int(ds.sample_steps) and ds.sample_steps >= 1, "sample_steps", "a positive integer")
 
 
 _CHECKS = {"diffusion": _check_diffusion, "autoencoder": _check_autoencoder}

@@ -31,11 +31,12 @@ import numpy as np
 from ddim_jax import fid as fid_lib
 from ddim_jax import files
 from ddim_jax.conditioning import check_labels
+from ddim_jax.distillation import consistency_sample
 from ddim_jax.images import from_uint8, save_grid, to_uint8
 from ddim_jax.models import ModelSpec, compute_dtype
 from ddim_jax.parallel import as_train_mesh, fsdp_shardings, gather_rows, pad_rows, round_up, shard_rows
 from ddim_jax.sampling import ddim_encode, ddim_sample, slerp
-from ddim_jax.schedules import Schedule
+from ddim_jax.schedules import Schedule, make_timesteps
 from ddim_jax.solvers import resolve_spacing, sample
 
 
@@ -209,9 +210,14 @@ def decode(model: Model, x_T, num_steps: int, *, solver: str = "ddim", eta: floa
     ``y``: labels sharded like ``x_T`` (or None), ``guidance``: a classifier-free guidance scale (or None),
     ``concat``: a concat-conditioned model's extra channels, sharded like ``x_T``.
     ``spacing=None`` is the solver's default (``ddim_jax.solvers.DEFAULT_SPACING``)."""
+    if spacing is None and model.spec.distilled is not None:
+        spacing = model.spec.distilled["spacing"]  # a distilled student's own timesteps
     spacing = resolve_spacing(solver, spacing)
     clip_x0 = model.clip_x0 if isinstance(clip_x0, str) and clip_x0 == "model" else clip_x0
     eps_fn = model.conditioned(y, guidance, concat)
+    if model.spec.is_consistency and solver == "ddim" and not return_trajectory and eta == 0 and not sigma_hat:
+        tau = make_timesteps(model.schedule.num_timesteps, num_steps, spacing, schedule=model.schedule)
+        return model.to_images(consistency_sample(eps_fn, model.schedule, x_T, tau, key, clip_x0=clip_x0))
     if return_trajectory:
         if solver != "ddim":
             raise ValueError(f"the trajectory of predicted x0 is drawn with DDIM; got solver={solver!r}")

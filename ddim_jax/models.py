@@ -34,10 +34,12 @@ from ddim_jax import concat as concat_lib
 from ddim_jax import conditioning, files, kinds
 from ddim_jax import tokenizer as tokenizer_lib
 from ddim_jax.conditioning import Conditioning, check_labels
-from ddim_jax.diffusion import PREDICTION_TYPES
+from ddim_jax.diffusion import PREDICTION_TYPES, predict_x0_eps
+from ddim_jax.distillation import METHODS as DISTILL_METHODS
+from ddim_jax.distillation import consistency_output
 from ddim_jax.guidance import guided_by
 from ddim_jax.nets import COMPUTE_DTYPES, compute_dtype, make_model_fn, run_once_options  # noqa: F401
-from ddim_jax.schedules import Schedule, make_schedule
+from ddim_jax.schedules import SPACINGS, Schedule, make_schedule
 
 FORMAT = "ddim_jax.model"
 FORMAT_VERSION = 1
@@ -120,6 +122,7 @@ class ModelSpec:
     concat: str | None = None  # conditioning by concatenation (ddim_jax.concat.CONDITIONS), or None
     text_encoder: "ModelSpec | None" = None  # a text-conditioned model's (frozen) text encoder
     clip_skip: int = 0  # the text encoder's hidden state the denoiser reads: layers skipped from the last
+    distilled: Mapping[str, Any] | None = None  # a distilled student's sampling (see _check_distilled), or None
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -163,6 +166,7 @@ class ModelSpec:
             object.__setattr__(self, "channels", int(self.channels))
         self._check_latent()
         self._check_text_encoder()
+        self._check_distilled()
         if self.concat is not None:
             if not self.is_diffusion:
                 raise ValueError(f"concat applies to diffusion models; a {self.kind} model has none")
@@ -231,6 +235,43 @@ class ModelSpec:
                              f"the last; 0: its last hidden state); got {skip!r}")
         object.__setattr__(self, "clip_skip", int(skip))
         object.__setattr__(self, "text_encoder", dataclasses.replace(te, info={}))
+
+    def _check_distilled(self) -> None:
+        """A distilled student (:mod:`ddim_jax.training.distill`) records how it samples by default:
+        ``{"method": "progressive" | "consistency", "steps": S, "spacing": ..., "timesteps": [...]}``, plus a
+        consistency model's ``sigma_data``, ``timestep_scaling``, ``t_min`` and ``network_prediction``: its
+        network's own output type, which :meth:`eps_fn` turns into the consistency function
+        ``f = c_skip x + c_out x0`` (:func:`ddim_jax.distillation.consistency_output`), so the spec's
+        ``prediction_type`` is ``"x0"``. ``teacher`` and ``guidance`` are provenance."""
+        d = self.distilled
+        if d is None:
+            return
+        allowed = ("method", "steps", "spacing", "timesteps", "sigma_data", "timestep_scaling", "t_min",
+                   "network_prediction", "teacher", "guidance")
+        if not isinstance(d, Mapping) or set(d) - set(allowed) or d.get("method") not in DISTILL_METHODS:
+            raise ValueError(f"distilled must be None or a mapping with a method ({', '.join(DISTILL_METHODS)}) and "
+                             f"only the fields {', '.join(allowed)}; got {d!r:.200}")
+        if not self.is_diffusion:
+            raise ValueError(f"distilled applies to diffusion models; a {self.kind} model has none")
+        need = _need(d, "distilled.")
+        T = dict(self.schedule).get("num_timesteps") or len(dict(self.schedule).get("betas") or ())
+        steps = d.get("steps")
+        need(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, "steps", "a positive integer")
+        need(d.get("spacing") in SPACINGS, "spacing", f"one of {', '.join(SPACINGS)}")
+        if d["method"] == "consistency":
+            for name in ("sigma_data", "timestep_scaling"):
+                v = d.get(name)
+                need(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0, name,
+                     "a finite number > 0")
+            t_min = d.get("t_min")
+            need(isinstance(t_min, int) and not isinstance(t_min, bool) and 0 <= t_min < max(T, 1), "t_min",
+                 f"an integer in [0, {T - 1}]")
+            need(d.get("network_prediction") in PREDICTION_TYPES, "network_prediction",
+                 f"one of {', '.join(PREDICTION_TYPES)}")
+            if self.prediction_type != "x0":
+                raise ValueError(f"a consistency model's prediction_type is 'x0' (its consistency function); got "
+                                 f"{self.prediction_type!r}")
+        object.__setattr__(self, "distilled", _frozen(dict(d)))
 
     @property
     def latent_shape(self) -> tuple[int, int]:
@@ -408,6 +449,9 @@ class ModelSpec:
         """
         cond = self.conditioning(y, concat)
         model_fn = make_model_fn(self.build(dtype), self.network_params(params))  # (x, t, y) -> output
+        if self.is_consistency:
+            model_fn = jax.tree_util.Partial(_ConsistencyApply(*self.consistency_settings()), model_fn,
+                                             jnp.asarray(self.make_schedule()._alpha_bar_table))
         if guidance is None:
             return conditioning.eps_fn(model_fn, cond)
         if cond.labels is None and cond.context is None:
@@ -415,6 +459,16 @@ class ModelSpec:
         if y is None:
             raise ValueError("guidance needs labels y to guide towards")
         return guided_by(model_fn, cond, self.null_conditioning(cond, null_context), guidance, rescale=rescale)
+
+    @property
+    def is_consistency(self) -> bool:
+        """Whether this is a consistency model (its output is the consistency function, an x0)."""
+        return self.distilled is not None and self.distilled["method"] == "consistency"
+
+    def consistency_settings(self) -> tuple:
+        """``(network_prediction, t_min, sigma_data, timestep_scaling)`` of a consistency model."""
+        d = self.distilled
+        return d["network_prediction"], int(d["t_min"]), float(d["sigma_data"]), float(d["timestep_scaling"])
 
     def conditioning(self, y=None, concat=None) -> Conditioning:
         """What the network is conditioned on, checked against the spec: class labels ``y`` (None: the null
@@ -484,6 +538,8 @@ class ModelSpec:
             del d["autoencoder"], d["scale_factor"]
         else:
             d["autoencoder"] = {k: v for k, v in self.autoencoder.to_dict().items() if k != "info"}
+        if self.distilled is None:
+            del d["distilled"]
         if self.text_encoder is None:
             del d["text_encoder"], d["clip_skip"]
         else:
@@ -512,6 +568,23 @@ class ModelSpec:
         if self.text_encoder is not None:
             out["text_encoder"] = self.text_encoder.architecture()
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConsistencyApply:
+    """``(model_fn, alpha_bar_table, x, t, y) -> f(x, t)``: a consistency model's network output (of type
+    ``network_prediction``) as the consistency function (hashable, so jitted samplers do not retrace)."""
+
+    network_prediction: str
+    t_min: int
+    sigma_data: float
+    scaling: float
+
+    def __call__(self, model_fn, table, x, t, y):
+        out = model_fn(x, t, y)
+        x0 = predict_x0_eps(out, x, table[t + 1], self.network_prediction)[0]
+        f = consistency_output(x, x0, t, t_min=self.t_min, sigma_data=self.sigma_data, scaling=self.scaling)
+        return f.astype(out.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,10 +7,10 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "ddim_jax"
-# The math: schedules, the forward process, samplers, solvers, guidance, the analytic oracle.
+# The math: schedules, the forward process, samplers, solvers, guidance, the analytic oracle, distillation targets.
 MATH = {"ddim_jax.schedules", "ddim_jax.diffusion", "ddim_jax.sampling", "ddim_jax.solvers", "ddim_jax.guidance",
         "ddim_jax.conditioning",
-        "ddim_jax.oracle", "ddim_jax.concat"}
+        "ddim_jax.oracle", "ddim_jax.concat", "ddim_jax.distillation"}
 
 
 def _module_name(path: pathlib.Path) -> str:

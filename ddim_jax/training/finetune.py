@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from ddim_jax import kinds, models
-from ddim_jax.config import base_config, to_dict
+from ddim_jax.config import base_config, distilling, to_dict
 from ddim_jax.training import adapters, latent
 
 RECORD_FILE = "run.json"  # (ddim_jax.training.run's)
@@ -166,8 +166,8 @@ class Start:
 
 def resolve(config, workdir: str | None) -> Start | None:
     """The run's start (None without ``training.init_from``). Writes nothing."""
-    path = config.training.get("init_from")
-    if not path:
+    path = config.training.get("init_from") or (config.training.distill.teacher if distilling(config) else "")
+    if not path:  # (a distillation run starts from its teacher: ddim_jax.training.distill)
         return None
     record = _recorded(workdir, path)
     if record is not None:  # a resume: the record's spec; the run's copies, else the path (digest-checked)

@@ -251,8 +251,10 @@ def _loop(run, workdir, mesh, is_main, progress, source, ckpt, state, frozen) ->
         ckpt.seal(step)
         info = dict(spec.info, source=f"{os.path.abspath(workdir)} (step {step}, EMA params)", step=step)
         path = os.path.join(workdir, models.EXPORT_DIR)
+        spec_at = getattr(objective, "spec_at", None)  # a progressive distillation's round's student
         try:
-            models.save(path, dataclasses.replace(spec, info=info), params, overwrite=True)
+            models.save(path, dataclasses.replace(spec if spec_at is None else spec_at(step), info=info), params,
+                        overwrite=True)
         except SafetensorError as e:  # safetensors' word for a failed write (a full disk, ...)
             raise OSError(f"writing the model to {path} failed: {e}") from None
         if lora_params is not None and lora_file:
@@ -265,6 +267,14 @@ def _loop(run, workdir, mesh, is_main, progress, source, ckpt, state, frozen) ->
     stop = _Stop()
     main_thread = threading.current_thread() is threading.main_thread()
     old_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+    # Progressive distillation's rounds (ddim_jax.training.distill): each round's teacher is the previous
+    # round's student, exported when the round ends (a resumed run reads it back).
+    rounds = getattr(objective, "round_ends", None) is not None
+    replicated = NamedSharding(mesh, P())
+    if rounds:
+        teacher = objective.teacher_at(start, workdir)
+        if teacher is not None:
+            frozen = dict(frozen, teacher=jax.device_put(teacher, replicated))
     t0 = time.time()
     step, pending, preempted = start, [], False
     last_log_time, last_log_step = t0, start
@@ -304,6 +314,12 @@ def _loop(run, workdir, mesh, is_main, progress, source, ckpt, state, frozen) ->
                         f"parameters are still finite). Lower training.lr or check the data; "
                         + (f"the last checkpoint (step {saved[-1]}) in {ckpt.dir} is intact" if saved
                            else "no checkpoint was written yet"))
+            if rounds and objective.round_ends(step):
+                student = gather_host_tree(objective.model_params(state.ema_params, frozen))
+                on_main(lambda: objective.export_round(step, student, workdir), "exporting the round's student")
+                frozen = dict(frozen, teacher=jax.device_put(spec.network_params(student), replicated))
+                if not due(step, t_cfg.checkpoint_every, last):
+                    checkpoint(step)
             if due(step, t_cfg.checkpoint_every, last):
                 checkpoint(step)
             if t_cfg.sample_every and due(step, t_cfg.sample_every, last):

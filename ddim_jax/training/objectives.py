@@ -46,7 +46,7 @@ from ddim_jax.conditioning import Conditioning
 from ddim_jax.diffusion import per_example_loss
 from ddim_jax.models import ModelSpec
 from ddim_jax.parallel import BATCH_AXES, round_up
-from ddim_jax.training import adapters
+from ddim_jax.training import adapters, distill
 from ddim_jax.training.perceptual import enabled as perceptual_enabled
 
 
@@ -253,5 +253,7 @@ def make_objective(config, spec: ModelSpec, model=None):
     ``training.compute_dtype``, rematerialised with ``training.remat``)."""
     if model is None:
         model = spec.build(config.training.compute_dtype, config.training.remat)
+    if distill.enabled(config):
+        return distill.make(config, spec, model)  # a student of a frozen teacher (ddim_jax.training.distill)
     objective = OBJECTIVES[kinds.get(spec.kind).objective](config, spec, model)
     return adapters.LoraObjective(objective, config) if adapters.enabled(config) else objective

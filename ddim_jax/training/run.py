@@ -23,7 +23,7 @@ import ml_collections
 
 from ddim_jax import models
 from ddim_jax.config import flatten, spec_from_config, to_dict, validate_config, with_defaults
-from ddim_jax.training import finetune, latent, perceptual
+from ddim_jax.training import distill, finetune, latent, perceptual
 from ddim_jax.training.objectives import make_objective
 
 RECORD_FILE = "run.json"
@@ -115,6 +115,10 @@ def resolve(config, workdir: str | None = None, *, num_devices: int = 1, num_pro
                                      init_spec={k: v for k, v in start.init.spec.to_dict().items() if k != "info"})
         if start.base is not None:
             frozen = dict(frozen, base=start.base)
+        if distill.enabled(config):  # the frozen teacher, whose copy the student starts as
+            distill.check_teacher(config, start.init.spec, start.init.path)
+            start = dataclasses.replace(start, init=finetune._params(start.init, start.init.path))
+            frozen = dict(frozen, teacher=start.init.network_params())
     if first is not None:
         frozen = dict(frozen, autoencoder=first.params)
         record = dataclasses.replace(
@@ -128,6 +132,8 @@ def build(config, record: Record | None = None, frozen=None, first_stage=None, s
     record = record or Record()
     ae = None if record.autoencoder is None else models.ModelSpec.from_dict(record.autoencoder)
     spec = spec_from_config(config, autoencoder=ae, scale_factor=record.scale_factor or None)
+    if distill.enabled(config):
+        spec = distill.student_spec(config, spec, record.init_from)
     objective = make_objective(config, spec)
     return Run(config, record, spec, objective, dict(frozen or {}), first_stage, start)
 

@@ -202,8 +202,12 @@ def make_train_step(run, mesh, model=None):
             x0 = jnp.where(do_flip[:, None, None, None], x0[:, :, ::-1], x0)
         dropout_key = jax.random.fold_in(jax.random.fold_in(step_key, 1 << 30), device)
 
+        # An objective whose loss reads the EMA network (consistency distillation's target) gets it whole.
+        ema = ({"ema": jax.lax.stop_gradient(_gather(state.ema_params, specs))}
+               if getattr(objective, "needs_ema", False) else {})
+
         def loss_fn(params):
-            return objective.loss(params, frozen, x0, labels, keys, state.step, dropout_key)
+            return objective.loss(params, frozen, x0, labels, keys, state.step, dropout_key, **ema)
 
         (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(_gather(state.params, specs))
         metrics = dict({"loss": value}, **metrics)
