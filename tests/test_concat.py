@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import random_params, tiny_config
 
 from ddim_jax import concat, loading, models, training
 from ddim_jax import experiments as ex
@@ -79,14 +79,13 @@ def validate_config_error(**diffusion):
 
 def test_eps_fn_feeds_the_network_x_t_and_the_condition():
     spec = models.ModelSpec("unet", UNET, 8, 1, SCHEDULE, num_classes=10, null_label=10, concat="superres2x")
-    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(3), p.shape),
-                          spec.init_params(jax.random.key(0)))  # DDPM's zero output conv would hide the input
+    params = random_params(spec.param_shapes())  # not DDPM's init: its zero output conv would hide the input
     x, t, y = images(4, seed=1), jnp.array([1, 30, 60, 99]), jnp.array([0, 3, 5, 9])
     c = spec.condition(spec.observe(images(4, seed=2)))
-    net = spec.build()
+    apply = jax.jit(spec.build().apply)
 
     def by_hand(labels):
-        return net.apply({"params": params}, jnp.concatenate([x, c], -1), t, labels)
+        return apply({"params": params}, jnp.concatenate([x, c], -1), t, labels)
 
     np.testing.assert_allclose(spec.eps_fn(params, y, concat=c)(x, t), by_hand(y), rtol=1e-5, atol=1e-6)
     uncond, cond = by_hand(jnp.full(4, 10)), by_hand(y)
@@ -100,24 +99,24 @@ def test_eps_fn_feeds_the_network_x_t_and_the_condition():
         spec.eps_fn(params, y, concat=spec.observe(x))  # the 4x4 observation, not the condition
     plain = models.ModelSpec("unet", UNET, 8, 1, SCHEDULE)
     with pytest.raises(ValueError, match="concat applies to concat-conditioned models only"):
-        plain.eps_fn(plain.init_params(jax.random.key(0)), concat=c)
+        plain.eps_fn(random_params(plain.param_shapes()), concat=c)
 
 
 def test_loss_is_the_diffusion_loss_on_the_concatenated_input():
     cfg = tiny_config()
     cfg.diffusion.concat = "superres2x"
     obj = build(cfg).objective
-    params = obj.init(jax.random.key(0))
+    params = random_params(jax.eval_shape(obj.init, jax.random.key(0)))
     x0 = images(4, seed=4)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(4))
-    got = obj.loss(params, {}, x0, None, keys, 0, jax.random.key(0))[0]
+    got = jax.jit(lambda p: obj.loss(p, {}, x0, None, keys, 0, jax.random.key(0))[0])(params)
     c = concat.resize(concat.box_downsample(x0, 2), 8)
     t = jax.vmap(lambda k: jax.random.randint(k, (), 0, 100, jnp.int32))(jax.vmap(jax.random.fold_in, (0, None))(
         keys, 0))
     noise = jax.vmap(lambda k: jax.random.normal(k, (8, 8, 1)))(jax.vmap(jax.random.fold_in, (0, None))(keys, 1))
     net = obj.spec.build()
-    want = per_example_loss(lambda x, tt: net.apply({"params": params}, jnp.concatenate([x, c], -1), tt),
-                            obj.schedule, x0, t, noise).mean()
+    want = jax.jit(lambda p: per_example_loss(lambda x, tt: net.apply({"params": p}, jnp.concatenate([x, c], -1), tt),
+                                              obj.schedule, x0, t, noise).mean())(params)
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 

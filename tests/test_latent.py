@@ -4,6 +4,7 @@ tiny latent run end to end (scale factor, the run's copy of its autoencoder, exa
 autoencoder changes, export, sampling and reconstruction, refusals)."""
 
 import dataclasses
+import functools
 import json
 import pathlib
 import shutil
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import leaves
+from helpers import leaves, random_params
 
 from ddim_jax import experiments as ex
 from ddim_jax import loading, models, training
@@ -36,8 +37,14 @@ UNET = dict(block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D"
 SCHEDULE = {"name": "cosine", "num_timesteps": 1000}
 
 
+@functools.cache
 def ae_params(seed=0):
-    return jax.tree.map(np.asarray, AE.init_params(jax.random.key(seed)))
+    """The autoencoder's weights for these tests (random: what is tested is how a latent model uses its
+    autoencoder, whatever its weights), read-only so that no test can change another's."""
+    params = random_params(AE.param_shapes(), seed)
+    for a in jax.tree.leaves(params):
+        a.setflags(write=False)
+    return params
 
 
 def latent_spec(scale=0.5):
@@ -63,7 +70,7 @@ def test_latent_spec_round_trips_and_holds_both_networks(tmp_path):
     assert set(spec.param_shapes()) == {"denoiser", "autoencoder"}
     d = json.loads(json.dumps(spec.to_dict()))
     assert "info" not in d["autoencoder"] and models.ModelSpec.from_dict(d) == spec
-    params = {"denoiser": spec.init_params(jax.random.key(1)), "autoencoder": ae_params()}
+    params = {"denoiser": random_params(spec.param_shapes()["denoiser"], 1), "autoencoder": ae_params()}
     models.save(tmp_path / "m", spec, params)
     spec2, params2 = loading.load(tmp_path / "m")
     assert spec2 == spec and spec2.scale_factor == 0.5
@@ -115,7 +122,7 @@ def test_encode_and_decode_are_the_autoencoder_with_the_scale():
 def test_class_conditioned_unet_is_unet2dcondition_on_its_class_tokens():
     m = ClassConditionedUNet(num_labels=11, in_channels=2, out_channels=2, **UNET)
     x, t, y = jax.random.normal(jax.random.key(0), (3, 4, 4, 2)), jnp.array([0, 500, 999]), jnp.array([0, 4, 10])
-    params = jax.jit(m.init, compiler_options=models.run_once_options("cpu"))(jax.random.key(1), x, t, y)["params"]
+    params = random_params(jax.eval_shape(m.init, jax.random.key(1), x, t, y)["params"], 1)
     tokens = params["class_tokens"]["embedding"][y].reshape(3, 2, 8)  # tau_theta(y): two 8-value tokens per label
     unet = UNet2DCondition(UNET["block_out_channels"], UNET["down_block_types"], UNET["up_block_types"], 1, 2, 1, 8,
                            2, 2, 4, use_linear_projection=True)
@@ -172,7 +179,7 @@ def test_latent_loss_is_the_pixel_loss_on_the_encoded_latents(run):
     pixel_cfg.model.update(UNET)
     pixel_cfg.data.update(image_size=4, channels=2)
     pix = build(pixel_cfg).objective
-    params = jax.jit(lat.init, compiler_options=models.run_once_options("cpu"))(jax.random.key(3))
+    params = loading.load(workdir)[1]["denoiser"]  # the run's denoiser: any weights would do
     x = load_digits("train")[0][:4].astype(np.float32) / 127.5 - 1.0
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(4))
     labels = jnp.array([1, 2, 3, 4])
@@ -257,7 +264,7 @@ def test_latent_configs_refuse_a_bad_autoencoder(run, tmp_path):
     cases = [(tmp_path / "missing", FileNotFoundError, "latent.autoencoder: .* does not exist"),
              (workdir, ValueError, "holds a cross_attention_unet diffusion model, not an autoencoder")]
     bigger = tmp_path / "ae16"
-    models.save(bigger, dataclasses.replace(AE, image_size=16), AE.init_params(jax.random.key(0)))
+    models.save(bigger, dataclasses.replace(AE, image_size=16), ae_params(0))
     cases.append((bigger, ValueError, r"encodes 16x16x1 images; data.image_size and data.channels give 8x8x1"))
     for path, error, message in cases:
         target = tmp_path / f"run_{path.name}"
