@@ -41,6 +41,48 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
 
 
+def _session_dir(tmp_path_factory):
+    """The session's own temporary directory, which pytest-xdist's workers share (each has its own below it)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """``tiny_run(dest=None, **training)``: the workdir of configs/tiny.py trained with these training fields
+    (helpers.train: on the 8 devices), trained once per session by the first test that asks for those fields
+    (pytest-xdist's workers share it). Without ``dest`` it is the shared workdir, which its users only read;
+    with ``dest`` a copy of it there (``dest`` new or empty), for a test that resumes, damages or changes it."""
+    import shutil
+
+    import filelock
+
+    root = _session_dir(tmp_path_factory)
+
+    def tiny_run(dest=None, **training):
+        name = "tiny_run" + "".join(f"-{k}={v}" for k, v in sorted(training.items()))
+        path = root / name
+        with filelock.FileLock(str(root / f"{name}.lock")):
+            if not (root / f"{name}.done").exists():
+                from helpers import train
+
+                shutil.rmtree(path, ignore_errors=True)  # left by a worker that stopped half-way
+                train(path, **training)
+                (root / f"{name}.done").write_text("")
+        if dest is None:
+            return str(path)
+        shutil.copytree(path, dest, dirs_exist_ok=True)
+        return dest
+
+    return tiny_run
+
+
+@pytest.fixture
+def tiny_workdir(tiny_run):
+    """configs/tiny.py trained for 2 steps, its checkpoint and export at step 2: shared, only to be read."""
+    return tiny_run(num_steps=2, checkpoint_every=2)
+
+
 @pytest.fixture(scope="session")
 def digits_cnn_cache(tmp_path_factory):
     """A function that fills a cache directory with the trained digits CNN: trained once per session (the
@@ -48,9 +90,7 @@ def digits_cnn_cache(tmp_path_factory):
     and copied, so each test's cache holds only what it wrote itself besides the CNN's weights."""
     import filelock
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the session's directory, above the workers' own
+    root = _session_dir(tmp_path_factory)
     shared = root / "digits_cnn_cache"
     with filelock.FileLock(str(root / "digits_cnn_cache.lock")):
         if not any(shared.glob("*.npz")):

@@ -288,11 +288,10 @@ def test_sample_py_writes_labels_and_names_its_settings(cond_run, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_sample_py_refuses_labels_for_an_unconditional_model(tmp_path):
+def test_sample_py_refuses_labels_for_an_unconditional_model(tiny_workdir):
     import sample
 
-    workdir = tmp_path / "u"
-    training.train(tiny_config(num_steps=2, checkpoint_every=2), str(workdir), progress=False)
+    workdir = tiny_workdir  # conftest.py's unconditional run, shared: only read here
     for args in (["--labels=3"], ["--guidance=2"]):
         sample.FLAGS.unparse_flags()
         sample.FLAGS(["sample.py", f"--workdir={workdir}", "--num_samples=2", "--steps=2", *args])

@@ -107,8 +107,8 @@ def _flip_bytes(path, n=3):
 
 
 @pytest.mark.parametrize("damage", ["flipped", "truncated", "deleted"])
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, damage):
-    train(tmp_path, num_steps=4, checkpoint_every=2, keep_checkpoints=2)
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, damage, tiny_run):
+    tiny_run(tmp_path, num_steps=4, checkpoint_every=2, keep_checkpoints=2)
     victim = _largest_file(tmp_path / "checkpoints" / "4")
     if damage == "flipped":
         _flip_bytes(victim)
@@ -124,9 +124,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     assert (tmp_path / "corrupt_checkpoints" / "4").is_dir()
 
 
-def test_a_checkpoint_without_checksums_still_restores(tmp_path):
+def test_a_checkpoint_without_checksums_still_restores(tmp_path, tiny_run):
     # Checkpoints written before they carried checksums are restored unchecked.
-    train(tmp_path, num_steps=2, checkpoint_every=2)
+    tiny_run(tmp_path, num_steps=2, checkpoint_every=2)
     sums = tmp_path / "checkpoints" / "2" / ckpt_lib.CHECKSUMS
     assert sums.is_file()
     sums.unlink()
@@ -152,8 +152,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_with_one_line(tmp_path):
     assert loading.load(str(workdir))[0].info["step"] == steps[0]
 
 
-def test_an_undecodable_metrics_line_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
-    train(tmp_path, num_steps=4, checkpoint_every=2, log_every=2)
+def test_an_undecodable_metrics_line_is_skipped_with_a_warning_naming_it(tmp_path, caplog, tiny_run):
+    tiny_run(tmp_path, num_steps=4, checkpoint_every=2, keep_checkpoints=2)
     path = tmp_path / "metrics.jsonl"
     lines = path.read_bytes().splitlines(keepends=True)
     path.write_bytes(lines[0] + b'{"step": \xff}\n' + b"".join(lines[1:]))
@@ -172,8 +172,8 @@ def test_a_class_count_other_than_the_datas_is_refused(tmp_path, num_classes):
     assert not (tmp_path / "config.json").exists()
 
 
-def test_leftovers_of_killed_runs_are_removed_and_never_taken_for_a_checkpoint_or_model(tmp_path):
-    train(tmp_path, num_steps=2, checkpoint_every=2)
+def test_leftovers_of_killed_runs_are_removed_and_never_taken_for_a_checkpoint_or_model(tmp_path, tiny_run):
+    tiny_run(tmp_path, num_steps=2, checkpoint_every=2)
     export_tmp = tmp_path / ".model.k1ll3d.tmp"  # kill -9 during the export
     export_tmp.mkdir()
     (export_tmp / models.SPEC_FILE).write_text("{}")

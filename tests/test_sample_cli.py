@@ -6,20 +6,15 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import tiny_config
-
-from ddim_jax import training
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sample  # noqa: E402  (the command line, driven in-process)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("run")
-    training.train(tiny_config(num_steps=2, checkpoint_every=2), str(path), progress=False)
-    return str(path)
+@pytest.fixture
+def workdir(tiny_workdir):
+    return tiny_workdir  # conftest.py's: configs/tiny.py trained for 2 steps, shared, read-only
 
 
 def run_cli(*args):

@@ -19,9 +19,8 @@ from ddim_jax.config import validate_config
 from ddim_jax.training import checkpoints as ckpt_lib
 
 
-def test_a_failed_run_leaves_config_json_and_checkpoints_as_they_were(tmp_path):
-    run = tmp_path / "run"
-    train(run, num_steps=2, checkpoint_every=2, log_every=2)
+def test_a_failed_run_leaves_config_json_and_checkpoints_as_they_were(tmp_path, tiny_run):
+    run = tiny_run(tmp_path / "run", num_steps=2, checkpoint_every=2)
     before = (run / "config.json").read_bytes()
     bad_data = tiny_config(num_steps=4)
     bad_data.data.update(dataset="folder", folder=str(tmp_path / "no_such_folder"))
@@ -42,8 +41,8 @@ def test_a_failed_run_leaves_config_json_and_checkpoints_as_they_were(tmp_path):
     assert train(run, num_steps=4).steps_run == 2  # and the run goes on
 
 
-def test_keep_checkpoints_zero_is_refused_before_anything_is_deleted(tmp_path):
-    train(tmp_path, num_steps=4)
+def test_keep_checkpoints_zero_is_refused_before_anything_is_deleted(tmp_path, tiny_run):
+    tiny_run(tmp_path, num_steps=4)
     with pytest.raises(ValueError, match="training.keep_checkpoints must be a positive integer"):
         train(tmp_path, num_steps=8, keep_checkpoints=0)
     assert ckpt_lib.step_dirs(str(tmp_path)) == [4]
@@ -56,8 +55,8 @@ def test_a_second_trainer_on_the_same_workdir_is_refused(tmp_path):
     assert not (tmp_path / "config.json").exists() and not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_errors_that_are_not_corruption_stop_without_moving_checkpoints(tmp_path, monkeypatch):
-    train(tmp_path, num_steps=4)
+def test_errors_that_are_not_corruption_stop_without_moving_checkpoints(tmp_path, monkeypatch, tiny_run):
+    tiny_run(tmp_path, num_steps=4)
     real = ckpt_lib.ocp.CheckpointManager.restore
 
     def failing_disk(self, step, *a, **k):
@@ -71,8 +70,8 @@ def test_errors_that_are_not_corruption_stop_without_moving_checkpoints(tmp_path
     assert train(tmp_path, num_steps=8).steps_run == 4
 
 
-def test_when_no_checkpoint_can_be_restored_training_does_not_start_over(tmp_path):
-    train(tmp_path, num_steps=4, checkpoint_every=2, keep_checkpoints=2)
+def test_when_no_checkpoint_can_be_restored_training_does_not_start_over(tmp_path, tiny_run):
+    tiny_run(tmp_path, num_steps=4, checkpoint_every=2, keep_checkpoints=2)
     for step in ("2", "4"):
         for f in (tmp_path / "checkpoints" / step / "state").rglob("*"):
             if f.is_file():
@@ -84,8 +83,8 @@ def test_when_no_checkpoint_can_be_restored_training_does_not_start_over(tmp_pat
     assert loading.load(str(tmp_path))[0].info["step"] == 4  # the exported model is still there
 
 
-def test_a_workdir_whose_checkpoints_are_gone_does_not_overwrite_its_trained_model(tmp_path):
-    train(tmp_path, num_steps=4)
+def test_a_workdir_whose_checkpoints_are_gone_does_not_overwrite_its_trained_model(tmp_path, tiny_run):
+    tiny_run(tmp_path, num_steps=4)
     shutil.rmtree(tmp_path / "checkpoints")
     rows = (tmp_path / "metrics.jsonl").read_text()
     with pytest.raises(RuntimeError, match=r"holds a model trained for 4 steps .* use a new --workdir"):
@@ -93,9 +92,9 @@ def test_a_workdir_whose_checkpoints_are_gone_does_not_overwrite_its_trained_mod
     assert loading.load(str(tmp_path))[0].info["step"] == 4 and (tmp_path / "metrics.jsonl").read_text() == rows
 
 
-def test_a_state_that_no_longer_fits_the_saved_one_stops_and_moves_nothing(tmp_path, monkeypatch):
+def test_a_state_that_no_longer_fits_the_saved_one_stops_and_moves_nothing(tmp_path, monkeypatch, tiny_run):
     # What orbax says when the code's train state has another structure than the checkpoint's.
-    train(tmp_path, num_steps=4, checkpoint_every=2, keep_checkpoints=2)
+    tiny_run(tmp_path, num_steps=4, checkpoint_every=2, keep_checkpoints=2)
     real = ckpt_lib.ocp.CheckpointManager.restore
 
     def changed_code(self, step, args=None, **kw):
@@ -112,8 +111,8 @@ def test_a_state_that_no_longer_fits_the_saved_one_stops_and_moves_nothing(tmp_p
     assert ckpt_lib.step_dirs(str(tmp_path)) == [2, 4] and not (tmp_path / "corrupt_checkpoints").exists()
 
 
-def test_a_run_saved_before_the_model_kind_field_resumes_without_override(tmp_path):
-    train(tmp_path, num_steps=2, checkpoint_every=2)
+def test_a_run_saved_before_the_model_kind_field_resumes_without_override(tmp_path, tiny_run):
+    tiny_run(tmp_path, num_steps=2, checkpoint_every=2)
     for meta in (tmp_path / "checkpoints").rglob("metadata"):
         if meta.parent.name == "meta":
             doc = json.loads(meta.read_text())
@@ -138,8 +137,8 @@ def test_a_run_saved_before_ema_warmup_resumes_as_it_trained(tmp_path):
     assert train(tmp_path, num_steps=4, checkpoint_every=2, ema_warmup=False).steps_run == 2
 
 
-def test_a_corrupt_step_is_named_as_unreadable_not_as_another_architecture(tmp_path):
-    train(tmp_path, num_steps=4, checkpoint_every=2, keep_checkpoints=2)
+def test_a_corrupt_step_is_named_as_unreadable_not_as_another_architecture(tmp_path, tiny_run):
+    tiny_run(tmp_path, num_steps=4, checkpoint_every=2, keep_checkpoints=2)
     meta = next((tmp_path / "checkpoints" / "2" / "meta").rglob("metadata"))
     meta.write_text("{not json")
     (tmp_path / "checkpoints" / "2" / ckpt_lib.CHECKSUMS).unlink()  # (else its checksums say so first)
@@ -148,10 +147,10 @@ def test_a_corrupt_step_is_named_as_unreadable_not_as_another_architecture(tmp_p
     assert loading.load(str(tmp_path), step=4)[0].info["step"] == 4
 
 
-def test_the_non_finite_stop_says_whether_a_checkpoint_exists(tmp_path):
+def test_the_non_finite_stop_says_whether_a_checkpoint_exists(tmp_path, tiny_run):
     with pytest.raises(FloatingPointError, match="no checkpoint was written yet"):
         train(tmp_path / "a", num_steps=8, checkpoint_every=8, **EXPLODING)
-    train(tmp_path / "b", num_steps=2, checkpoint_every=2)  # a clean checkpoint first
+    tiny_run(tmp_path / "b", num_steps=2, checkpoint_every=2)  # a clean checkpoint first
     with pytest.raises(FloatingPointError, match=r"the last checkpoint \(step 2\) .* is intact"):
         training.train(tiny_config(num_steps=8, checkpoint_every=8, **EXPLODING), str(tmp_path / "b"),
                        allow_config_change=True, progress=False)
