@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, leaves
+from helpers import ROOT, leaves, random_params
 
-from ddim_jax import kinds, loading, models, training
+from ddim_jax import kinds, loading, training
 from ddim_jax.config import autoencoder_config, spec_from_config, validate_config
 from ddim_jax.data import load_digits, make_source
 from ddim_jax.training import objectives
@@ -81,7 +81,7 @@ def test_loss_terms_and_the_discriminator_switch():
     config = ae_config()
     config.loss.disc_start = 5
     obj = build(config).objective
-    params = jax.jit(obj.init, compiler_options=models.run_once_options("cpu"))(jax.random.key(0))
+    params = random_params(jax.eval_shape(obj.init, jax.random.key(0)))  # any weights: no init to compile
     x0 = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (4, 16, 16, 1)), jnp.float32)
     keys = jax.random.split(jax.random.key(2), 4)
     # One device's loss, inside the mapped batch axes 'data' and 'fsdp' (the objective averages over them).
