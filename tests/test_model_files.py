@@ -6,7 +6,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from helpers import leaves, train
+from helpers import leaves, random_params, train
 from safetensors.numpy import load_file, save_file
 
 from ddim_jax import loading, models
@@ -18,7 +18,7 @@ SPEC = models.ModelSpec("unet", dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("m") / "model"
-    models.save(str(path), SPEC, SPEC.init_params(jax.random.key(0)))
+    models.save(str(path), SPEC, random_params(SPEC.param_shapes()))
     return path
 
 
