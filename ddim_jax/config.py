@@ -126,7 +126,7 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     #               the discretisation's points N (round(linspace(0, T - 1, N)))
     ds.final_steps = 1  # progressive: the last round's student steps (steps / final_steps a power of 2)
     ds.round_steps = 0  # progressive: training steps per round (training.num_steps = round_steps x rounds)
-    ds.prediction_type = "v"  # progressive: the student's output, 'v' or 'x0' (eps is unstable at few steps)
+    ds.prediction_type = "v"  # the student network's output, 'v' or 'x0' (eps is unstable at few steps)
     ds.weighting = "truncated_snr"  # progressive: the x-loss weight, 'truncated_snr' max(SNR, 1) or 'snr_plus_one'
     ds.solver = "ddim"  # consistency: the teacher's ODE step between adjacent points, 'ddim' or 'dpmpp_2m'
     ds.metric = "pseudo_huber"  # consistency: 'l2' or 'pseudo_huber'
@@ -462,6 +462,7 @@ def _check_distill(config, goal: str) -> None:
         raise ValueError("training.lora.rank must be None with training.distill (the whole student trains)")
     need(ds.guidance is None or (_real(ds.guidance) and ds.guidance >= 0), "guidance",
          "None (no guidance) or a finite number >= 0")
+    need(ds.prediction_type in ("v", "x0"), "prediction_type", "'v' or 'x0'")
     if ds.method == "progressive":
         need(_int(ds.final_steps) and ds.final_steps >= 1, "final_steps", "a positive integer")
         k = ds.steps // ds.final_steps if _int(ds.steps) and ds.steps >= 1 else 0
@@ -474,7 +475,6 @@ def _check_distill(config, goal: str) -> None:
             raise ValueError(f"training.num_steps must be training.distill.round_steps x the rounds "
                              f"({ds.round_steps} x {rounds} = {ds.round_steps * rounds}: {ds.steps} down to "
                              f"{ds.final_steps} steps); got {t.num_steps}")
-        need(ds.prediction_type in ("v", "x0"), "prediction_type", "'v' or 'x0'")
         need(ds.weighting in WEIGHTINGS, "weighting", f"one of {', '.join(WEIGHTINGS)}")
     else:
         need(ds.solver in ODE_SOLVERS, "solver", f"one of {', '.join(ODE_SOLVERS)}")

@@ -19,7 +19,9 @@ consistency function, metrics) is :mod:`ddim_jax.distillation`'s.
   last round's student is also ``workdir/model``. A run resumed mid-round reads that round's teacher from the
   previous round's export; the round is a function of the step.
 * ``consistency``: the student's consistency function ``f = c_skip x + c_out x0(network)`` (the spec's
-  ``distilled`` record; its prediction type ``"x0"``) is trained on the discretisation of ``distill.steps``
+  ``distilled`` record; its prediction type ``"x0"``; its network outputs ``distill.prediction_type``, v or x0,
+  whose x0 stays bounded where an eps output's ``(x - sigma eps) / alpha`` blows up at alpha ~ 0) is trained on
+  the discretisation of ``distill.steps``
   points with the target network the run's EMA (decay ``training.ema_decay``, the paper's mu: 0.95), the
   teacher's ODE step (``distill.solver``: DDIM, or DPM-Solver++ 2M whose two steps start from the forward
   process two points up) and ``distill.metric``. The exported model is that EMA network. It samples in
@@ -72,7 +74,7 @@ def student_spec(config, spec: ModelSpec, teacher_path: str = "", steps: int | N
     n = int(ds.sample_steps)
     record = dict(method="consistency", steps=n, timesteps=make_timesteps(T, n, dmath.SAMPLE_SPACING).tolist(),
                   sigma_data=float(ds.sigma_data), timestep_scaling=float(ds.timestep_scaling), t_min=0,
-                  network_prediction=spec.prediction_type, **common)
+                  network_prediction=ds.prediction_type, **common)
     return dataclasses.replace(spec, prediction_type="x0", distilled=record)
 
 
@@ -292,7 +294,7 @@ class Consistency(_Distill):
         n = jax.vmap(lambda k: jax.random.randint(k, (), 0, len(self.grid) - (2 if two else 1), jnp.int32))(
             _fold(keys, 0))
         noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(_fold(keys, 1))
-        prediction = lambda out, x, a: predict_x0_eps(out, x, a, self.network_prediction)[0]  # noqa: E731
+        prediction = lambda out, x, a: predict_x0_eps(out, x, a, self.teacher_prediction)[0]  # noqa: E731
         x0_fn = self._teacher_x0(frozen["teacher"], y, cond, prediction, self.guidance)
         t_n, t_up = grid[n], grid[n + 1]
         if two:
