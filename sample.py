@@ -66,7 +66,7 @@ flags.DEFINE_integer("height", None, "text2img: the images' height in pixels, a 
 flags.DEFINE_integer("width", None, "text2img: the images' width (as --height).")
 flags.DEFINE_string("eta", "0", "eta (0 = DDIM, 1 = DDPM), or 'sigma_hat' for the larger DDPM variance.")
 flags.DEFINE_string("spacing", None, "Timestep spacing: uniform | quadratic | leading | trailing | linspace "
-                    "| karras | exponential (default: the solver's, uniform for ddim and plms, trailing for dpmpp_*).")
+                    "| karras | exponential (default: the solver's, ddim_jax.solvers.DEFAULT_SPACING).")
 flags.DEFINE_integer("num_samples", None, "Number of samples N (default: 64; 50,000 in fid mode).")
 flags.DEFINE_integer("batch_size", 64, "Global batch size (a multiple of the device count).")
 flags.DEFINE_list("mesh", ["-1", "1"], "The devices as a (data, fsdp) mesh, as training.mesh: the batch is split "

@@ -116,13 +116,13 @@ def test_fid_mode_writes_a_table_and_a_plot(workdir, tmp_path, tmp_path_factory,
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in result["rows"])
     table = (tmp_path / "fid.md").read_text()
     assert (tmp_path / "fid.png").stat().st_size > 0 and "| sampler \\ S | 2 | 5 |" in table and "| dpmpp_2m |" in table
-    assert {(r["solver"], r["spacing"]) for r in result["rows"]} == {("ddim", "uniform"), ("dpmpp_2m", "trailing")}
+    assert {(r["solver"], r["spacing"]) for r in result["rows"]} == {("ddim", "uniform"), ("dpmpp_2m", "exponential")}
     assert "each solver's default spacing" in table
 
 
 @pytest.mark.parametrize("args,name", [
     ([], "sample"), (["--solver=dpmpp_2m"], "sample_dpmpp_2m"),
-    (["--solver=dpmpp_2m", "--spacing=trailing"], "sample_dpmpp_2m"),  # its default: not named
+    (["--solver=dpmpp_2m", "--spacing=exponential"], "sample_dpmpp_2m"),  # its default: not named
     (["--solver=dpmpp_2m", "--spacing=uniform"], "sample_dpmpp_2m_uniform"),
     (["--spacing=quadratic"], "sample_quadratic"), (["--mode=fid", "--spacing=uniform"], "fid_uniform"),
     (["--dtype=bfloat16"], "sample_bfloat16")])
