@@ -510,13 +510,16 @@ def _refuse_existing(paths, overwrite: bool) -> None:
 
 def reference_name(data: dict) -> str:
     """The cache name of a training set's reference statistics: everything that changes its images
-    (dataset, folder, image size, channels, crop), so statistics of other images are never reused."""
+    (dataset, folder, image size, channels, crop, the classes kept), so statistics of other images are never
+    reused."""
+    classes = data.get("classes")
+    subset = "" if classes is None else "-classes" + "_".join(str(k) for k in sorted(classes))
     if data["dataset"] == "digits":  # 8x8, or upscaled to data.image_size
         size = data.get("image_size", 8)
-        return "digits-train" if size == 8 else f"digits-train-{size}px"
+        return ("digits-train" if size == 8 else f"digits-train-{size}px") + subset
     where = data.get("folder", "") if data["dataset"] == "folder" else ""
     tag = f"{data['dataset']}{'-' + where.strip('/').replace('/', '_') if where else ''}-train"
-    return f"{tag}-{data['image_size']}px-{data.get('channels', 3)}ch-{data.get('crop', 'center')}"
+    return f"{tag}-{data['image_size']}px-{data.get('channels', 3)}ch-{data.get('crop', 'center')}{subset}"
 
 
 def _dataset_images(model, split, num, data_dir=None):

@@ -16,6 +16,7 @@ from ml_collections import config_dict
 
 from ddim_jax import kinds
 from ddim_jax.concat import CONDITIONS
+from ddim_jax.data import check_classes
 from ddim_jax.diffusion import PREDICTION_TYPES
 from ddim_jax.distillation import METHODS, METRICS, ODE_SOLVERS, WEIGHTINGS
 from ddim_jax.models import ModelSpec
@@ -69,6 +70,9 @@ def base_config(kind: str = "unet") -> ml_collections.ConfigDict:
     d.random_flip = False  # digits are not mirror-symmetric; the paper's datasets flip (paper_config)
     d.num_workers = -1  # grain worker processes reading folder/tfds images (-1 = the usable cores, 0 = in process)
     d.prefetch = 2  # steps loaded ahead by those workers
+    # None: every class; else the labels to keep, e.g. (0, 1, 2, 3, 4): a labelled dataset's examples of those
+    # classes only (labels unchanged), in every split (ddim_jax.data.ClassSubset)
+    d.classes = config_dict.placeholder(tuple)
 
     c.model = model  # the network's architecture (ddim_jax.kinds: the kind's module fields)
 
@@ -343,6 +347,7 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
     need(_int(d.prefetch) and 0 <= d.prefetch <= MAX_PREFETCH, "data.prefetch", f"an integer in [0, {MAX_PREFETCH}]")
     need(_int(d.image_size) and d.image_size >= 1, "data.image_size", "a positive integer")
     need(d.crop in CROPS, "data.crop", f"one of {', '.join(CROPS)}")
+    _check_classes(d)
     entry = kinds.KINDS[kind]
     arch = {k: v for k, v in to_dict(config["model"]).items() if k in entry.arch_fields}
     arch = entry.full_arch(arch)
@@ -355,6 +360,16 @@ def validate_config(config, num_devices: int = 1, num_processes: int = 1) -> Non
     if goal == "diffusion" and (config.latent.autoencoder or t.init_from or distilling(config)):
         return  # the model's shape is the autoencoder's latents': checked once it is read (training.run)
     spec_from_config(config)  # the model block's own checks (kind, arguments, schedule)
+
+
+def _check_classes(d) -> None:
+    """``data.classes``: None, or distinct class indices of a dataset with labels (the digits: 0..9; a folder's
+    or tfds dataset's labels are checked when it is opened, ddim_jax.data.ClassSubset)."""
+    if d.classes is None:
+        return
+    classes = check_classes(d.classes)
+    if d.dataset == "digits" and classes[-1] > 9:
+        raise ValueError(f"data.classes names class {classes[-1]}, but dataset 'digits' has 10 classes (0..9)")
 
 
 def _check_diffusion(config, need) -> None:

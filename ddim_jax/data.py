@@ -17,6 +17,11 @@ with class labels where the data has them (``source.num_classes``, ``source.get_
   (when it has one, e.g. cifar10) gives the classes. Its images are decoded, cropped and resized as
   they are read.
 
+``data.classes`` (:func:`make_source`) keeps the examples of a labelled source whose label is in a set of
+classes, in the source's order, with their labels unchanged (:class:`ClassSubset`): the same for every
+source kind and every split (a held-out split keeps the same classes). Training digits 0-4 only is
+``data.classes = (0, 1, 2, 3, 4)``. A tfds source reads every record's label once when the subset opens.
+
 The batch order is a pure function of (seed, step): epoch ``e`` visits the examples in the
 permutation ``permutation(seed, e)``; the global batch of step ``s`` is the ``s``-th run of
 ``global_batch`` indices in that stream; process ``p`` of ``P`` loads rows ``[p * B / P, (p + 1) * B / P)``
@@ -100,6 +105,15 @@ class RecordSource:
         records = [self.records[int(i)] for i in indices]
         return (np.stack([prepare_image(r["image"], self.image_size, self.crop) for r in records]),
                 np.asarray([r["label"] for r in records], np.int32))
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """Every record's label (each record read once, then kept), or None without a label feature."""
+        if self.num_classes is None:
+            return None
+        if getattr(self, "_labels", None) is None:
+            self._labels = np.asarray([self.records[i]["label"] for i in range(len(self.records))], np.int32)
+        return self._labels
 
 
 def tfds_source(name: str, split: str, data_dir: str | None, image_size: int, crop: str) -> RecordSource:
@@ -245,8 +259,62 @@ def load_folder_images(path: str, image_size: int, channels: int = 3) -> np.ndar
     return src.get(range(len(src)))
 
 
+class ClassSubset:
+    """The examples of a labelled ``source`` whose label is in ``classes``, in the source's order, with their
+    labels (and ``num_classes``, ``class_names``) unchanged: index ``i`` is the source's ``indices[i]``.
+    A one-line ValueError naming ``data.classes`` for a source without labels, a class it does not have, or
+    classes with no example in it."""
+
+    def __init__(self, source, classes):
+        classes = check_classes(classes)
+        labels = getattr(source, "labels", None)
+        if source.num_classes is None or labels is None:
+            raise ValueError(f"data.classes={list(classes)} needs class labels, and dataset {source.name!r} has none "
+                             "(a folder dataset is labelled by its sub-folders); set data.classes=None")
+        bad = [k for k in classes if k >= source.num_classes]
+        if bad:
+            raise ValueError(f"data.classes names class {bad[0]}, but dataset {source.name!r} has "
+                             f"{source.num_classes} classes (0..{source.num_classes - 1})")
+        self.source, self.classes = source, classes
+        self.indices = np.flatnonzero(np.isin(np.asarray(labels), classes))
+        if not len(self.indices):
+            raise ValueError(f"data.classes={list(classes)}: dataset {source.name!r} has no example of these classes")
+        self.labels = np.asarray(labels, np.int32)[self.indices]
+        self.name = f"{source.name}[classes {','.join(map(str, classes))}]"
+        self.num_classes, self.class_names = source.num_classes, source.class_names
+        self.decodes_on_read = getattr(source, "decodes_on_read", False)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def get(self, indices) -> np.ndarray:
+        return self.source.get(self.indices[np.asarray(indices, np.int64).reshape(-1)])
+
+    def get_labelled(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        return self.source.get_labelled(self.indices[np.asarray(indices, np.int64).reshape(-1)])
+
+
+def check_classes(classes) -> tuple[int, ...]:
+    """``data.classes`` as a sorted tuple of ints: a non-empty list of distinct integers >= 0, else a one-line
+    ValueError naming the field."""
+    ok = (isinstance(classes, (tuple, list)) and len(classes) > 0
+          and all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 0 for k in classes)
+          and len(set(int(k) for k in classes)) == len(classes))
+    if not ok:
+        raise ValueError(f"data.classes must be None (every class) or distinct class indices >= 0, e.g. (0, 1, 2, 3, "
+                         f"4); got {classes!r}")
+    return tuple(sorted(int(k) for k in classes))
+
+
 def make_source(data_config):
-    """The source a ``config.data`` block names (``data.channels`` must be 1 or 3 for every kind)."""
+    """The source a ``config.data`` block names (``data.channels`` must be 1 or 3 for every kind), restricted
+    to ``data.classes`` when it is set (:class:`ClassSubset`)."""
+    source = _make_source(data_config)
+    classes = data_config.get("classes")
+    return source if classes is None else ClassSubset(source, classes)
+
+
+def _make_source(data_config):
     _check_channels(data_config.channels)
     name = data_config.dataset
     if name == "digits":

@@ -54,11 +54,6 @@ def as_train_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
     raise ValueError(f"a training mesh has the axes {MESH_AXES} (or 'data' alone); got {mesh.axis_names}")
 
 
-def data_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
-    """The 1-D ``'data'`` mesh over ``mesh``'s devices, in its order (for sampling during training)."""
-    return make_mesh(list(mesh.devices.flat))
-
-
 def fsdp_size(mesh: jax.sharding.Mesh) -> int:
     return int(dict(mesh.shape).get("fsdp", 1))
 

@@ -137,9 +137,11 @@ def test_reference_statistics_are_named_by_everything_that_changes_the_images():
     base = {"dataset": "cifar10", "folder": "", "image_size": 32, "channels": 3, "crop": "none"}
     names = {sample.reference_name(dict(base, **change)) for change in [
         {}, {"image_size": 64}, {"crop": "center"}, {"channels": 1}, {"dataset": "celeb_a"},
-        {"dataset": "folder", "folder": "/data/a"}, {"dataset": "folder", "folder": "/data/b"}]}
-    assert len(names) == 7
+        {"dataset": "folder", "folder": "/data/a"}, {"dataset": "folder", "folder": "/data/b"},
+        {"classes": [0, 1]}, {"classes": [0, 2]}, {"classes": None}]}
+    assert len(names) == 9  # (classes None is the default's name)
     assert sample.reference_name({"dataset": "digits"}) == "digits-train"  # the digits cache keeps its name
+    assert sample.reference_name({"dataset": "digits", "classes": [0, 1, 2, 3, 4]}) == "digits-train-classes0_1_2_3_4"
     assert sample.reference_name({"dataset": "digits", "image_size": 32}) == "digits-train-32px"  # upscaled
 
 

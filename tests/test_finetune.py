@@ -309,3 +309,36 @@ def test_bad_inputs_are_refused_in_one_line_and_nothing_is_written(source, tmp_p
     with pytest.raises(ValueError, match=r"^training\.lora\.rank needs training\.init_from"):
         train(c, tmp_path / "w")
     assert not (tmp_path / "w").exists()
+
+
+
+def _config_file(name: str):
+    """configs/<name>.py's config, as train.py's --config reads it: the file run afresh (it sees the environment)."""
+    import importlib.util
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location(f"config_{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("name", ["digits_finetune", "digits_lora"])
+def test_the_digits_fine_tuning_examples_take_the_digits_model_and_refuse_a_missing_one(name, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.delenv("DDIM_JAX_DIGITS_MODEL", raising=False)
+    assert _config_file(name).training.init_from == "runs/digits"  # the default digits run (python train.py)
+    base = spec_from_config(_config_file("digits"))
+    models.save(str(tmp_path / "digits"), base, _random(base.param_shapes(), 0))
+    monkeypatch.setenv("DDIM_JAX_DIGITS_MODEL", str(tmp_path / "digits"))
+    run = resolve(_config_file(name))  # filled from the model, then validated
+    assert run.spec.arch == base.arch and run.spec.schedule == base.schedule  # the architecture is the model's
+    assert tuple(run.config.data.classes) == (0, 1, 2, 3, 4)
+    if name == "digits_lora":  # the digits UNet has no attention: the adapters sit on its convolutions
+        assert run.objective.rank == 4 and len(run.objective.paths) > 0
+    monkeypatch.setenv("DDIM_JAX_DIGITS_MODEL", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=r"^training\.init_from: '.*missing' does not exist \(it names the "
+                                                r"model to start from: a model directory or a training workdir\)$"):
+        train(_config_file(name), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything is written

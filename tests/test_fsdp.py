@@ -200,3 +200,33 @@ def test_the_memory_plan_counts_each_devices_shards(saved):
                                          r"or training.mesh=\(4, 4\) \(params, EMA and Adam state split over 4 "
                                          r"devices\), or training.remat=True"):
         memory.check_fits(plan, c)
+
+
+def test_training_previews_sample_with_the_params_split_on_the_training_mesh(tmp_path, monkeypatch):
+    """A preview grid during a training.mesh = (-1, 2) run samples on that mesh, from the EMA params as they are
+    split there (not gathered whole onto each device), and draws the images the exported model draws on one
+    device."""
+    from ddim_jax import experiments, loading
+    from ddim_jax.parallel import make_mesh
+    from ddim_jax.training import loop
+
+    seen, grids = [], []
+    post_init = experiments.Model.__post_init__
+
+    def spy(model):
+        given = any(not x.is_fully_replicated for x in jax.tree.leaves(model.params))
+        post_init(model)
+        seen.append((tuple(model.mesh.devices.shape), given,
+                     any(not x.is_fully_replicated for x in jax.tree.leaves(model.params))))
+
+    monkeypatch.setattr(experiments.Model, "__post_init__", spy)
+    monkeypatch.setattr(loop, "save_grid", lambda images, *a, **k: grids.append(np.asarray(images)))
+    c = tiny_config(num_steps=2, log_every=2, checkpoint_every=2, sample_every=2, sample_steps=2)
+    c.training.mesh = (-1, 2)
+    training.train(c, str(tmp_path), progress=False)
+    assert seen == [((4, 2), True, True)] and len(grids) == 1  # on the (4, 2) mesh, split as trained
+    spec, params = loading.load(str(tmp_path))  # the EMA model exported at step 2, which the preview drew
+    monkeypatch.setattr(experiments.Model, "__post_init__", post_init)
+    one = experiments.Model(spec, params, make_mesh(jax.devices()[:1]))
+    want = experiments.generate(one, 4, 4, 2, seed=c.training.seed + 1, progress=False)
+    assert np.abs(grids[0].astype(int) - want).max() <= 1  # uint8 images, to float32 round-off

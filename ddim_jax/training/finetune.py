@@ -48,7 +48,8 @@ class InitModel:
 def read(path) -> InitModel:
     """The model ``training.init_from`` names; one-line errors for what is not a finite diffusion model."""
     if not isinstance(path, str) or not os.path.exists(path):
-        raise FileNotFoundError(f"training.init_from: {path!r} does not exist")
+        raise FileNotFoundError(f"training.init_from: {path!r} does not exist (it names the model to start from: a "
+                                "model directory or a training workdir)")
     export, where = os.path.join(path, models.EXPORT_DIR), path
     if not models.is_model_dir(path) and os.path.isdir(os.path.join(path, "checkpoints")):
         if not models.is_model_dir(export):

@@ -29,7 +29,7 @@ from ddim_jax import data as data_lib
 from ddim_jax import files, models
 from ddim_jax.config import config_differences, mesh_shape, to_dict
 from ddim_jax.images import save_grid
-from ddim_jax.parallel import BATCH_AXES, data_mesh, gather_host_tree, host, on_main, train_mesh
+from ddim_jax.parallel import BATCH_AXES, gather_host_tree, host, on_main, train_mesh
 from ddim_jax.training import adapters, finetune, latent
 from ddim_jax.training import run as run_lib
 from ddim_jax.training.checkpoints import Checkpointer, resume
@@ -323,7 +323,8 @@ def _loop(run, workdir, mesh, is_main, progress, source, ckpt, state, frozen) ->
             if due(step, t_cfg.checkpoint_every, last):
                 checkpoint(step)
             if t_cfg.sample_every and due(step, t_cfg.sample_every, last):
-                imgs = objective.preview(objective.model_params(state.ema_params, frozen), data_mesh(mesh), source,
+                # On the training mesh: with fsdp > 1 the EMA params stay split as they are trained.
+                imgs = objective.preview(objective.model_params(state.ema_params, frozen), mesh, source,
                                          t_cfg.num_sample_images, config)
                 on_main(lambda: save_grid(imgs, os.path.join(workdir, "samples", f"step_{step:08d}.png"),
                                           scale=max(1, 64 // config.data.image_size)), "writing a sample grid")
