@@ -8,7 +8,9 @@ S = N steps, except PLMS (S + 1 calls for S >= 2, so S = N - 1; no S makes 2 cal
 (``--student NAME=DIR``, a model directory or a workdir) is sampled with its own default sampler (a distilled
 model's spec records its spacing; a consistency model samples with its multistep rule) at the step counts
 given after ``@`` (``--student pd=runs/pd/round_4@4``), or else at the one its spec records; one step is one
-model call. ``--point NAME=CALLS:FID,...`` adds points measured elsewhere.
+model call. A NAME given more than once is one curve (``--student pd=runs/pd/rounds/steps_4 --student
+pd=runs/pd/rounds/steps_2``: a progressive student's rounds). ``--point NAME=CALLS:FID,...`` adds points
+measured elsewhere.
 
     python benchmarks/fid_vs_calls.py [--workdir runs/digits] [--num 1000] [--calls 1,2,3,4,5,7,10,15,20,30,50]
         [--solvers ddim,dpmpp_2m,unipc,plms] [--student NAME=DIR[@S,...]] [--point NAME=CALLS:FID,...]
@@ -147,7 +149,10 @@ def main(argv=None):
             fid, sec = measure(model, score, args.num, S)
             pts.append({"calls": S, "steps": S, "fid": fid, "seconds": sec})
             print(f"student {name} S={S}: FID {fid:.2f} ({sec:.0f} s)", file=sys.stderr, flush=True)
-        students[name] = {"model": str(model.source), "num": args.num, "points": pts}
+        # One NAME given several times (a progressive student's rounds, each its own directory) is one curve.
+        entry = students.setdefault(name, {"models": [], "num": args.num, "points": []})
+        entry["models"].append(str(model.source))
+        entry["points"] = sorted(entry["points"] + pts, key=lambda p: p["calls"])
     for name, pts in args.point:
         students[name] = {"model": "given", "points": [{"calls": c, "fid": f} for c, f in pts]}
     result = {"teacher": curves, "students": students, "floor": floor, "revision": git_revision(),

@@ -32,7 +32,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # collected last would keep one worker busy long after the other has finished. Other files follow in their
 # usual order.
 SLOWEST_FILES = ("test_latent.py", "test_benchmarks.py", "test_workdir.py", "test_reliability.py", "test_concat.py",
-                 "test_training.py", "test_experiments.py", "test_pipelines.py", "test_lpips.py",
+                 "test_training.py", "test_experiments.py", "test_pipelines.py", "test_distill.py", "test_lpips.py",
                  "test_conditional.py", "test_convert.py", "test_solvers.py", "test_autoencoder_training.py")
 
 
