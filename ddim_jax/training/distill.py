@@ -47,6 +47,7 @@ from ddim_jax.diffusion import _bcast, predict_x0_eps
 from ddim_jax.models import ModelSpec
 from ddim_jax.parallel import round_up
 from ddim_jax.schedules import make_timesteps
+from ddim_jax.training.inputs import diffusion_inputs, fold
 
 ROUNDS_DIR = "rounds"  # a progressive run's per-round students: workdir/rounds/steps_<N>
 
@@ -95,10 +96,6 @@ def check_teacher(config, spec: ModelSpec, path: str) -> None:
         raise ValueError(f"training.distill.steps must be <= the teacher's T ({T}); got {ds.steps}")
 
 
-def _fold(keys, i: int):
-    return jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-
-
 class _Distill:
     """What both objectives share: the latent encoding, the labels, the teacher's guided x0-prediction."""
 
@@ -122,21 +119,6 @@ class _Distill:
 
     def model_params(self, params, frozen) -> dict:
         return params if self.spec.autoencoder is None else {"denoiser": params, "autoencoder": frozen["autoencoder"]}
-
-    def _inputs(self, frozen, x0, labels, keys):
-        """``(x0 in the diffusion's space, labels or None, concat channels or None)``."""
-        spec = self.spec
-        cond = None if spec.concat is None else spec.condition(spec.observe(x0))
-        if spec.autoencoder is not None:
-            noise = jax.vmap(lambda k: jax.random.normal(k, spec.sample_shape, jnp.float32))(_fold(keys, 4))
-            x0 = spec.encode(frozen, x0, noise)
-        y = None
-        if spec.num_classes is not None:
-            y = labels
-            if spec.null_label is not None:
-                drop = jax.vmap(lambda k: jax.random.bernoulli(k, self.p_uncond))(_fold(keys, 3))
-                y = jnp.where(drop, spec.null_label, labels)
-        return x0, y, cond
 
     def _net(self, params, y, cond, *, train=False, dropout_key=None):
         """``out(x, t)`` of the network with ``params`` under the labels and concat channels."""
@@ -232,15 +214,15 @@ class Progressive(_Distill):
                            overwrite=True)
 
     def loss(self, params, frozen, x0, labels, keys, step, dropout_key):
-        x0, y, cond = self._inputs(frozen, x0, labels, keys)
+        x0, y, cond = diffusion_inputs(self.spec, frozen, x0, labels, keys, self.p_uncond)
         r = jnp.minimum(step // self.round_steps, len(self.counts) - 1)
         n = jnp.asarray(self.counts, jnp.int32)[r]
         grid = jnp.asarray(self.grids)[r]
-        i = jax.vmap(lambda k: jax.random.randint(k, (), 1, n + 1, jnp.int32))(_fold(keys, 0))
+        i = jax.vmap(lambda k: jax.random.randint(k, (), 1, n + 1, jnp.int32))(fold(keys, 0))
         t, t_mid, t_end = grid[2 * i], grid[2 * i - 1], grid[2 * i - 2]
         ab = self.schedule.alpha_bar
         a_t, a_mid, a_end = ab(t), ab(t_mid), ab(t_end)
-        noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(_fold(keys, 1))
+        noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(fold(keys, 1))
         z = _bcast(jnp.sqrt(a_t), x0) * x0 + _bcast(jnp.sqrt(1.0 - a_t), x0) * noise
         first = r == 0
         teacher_type, student_type = self.teacher_prediction, self.student_prediction
@@ -288,12 +270,12 @@ class Consistency(_Distill):
         return f
 
     def loss(self, params, frozen, x0, labels, keys, step, dropout_key, ema=None):
-        x0, y, cond = self._inputs(frozen, x0, labels, keys)
+        x0, y, cond = diffusion_inputs(self.spec, frozen, x0, labels, keys, self.p_uncond)
         grid, ab = jnp.asarray(self.grid), self.schedule.alpha_bar
         two = self.ds.solver == "dpmpp_2m"
         n = jax.vmap(lambda k: jax.random.randint(k, (), 0, len(self.grid) - (2 if two else 1), jnp.int32))(
-            _fold(keys, 0))
-        noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(_fold(keys, 1))
+            fold(keys, 0))
+        noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(fold(keys, 1))
         prediction = lambda out, x, a: predict_x0_eps(out, x, a, self.teacher_prediction)[0]  # noqa: E731
         x0_fn = self._teacher_x0(frozen["teacher"], y, cond, prediction, self.guidance)
         t_n, t_up = grid[n], grid[n + 1]

@@ -47,11 +47,10 @@ from ddim_jax.diffusion import per_example_loss
 from ddim_jax.models import ModelSpec
 from ddim_jax.parallel import BATCH_AXES, round_up
 from ddim_jax.training import adapters, distill
+from ddim_jax.training.inputs import diffusion_inputs, fold
 from ddim_jax.training.perceptual import enabled as perceptual_enabled
 
 
-def _fold(keys, i: int):
-    return jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
 
 
 class Diffusion:
@@ -79,18 +78,9 @@ class Diffusion:
 
     def loss(self, params, frozen, x0, labels, keys, step, dropout_key):
         spec, T = self.spec, self.schedule.num_timesteps
-        cond = None if spec.concat is None else spec.condition(spec.observe(x0))  # from the clean images
-        if spec.autoencoder is not None:
-            noise = jax.vmap(lambda k: jax.random.normal(k, spec.sample_shape, jnp.float32))(_fold(keys, 4))
-            x0 = spec.encode(frozen, x0, noise)
-        y = None
-        if spec.num_classes is not None:
-            y = labels
-            if spec.null_label is not None:
-                drop = jax.vmap(lambda k: jax.random.bernoulli(k, self.p_uncond))(_fold(keys, 3))
-                y = jnp.where(drop, spec.null_label, labels)
-        t = jax.vmap(lambda k: jax.random.randint(k, (), 0, T, jnp.int32))(_fold(keys, 0))
-        noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(_fold(keys, 1))
+        x0, y, cond = diffusion_inputs(spec, frozen, x0, labels, keys, self.p_uncond)
+        t = jax.vmap(lambda k: jax.random.randint(k, (), 0, T, jnp.int32))(fold(keys, 0))
+        noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(fold(keys, 1))
 
         def net(x, tt, yy):
             return self.model.apply({"params": params}, x, tt, yy, train=True, rngs={"dropout": dropout_key})
@@ -184,7 +174,7 @@ class Autoencoder:
         quantised latents) and the regularisation term weighted by its ``loss`` field (KL per pixel x
         ``kl_weight``; the VQ loss x ``codebook_weight``)."""
         side, ch = self.spec.latent_shape
-        noise = jax.vmap(lambda k: jax.random.normal(k, (side, side, ch), jnp.float32))(_fold(keys, 0))
+        noise = jax.vmap(lambda k: jax.random.normal(k, (side, side, ch), jnp.float32))(fold(keys, 0))
         z, reg, metrics = self.latents.regularized(self.model, {"params": ae}, x0, noise)
         return z, self.cfg[self.latents.reg_weight] * reg, metrics
 
