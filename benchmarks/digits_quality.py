@@ -69,7 +69,6 @@ def main(argv=None):
 def report(args):
     from sklearn.linear_model import LogisticRegression
 
-    from ddim_jax import digits_classifier
     from ddim_jax import experiments as ex
     from ddim_jax.data import load_digits
     from ddim_jax.images import save_grid
@@ -89,9 +88,7 @@ def report(args):
     conf, label = prob.max(1), prob.argmax(1)
     counts = np.bincount(label, minlength=10)
     real_conf = clf.predict_proba(flat(test_x)).max(1)
-    cnn_params, cnn_acc = digits_classifier.load_digits_classifier(verbose=False)
-    cnn_model = digits_classifier.DigitsCNN()
-    cnn = lambda x: jax.nn.softmax(cnn_model.apply({"params": cnn_params}, x.astype(np.float32) / 255.0))  # noqa: E731
+    cnn, cnn_acc = cnn_reader()
     cnn_conf, cnn_real_conf = np.asarray(cnn(samples)).max(1), np.asarray(cnn(test_x)).max(1)
     cnn_counts = np.bincount(np.asarray(cnn(samples)).argmax(1), minlength=10)
     score, fid_floor = held_out_fid()
@@ -119,6 +116,25 @@ def report(args):
     print(f"grid: {grid}")
 
 
+def cnn_reader():
+    """``(probs, held_out_accuracy)``: ``probs(x)`` is the digits CNN's class probabilities (numpy) of uint8
+    digits ``[N, 8, 8, 1]``."""
+    from ddim_jax import digits_classifier
+
+    params, accuracy = digits_classifier.load_digits_classifier(verbose=False)
+    net = digits_classifier.DigitsCNN()
+    return (lambda x: np.asarray(jax.nn.softmax(net.apply({"params": params}, x.astype(np.float32) / 255.0))),
+            accuracy)
+
+
+def cnn_features():
+    """``feats(x)``: the digits CNN's FID features of uint8 digits (ddim_jax.fid.digits_feature_extractor)."""
+    from ddim_jax import fid
+
+    ext = fid.digits_feature_extractor()
+    return lambda x: ext.extract(x, batch_size=500, progress=False)
+
+
 def held_out_fid():
     """``(score, floor)``: ``score(samples)`` is the FID in the digits CNN's features between uint8 digits
     (the first 1,500) and the 297 held-out digits, this script's measurement; ``floor`` is the score of the
@@ -127,8 +143,7 @@ def held_out_fid():
     from ddim_jax.data import load_digits
 
     train_x, _ = load_digits("train")
-    ext = fid.digits_feature_extractor()
-    feats = lambda x: ext.extract(x, batch_size=500, progress=False)  # noqa: E731
+    feats = cnn_features()
     f_test = feats(load_digits("test")[0])
 
     def score(samples) -> float:
@@ -150,19 +165,15 @@ def suffix(args) -> str:
 
 def conditional(model, args):
     """Requested-class accuracy, confident reads and FID at each guidance scale."""
-    from ddim_jax import digits_classifier, fid
     from ddim_jax import experiments as ex
+    from ddim_jax import fid
     from ddim_jax.data import load_digits
     from ddim_jax.images import save_grid
 
     train_x, _ = load_digits("train")
     test_x, _ = load_digits("test")
-    cnn_params, cnn_acc = digits_classifier.load_digits_classifier(verbose=False)
-    cnn_model = digits_classifier.DigitsCNN()
-    probs = lambda x: np.asarray(jax.nn.softmax(  # noqa: E731
-        cnn_model.apply({"params": cnn_params}, x.astype(np.float32) / 255.0)))
-    ext = fid.digits_feature_extractor()
-    feats = lambda x: ext.extract(x, batch_size=500, progress=False)  # noqa: E731
+    probs, cnn_acc = cnn_reader()
+    feats = cnn_features()
     f_test = feats(test_x)
     asked = np.arange(args.num) % 10
     name = os.path.basename(os.path.normpath(args.workdir))

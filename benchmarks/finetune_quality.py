@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 from _machine import ROOT, git_revision, machine_description, random_model, sampling_batch, scratch_dir, tiny_unet
+from digits_quality import cnn_features, cnn_reader
 
 CONFIGS = ("digits_finetune", "digits_lora")
 
@@ -110,7 +111,7 @@ def weights_bytes(model_dir: str) -> int:
 def report(args):
     import jax
 
-    from ddim_jax import digits_classifier, fid
+    from ddim_jax import fid
     from ddim_jax import experiments as ex
     from ddim_jax.data import load_digits
     from ddim_jax.images import save_grid
@@ -121,12 +122,8 @@ def report(args):
     test_x, test_y = load_digits("test")
     train_x, test_x = train_x[np.isin(train_y, classes)], test_x[np.isin(test_y, classes)]
     num = args.num or len(train_x)
-    cnn_params, cnn_acc = digits_classifier.load_digits_classifier(verbose=False)
-    cnn_model = digits_classifier.DigitsCNN()
-    probs = lambda x: np.asarray(jax.nn.softmax(  # noqa: E731
-        cnn_model.apply({"params": cnn_params}, x.astype(np.float32) / 255.0)))
-    ext = fid.digits_feature_extractor()
-    feats = lambda x: ext.extract(x, batch_size=500, progress=False)  # noqa: E731
+    probs, cnn_acc = cnn_reader()
+    feats = cnn_features()
     f_test = feats(test_x)
     os.makedirs(args.out, exist_ok=True)
     print(f"machine: {machine_description()}; jax {jax.__version__}, {jax.devices()[0].platform}; checkout "
