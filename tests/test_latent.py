@@ -34,6 +34,10 @@ AE = models.ModelSpec("autoencoder_kl", dict(block_out_channels=(8, 8), layers_p
 UNET = dict(block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, attention_head_dim=2,
             cross_attention_dim=8, context_tokens=2, norm_groups=4)
+# The tiny run's denoiser: one cross-attention level (the two-level UNET above is tested against
+# UNet2DCondition and in the spec tests; one level keeps the run's compiled programs small).
+RUN_UNET = dict(UNET, block_out_channels=(8,), down_block_types=("CrossAttnDownBlock2D",),
+                up_block_types=("CrossAttnUpBlock2D",))
 SCHEDULE = {"name": "cosine", "num_timesteps": 1000}
 
 
@@ -54,7 +58,7 @@ def latent_spec(scale=0.5):
 
 def config(ae_path, **training):
     c = base_config("cross_attention_unet")
-    c.model.update(UNET)
+    c.model.update(RUN_UNET)
     c.latent.autoencoder = str(ae_path)
     c.training.update(batch_size=8, num_steps=4, warmup_steps=1, log_every=2, checkpoint_every=2, sample_every=0)
     c.training.update(training)
@@ -176,7 +180,7 @@ def test_latent_loss_is_the_pixel_loss_on_the_encoded_latents(run):
     lat_run = resolve(cfg, str(workdir))
     first, lat = lat_run.first_stage, lat_run.objective
     pixel_cfg = base_config("cross_attention_unet")
-    pixel_cfg.model.update(UNET)
+    pixel_cfg.model.update(RUN_UNET)
     pixel_cfg.data.update(image_size=4, channels=2)
     pix = build(pixel_cfg).objective
     params = loading.load(workdir)[1]["denoiser"]  # the run's denoiser: any weights would do
@@ -195,25 +199,30 @@ def test_latent_loss_is_the_pixel_loss_on_the_encoded_latents(run):
 
 def test_resume_uses_the_runs_copy_when_the_named_autoencoder_changes(run, tmp_path):
     root, workdir, result = run
-    src = tmp_path / "ae"
-    models.save(src, AE, ae_params(0))
+    # The module run's autoencoder path (so its config, and the compiled train step, are the module run's),
+    # retrained in place below and put back afterwards.
+    src = root / "ae"
     other = tmp_path / "run"
     training.train(config(src, num_steps=2), str(other), progress=False, devices=jax.devices()[:2])
     models.save(src, AE, ae_params(1), overwrite=True)  # the autoencoder was retrained in place
-    resumed = training.train(config(src), str(other), progress=False, devices=jax.devices()[:2])
-    for a, b in zip(leaves(resumed.state.params), leaves(result.state.params)):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(leaves(loading.load(other)[1]["autoencoder"]), leaves(ae_params(0))):
-        np.testing.assert_array_equal(a, b)
-    # The config is what was asked for; what the run found is its record.
-    assert json.loads((other / "config.json").read_text())["latent"] == {"autoencoder": str(src), "scale_factor": 0.0}
-    record = json.loads((other / run_lib.RECORD_FILE).read_text())
-    assert record["autoencoder_sha256"] == models.params_digest(ae_params(0)) != models.params_digest(ae_params(1))
-    assert record["scale_factor"] > 0 and models.ModelSpec.from_dict(record["autoencoder"]) == AE
-    # Without its copy, the run would resume with whatever the named path holds now: refused.
-    shutil.rmtree(other / latent.COPY_DIR)
-    with pytest.raises(ValueError, match=r"different config \(record.autoencoder_sha256"):
-        training.train(config(src, num_steps=4), str(other), progress=False, devices=jax.devices()[:2])
+    try:
+        resumed = training.train(config(src), str(other), progress=False, devices=jax.devices()[:2])
+        for a, b in zip(leaves(resumed.state.params), leaves(result.state.params)):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(leaves(loading.load(other)[1]["autoencoder"]), leaves(ae_params(0))):
+            np.testing.assert_array_equal(a, b)
+        # The config is what was asked for; what the run found is its record.
+        saved = json.loads((other / "config.json").read_text())["latent"]
+        assert saved == {"autoencoder": str(src), "scale_factor": 0.0}
+        record = json.loads((other / run_lib.RECORD_FILE).read_text())
+        assert record["autoencoder_sha256"] == models.params_digest(ae_params(0)) != models.params_digest(ae_params(1))
+        assert record["scale_factor"] > 0 and models.ModelSpec.from_dict(record["autoencoder"]) == AE
+        # Without its copy, the run would resume with whatever the named path holds now: refused.
+        shutil.rmtree(other / latent.COPY_DIR)
+        with pytest.raises(ValueError, match=r"different config \(record.autoencoder_sha256"):
+            training.train(config(src, num_steps=4), str(other), progress=False, devices=jax.devices()[:2])
+    finally:
+        models.save(src, AE, ae_params(0), overwrite=True)
 
 
 def test_experiments_decode_to_images(run):
@@ -223,25 +232,24 @@ def test_experiments_decode_to_images(run):
     imgs = ex.generate(model, 4, 4, 3, labels="all", guidance=2.0, progress=False)
     assert imgs.shape == (4, 8, 8, 1) and imgs.dtype == np.uint8
     assert ex.sequence(model, 2, 3).shape == (2, 4, 8, 8, 1)
-    images = load_digits("test")[0][:4]
-    errors, recons = ex.reconstruction(model, images, [2], 4, progress=False)
-    # The autoencoder alone: image -> posterior mean -> image, computed here.
-    spec, params = loading.load(str(workdir))
-    x = images.astype(np.float32) / 127.5 - 1.0
-    rec = AE.build().apply({"params": params["autoencoder"]}, x)
-    want = float(np.mean((np.clip(np.asarray(rec), -1, 1) / 2 - x / 2) ** 2))
-    assert set(errors) == {2, "autoencoder"} and errors["autoencoder"] == pytest.approx(want, rel=1e-4)
 
 
 def test_sample_cli_reconstruction_names_the_autoencoder_row(run, tmp_path, capsys):
+    # sample.py's reconstruction mode is experiments.reconstruction, with its row for the autoencoder alone.
     root, workdir, _ = run
     sample.FLAGS.unparse_flags()
     sample.FLAGS(["sample.py", f"--workdir={workdir}", "--mode=reconstruction", "--num_samples=8", "--steps_list=2",
                   "--batch_size=8", f"--output={tmp_path / 'rec'}"])
     sample.run()
-    out = json.loads((tmp_path / "rec" / "reconstruction.json").read_text())
-    assert set(out["mse_per_dim_0_1"]) == {"2", "autoencoder"}
+    errors = json.loads((tmp_path / "rec" / "reconstruction.json").read_text())["mse_per_dim_0_1"]
+    assert set(errors) == {"2", "autoencoder"}
     assert "| S | 2 | autoencoder |" in capsys.readouterr().out
+    # The autoencoder alone: image -> posterior mean -> image, computed here on the first 8 test digits.
+    spec, params = loading.load(str(workdir))
+    x = load_digits("test")[0][:8].astype(np.float32) / 127.5 - 1.0
+    rec = AE.build().apply({"params": params["autoencoder"]}, x)
+    want = float(np.mean((np.clip(np.asarray(rec), -1, 1) / 2 - x / 2) ** 2))
+    assert errors["autoencoder"] == pytest.approx(want, rel=1e-4)
 
 
 def test_sample_modes_read_the_digits_as_training_saw_them():
