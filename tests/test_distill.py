@@ -226,6 +226,11 @@ def _teacher_config():
     return c
 
 
+def train(config, workdir):
+    """train.py's code path on one device (the train step's multi-device paths are tested in test_training)."""
+    return training.train(config, str(workdir), progress=False, devices=jax.devices()[:1])
+
+
 def distill_config(teacher, method, **distill):
     c = tiny_config(batch_size=8, warmup_steps=1, log_every=2, checkpoint_every=2, sample_every=0)
     c.training.distill.update(method=method, teacher=str(teacher), **distill)
@@ -271,7 +276,7 @@ def progressive_run(teacher):
     c = distill_config(root / "teacher", "progressive", steps=4, final_steps=1, round_steps=2)
     c.training.num_steps = 6
     workdir = root / "progressive"
-    result = training.train(c, str(workdir), progress=False)
+    result = train(c, workdir)
     return c, workdir, result
 
 
@@ -311,7 +316,7 @@ def test_progressive_run_resumes_in_a_later_round(teacher, progressive_run, tmp_
             shutil.rmtree(copy / "checkpoints" / step)
     shutil.rmtree(copy / "rounds" / "steps_2")
     shutil.rmtree(copy / "rounds" / "steps_1")
-    again = training.train(c, str(copy), progress=False)
+    again = train(c, copy)
     assert again.steps_run == 4
     for a, b in zip(leaves(again.state.params), leaves(result.state.params)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -322,26 +327,29 @@ def test_consistency_run_exports_a_one_and_multistep_model(teacher, tmp_path):
     root, t_spec, t_params = teacher
     c = distill_config(root / "teacher", "consistency", steps=10, solver="dpmpp_2m", sample_steps=2)
     c.training.update(num_steps=2, ema_decay=0.95, ema_warmup=False)
-    result = training.train(c, str(tmp_path / "cd"), progress=False)
+    result = train(c, tmp_path / "cd")
     assert result.steps_run == 2
     spec, params = loading.load(str(tmp_path / "cd"))
     assert spec.is_consistency and spec.prediction_type == "x0" and spec.distilled["steps"] == 2
     assert spec.distilled["network_prediction"] == "v" != t_spec.prediction_type  # the student's own output
-    # The boundary condition through the spec's eps_fn: f(x, t_min) = x exactly.
+    # The boundary condition through the spec's eps_fn: f(x, t_min) = x exactly. (eps_fn is a pytree: one
+    # compiled call serves both models' functions below.)
+    call = jax.jit(lambda f, x, t: f(x, t))
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
-    np.testing.assert_array_equal(np.asarray(spec.eps_fn(params)(x, jnp.zeros((4,), jnp.int32))), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(call(spec.eps_fn(params), x, jnp.zeros((4,), jnp.int32))),
+                                  np.asarray(x))
     model = experiments.Model(spec, params, make_mesh(jax.devices()[:1]))
     x_T = experiments.latents(model, 0, 4, 0)
     one = experiments.decode(model, x_T, 1, key=jax.random.key(1))
     f = model.eps_fn
-    np.testing.assert_allclose(np.asarray(one), np.clip(np.asarray(f(x_T, jnp.full((4,), 99, jnp.int32))), -1, 1),
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(one),
+                               np.clip(np.asarray(call(f, x_T, jnp.full((4,), 99, jnp.int32))), -1, 1), atol=1e-6)
     two = experiments.decode(model, x_T, 2, key=jax.random.key(1))
     assert np.all(np.isfinite(np.asarray(two))) and not np.allclose(np.asarray(two), np.asarray(one))
     # A consistency model is no teacher.
     bad = distill_config(tmp_path / "cd", "consistency", steps=10)
     with pytest.raises(ValueError, match="consistency model"):
-        training.train(bad, str(tmp_path / "cd2"), progress=False)
+        train(bad, tmp_path / "cd2")
 
 
 def test_student_spec_round_trips_and_checks(teacher):
