@@ -12,13 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import random_params, tiny_config
 
 from ddim_jax import data as data_lib
 from ddim_jax import experiments as ex
 from ddim_jax import loading, models, training
 from ddim_jax.config import spec_from_config, validate_config
-from ddim_jax.parallel import make_mesh, replicated, shard_rows
+from ddim_jax.parallel import BATCH_AXES, make_mesh, replicated, shard_rows
 from ddim_jax.training.run import build
 
 
@@ -28,10 +28,15 @@ def cond_config(**training_overrides):
     return c
 
 
+# The module's run: on one device, with p_uncond = 0.5, so that its compiled initialiser and train step are
+# the ones test_conditional_run_exports_a_spec_with_a_null_label_and_only_used_rows_learn steps by hand.
+RUN = dict(p_uncond=0.5)
+
+
 @pytest.fixture(scope="module")
 def cond_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("cond") / "run"
-    training.train(cond_config(num_steps=4), str(workdir), progress=False)
+    training.train(cond_config(num_steps=4, **RUN), str(workdir), progress=False, devices=jax.devices()[:1])
     return workdir
 
 
@@ -178,16 +183,18 @@ def test_conditional_run_exports_a_spec_with_a_null_label_and_only_used_rows_lea
     assert saved["num_classes"] == 10 and saved["null_label"] == 10
     # A run on digits 3 only (a one-class folder would do too): the embedding rows of the other
     # classes receive no gradient, so Adam leaves them at their initial values; 3 and the null row move.
-    c = cond_config(num_steps=2, p_uncond=0.5)
+    c = cond_config(num_steps=2, **RUN)
     mesh = make_mesh(jax.devices()[:1])
     run = build(c)
     state = training.init_state(run, mesh)
     before = np.asarray(state.params["class_embed"]["embedding"])
-    step = training.make_train_step(run, mesh)
+    step = training.state.cached_train_step(run, mesh)  # the run's step: its config differs only in num_steps
     src = data_lib.make_source(c.data)
     imgs, _ = data_lib.process_batch(src, 16, 0, 0, 0, 1, labelled=True)
+    rows = jax.sharding.NamedSharding(step.mesh, jax.sharding.PartitionSpec(None, BATCH_AXES))
     # Two steps: the first moves only conv_out (initialised to zero, it passes no gradient back).
-    state, _ = step(state, jnp.asarray(np.stack([imgs, imgs])), jnp.full((2, 16), 3, jnp.int32))
+    for _ in range(2):
+        state, _ = step(state, jax.device_put(imgs[None], rows), jax.device_put(np.full((1, 16), 3, np.int32), rows))
     moved = np.flatnonzero(np.any(np.asarray(state.params["class_embed"]["embedding"]) != before, axis=1))
     assert moved.tolist() == [3, 10]
 
@@ -238,7 +245,7 @@ def test_spec_eps_fn_labels_guidance_and_the_null_label(cond_run):
 
 
 def test_guided_sampling_follows_the_labels_and_a_new_scale_does_not_recompile(cond_run):
-    model = ex.Model(*labelled_params(cond_run), make_mesh(jax.devices()[:4]))
+    model = ex.Model(*labelled_params(cond_run), make_mesh(jax.devices()[:1]))
     labels = ex.class_labels(model, "all", 12)
     assert labels.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     assert ex.class_labels(model, [7, 2], 5).tolist() == [7, 2, 7, 2, 7]
@@ -287,12 +294,13 @@ def test_sample_py_writes_labels_and_names_its_settings(cond_run, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_sample_py_refuses_labels_for_an_unconditional_model(tiny_workdir):
+def test_sample_py_refuses_labels_for_an_unconditional_model(tmp_path):
     import sample
 
-    workdir = tiny_workdir  # conftest.py's unconditional run, shared: only read here
+    spec = spec_from_config(tiny_config())  # an unconditional model; any weights, nothing is sampled
+    models.save(str(tmp_path / "model"), spec, random_params(spec.param_shapes()))
     for args in (["--labels=3"], ["--guidance=2"]):
         sample.FLAGS.unparse_flags()
-        sample.FLAGS(["sample.py", f"--workdir={workdir}", "--num_samples=2", "--steps=2", *args])
+        sample.FLAGS(["sample.py", f"--checkpoint={tmp_path / 'model'}", "--num_samples=2", "--steps=2", *args])
         with pytest.raises(ValueError, match="apply to class-conditional models; this model is unconditional"):
             sample.run()
