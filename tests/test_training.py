@@ -16,6 +16,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 from helpers import EXPLODING, ROOT, leaves, metric_steps, tiny_config, train
 
 from ddim_jax import data as data_lib
@@ -183,7 +184,7 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     for p in procs:
         out, _ = p.communicate(timeout=400)
         assert p.returncode == 0, out[-4000:]
-    load = lambda d, i: [v for _, v in sorted(np.load(os.path.join(d, f"params_{i}.npz")).items(),
+    load = lambda d, i: [v for _, v in sorted(np.load(os.path.join(d, f"params_{i}.npz")).items(),  # noqa: E731
                                                key=lambda kv: int(kv[0].split("_")[1]))]
     p0, p1, ref = load(two, 0), load(two, 1), load(str(one), 0)
     for a, b in zip(p0, p1):
@@ -218,10 +219,10 @@ def load_init(workdir):
 # Resume.
 
 
-def test_interrupted_then_resumed_equals_uninterrupted_bitwise(tmp_path):
-    full = train(tmp_path / "full", num_steps=8)
-    part = train(tmp_path / "split", num_steps=4)
-    assert int(part.state.step) == 4
+def test_interrupted_then_resumed_equals_uninterrupted_bitwise(tmp_path, tiny_run):
+    full = train(tmp_path / "full", num_steps=8, sample_every=8)  # and a preview, which draws apart from training
+    tiny_run(tmp_path / "split", num_steps=4)  # a run of the same config stopped at step 4 (conftest.py's, shared)
+    assert metric_steps(tmp_path / "split") == [2, 4]
     rest = train(tmp_path / "split", num_steps=8)
     assert rest.steps_run == 4
     for a, b in zip(leaves((full.state.params, full.state.ema_params, full.state.opt_state)),
@@ -230,6 +231,9 @@ def test_interrupted_then_resumed_equals_uninterrupted_bitwise(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [2, 4, 6, 8] and all(np.isfinite(x["loss"]) for x in lines)
     assert list((tmp_path / "full" / "tensorboard").iterdir())
+    grid = np.asarray(Image.open(tmp_path / "full" / "samples" / "step_00000008.png"))
+    assert grid.shape == (2 * 9 * 8 + 8, 2 * 9 * 8 + 8)  # 4 samples (on 8 devices) in a 2x2 grid, 8x8 drawn 8x larger
+    assert not (tmp_path / "split" / "samples").exists()
 
     # The exported model is the EMA params of the last checkpoint, in the one model format.
     spec, params = loading.load(str(tmp_path / "split"))
