@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from helpers import random_params
 
 from ddim_jax.unet import (PRESET_IMAGE_SIZE, PRESETS, UNet, count_params, init_params, make_eps_fn,
                            param_shapes, timestep_embedding)
@@ -140,9 +141,7 @@ def test_groups_of_one_channel_hide_the_timestep():
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 8, 8, 1))
     for groups, sees_t in ((32, False), (8, True)):
         model = UNet(**{**TINY, "out_ch": 1, "ch_mult": (1,), "attn_resolutions": (), "norm_groups": groups})
-        params = jax.tree_util.tree_map(  # every parameter off its (partly zero) initial value
-            lambda p: p + 0.1 * np.random.default_rng(p.size).standard_normal(p.shape, np.float32),
-            init_params(model, jax.random.PRNGKey(0), 8, channels=1))
+        params = random_params(param_shapes(model, 8, channels=1))  # none zero, unlike some initial values
         apply = jax.jit(model.apply)
         out = [apply({"params": params}, x, jnp.array([t])) for t in (0, 500, 999)]
         change = max(float(jnp.abs(o - out[0]).max()) for o in out[1:])
