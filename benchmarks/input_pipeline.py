@@ -95,15 +95,15 @@ def step_flops_per_image(batch, smoke=False):
     from jax.sharding import PartitionSpec as P
 
     from configs.paper import get_config
-    from ddim_jax.parallel import make_mesh
+    from ddim_jax.parallel import BATCH_AXES, as_train_mesh, make_mesh
     from ddim_jax.training.run import build
     from ddim_jax.training.state import abstract_state, make_train_step
 
     # --smoke: memory_plan.py's and op_profile.py's tiny cifar10 step at their batch (2), compiled once for all three
     c = tiny_unet(get_config("cifar10")) if smoke else get_config("lsun_church256")
     c.training.batch_size = batch
-    mesh = make_mesh(jax.devices()[:1])
-    rows = NamedSharding(mesh, P(None, "data"))
+    mesh = as_train_mesh(make_mesh(jax.devices()[:1]))
+    rows = NamedSharding(mesh, P(None, BATCH_AXES))
     size = c.data.image_size
     images = jax.ShapeDtypeStruct((1, batch, size, size, 3), jnp.uint8, sharding=rows)
     labels = jax.ShapeDtypeStruct((1, batch), jnp.int32, sharding=rows)

@@ -8,9 +8,12 @@ The pixel rows: the same network on the images, and a cheaper pixel-space peer w
 32x32 (the quadratic cost a latent model avoids). Per row: the median seconds of one train step (the
 latent step includes encoding the batch with the frozen autoencoder), the encoder's own share, XLA's
 temporaries for the step, and the seconds to draw a batch of samples with DDIM (the latent row includes
-decoding them). The autoencoder's weights are random (speed does not depend on them), so this needs no
-trained run. ``--smoke``: the network with its first level only, one device, one example, one timed step,
-2 DDIM steps, and the latent row only (its code is the pixel rows' plus the encoder): a quick test.
+decoding them). The autoencoder's weights are random, drawn on the host (``_machine.random_params``: speed
+does not depend on them), so this needs no trained run. The batch is placed on the training mesh exactly
+as ``memory_plan`` describes it, so the calls and ``memory_plan`` share one compiled step instead of
+compiling the same program twice.
+``--smoke``: the network with its first level only, one device, one example, one untimed and one timed
+step, 2 DDIM steps, and the latent row only (its code is the pixel rows' plus the encoder): a quick test.
 """
 
 import argparse
@@ -21,7 +24,7 @@ import time
 
 import jax
 import numpy as np
-from _machine import ROOT, scratch_dir
+from _machine import ROOT, random_params, scratch_dir
 
 sys.path.insert(0, str(ROOT))
 
@@ -48,15 +51,16 @@ def main(argv=None):
     from ddim_jax import experiments as ex
     from ddim_jax import models
     from ddim_jax.autoencoder import DIGITS_F4
-    from ddim_jax.parallel import make_mesh
+    from ddim_jax.parallel import BATCH_AXES, as_train_mesh, make_mesh
     from ddim_jax.training.run import resolve
     from ddim_jax.training.memory import memory_plan
     from ddim_jax.training.state import init_state, make_train_step
 
-    mesh = make_mesh(jax.devices()[:1] if args.smoke else None)
+    sample_mesh = make_mesh(jax.devices()[:1] if args.smoke else None)
+    mesh = as_train_mesh(sample_mesh)  # the same devices, with the train step's axes
     tmp = scratch_dir()
     ae = models.ModelSpec("autoencoder_kl", DIGITS_F4, 32, 1, None, None)
-    models.save(os.path.join(tmp, "ae"), ae, ae.init_params(jax.random.key(0)))
+    models.save(os.path.join(tmp, "ae"), ae, random_params(ae))
     rows = []
     names = ["pixel 32x32x1", "pixel 32x32x1, no attention at 32x32", "latent 8x8x3"]
     if args.smoke:  # the latent row runs every line the pixel rows do, and the encoder's timing
@@ -80,10 +84,10 @@ def main(argv=None):
         step = make_train_step(run, mesh)
         state = init_state(run, mesh)
         rng = np.random.default_rng(0)
-        rowsharding = NamedSharding(mesh, P(None, "data"))
+        rowsharding = NamedSharding(mesh, P(None, BATCH_AXES))
         images = jax.device_put(rng.integers(0, 256, (1, args.batch, 32, 32, 1), dtype=np.uint8), rowsharding)
         labels = jax.device_put(rng.integers(0, 10, (1, args.batch), dtype=np.int32), rowsharding)
-        for _ in range(2):
+        for _ in range(1 if args.smoke else 2):  # compile (and warm up)
             state, m = step(state, images, labels, frozen)
         jax.block_until_ready(m)
         times = []
@@ -96,7 +100,7 @@ def main(argv=None):
         spec = run.spec
         encode_s = 0.0
         if run.first_stage is not None:
-            x = jax.device_put(np.asarray(images[0], np.float32) / 127.5 - 1.0, NamedSharding(mesh, P("data")))
+            x = jax.device_put(np.asarray(images[0], np.float32) / 127.5 - 1.0, NamedSharding(mesh, P(BATCH_AXES)))
             enc = jax.jit(spec.encode)
             params = {"autoencoder": frozen["autoencoder"]}
             enc(params, x).block_until_ready()
@@ -107,7 +111,7 @@ def main(argv=None):
                 t.append(time.perf_counter() - t0)
             encode_s = statistics.median(t)
         model_params = step.objective.model_params(jax.device_get(state.ema_params), jax.device_get(frozen))
-        model = ex.Model(spec, model_params, mesh)
+        model = ex.Model(spec, model_params, sample_mesh)
         ex.generate(model, args.batch, args.batch, args.sample_steps, labels="all", progress=False)  # compile
         t0 = time.perf_counter()
         ex.generate(model, args.batch, args.batch, args.sample_steps, labels="all", progress=False)

@@ -90,7 +90,8 @@ def classify(name: str, instrs, comps) -> str:
         return CATEGORIES[3]
     if "reduce" in opcodes or "reduce-window" in opcodes:
         return CATEGORIES[4]
-    if opcodes <= {"copy", "transpose", "parameter", "bitcast"} or name.startswith(("transpose", "copy", "wrapped_copy")):
+    if (opcodes <= {"copy", "transpose", "parameter", "bitcast"}
+            or name.startswith(("transpose", "copy", "wrapped_copy"))):
         return CATEGORIES[5]
     if opcode == "fusion":
         return CATEGORIES[6]
@@ -119,18 +120,18 @@ def main(argv=None):
     from jax.sharding import PartitionSpec as P
 
     from configs.paper import get_config
-    from ddim_jax.parallel import make_mesh
+    from ddim_jax.parallel import BATCH_AXES, as_train_mesh, make_mesh
     from ddim_jax.training.run import build
     from ddim_jax.training.state import init_state, make_train_step
 
     c = tiny_unet(get_config("cifar10")) if a.smoke else get_config("cifar10")
     c.training.batch_size = a.batch
-    mesh = make_mesh(jax.devices()[:1])
+    mesh = as_train_mesh(make_mesh(jax.devices()[:1]))
     step = make_train_step(build(c), mesh)
     size = c.data.image_size
     images = jax.device_put(np.random.default_rng(0).integers(0, 256, (1, a.batch, size, size, 3), dtype=np.uint8),
-                            NamedSharding(mesh, P(None, "data")))
-    labels = jax.device_put(np.zeros((1, a.batch), np.int32), NamedSharding(mesh, P(None, "data")))
+                            NamedSharding(mesh, P(None, BATCH_AXES)))
+    labels = jax.device_put(np.zeros((1, a.batch), np.int32), NamedSharding(mesh, P(None, BATCH_AXES)))
     state = init_state(build(c), mesh)
     compiled = step.jitted.lower(state, images, labels, {}).compile()
     instrs, comps = parse_hlo(compiled.as_text())

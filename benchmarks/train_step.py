@@ -172,7 +172,7 @@ def main(argv=None) -> None:
     from ddim_jax import training
     from ddim_jax.convert import convert_diffusers
     from ddim_jax.diffusion import per_example_loss
-    from ddim_jax.parallel import make_mesh
+    from ddim_jax.parallel import BATCH_AXES, as_train_mesh, make_mesh
     from ddim_jax.training.run import build
     from ddim_jax.unet import count_params
 
@@ -196,15 +196,15 @@ def main(argv=None) -> None:
     print(f"load average (1 min) at start: {res['loadavg_1min_start']:.2f}", flush=True)
 
     # ---- ours: the state and the AOT-compiled step on a 1-device mesh.
-    mesh = make_mesh(jax.devices()[:1])
+    mesh = as_train_mesh(make_mesh(jax.devices()[:1]))
     run = build(config)
     spec = run.spec
     schedule = spec.make_schedule()
     state = training.init_state(run, mesh)
     res["params"] = count_params(state.params)
     images_np = np.random.default_rng(0).integers(0, 256, (1, B, size, size, ch), dtype=np.uint8)
-    images = jax.device_put(images_np, NamedSharding(mesh, P(None, "data")))
-    labels = jax.device_put(np.zeros((1, B), np.int32), NamedSharding(mesh, P(None, "data")))  # not read
+    images = jax.device_put(images_np, NamedSharding(mesh, P(None, BATCH_AXES)))
+    labels = jax.device_put(np.zeros((1, B), np.int32), NamedSharding(mesh, P(None, BATCH_AXES)))  # not read
     step_fn = training.make_train_step(run, mesh)  # the config's network, optimizer and schedule
     t0 = time.perf_counter()
     lowered = step_fn.jitted.lower(state, images, labels, {})
