@@ -5,10 +5,12 @@ throughput does not depend on the values) and the same uint8 32x32 images (CIFAR
 to 299x299 inside). Ours goes through ``FeatureExtractor.extract`` (host preprocessing, padding and
 the device transfer included); pytorch-fid's model is called on float tensors in [0, 1] under
 ``torch.no_grad``, as its ``fid_score`` does. Times are medians over --repeats runs after a warm-up
-call. The peer is skipped, with a note, when pytorch-fid cannot be imported. The FLOP count is XLA's
-cost analysis of our compiled batch.
+call (ours: the call whose features are compared with pytorch-fid's). The peer is skipped, with a note,
+when pytorch-fid cannot be imported. The FLOP count is XLA's cost analysis of our compiled batch.
 
     python benchmarks/fid_features.py [--images 200] [--batch 50] [--repeats 3] [--smoke]
+
+``--smoke``: one image, one timed repeat: a quick test.
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ def to_torch_state_dict(params: dict):
     return sd
 
 
-def median_time(fn, repeats):
-    fn()  # warm-up (compilation)
+def median_time(fn, repeats, warm_up=True):
+    if warm_up:
+        fn()  # warm-up (compilation)
     runs = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -82,10 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--smoke", action="store_true", help="2 images, one repeat: a quick test")
+    p.add_argument("--smoke", action="store_true", help="one image, one repeat: a quick test")
     args = p.parse_args(argv)
     if args.smoke:
-        args.images, args.batch, args.repeats = 2, 2, 1
+        args.images, args.batch, args.repeats = 1, 1, 1
     return args
 
 
@@ -95,8 +98,9 @@ def main(argv=None):
     params = random_params()
     images = np.random.default_rng(1).integers(0, 256, size=(args.images, 32, 32, 3), dtype=np.uint8)
     ext = fid.inception_feature_extractor(params)
-    ours_feats = ext.extract(images, batch_size=args.batch, progress=False)
-    t_ours = median_time(lambda: ext.extract(images, batch_size=args.batch, progress=False), args.repeats)
+    ours_feats = ext.extract(images, batch_size=args.batch, progress=False)  # also the warm-up (compilation)
+    t_ours = median_time(lambda: ext.extract(images, batch_size=args.batch, progress=False), args.repeats,
+                         warm_up=False)
 
     x = jax.numpy.zeros((args.batch, 32, 32, 3), jax.numpy.float32)
     cost = fid._inception_apply.lower(ext.params, x).compile().cost_analysis()
