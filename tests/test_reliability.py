@@ -1,15 +1,16 @@
 """Training when things go wrong: a checkpoint that cannot be written, a full disk, corrupted or
-truncated checkpoint files, Ctrl-C, a damaged metrics file, a class count that does not match the
-data, and the leftovers of killed runs. Subprocesses only where the process boundary is the point
-(the exit, what the terminal shows, a signal)."""
+truncated checkpoint files, Ctrl-C and SIGTERM, a damaged metrics file, a class count that does not
+match the data, and the leftovers of killed runs. Subprocesses only where the process boundary is the
+point (the exit, what the terminal shows); signals are raised in this process, at the handlers the
+training loop installs."""
 
 import errno
 import logging
 import os
-import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -17,6 +18,8 @@ from helpers import ROOT, metric_steps, tiny_config, train
 
 from ddim_jax import loading, models, training
 from ddim_jax.training import checkpoints as ckpt_lib
+from ddim_jax.training import loop as loop_lib
+from ddim_jax.training import metrics as metrics_lib
 
 
 def _command(workdir, *flags):
@@ -41,30 +44,41 @@ def _largest_file(directory):
     return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
-def test_a_checkpoint_directory_that_cannot_be_made_stops_the_run_with_one_line(tmp_path):
+def test_a_checkpoint_directory_that_cannot_be_made_stops_the_run_with_one_line(tmp_path, capfd):
+    # In this process: train.py prints such an error as "error: <its one line>" (the full disk's test shows that
+    # on the command line); what would keep train.py from exiting after it is a thread left running, seen here.
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "checkpoints").write_text("x")  # where the checkpoints' directory should be
-    try:
-        out = subprocess.run(_command(workdir, "--config.training.num_steps=4"), cwd=tmp_path, env=_env(), text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=150).stdout
-    except subprocess.TimeoutExpired:
-        pytest.fail("train.py did not exit after its checkpoint could not be written")
-    _assert_one_error_line(out, "checkpoints")
+    running = {t for t in threading.enumerate() if not t.daemon}
+    t0 = time.time()
+    with pytest.raises(OSError) as e:
+        train(workdir, num_steps=4)
+    assert "checkpoints" in str(e.value) and "\n" not in str(e.value), str(e.value)
+    deadline = time.time() + 10  # (a thread that is ending gets a moment)
+    while (left := [t for t in threading.enumerate() if not t.daemon and t not in running and t.is_alive()]) \
+            and time.time() < deadline:
+        time.sleep(0.1)
+    assert not left, f"threads still running after the failed save: {[t.name for t in left]}"
+    assert time.time() - t0 < 150, "the failed save kept the run from stopping"
+    assert "Traceback" not in "".join(capfd.readouterr())  # nor did a thread print one
     assert (workdir / "checkpoints").read_text() == "x" and not (workdir / "model").exists()
 
 
-def _full_disk():
-    """The disk fills during the first save: files may not grow past 64 KiB (the checkpoint's arrays do)."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+# The disk fills during the first save: files may not grow past 64 KiB (the checkpoint's arrays do). The limit
+# is set in a small Python that then execs the command (a limit survives exec; Python ignores SIGXFSZ, so a write
+# past it fails with EFBIG), not in a preexec_fn, which would fork this multithreaded process.
+_FULL_DISK = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10)); "
+              "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
 
 
 def test_a_disk_that_fills_during_a_save_gives_one_line_and_leaves_a_workdir_that_resumes(tmp_path):
     workdir = tmp_path / "run"
-    proc = subprocess.run(_command(workdir, "--config.training.num_steps=4", "--compile_cache="), cwd=tmp_path,
-                          env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=150,
-                          preexec_fn=_full_disk)
+    # The session's compilation cache is read but not written (its entries are larger than the files may grow).
+    env = dict(_env(), JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=str(1 << 62))
+    cmd = _command(workdir, "--config.training.num_steps=4")
+    proc = subprocess.run([cmd[0], "-c", _FULL_DISK, *cmd[1:]], cwd=tmp_path, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=150)
     assert proc.returncode != 0
     _assert_one_error_line(proc.stdout, "File too large")
     assert not (workdir / "model").exists()  # nothing was exported from a checkpoint that never committed
@@ -134,22 +148,36 @@ def test_a_checkpoint_without_checksums_still_restores(tmp_path, tiny_run):
     assert not (tmp_path / "corrupt_checkpoints").exists()
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_with_one_line(tmp_path):
-    workdir = tmp_path / "run"
-    proc = subprocess.Popen(_command(workdir, "--config.training.num_steps=100000",
-                                     "--config.training.checkpoint_every=1000", "--config.training.log_every=1"),
-                            cwd=tmp_path, env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
-    steps = ckpt_lib.step_dirs(str(workdir))
-    assert len(steps) == 1 and 3 <= steps[0] < 1000, steps
-    assert out.strip().splitlines()[-1].startswith(f"interrupted: step {steps[0]}"), out[-2000:]
-    assert loading.load(str(workdir))[0].info["step"] == steps[0]
+@pytest.mark.parametrize("sig,word", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "preempted")],
+                         ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_and_sigterm_save_a_checkpoint_after_the_current_step_and_stop_cleanly(tmp_path, monkeypatch, capsys,
+                                                                                       caplog, sig, word):
+    # The signal is raised in this process while it trains (from the metrics row of step 3, in the main thread),
+    # so it reaches the handlers the loop installed, as a Ctrl-C or a preemption would.
+    handlers = []
+    real_write = metrics_lib.MetricsWriter.write
+
+    def write(self, row):
+        real_write(self, row)
+        if row["step"] == 3:
+            handlers.append(signal.getsignal(sig))
+            assert isinstance(handlers[-1], loop_lib._Stop), handlers  # the loop's, before the signal is sent
+            signal.raise_signal(sig)
+
+    monkeypatch.setattr(metrics_lib.MetricsWriter, "write", write)
+    before = signal.getsignal(sig)
+    with caplog.at_level(logging.WARNING, logger="ddim_jax"):
+        result = train(tmp_path, num_steps=1000, checkpoint_every=1000, log_every=1)  # returns: train.py exits 0
+    assert len(handlers) == 1 and signal.getsignal(sig) is before  # the loop's handler is gone again
+    assert result.preempted and result.steps_run == 3 and int(result.state.step) == 3
+    assert ckpt_lib.step_dirs(str(tmp_path)) == [3]  # saved after the current step, not at checkpoint_every
+    assert loading.load(str(tmp_path))[0].info["step"] == 3  # the export is as new as the checkpoint
+    assert metric_steps(tmp_path) == [1, 2, 3]
+    warned = [r.getMessage() for r in caplog.records if "received" in r.getMessage()]
+    assert warned == [f"received {signal.Signals(sig).name}: saving a checkpoint and exiting"
+                      + (" (Ctrl-C again to stop at once, without it)" if sig == signal.SIGINT else "")], warned
+    out = capsys.readouterr().out
+    assert "Traceback" not in out and out.strip().splitlines()[-1].startswith(f"{word}: step 3 (3 this run)"), out
 
 
 def test_an_undecodable_metrics_line_is_skipped_with_a_warning_naming_it(tmp_path, caplog, tiny_run):
