@@ -2,6 +2,8 @@
 the same training on every mesh shape as on one device, and checkpoints restored onto other meshes
 and device counts. In this process's 8 CPU devices (conftest.py)."""
 
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -230,3 +232,25 @@ def test_training_previews_sample_with_the_params_split_on_the_training_mesh(tmp
     one = experiments.Model(spec, params, make_mesh(jax.devices()[:1]))
     want = experiments.generate(one, 4, 4, 2, seed=c.training.seed + 1, progress=False)
     assert np.abs(grids[0].astype(int) - want).max() <= 1  # uint8 images, to float32 round-off
+
+
+def test_a_single_process_save_writes_each_replicated_array_without_compiling_slices(tmp_path, caplog):
+    """In one process, each replicated array is written from one device: orbax's replica-parallel default
+    would compile a slice program per array shape and device (8 here) on the first save."""
+    mesh = train_mesh(jax.devices(), (8, 1))
+    whole = {"a": np.arange(8 * 77, dtype=np.float32).reshape(8, 77), "b": np.full((24, 5), 3.0, np.float32)}
+    state = _place(_fresh_state(tiny_config(), whole), mesh)
+    assert all(x.is_fully_replicated for x in jax.tree.leaves(state))
+    ckpt = checkpoints.Checkpointer(str(tmp_path), keep=1)
+    try:
+        with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+            ckpt.save(state, {"step": 1, "config": {}})
+            ckpt.wait()
+        compiled = [r.getMessage() for r in caplog.records if "Finished XLA compilation of" in r.getMessage()]
+        assert not [m for m in compiled if "slice" in m], compiled
+        restored = ckpt.restore_state(1, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                                    sharding=x.sharding), state))
+        for a, b in zip(jax.tree.leaves(gather_host_tree(restored)), jax.tree.leaves(gather_host_tree(state))):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        ckpt.close()

@@ -21,6 +21,7 @@ import shutil
 import sys
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ddim_jax import files
@@ -83,6 +84,24 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
+def _handlers() -> "ocp.handlers.DefaultCheckpointHandlerRegistry":
+    """The state's handler: orbax's standard one (the same files), except that in a single process each
+    replicated array is written from one device. Orbax's default on CPU and TPU splits it into slices, one
+    per replica, each a program compiled per array shape and device (with 8 devices, ~90 compiles on the
+    first save of configs/tiny.py's state), for writes that one process makes anyway. With several
+    processes (a pod) orbax's default stands: each process then writes its part."""
+    th = ocp.type_handlers
+    array = th.ArrayHandler(use_replica_parallel=False if jax.process_count() == 1 else None)
+    types = th.create_type_handler_registry(
+        (int, th.ScalarHandler()), (float, th.ScalarHandler()), (bytes, th.ScalarHandler()),
+        (np.number, th.ScalarHandler()), (np.ndarray, th.NumpyHandler()), (jax.Array, array))
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=types)
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("state", ocp.args.PyTreeSave, handler)
+    registry.add("state", ocp.args.PyTreeRestore, handler)
+    return registry
+
+
 class Checkpointer:
     """Orbax CheckpointManager over ``workdir/checkpoints``: state + JSON metadata."""
 
@@ -98,7 +117,8 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.dir, options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=create, enable_async_checkpointing=True,
-                async_options=ocp.AsyncOptions(create_directories_asynchronously=False)))
+                async_options=ocp.AsyncOptions(create_directories_asynchronously=False)),
+            handler_registry=_handlers())
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -107,7 +127,7 @@ class Checkpointer:
         if not bool(host(_all_finite((state.params, state.ema_params)))):
             raise FloatingPointError(f"refusing to save a checkpoint with non-finite parameters at step {meta['step']}")
         try:
-            self.manager.save(meta["step"], args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+            self.manager.save(meta["step"], args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                                      meta=ocp.args.JsonSave(meta)), force=True)
         except BaseException:
             self.remove_unfinished()  # what the failed save wrote (writes still in flight: the next run's)
@@ -154,7 +174,9 @@ class Checkpointer:
 
     def restore_state(self, step: int, abstract: TrainState) -> TrainState:
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+            restore = ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(
+                abstract))
+            return self.manager.restore(step, args=ocp.args.Composite(state=restore)).state
         except Exception as e:  # noqa: BLE001 -- classified below
             if is_corruption(e):
                 raise CorruptCheckpoint(f"checkpoint {step}: its arrays cannot be read ({_first_line(e)})",
