@@ -99,7 +99,8 @@ def step_flops_per_image(batch, smoke=False):
     from ddim_jax.training.run import build
     from ddim_jax.training.state import abstract_state, make_train_step
 
-    # --smoke: memory_plan.py's and op_profile.py's tiny cifar10 step at their batch (2), compiled once for all three
+    # --smoke: the tiny cifar10 step at batch 2 on the training mesh, the same program as memory_plan.py's,
+    # op_profile.py's and train_step.py's (a persistent compilation cache compiles it once for all four)
     c = tiny_unet(get_config("cifar10")) if smoke else get_config("lsun_church256")
     c.training.batch_size = batch
     mesh = as_train_mesh(make_mesh(jax.devices()[:1]))
