@@ -223,3 +223,22 @@ def test_a_checksum_file_that_is_not_a_map_of_digests_marks_the_checkpoint_corru
             ckpt.verify(4)
     finally:
         ckpt.close()
+
+
+def test_asyncio_reports_of_a_failed_saves_unawaited_writes_are_dropped_and_other_errors_pass():
+    """A failed save leaves tensorstore writes whose errors were set on their futures by the C++ library
+    (never raised in Python, so without a traceback) and never awaited: asyncio reports each one. Those
+    reports are dropped; an error raised in Python, or logged by another logger, still shows."""
+    echoes = ckpt_lib._OrbaxEchoes()
+
+    def record(logger, exc):
+        return logging.LogRecord(logger, logging.ERROR, "base_events.py", 1, "Future exception was never retrieved",
+                                 None, (type(exc), exc, exc.__traceback__))
+
+    unawaited = ValueError("OUT_OF_RANGE: Error writing \"params.kernel/0\" in OCDBT database: File too large")
+    try:
+        raise ValueError("raised in Python")
+    except ValueError as e:
+        raised = e
+    assert not echoes.filter(record("asyncio", unawaited))
+    assert echoes.filter(record("asyncio", raised)) and echoes.filter(record("absl", unawaited))

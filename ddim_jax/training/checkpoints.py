@@ -75,7 +75,8 @@ def is_corruption(e: BaseException) -> bool:
                                      # the code's state no longer matches what was saved: not the file's fault
                                      "Structure mismatch", "not compatible with the stored shape")):
         return False
-    return (any(code in text for code in _CORRUPTION_CODES) or isinstance(e, (ValueError, KeyError, TypeError, EOFError))
+    return (any(code in text for code in _CORRUPTION_CODES)
+            or isinstance(e, (ValueError, KeyError, TypeError, EOFError))
             # tensorstore, for a chunk file that is missing or cut short
             or "Encountered error while reading array index" in text)
 
@@ -226,11 +227,16 @@ class _OrbaxEchoes(logging.Filter):
     """A save that fails in the background is logged by orbax with its traceback (by each of its threads
     and again by ``wait_until_finished``, which then raises it), and the writes still in flight add
     asyncio's "exception was never retrieved" for each: echoes of the one error the run then reports.
-    Drops the log records carrying an exception raised in orbax's code; everything else passes."""
+    Drops the log records carrying an exception raised in orbax's code, and asyncio's records of a future
+    whose exception was never raised in Python (a tensorstore write's error, set on its future by the C++
+    library, never awaited once orbax stopped waiting); everything else passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info or (None, None, None)
         future_exc = getattr(record.args, "get", lambda _: None)("exception") if isinstance(record.args, dict) else None
+        raised = exc[1] if exc[1] is not None else future_exc
+        if record.name == "asyncio" and raised is not None and raised.__traceback__ is None:
+            return False
         tb = exc[2] or getattr(future_exc, "__traceback__", None)
         return not _from_orbax(tb)
 
