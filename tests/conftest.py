@@ -27,13 +27,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-# The slowest files (seconds with -n 0 on the 2-core machine, from --durations), slowest first: pytest-xdist
+# The slowest files (their tests' summed --durations in a full run on the 2-core machine), slowest first: pytest-xdist
 # gives each worker whole files in collection order (--dist loadfile --no-loadscope-reorder), so a slow file
 # collected last would keep one worker busy long after the other has finished. Other files follow in their
 # usual order.
-SLOWEST_FILES = ("test_latent.py", "test_benchmarks.py", "test_workdir.py", "test_reliability.py", "test_concat.py",
-                 "test_training.py", "test_experiments.py", "test_pipelines.py", "test_distill.py", "test_lpips.py",
-                 "test_conditional.py", "test_convert.py", "test_solvers.py", "test_autoencoder_training.py")
+SLOWEST_FILES = ("test_benchmarks.py", "test_training.py", "test_latent.py", "test_workdir.py", "test_pipelines.py",
+                 "test_autoencoder_training.py", "test_lpips.py", "test_distill.py", "test_notebook.py",
+                 "test_reliability.py", "test_experiments.py", "test_finetune.py", "test_solvers.py", "test_concat.py")
 
 
 def pytest_collection_modifyitems(config, items):
