@@ -72,29 +72,11 @@ def random_model(config_name: str, shrink=None) -> str:
         sys.path.insert(0, str(ROOT))
     from ddim_jax import models
     from ddim_jax.config import spec_from_config
+    from ddim_jax.nets import random_params
 
     config = importlib.import_module(f"configs.{config_name}").get_config()
     spec = spec_from_config(shrink(config) if shrink else config)
-    return models.save(os.path.join(scratch_dir(), config_name), spec, random_params(spec))
-
-
-def random_params(spec, seed: int = 0) -> dict:
-    """Random parameters of ``spec``'s shapes, drawn on the host (no initialiser is compiled): norm scales 1,
-    vectors 0, and every other array (kernels, embeddings) normal with variance 1 / fan-in, as Flax's
-    default LeCun-normal initialiser. For a benchmark whose numbers do not depend on the weights' values."""
-    import jax
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-
-    def draw(path, s):
-        if str(getattr(path[-1], "key", path[-1])) == "scale":
-            return np.ones(s.shape, s.dtype)
-        if len(s.shape) < 2:
-            return np.zeros(s.shape, s.dtype)
-        return (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(s.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, spec.param_shapes())
+    return models.save(os.path.join(scratch_dir(), config_name), spec, random_params(spec.param_shapes()))
 
 
 def sampling_batch(model, num: int, largest: int) -> int:

@@ -8,7 +8,7 @@ The pixel rows: the same network on the images, and a cheaper pixel-space peer w
 32x32 (the quadratic cost a latent model avoids). Per row: the median seconds of one train step (the
 latent step includes encoding the batch with the frozen autoencoder), the encoder's own share, XLA's
 temporaries for the step, and the seconds to draw a batch of samples with DDIM (the latent row includes
-decoding them). The autoencoder's weights are random, drawn on the host (``_machine.random_params``: speed
+decoding them). The autoencoder's weights are random, drawn on the host (``ddim_jax.nets.random_params``: speed
 does not depend on them), so this needs no trained run. The batch is placed on the training mesh exactly
 as ``memory_plan`` describes it, so the calls and ``memory_plan`` share one compiled step instead of
 compiling the same program twice.
@@ -24,7 +24,7 @@ import time
 
 import jax
 import numpy as np
-from _machine import ROOT, random_params, scratch_dir
+from _machine import ROOT, scratch_dir
 
 sys.path.insert(0, str(ROOT))
 
@@ -51,6 +51,7 @@ def main(argv=None):
     from ddim_jax import experiments as ex
     from ddim_jax import models
     from ddim_jax.autoencoder import DIGITS_F4
+    from ddim_jax.nets import random_params
     from ddim_jax.parallel import BATCH_AXES, as_train_mesh, make_mesh
     from ddim_jax.training.run import resolve
     from ddim_jax.training.memory import memory_plan
@@ -60,7 +61,7 @@ def main(argv=None):
     mesh = as_train_mesh(sample_mesh)  # the same devices, with the train step's axes
     tmp = scratch_dir()
     ae = models.ModelSpec("autoencoder_kl", DIGITS_F4, 32, 1, None, None)
-    models.save(os.path.join(tmp, "ae"), ae, random_params(ae))
+    models.save(os.path.join(tmp, "ae"), ae, random_params(ae.param_shapes()))
     rows = []
     names = ["pixel 32x32x1", "pixel 32x32x1, no attention at 32x32", "latent 8x8x3"]
     if args.smoke:  # the latent row runs every line the pixel rows do, and the encoder's timing

@@ -1,5 +1,5 @@
 """What every network shares, whatever its kind: the compute dtypes, the compiler options of programs
-that run once, and the hashable apply wrapper the samplers take.
+that run once, the hashable apply wrapper the samplers take, and random weights drawn on the host.
 
 It imports nothing from the project, so the network modules (:mod:`ddim_jax.unet`, ...), the model
 registry (:mod:`ddim_jax.kinds`) and the model spec (:mod:`ddim_jax.models`) can all use it.
@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Compute dtypes a network may run in (parameters, optimizer state and the loss stay float32). float16
 # is not offered: without loss scaling its gradients underflow.
@@ -48,3 +49,20 @@ def make_model_fn(model, params: dict) -> jax.tree_util.Partial:
     """``model_fn(x, t, y)`` of a network with its parameters as pytree leaves (for the samplers and
     :func:`ddim_jax.guided`)."""
     return jax.tree_util.Partial(ModelApply(model), {"params": params})
+
+
+def random_params(shapes, seed: int = 0):
+    """Random parameters for a tree of shapes (``ModelSpec.param_shapes()``, ``jax.eval_shape`` of an init),
+    drawn by numpy on the host: kernels and tables N(0, 1/fan_in) as flax's default initialiser draws them,
+    vectors near flax's (norm scales near 1, biases near 0, but not exactly, so a swapped or dropped one
+    shows). For tests and benchmarks that need some network's weights, not its initialiser's: compiling a
+    network's init costs about as much as compiling its train step."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        if len(s.shape) >= 2:
+            return (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(s.dtype)
+        base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
+        return (base + 0.1 * rng.standard_normal(s.shape)).astype(s.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
