@@ -42,7 +42,9 @@ def read_cached(path: str, read: Callable[[str], T]) -> T | None:
 def enable_compilation_cache(path: str | None = None) -> str | None:
     """Turns on JAX's persistent compilation cache, so a second run of a command loads its compiled
     programs instead of compiling them again. ``path``: a directory, "" to leave the cache off, or None
-    for ``$JAX_COMPILATION_CACHE_DIR`` if set, else ``cache_dir()/jax``. Returns the directory used."""
+    for ``$JAX_COMPILATION_CACHE_DIR`` if set, else ``cache_dir()/jax``. Programs that compiled in 0.5 s or
+    more are kept, unless ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise. Returns the
+    directory used."""
     import jax
 
     if path is None:
@@ -50,5 +52,6 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     if not path:
         return None
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX has read the user's threshold
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return path

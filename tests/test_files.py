@@ -145,6 +145,7 @@ def test_the_compilation_cache_setting(tmp_path, monkeypatch):
     from ddim_jax import cache
 
     old = jax.config.jax_compilation_cache_dir
+    old_threshold = jax.config.jax_persistent_cache_min_compile_time_secs
     try:
         assert cache.enable_compilation_cache("") is None and jax.config.jax_compilation_cache_dir == old
         assert cache.enable_compilation_cache(str(tmp_path)) == str(tmp_path)
@@ -152,5 +153,15 @@ def test_the_compilation_cache_setting(tmp_path, monkeypatch):
         monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
         monkeypatch.setenv("DDIM_JAX_CACHE", str(tmp_path / "c"))
         assert cache.enable_compilation_cache() == str(tmp_path / "c" / "jax")
+        # The minimum compile time of a kept program: 0.5 s, or what the user gave JAX in its variable.
+        monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 3.0)
+        cache.enable_compilation_cache(str(tmp_path))
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.5
+        monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.25")
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.25)  # as JAX read it when it started
+        cache.enable_compilation_cache(str(tmp_path))
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.25
     finally:
         jax.config.update("jax_compilation_cache_dir", old)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", old_threshold)
