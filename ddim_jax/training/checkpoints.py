@@ -86,10 +86,10 @@ def _first_line(e: BaseException) -> str:
 
 
 def _handlers() -> "ocp.handlers.DefaultCheckpointHandlerRegistry":
-    """The state's handler: orbax's standard one (the same files), except that in a single process each
-    replicated array is written from one device. Orbax's default on CPU and TPU splits it into slices, one
-    per replica, each a program compiled per array shape and device (with 8 devices, ~90 compiles on the
-    first save of configs/tiny.py's state), for writes that one process makes anyway. With several
+    """The state's handler: orbax's PyTree handler (the files its StandardSave writes), except that in a
+    single process each replicated array is written from one device. Orbax's default on CPU and TPU splits
+    it into slices, one per replica, each a program compiled per array shape and device (with 8 devices,
+    ~90 compiles on the first save of configs/tiny.py's state), for writes that one process makes anyway. With several
     processes (a pod) orbax's default stands: each process then writes its part."""
     th = ocp.type_handlers
     array = th.ArrayHandler(use_replica_parallel=False if jax.process_count() == 1 else None)
