@@ -88,9 +88,10 @@ def _compare_trajectories(sched, net, eps_fn, schedule, prediction_type, S, spac
 def test_sampler_reproduces_diffusers_ddim_trajectories(networks, spacing, eta, clip, model):
     net, spec, converted = networks
     eps_fn = converted if model == "converted network" else _torch_eps_fn(net)
-    # Same model outputs: float32 round-off of the step alone. Converted network: plus the
-    # network's own round-off, carried along the trajectory.
-    tol = 1e-5 if model == "same torch network" else 5e-5
+    # Same model outputs: float32 round-off of the step alone (doubled with clipping, whose eps is re-derived
+    # from the clipped x0 by dividing by sqrt(1 - alpha_bar_t), as small as 0.01 here). Converted network: plus
+    # the network's own round-off, carried along the trajectory.
+    tol = (2e-5 if clip else 1e-5) if model == "same torch network" else 5e-5
     sched = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                                     timestep_spacing=spacing, clip_sample=clip, set_alpha_to_one=True)
     # The converted model carries the pipeline's schedule, in our names.
