@@ -113,7 +113,7 @@ def state_specs(run, mesh) -> TrainState:
     """The PartitionSpec of each array of the train state on ``mesh`` (a 1-D ``'data'`` mesh counts as
     ``fsdp = 1``): :func:`ddim_jax.parallel.fsdp_spec` of its shape, for the parameters, the EMA and
     Adam's moments alike (Adam's step counts are scalars: replicated)."""
-    return fsdp_specs(jax.eval_shape(_init_fn(run), jax.random.key(0)), as_train_mesh(mesh))
+    return fsdp_specs(_state_shapes(run), as_train_mesh(mesh))
 
 
 def state_shardings(run, mesh) -> TrainState:
@@ -137,9 +137,16 @@ def init_state(run, mesh) -> TrainState:
 
 def abstract_state(run, mesh) -> TrainState:
     """Shapes, dtypes and shardings (:func:`state_specs`) of the train state on ``mesh``, without computing it."""
-    shapes = jax.eval_shape(_init_fn(run), jax.random.key(0))
-    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes,
-                        state_shardings(run, mesh))
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                        _state_shapes(run), state_shardings(run, mesh))
+
+
+def _state_shapes(run) -> TrainState:
+    """The train state's shapes and dtypes (tracing the network's init once per :func:`_init_key`)."""
+    key = (_init_key(run), "shapes")
+    if key not in _CACHE:
+        _CACHE[key] = jax.eval_shape(_init_fn(run), jax.random.key(0))
+    return _CACHE[key]
 
 
 def _gather(params, specs):
