@@ -104,13 +104,15 @@ def train_digits_classifier(seed: int | None = None) -> tuple[dict, float]:
     def step(carry, i):
         p, s = carry
         epoch, j = i // steps_per_epoch, i % steps_per_epoch
-        perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, 1), epoch), DIGITS_TRAIN)
-        idx = jax.lax.dynamic_slice(perm, (j * hp["batch"],), (hp["batch"],))
+        idx = jax.lax.dynamic_slice(perms[epoch], (j * hp["batch"],), (hp["batch"],))
         x = _shift_images(xtr[idx], jax.random.fold_in(jax.random.fold_in(key, 2), i), hp["shift"])
         loss, g = jax.value_and_grad(loss_fn)(p, x, ytr[idx])
         updates, s = tx.update(g, s, p)
         return (optax.apply_updates(p, updates), s), loss
 
+    # Each epoch's order of the training digits, drawn once (not at each of its steps).
+    perms = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, 1), e),
+                                                      DIGITS_TRAIN))(jnp.arange(hp["epochs"]))
     (params, _), _ = jax.jit(lambda c: jax.lax.scan(step, c, jnp.arange(total)))((params, opt_state))
     logits = model.apply({"params": params}, jnp.asarray(xte, jnp.float32) / 255.0)
     acc = float(np.mean(np.asarray(jnp.argmax(logits, -1)) == yte))
