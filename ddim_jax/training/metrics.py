@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 from ddim_jax import files
 
@@ -46,6 +47,20 @@ def truncate_metrics(path: str, step: int) -> int:
     return len(kept)
 
 
+def _summary_writer():
+    """tensorboardX's SummaryWriter class, imported without torch: where torch is installed, tensorboardX imports
+    it (2 CPU-seconds of a run's start) only to accept torch tensors, which nothing here logs."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide and sys.modules.get("torch", ...) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """jsonl + TensorBoard + tqdm for one run; a no-op on processes other than 0 (and the bar with
     ``progress=False``). The bar counts completed steps, not dispatched ones."""
@@ -58,12 +73,10 @@ class MetricsWriter:
                         dynamic_ncols=True, desc="train")
         self._file = self._tb = None
         if enabled:
-            from tensorboardX import SummaryWriter
-
             path = os.path.join(workdir, METRICS)
             truncate_metrics(path, start_step)
             self._file = open(path, "a")
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = _summary_writer()(os.path.join(workdir, "tensorboard"))
 
     def completed(self, n: int):
         self.bar.update(n)
