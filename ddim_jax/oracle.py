@@ -85,7 +85,8 @@ class GaussianMixture:
         return jax.tree_util.Partial(_ORACLE_MODELS[prediction_type], self.means, self.stds, self.weights,
                                      schedule.alphas_cumprod)
 
-    def conditional_eps_fn(self, schedule: Schedule, prediction_type: str = "epsilon", *, null_label: int | None = None):
+    def conditional_eps_fn(self, schedule: Schedule, prediction_type: str = "epsilon", *,
+                           null_label: int | None = None):
         """The class-conditional oracle ``model_fn(x_t, t, labels)``, for classifier-free guidance.
 
         Component k is class k: an integer label ``k`` in ``[0, K)`` gives the exact output of a model
@@ -165,11 +166,14 @@ def _conditional_mixture_model(means, stds, weights, alphas_cumprod, null_label,
 _CONDITIONAL_MODELS = {p: functools.partial(_conditional_mixture_model, prediction_type=p) for p in PREDICTION_TYPES}
 
 
+@jax.jit
 def energy_distance(x, y):
     """Energy distance ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` between samples ``[N, ...]`` and ``[M, ...]``.
 
     Unbiased (U-statistics: self-pairs excluded), so it is 0 in expectation for two samples of the
-    same distribution and can come out slightly negative.
+    same distribution and can come out slightly negative. Compiled once per pair of shapes: the
+    pairwise distances, the mask and the sums fuse into a few passes over the ``[N, M]`` matrices
+    (run op by op, each of them would be an ``[N, M]`` array of its own).
     """
     x = jnp.asarray(x, jnp.float32).reshape(x.shape[0], -1)
     y = jnp.asarray(y, jnp.float32).reshape(y.shape[0], -1)
