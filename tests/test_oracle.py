@@ -8,10 +8,12 @@ from ddim_jax.oracle import mixture_posterior
 
 
 def test_oracle_is_the_posterior_mean_of_the_noise():
-    # E[eps | x_t] by brute force: draw (x_0, eps), bin by x_t in 1-D, average eps in each bin.
+    # E[eps | x_t] by brute force: draw (x_0, eps), bin by x_t in 1-D, average eps in each bin. All 20 bins
+    # hold > 21,000 draws: each bin mean's std error is < 0.0031 (eps) and < 0.0037 (x0), so 4 sigma stays
+    # under the 0.02 tolerance; measured max deviations 0.005 and 0.006 (0.004, 0.005 with 2,000,000 draws).
     gm = dj.GaussianMixture(np.array([[-0.6], [0.5]]), np.array([0.1, 0.2]), weights=np.array([0.3, 0.7]))
     a = 0.4
-    n = 2_000_000
+    n = 1_000_000
     x0 = gm.sample(jax.random.key(0), n)
     eps = jax.random.normal(jax.random.key(1), (n, 1))
     xt = np.asarray(np.sqrt(a) * x0 + np.sqrt(1 - a) * eps)[:, 0]
@@ -20,7 +22,7 @@ def test_oracle_is_the_posterior_mean_of_the_noise():
     centers, means, x0_means = [], [], []
     for b in range(1, len(edges)):
         m = idx == b
-        if m.sum() > 20_000:
+        if m.sum() > 10_000:
             centers.append(xt[m].mean())
             means.append(np.asarray(eps)[m, 0].mean())
             x0_means.append(np.asarray(x0)[m, 0].mean())
