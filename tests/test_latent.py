@@ -34,10 +34,10 @@ AE = models.ModelSpec("autoencoder_kl", dict(block_out_channels=(8, 8), layers_p
 UNET = dict(block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, attention_head_dim=2,
             cross_attention_dim=8, context_tokens=2, norm_groups=4)
-# The tiny run's denoiser: one cross-attention level (the two-level UNET above is tested against
-# UNet2DCondition and in the spec tests; one level keeps the run's compiled programs small).
-RUN_UNET = dict(UNET, block_out_channels=(8,), down_block_types=("CrossAttnDownBlock2D",),
-                up_block_types=("CrossAttnUpBlock2D",))
+# The tiny run's denoiser: one level without attention, the labels reaching it through the mid block's
+# cross-attention (the two-level UNET above, with cross-attention levels, is tested against UNet2DCondition
+# and in the spec tests; this keeps the run's compiled programs small: its train step compiles in half the time).
+RUN_UNET = dict(UNET, block_out_channels=(8,), down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",))
 SCHEDULE = {"name": "cosine", "num_timesteps": 1000}
 
 
