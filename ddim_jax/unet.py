@@ -251,8 +251,22 @@ def _init(model: UNet, image_size: int, channels: int, key: Array) -> dict:
 
 
 def param_shapes(model: UNet, image_size: int, channels: int = 3) -> dict:
-    """The params pytree of ``model`` as ``jax.ShapeDtypeStruct`` leaves, without computing anything."""
+    """The params pytree of ``model`` as ``jax.ShapeDtypeStruct`` leaves, without computing anything.
+
+    The init is traced once per (model, image_size, channels): equal models (equal fields) share the
+    shapes, and each call returns its own copy of the tree."""
+    try:
+        hash((model, image_size, channels))
+    except TypeError:  # a field that cannot be hashed: traced every time
+        return _traced_param_shapes(model, image_size, channels)
+    return jax.tree_util.tree_map(lambda s: s, _cached_param_shapes(model, image_size, channels))
+
+
+def _traced_param_shapes(model: UNet, image_size: int, channels: int) -> dict:
     return jax.eval_shape(functools.partial(_init, model, image_size, channels), jax.random.PRNGKey(0))
+
+
+_cached_param_shapes = functools.lru_cache(maxsize=64)(_traced_param_shapes)
 
 
 def count_params(params: Any) -> int:
