@@ -1,5 +1,6 @@
 """Tests of the Flax UNet: parameter counts, shapes, conditioning, dropout, dtypes and make_eps_fn."""
 
+import functools
 import math
 
 import jax
@@ -22,9 +23,16 @@ def _random_params(model, image_size=16, seed=0, scale=0.1):
                                   param_shapes(model, image_size))
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(model, kw_items):
+    kw = dict(kw_items)
+    return jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y, **kw))
+
+
 def _apply(model, params, x, t, y=None, **kw):
-    """Jitted ``model.apply`` (eager Flax is slow on CPU)."""
-    return jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y, **kw))(params, x, t, y)
+    """Jitted ``model.apply`` (eager Flax is slow on CPU): one jitted function per (equal) model and options,
+    so tests that run the same network on the same shapes trace and compile it once."""
+    return _jitted_apply(model, tuple(sorted(kw.items())))(params, x, t, y)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +132,7 @@ def test_timestep_embedding_formula():
 def test_tiny_forward_depends_on_x_and_t(tiny_params):
     model = UNet(**TINY)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
-    apply = jax.jit(lambda x, t: model.apply({"params": tiny_params}, x, t))
+    apply = functools.partial(_apply, model, tiny_params)
     out = apply(x, jnp.array([0, 999], jnp.int32))
     assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
     out_same_t = apply(x, jnp.array([999, 999], jnp.int32))
