@@ -214,7 +214,8 @@ def test_a_run_records_its_lpips_weights_and_refuses_others(weights, tmp_path, c
     vgg, _, _ = weights
     heads = tmp_path / "heads.safetensors"
     heads.write_bytes(weights[1].read_bytes())
-    config = lpips_config(weights, num_steps=2, log_every=1, sample_every=0)
+    # Two images a step: VGG16's backward pass, run with the tests' unoptimised XLA code, is most of a step.
+    config = lpips_config(weights, num_steps=2, log_every=1, sample_every=0, batch_size=2)
     config.loss.update(disc_weight=0.0, lpips_heads=str(heads))
     workdir = tmp_path / "run"
     training.train(config, str(workdir), progress=False, devices=jax.devices()[:1])
