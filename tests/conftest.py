@@ -45,9 +45,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # gives each worker whole files in collection order (--dist loadfile --no-loadscope-reorder), so a slow file
 # collected last would keep one worker busy long after the other has finished. Other files follow in their
 # usual order.
-SLOWEST_FILES = ("test_benchmarks.py", "test_training.py", "test_latent.py", "test_workdir.py", "test_pipelines.py",
-                 "test_autoencoder_training.py", "test_lpips.py", "test_distill.py", "test_notebook.py",
-                 "test_reliability.py", "test_experiments.py", "test_finetune.py", "test_solvers.py", "test_concat.py")
+SLOWEST_FILES = ("test_benchmarks.py", "test_training.py", "test_autoencoder_training.py", "test_latent.py",
+                 "test_workdir.py", "test_reliability.py", "test_notebook.py", "test_lpips.py", "test_distill.py",
+                 "test_finetune.py", "test_precision.py", "test_conditional.py", "test_fsdp.py", "test_unet.py",
+                 "test_experiments.py", "test_pipelines.py", "test_concat.py", "test_convert.py")
 
 
 def pytest_collection_modifyitems(config, items):
