@@ -109,7 +109,7 @@ def step_flops_per_image(batch, smoke=False):
     images = jax.ShapeDtypeStruct((1, batch, size, size, 3), jnp.uint8, sharding=rows)
     labels = jax.ShapeDtypeStruct((1, batch), jnp.int32, sharding=rows)
     run = build(c)
-    lowered = make_train_step(run, mesh).jitted.lower(abstract_state(run, mesh), images, labels, {})
+    lowered = make_train_step(run, mesh).lower(abstract_state(run, mesh), images, labels, {})
     cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"]) / batch

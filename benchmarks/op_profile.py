@@ -133,7 +133,7 @@ def main(argv=None):
                             NamedSharding(mesh, P(None, BATCH_AXES)))
     labels = jax.device_put(np.zeros((1, a.batch), np.int32), NamedSharding(mesh, P(None, BATCH_AXES)))
     state = init_state(build(c), mesh)
-    compiled = step.jitted.lower(state, images, labels, {}).compile()
+    compiled = step.lower(state, images, labels, {}).compile()
     instrs, comps = parse_hlo(compiled.as_text())
     for _ in range(2):
         state, m = step(state, images, labels)

@@ -161,7 +161,7 @@ def test_labels_are_dropped_to_the_null_label_at_rate_p_uncond(p_uncond):
             nonfinite_in_a_row=z(), nonfinite_total=z()), replicated(mesh))
 
     state = fresh_state()
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+    sharding = step.batch_sharding
     images = jax.device_put(np.full((3, 256, 8, 8, 1), 255, np.uint8), sharding)
     labels = jax.device_put(np.tile(np.arange(256, dtype=np.int32) % 10, (3, 1)), sharding)
     shares = []

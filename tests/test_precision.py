@@ -21,7 +21,7 @@ def _losses(config, steps):
     run = build(config)
     step = training.state.cached_train_step(run, mesh)
     src = data_lib.make_source(config.data)
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+    sharding = step.batch_sharding  # the training loop's: its program is the one train() compiles
     state, out = training.init_state(run, mesh), []
     for s in range(steps):
         batch = jax.device_put(data_lib.process_batch(src, config.training.batch_size, s, 0, 0, 1)[None], sharding)

@@ -81,10 +81,13 @@ def test_tfds_source_under_mock_data_and_a_clear_error_when_not_prepared(tmp_pat
 def test_non_finite_updates_are_skipped_and_counted():
     c = build(tiny_config(**EXPLODING))
     mesh = make_mesh()
-    step = training.state.cached_train_step(c, mesh)  # the same program as the non-finite stop test's
+    # The program of every run of configs/tiny.py on the 8 devices (lr is one of the step's arguments).
+    step = training.state.cached_train_step(c, mesh)
     src = data_lib.make_source(c.config.data)
-    batch = lambda s: jax.device_put(data_lib.process_batch(src, 16, s, 0, 0, 1)[None],  # noqa: E731
-                                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data")))
+
+    def batch(s):
+        return jax.device_put(data_lib.process_batch(src, 16, s, 0, 0, 1)[None], step.batch_sharding)
+
     init = training.init_state(c, mesh)  # (the step donates its input state, so this one is kept aside)
     fresh = leaves((init.params, init.ema_params, init.opt_state))
     state, m = step(training.init_state(c, mesh), batch(0))
@@ -109,8 +112,10 @@ def test_ema_follows_its_decay_rule():
     mesh = make_mesh()
     step = training.state.cached_train_step(c, mesh)
     src = data_lib.make_source(c.config.data)
-    batch = lambda s: jax.device_put(data_lib.process_batch(src, 16, s, 0, 0, 1)[None],  # noqa: E731
-                                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data")))
+
+    def batch(s):
+        return jax.device_put(data_lib.process_batch(src, 16, s, 0, 0, 1)[None], step.batch_sharding)
+
     state = training.init_state(c, mesh)
     ema = leaves(state.ema_params)
     for s, d in enumerate([0.1, 2 / 11]):
@@ -123,6 +128,27 @@ def test_ema_follows_its_decay_rule():
     assert [float(decay_at(s, 0.5, False)) for s in (0, 1, 10**6)] == [0.5, 0.5, 0.5]
 
 
+def test_runs_differing_in_optimizer_and_ema_settings_share_one_program_and_each_gets_its_own():
+    mesh = make_mesh()
+    runs = {"default": build(tiny_config()),  # lr 2e-3 with 2 warmup steps: the first update's lr is 1e-3
+            "other": build(tiny_config(lr=1e-4, warmup_steps=1, grad_clip=0.5, adam_b1=0.5, adam_b2=0.9,
+                                       ema_decay=0.5, ema_warmup=False))}
+    steps = {name: training.state.cached_train_step(run, mesh) for name, run in runs.items()}
+    assert steps["default"].jitted is steps["other"].jitted
+    src = data_lib.make_source(runs["default"].config.data)
+    for name, lr, ema_decay in (("default", 1e-3, 0.1), ("other", 1e-4, 0.5)):
+        step = steps[name]
+        start = training.init_state(runs[name], mesh)
+        before = leaves(start.params)
+        state, _ = step(start, jax.device_put(data_lib.process_batch(src, 16, 0, 0, 0, 1)[None], step.batch_sharding))
+        moved = np.concatenate([np.abs(a - b).ravel() for a, b in zip(leaves(state.params), before)])
+        # Adam's first update is lr * g / (|g| + eps) elementwise (bias-corrected, whatever b1, b2 and clipping):
+        # lr for the weights whose gradient is well above eps (the zero-initialised output layer's, at step 0).
+        assert lr * (1 - 1e-3) <= moved.max() <= lr * (1 + 1e-4)
+        for got, p, p0 in zip(leaves(state.ema_params), leaves(state.params), before):
+            np.testing.assert_allclose(got, ema_decay * p0 + (1 - ema_decay) * p, rtol=1e-5, atol=1e-7)
+    assert steps["default"].jitted._cache_size() == 1  # one program for both
+
 def test_one_and_eight_devices_give_the_same_losses_and_replicas_agree():
     assert jax.device_count() == 8
     c = build(tiny_config())
@@ -131,7 +157,7 @@ def test_one_and_eight_devices_give_the_same_losses_and_replicas_agree():
     for n in (1, 8):
         mesh = make_mesh(jax.devices()[:n])
         state, step = training.init_state(c, mesh), training.state.cached_train_step(c, mesh)
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+        sharding = step.batch_sharding
         losses = []
         for s in range(3):
             state, m = step(state, jax.device_put(data_lib.process_batch(src, 16, s, 0, 0, 1)[None], sharding))

@@ -29,7 +29,7 @@ from ddim_jax import data as data_lib
 from ddim_jax import files, models
 from ddim_jax.config import config_differences, mesh_shape, to_dict
 from ddim_jax.images import save_grid
-from ddim_jax.parallel import BATCH_AXES, gather_host_tree, host, on_main, train_mesh
+from ddim_jax.parallel import gather_host_tree, host, on_main, train_mesh
 from ddim_jax.training import adapters, finetune, latent
 from ddim_jax.training import run as run_lib
 from ddim_jax.training.checkpoints import Checkpointer, resume
@@ -217,7 +217,7 @@ def _loop(run, workdir, mesh, is_main, progress, source, ckpt, state, frozen) ->
     cfg_dict = to_dict(config)
     start = int(host(state.step))
     train_step = cached_train_step(run, mesh)
-    batch_sharding = NamedSharding(mesh, P(None, BATCH_AXES))
+    batch_sharding = train_step.batch_sharding
     k, last = t_cfg.steps_per_dispatch, t_cfg.num_steps
     conditional = spec.num_classes is not None
 

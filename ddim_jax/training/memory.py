@@ -88,7 +88,7 @@ def memory_plan(run, mesh, step=None) -> MemoryPlan:
     labels = jax.ShapeDtypeStruct((k, b), jnp.int32, sharding=rows)
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
                           step.objective.frozen_shapes())
-    stats = step.jitted.lower(state, images, labels, frozen).compile().memory_analysis()
+    stats = step.lower(state, images, labels, frozen).compile().memory_analysis()
     per_device_batch = (_bytes(images) + _bytes(labels)) // mesh.devices.size
     device = next(dev for dev in mesh.devices.flat if dev.process_index == jax.process_index())  # one of ours
     return MemoryPlan(params=device_bytes(state.params) + _bytes(frozen), ema=device_bytes(state.ema_params),

@@ -27,6 +27,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -47,18 +48,34 @@ class TrainState:
     nonfinite_total: jax.Array
 
 
+# The optimiser's and the EMA's settings. The train step takes them as arguments of its program, not as constants
+# in it: runs that differ only in them share one compiled program, and a run resumed with another lr compiles
+# nothing new.
+HYPERPARAMETERS = ("lr", "warmup_steps", "grad_clip", "adam_b1", "adam_b2", "ema_decay", "ema_warmup")
+
+
+def hyperparameters(config) -> dict:
+    """``config.training``'s :data:`HYPERPARAMETERS` (``warmup_steps`` at least 1), by name."""
+    t = config.training
+    return dict({name: t[name] for name in HYPERPARAMETERS}, warmup_steps=max(t.warmup_steps, 1))
+
+
 def make_optimizer(config, norm=None) -> optax.GradientTransformation:
     """Adam with a linear warmup to ``lr``, after clipping the (device-averaged) gradient's global norm.
     ``norm``: the function of the updates that gives that norm when they are shards of the gradient
     (default: ``optax.tree.norm``, for a whole gradient); the state is the same either way."""
-    t = config.training
-    warmup = max(t.warmup_steps, 1)
+    return _optimizer(hyperparameters(config), norm)
+
+
+def _optimizer(h: dict, norm=None) -> optax.GradientTransformation:
+    """:func:`make_optimizer` of the :func:`hyperparameters` ``h`` (numbers, or arrays inside the train step)."""
 
     def lr(count):  # update k (0-based) uses lr * min((k + 1) / warmup, 1): the first update is not zero
-        return t.lr * jnp.minimum((count + 1) / warmup, 1.0)
+        return h["lr"] * jnp.minimum((count + 1) / h["warmup_steps"], 1.0)
 
-    clip = optax.clip_by_global_norm(t.grad_clip) if norm is None else _clip_by_global_norm(t.grad_clip, norm)
-    return optax.chain(clip, optax.adam(lr, b1=t.adam_b1, b2=t.adam_b2))
+    clip = (optax.clip_by_global_norm(h["grad_clip"]) if norm is None
+            else _clip_by_global_norm(h["grad_clip"], norm))
+    return optax.chain(clip, optax.adam(lr, b1=h["adam_b1"], b2=h["adam_b2"]))
 
 
 def _clip_by_global_norm(max_norm: float, norm) -> optax.GradientTransformation:
@@ -73,14 +90,14 @@ def _clip_by_global_norm(max_norm: float, norm) -> optax.GradientTransformation:
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
-def ema_decay_at(step, decay: float, warmup: bool):
+def ema_decay_at(step, decay, warmup):
     """The EMA decay of update ``step`` (0-based): ``decay``, or with ``warmup`` ``min(decay, (1 + step) /
     (10 + step))`` (TensorFlow's ``num_updates`` rule, as diffusers' EMAModel), so the random initial
-    weights weigh 0.999^s in the EMA after s steps without it (5% at 3,000) and vanish fast with it."""
-    if not warmup:
-        return jnp.float32(decay)
+    weights weigh 0.999^s in the EMA after s steps without it (5% at 3,000) and vanish fast with it.
+    ``decay`` and ``warmup`` may be arrays (the train step's arguments)."""
+    decay = jnp.asarray(decay, jnp.float32)
     s = jnp.asarray(step, jnp.float32)
-    return jnp.minimum(jnp.float32(decay), (1.0 + s) / (10.0 + s))
+    return jnp.where(warmup, jnp.minimum(decay, (1.0 + s) / (10.0 + s)), decay)
 
 
 def _init_fn(run):
@@ -179,25 +196,21 @@ def _global_norm(grads, specs):
     return jnp.sqrt(square([g for g, a in zip(flat, axes) if a is None]) + split)
 
 
-def make_train_step(run, mesh, model=None):
-    """``(state, images, labels=None, frozen=None) -> (state, metrics)``: ``images`` uint8
-    ``[k, global_batch, H, W, C]`` (and, for a class-conditional model, int32 ``labels``
-    ``[k, global_batch]``) sharded over the batch axis, k steps in one call; metrics have leading dim k.
-    ``frozen``: the parameters used but not trained (a latent model's autoencoder, see
-    :mod:`ddim_jax.training.latent`; an autoencoder's LPIPS network, :mod:`ddim_jax.training.perceptual`;
-    replicated). ``run``: a :class:`~ddim_jax.training.run.Run`; ``model`` (default: the run's network) is
-    anything with Flax's ``apply``; the loss is the run's objective's (:mod:`ddim_jax.training.objectives`)."""
+def make_train_step(run, mesh, model=None) -> TrainStep:
+    """The :class:`TrainStep` of ``run`` (a :class:`~ddim_jax.training.run.Run`) on ``mesh``, with the run's
+    :func:`hyperparameters`. ``model`` (default: the run's network) is anything with Flax's ``apply``; the
+    loss is the run's objective's (:mod:`ddim_jax.training.objectives`)."""
     config = run.config
-    t_cfg = config.training
-    seed, decay, flip = t_cfg.seed, t_cfg.ema_decay, config.data.random_flip
+    seed, flip = config.training.seed, config.data.random_flip
     objective = run.objective if model is None else make_objective(config, run.spec, model)
     mesh = as_train_mesh(mesh)
-    fsdp, conditional = fsdp_size(mesh), objective.spec.num_classes is not None
+    fsdp = fsdp_size(mesh)
 
-    def one_step(state: TrainState, batch, frozen, specs):
-        """One step on this device's rows and shards; ``specs``: the PartitionSpecs of the state's params."""
+    def one_step(state: TrainState, batch, frozen, specs, h):
+        """One step on this device's rows and shards; ``specs``: the PartitionSpecs of the state's params;
+        ``h``: the :func:`hyperparameters`, as arrays."""
         split = any(spec_axis(s) is not None for s in jax.tree.leaves(specs))
-        tx = make_optimizer(config, (lambda g: _global_norm(g, specs)) if split else None)
+        tx = _optimizer(h, (lambda g: _global_norm(g, specs)) if split else None)
         images, labels = batch
         b = images.shape[0]
         device = jax.lax.axis_index(BATCH_AXES)  # (data, fsdp) row-major: the order of the batch's blocks
@@ -223,7 +236,7 @@ def make_train_step(run, mesh, model=None):
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        d = ema_decay_at(state.step, decay, t_cfg.ema_warmup)
+        d = ema_decay_at(state.step, h["ema_decay"], h["ema_warmup"])
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = TrainState(
@@ -238,50 +251,75 @@ def make_train_step(run, mesh, model=None):
 
     on_cpu = mesh.devices.flat[0].platform == "cpu"
 
-    def device_steps(state, images, labels, frozen, specs):
+    def device_steps(state, images, labels, frozen, h, specs):
         if not on_cpu:
-            return jax.lax.scan(lambda s, b: one_step(s, b, frozen, specs), state, (images, labels))
+            return jax.lax.scan(lambda s, b: one_step(s, b, frozen, specs, h), state, (images, labels))
         # XLA:CPU computes convolution filter gradients ~60x slower inside a while loop (a scan of
         # length 1 included), so on CPU the k steps are unrolled into straight-line code.
         metrics = []
         for i in range(images.shape[0]):
-            state, m = one_step(state, (images[i], labels[i]), frozen, specs)
+            state, m = one_step(state, (images[i], labels[i]), frozen, specs, h)
             metrics.append(m)
         return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
 
     rows = P(None, BATCH_AXES)
 
-    def per_device(state, images, labels, frozen):  # (its name: the compiled program's, as before the mesh)
+    def per_device(state, images, labels, frozen, h):  # (its name: the compiled program's, as before the mesh)
         # The state's PartitionSpecs follow from its arrays' shapes (ddim_jax.parallel.fsdp_spec), so a
         # state of any structure (another model's, as the tests give) is split by the same rule.
         specs = fsdp_specs(state, mesh)
         return jax.shard_map(functools.partial(device_steps, specs=specs.params), mesh=mesh,
-                             in_specs=(specs, rows, rows, P()), out_specs=(specs, P()),
-                             check_vma=False)(state, images, labels, frozen)
+                             in_specs=(specs, rows, rows, P(), P()), out_specs=(specs, P()),
+                             check_vma=False)(state, images, labels, frozen, h)
 
-    sharded = jax.jit(per_device, donate_argnums=0)
+    return TrainStep(jax.jit(per_device, donate_argnums=0), objective, mesh, {}).with_hyperparameters(config)
 
-    placeholders = {}  # by shape: labels the unconditional network never reads, made once
 
-    def step(state, images, labels=None, frozen=None):
-        if conditional and labels is None:
+class TrainStep:
+    """``step(state, images, labels=None, frozen=None) -> (state, metrics)``: ``images`` uint8
+    ``[k, global_batch, H, W, C]`` (and, for a class-conditional model, int32 ``labels`` ``[k, global_batch]``)
+    sharded over the batch axis (``P(None, BATCH_AXES)`` on ``step.mesh``), k steps in one call; metrics have
+    leading dim k. ``frozen``: the parameters used but not trained (a latent model's autoencoder, see
+    :mod:`ddim_jax.training.latent`; an autoencoder's LPIPS network, :mod:`ddim_jax.training.perceptual`;
+    replicated). ``step.lower(state, images, labels, frozen)`` lowers it ahead of time (``training.memory``).
+    ``step.batch_sharding``: the sharding of ``images`` and ``labels`` (a batch placed otherwise, e.g. on the
+    1-D mesh the step was made with, compiles the step again)."""
+
+    def __init__(self, jitted, objective, mesh, placeholders, hyper=None):
+        self.jitted, self.objective, self.mesh = jitted, objective, mesh
+        self.batch_sharding = NamedSharding(mesh, P(None, BATCH_AXES))
+        self._placeholders, self._hyper = placeholders, hyper  # placeholders: by shape, made once
+
+    def with_hyperparameters(self, config) -> TrainStep:
+        """This step (the same program) with ``config``'s :func:`hyperparameters`, replicated on the mesh."""
+        replicated = NamedSharding(self.mesh, P())
+        values = {name: np.asarray(v, np.bool_ if name == "ema_warmup" else np.float32)
+                  for name, v in hyperparameters(config).items()}
+        hyper = {name: jax.make_array_from_callback((), replicated, lambda _, v=v: v) for name, v in values.items()}
+        return TrainStep(self.jitted, self.objective, self.mesh, self._placeholders, hyper)
+
+    def arguments(self, state, images, labels=None, frozen=None) -> tuple:
+        """The compiled program's arguments for this call (a program from :meth:`lower` takes them)."""
+        if self.objective.spec.num_classes is not None and labels is None:
             raise ValueError("this model is class-conditional: the train step needs labels")
         if labels is None:
             shape = images.shape[:2]
-            if shape not in placeholders:
-                placeholders[shape] = jnp.zeros(shape, jnp.int32, device=NamedSharding(mesh, rows))
-            labels = placeholders[shape]
+            if shape not in self._placeholders:
+                self._placeholders[shape] = jnp.zeros(shape, jnp.int32, device=self.batch_sharding)
+            labels = self._placeholders[shape]
         if frozen is None:
-            if objective.frozen_shapes():
-                raise ValueError(f"this train step needs the frozen params {sorted(objective.frozen_shapes())} "
-                                 "(frozen=)")
+            if self.objective.frozen_shapes():
+                raise ValueError(f"this train step needs the frozen params "
+                                 f"{sorted(self.objective.frozen_shapes())} (frozen=)")
             frozen = {}
-        return sharded(state, images, labels, frozen)
+        return state, images, labels, frozen, self._hyper
 
-    step.jitted = sharded  # (state, images, labels, frozen): to compile ahead of time (training.memory)
-    step.objective = objective
-    step.mesh = mesh
-    return step
+    def __call__(self, state, images, labels=None, frozen=None):
+        return self.jitted(*self.arguments(state, images, labels, frozen))
+
+    def lower(self, state, images, labels=None, frozen=None):
+        """The program lowered for these arguments (arrays or ``jax.ShapeDtypeStruct`` values)."""
+        return self.jitted.lower(*self.arguments(state, images, labels, frozen))
 
 
 # Compiled programs by (config without the fields a resumed run may change, devices and mesh shape, what):
@@ -289,14 +327,17 @@ def make_train_step(run, mesh, model=None):
 _CACHE: dict = {}
 # Fields the step's program does not depend on (remat may change on resume, but it changes the program;
 # training.mesh too, and the key holds the mesh's actual shape instead).
-_NOT_IN_STEP = frozenset(RESUMABLE_CHANGES) - {"training.remat"}
+# training.max_nonfinite is the loop's; the hyperparameters are the step's arguments.
+_NOT_IN_STEP = (frozenset(RESUMABLE_CHANGES) - {"training.remat"}
+                | {"training.max_nonfinite"} | {f"training.{name}" for name in HYPERPARAMETERS})
 
 
-def cached_train_step(run, mesh):
-    """``make_train_step`` for this run and mesh, built once per process."""
+def cached_train_step(run, mesh) -> TrainStep:
+    """``make_train_step`` for this run and mesh, built once per process (and bound to this run's
+    hyperparameters)."""
     d = flatten(to_dict(run.config))
     key = (json.dumps([{k: v for k, v in d.items() if k not in _NOT_IN_STEP}, run.record.to_dict()], sort_keys=True),
            _mesh_key(mesh), "step")
     if key not in _CACHE:
         _CACHE[key] = make_train_step(run, mesh)
-    return _CACHE[key]
+    return _CACHE[key].with_hyperparameters(run.config)
