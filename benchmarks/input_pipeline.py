@@ -97,10 +97,10 @@ def step_flops_per_image(batch, smoke=False):
     from configs.paper import get_config
     from ddim_jax.parallel import BATCH_AXES, as_train_mesh, make_mesh
     from ddim_jax.training.run import build
-    from ddim_jax.training.state import abstract_state, make_train_step
+    from ddim_jax.training.state import abstract_state, cached_train_step
 
     # --smoke: the tiny cifar10 step at batch 2 on the training mesh, the same program as memory_plan.py's,
-    # op_profile.py's and train_step.py's (a persistent compilation cache compiles it once for all four)
+    # op_profile.py's and train_step.py's (cached_train_step: one process compiles it once for all four)
     c = tiny_unet(get_config("cifar10")) if smoke else get_config("lsun_church256")
     c.training.batch_size = batch
     mesh = as_train_mesh(make_mesh(jax.devices()[:1]))
@@ -109,7 +109,7 @@ def step_flops_per_image(batch, smoke=False):
     images = jax.ShapeDtypeStruct((1, batch, size, size, 3), jnp.uint8, sharding=rows)
     labels = jax.ShapeDtypeStruct((1, batch), jnp.int32, sharding=rows)
     run = build(c)
-    lowered = make_train_step(run, mesh).lower(abstract_state(run, mesh), images, labels, {})
+    lowered = cached_train_step(run, mesh).lower(abstract_state(run, mesh), images, labels, {})
     cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"]) / batch

@@ -122,12 +122,12 @@ def main(argv=None):
     from configs.paper import get_config
     from ddim_jax.parallel import BATCH_AXES, as_train_mesh, make_mesh
     from ddim_jax.training.run import build
-    from ddim_jax.training.state import init_state, make_train_step
+    from ddim_jax.training.state import cached_train_step, init_state
 
     c = tiny_unet(get_config("cifar10")) if a.smoke else get_config("cifar10")
     c.training.batch_size = a.batch
     mesh = as_train_mesh(make_mesh(jax.devices()[:1]))
-    step = make_train_step(build(c), mesh)
+    step = cached_train_step(build(c), mesh)
     size = c.data.image_size
     images = jax.device_put(np.random.default_rng(0).integers(0, 256, (1, a.batch, size, size, 3), dtype=np.uint8),
                             NamedSharding(mesh, P(None, BATCH_AXES)))

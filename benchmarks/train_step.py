@@ -179,6 +179,7 @@ def main(argv=None) -> None:
     from ddim_jax.diffusion import per_example_loss
     from ddim_jax.parallel import BATCH_AXES, as_train_mesh, make_mesh
     from ddim_jax.training.run import build
+    from ddim_jax.training.state import cached_train_step
     from ddim_jax.unet import count_params
 
     torch.set_num_threads(args.threads)
@@ -210,7 +211,7 @@ def main(argv=None) -> None:
     images_np = np.random.default_rng(0).integers(0, 256, (1, B, size, size, ch), dtype=np.uint8)
     images = jax.device_put(images_np, NamedSharding(mesh, P(None, BATCH_AXES)))
     labels = jax.device_put(np.zeros((1, B), np.int32), NamedSharding(mesh, P(None, BATCH_AXES)))  # not read
-    step_fn = training.make_train_step(run, mesh)  # the config's network, optimizer and schedule
+    step_fn = cached_train_step(run, mesh)  # make_train_step: the config's network, optimizer and schedule
     t0 = time.perf_counter()
     lowered = step_fn.lower(state, images, labels, {})
     t1 = time.perf_counter()
