@@ -35,7 +35,7 @@ def ae_config(**training_overrides):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ae") / "run"
-    result = training.train(ae_config(), str(workdir), progress=False, devices=jax.devices()[:1])
+    result = training.train(ae_config(), str(workdir), progress=False, devices=jax.devices()[:2])
     return workdir, result
 
 
@@ -118,8 +118,8 @@ def test_a_run_trains_exports_and_resumes_exactly(run, tmp_path):
     assert (workdir / "samples" / "step_00000004.png").is_file()  # originals over reconstructions
     # Interrupted at 2 and resumed, the run ends bitwise where the uninterrupted one did.
     part = tmp_path / "split"
-    training.train(ae_config(num_steps=2), str(part), progress=False, devices=jax.devices()[:1])
-    rest = training.train(ae_config(), str(part), progress=False, devices=jax.devices()[:1])
+    training.train(ae_config(num_steps=2), str(part), progress=False, devices=jax.devices()[:2])
+    rest = training.train(ae_config(), str(part), progress=False, devices=jax.devices()[:2])
     assert rest.steps_run == 2
     for a, b in zip(leaves(result.state), leaves(rest.state)):
         np.testing.assert_array_equal(a, b)

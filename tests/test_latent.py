@@ -145,7 +145,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent")
     models.save(root / "ae", AE, ae_params(0))
     workdir = root / "run"
-    result = training.train(config(root / "ae"), str(workdir), progress=False, devices=jax.devices()[:1])
+    result = training.train(config(root / "ae"), str(workdir), progress=False, devices=jax.devices()[:2])
     return root, workdir, result
 
 
@@ -203,10 +203,10 @@ def test_resume_uses_the_runs_copy_when_the_named_autoencoder_changes(run, tmp_p
     # retrained in place below and put back afterwards.
     src = root / "ae"
     other = tmp_path / "run"
-    training.train(config(src, num_steps=2), str(other), progress=False, devices=jax.devices()[:1])
+    training.train(config(src, num_steps=2), str(other), progress=False, devices=jax.devices()[:2])
     models.save(src, AE, ae_params(1), overwrite=True)  # the autoencoder was retrained in place
     try:
-        resumed = training.train(config(src), str(other), progress=False, devices=jax.devices()[:1])
+        resumed = training.train(config(src), str(other), progress=False, devices=jax.devices()[:2])
         for a, b in zip(leaves(resumed.state.params), leaves(result.state.params)):
             np.testing.assert_array_equal(a, b)
         for a, b in zip(leaves(loading.load(other)[1]["autoencoder"]), leaves(ae_params(0))):
@@ -220,14 +220,14 @@ def test_resume_uses_the_runs_copy_when_the_named_autoencoder_changes(run, tmp_p
         # Without its copy, the run would resume with whatever the named path holds now: refused.
         shutil.rmtree(other / latent.COPY_DIR)
         with pytest.raises(ValueError, match=r"different config \(record.autoencoder_sha256"):
-            training.train(config(src, num_steps=4), str(other), progress=False, devices=jax.devices()[:1])
+            training.train(config(src, num_steps=4), str(other), progress=False, devices=jax.devices()[:2])
     finally:
         models.save(src, AE, ae_params(0), overwrite=True)
 
 
 def test_experiments_decode_to_images(run):
     root, workdir, _ = run
-    model = loading.load_model(str(workdir), devices=jax.devices()[:1])
+    model = loading.load_model(str(workdir), devices=jax.devices()[:2])
     assert model.clip_x0 is None and model.sample_shape == (4, 4, 2)
     imgs = ex.generate(model, 4, 4, 3, labels="all", guidance=2.0, progress=False)
     assert imgs.shape == (4, 8, 8, 1) and imgs.dtype == np.uint8
