@@ -14,17 +14,23 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # yourself (e.g. =2) to test with the optimised code.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ["XLA_FLAGS"] + " --xla_backend_optimization_level=0").strip()
-# XLA:CPU's MLIR fusion emitters take about half the compile time of these small programs; its elemental IR
-# emitter compiles the same fused HLO about twice as fast (the tiny UNet's train step 4.3 -> 2.4 s, the whole
-# suite 1,040 -> 790 CPU-seconds) into code whose float32 results differ in the last bits. An XLA flag this
-# jaxlib does not know would abort every process, so the session's first process checks it in a child first
-# (about a second); the workers and subprocesses inherit XLA_FLAGS. Set it yourself (=true) to test with the
-# fusion emitters.
-if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
+# Two XLA:CPU settings that compile these small programs faster:
+# - the elemental IR emitter instead of the MLIR fusion emitters, which took about half the compile time: the same
+#   fused HLO compiles about twice as fast (the tiny UNet's train step 4.3 -> 2.4 s, the whole suite 1,040 -> 790
+#   CPU-seconds) into code whose float32 results differ in the last bits;
+# - the machine code generated as one LLVM module, not split into modules compiled on parallel threads: the
+#   splitting costs CPU time (the tiny UNet's 8-device train step 2.4 -> 2.05 CPU-s) and the suite's workers
+#   already keep the cores busy.
+# An XLA flag this jaxlib does not know would abort every process, so the session's first process checks them in
+# a child first (about a second); the workers and subprocesses inherit XLA_FLAGS. Set either yourself to test
+# with another value.
+_COMPILE_FASTER = {"xla_cpu_use_fusion_emitters": "false", "xla_cpu_parallel_codegen_split_count": "1"}
+_missing = [f"--{k}={v}" for k, v in _COMPILE_FASTER.items() if k not in os.environ["XLA_FLAGS"]]
+if _missing:
     import subprocess
     import sys
 
-    _flags = os.environ["XLA_FLAGS"] + " --xla_cpu_use_fusion_emitters=false"
+    _flags = " ".join([os.environ["XLA_FLAGS"], *_missing])
     if subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
                       env=dict(os.environ, XLA_FLAGS=_flags, JAX_PLATFORMS="cpu")).returncode == 0:
         os.environ["XLA_FLAGS"] = _flags
