@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddim_jax import files
-from ddim_jax.parallel import BATCH_AXES, as_train_mesh, fsdp_size
+from ddim_jax.parallel import as_train_mesh, fsdp_size
 from ddim_jax.training.state import abstract_state, cached_train_step
 
 GiB = 2 ** 30
@@ -83,7 +83,7 @@ def memory_plan(run, mesh, step=None) -> MemoryPlan:
     step = cached_train_step(run, mesh) if step is None else step
     state = abstract_state(run, mesh)
     k, b = t.steps_per_dispatch, t.batch_size
-    rows = NamedSharding(mesh, P(None, BATCH_AXES))
+    rows = step.batch_sharding
     images = jax.ShapeDtypeStruct((k, b, data.image_size, data.image_size, data.channels), jnp.uint8, sharding=rows)
     labels = jax.ShapeDtypeStruct((k, b), jnp.int32, sharding=rows)
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
