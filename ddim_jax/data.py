@@ -41,6 +41,7 @@ is the step: nothing beyond it is saved in a checkpoint.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import os
 import pathlib
@@ -171,14 +172,27 @@ def load_digits(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
 
     ``split``: ``"train"`` (the first 1,500), ``"test"`` (the last 297) or ``"all"``.
     """
-    from sklearn.datasets import load_digits as sk_load_digits
-
     parts = {"train": slice(0, DIGITS_TRAIN), "test": slice(DIGITS_TRAIN, None), "all": slice(None)}
     if split not in parts:
         raise ValueError(f"split must be one of 'train', 'test', 'all' for digits; got {split!r}")
+    pixels, target = _read_digits()
+    images = np.round(pixels.reshape(-1, 8, 8, 1) * (255.0 / 16.0)).astype(np.uint8)
+    return images[parts[split]], target[parts[split]].astype(np.int32)
+
+
+def _read_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (pixels ``[1797, 64]`` in 0..16, labels), read from the file scikit-learn ships
+    without importing scikit-learn, which costs every run on digits about a second; scikit-learn's own loader
+    where that file is not where scikit-learn keeps it."""
+    spec = importlib.util.find_spec("sklearn")
+    csv = pathlib.Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if csv is not None and csv.is_file():
+        table = np.loadtxt(csv, delimiter=",")
+        return table[:, :-1], table[:, -1].astype(np.int32)
+    from sklearn.datasets import load_digits as sk_load_digits
+
     d = sk_load_digits()
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    return images[parts[split]], d.target[parts[split]].astype(np.int32)
+    return d.data, d.target
 
 
 _IMAGE_MODES = {1: "L", 3: "RGB"}  # data.channels -> PIL mode

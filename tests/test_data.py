@@ -88,6 +88,20 @@ def test_make_source_rejects_channels_other_than_1_or_3_for_every_dataset_kind(t
         data_lib.make_source(c)  # checked before any data is read (no tfds needed for cifar10)
 
 
+@pytest.mark.parametrize("split, part", [("train", slice(0, 1500)), ("test", slice(1500, None)), ("all", slice(None))])
+@pytest.mark.parametrize("without_the_file", [False, True])
+def test_the_digits_are_scikit_learn_s(split, part, without_the_file, monkeypatch):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()  # the truth: scikit-learn's loader, 0..16 scaled to 0..255
+    if without_the_file:  # where scikit-learn's data file cannot be found, its loader is used
+        monkeypatch.setattr(data_lib.importlib.util, "find_spec", lambda name: None)
+    images, labels = data_lib.load_digits(split)
+    assert images.dtype == np.uint8 and labels.dtype == np.int32
+    np.testing.assert_array_equal(images, np.round(d.images[part] * (255 / 16)).astype(np.uint8)[..., None])
+    np.testing.assert_array_equal(labels, d.target[part])
+
+
 def test_make_source_digits_with_valid_channels():
     src = data_lib.make_source(_data_config("digits", channels=1))
     assert len(src) == data_lib.DIGITS_TRAIN and src.get([0]).shape == (1, 8, 8, 1)
