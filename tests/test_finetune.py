@@ -10,7 +10,6 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -146,14 +145,17 @@ def test_lora_step_0_is_the_base_model(source):
     c.training.lora.update(LORA)
     run = resolve(c)
     state = training.init_state(run, make_mesh(jax.devices()[:1]))
-    ups = [v for p, v in traverse_util.flatten_dict(state.params).items() if p[-1] == "up"]
-    downs = [v for p, v in traverse_util.flatten_dict(state.params).items() if p[-1] == "down"]
+    flat = {p: np.asarray(v) for p, v in traverse_util.flatten_dict(state.params).items()}  # checked on the host
+    ups = [v for p, v in flat.items() if p[-1] == "up"]
+    downs = [v for p, v in flat.items() if p[-1] == "down"]
     assert ups and all(not np.any(u) for u in ups) and all(np.any(d) for d in downs)
-    merged = run.objective.model_params(state.params, run.frozen)
+    merged = jax.jit(run.objective.model_params)(state.params, run.frozen)  # one program, not one per kernel
     _equal(merged, params)
     apply = jax.jit(lambda p, x, t: spec.build().apply({"params": p}, x, t))
-    x, t = jax.random.normal(jax.random.key(3), (2, 8, 8, 1)), jnp.array([3, 70])
-    np.testing.assert_array_equal(apply(merged, x, t), apply(params, x, t))
+    x, t = np.asarray(jax.random.normal(jax.random.key(3), (2, 8, 8, 1))), np.array([3, 70], np.int32)
+    # Both param trees placed alike, so the one compiled forward serves both.
+    placed = jax.tree.map(lambda a, m: jax.device_put(a, m.sharding), params, merged)
+    np.testing.assert_array_equal(apply(merged, x, t), apply(placed, x, t))
     assert run.record.init_sha256 == params_digest(params) and set(run.frozen) == {"base"}
     # A full run of the same architecture, later in the same process, starts from the network's params, not
     # from the LoRA run's adapters (the compiled initialiser is not shared between the two).
@@ -184,8 +186,10 @@ def test_lora_trains_only_the_adapters_and_checkpoints_them_alone(source, lora_r
     # workdir/model is the merged EMA model, the LoRA file beside it merges to the same params.
     out_spec, out = models.load(str(workdir / "model"))
     assert out_spec.architecture() == spec.architecture() and out_spec.info["step"] == 2
-    _equal(out, adapters.merge(params, state.ema_params, LORA["alpha"] / LORA["rank"]))
-    again = lora.apply_lora(spec, params, str(workdir / adapters.LORA_FILE))
+    # (each merged in one program, not one per kernel)
+    _equal(out, jax.jit(adapters.merge, static_argnums=2)(params, state.ema_params, LORA["alpha"] / LORA["rank"]))
+    read = lora.read_lora(str(workdir / adapters.LORA_FILE))
+    again = jax.jit(lambda p: lora.apply_lora(spec, p, read))(params)
     for a, b in zip(leaves(again), leaves(out)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert not all(np.array_equal(a, b) for a, b in zip(leaves(out), leaves(params)))
@@ -222,6 +226,15 @@ def test_the_lora_file_loads_into_diffusers_and_back_into_ddim_jax(tmp_path):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("peft")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny UNet: a second thread would only add its waiting to the CPU time
+    try:
+        _lora_file_round_trip(torch, diffusers, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _lora_file_round_trip(torch, diffusers, tmp_path):
     torch.manual_seed(0)
     a = ARCH
     unet = diffusers.UNet2DConditionModel(
@@ -237,12 +250,17 @@ def test_the_lora_file_loads_into_diffusers_and_back_into_ddim_jax(tmp_path):
     targets = ("attention", "feed_forward", "conv1x1", "conv3x3")
     paths = adapters.adapted_paths(spec.param_shapes(), targets)
     assert {adapters.target_of(p, s) for p, s in paths.items()} == set(targets)
-    ad = adapters.init_adapters(jax.random.key(0), paths, 3)
-    ad = jax.tree_util.tree_map_with_path(  # a random B, so the update matters
-        lambda p, v: 0.3 * jax.random.normal(jax.random.key(len(str(p))), v.shape) if p[-1].key == "up" else v, ad)
     alpha = 6.0
+
+    # Random adapters of init_adapters' shapes, drawn on the host: A uniform as init_adapters draws it, and a
+    # random B, so the update matters.
+    rng = np.random.default_rng(1)
+    ad = jax.tree.map(lambda s: rng.uniform(-1, 1, s.shape).astype(np.float32) / np.sqrt(np.prod(s.shape[:-1])),
+                      jax.eval_shape(lambda k: adapters.init_adapters(k, paths, 3), jax.random.key(0)))
+    ad = jax.tree_util.tree_map_with_path(
+        lambda p, v: (0.3 * rng.standard_normal(v.shape)).astype(np.float32) if p[-1].key == "up" else v, ad)
+    merged = jax.jit(adapters.merge, static_argnums=2)(params, ad, alpha / 3)  # one program, not one per kernel
     path = adapters.save_lora(str(tmp_path / "pytorch_lora_weights.safetensors"), spec, ad, alpha)
-    merged = adapters.merge(params, ad, alpha / 3)
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
@@ -270,7 +288,8 @@ def test_the_lora_file_loads_into_diffusers_and_back_into_ddim_jax(tmp_path):
     assert np.abs(want - base).max() > 0.01 * np.abs(want).max()  # the LoRA changes the output
     assert np.abs(ours - want).max() / np.abs(want).max() < 1e-4
 
-    back = lora.apply_lora(spec, params, path)
+    read = lora.read_lora(path)
+    back = jax.jit(lambda p: lora.apply_lora(spec, p, read))(params)  # one program, not one per kernel
     for u, v in zip(leaves(back), leaves(merged)):
         np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6)
 
