@@ -34,6 +34,11 @@ if _missing:
     if subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
                       env=dict(os.environ, XLA_FLAGS=_flags, JAX_PLATFORMS="cpu")).returncode == 0:
         os.environ["XLA_FLAGS"] = _flags
+# One thread for torch's and the BLAS libraries' OpenMP pools. The suite runs one worker process per core, so a second
+# thread in each gains nothing and spins between the small ops of the parity tests, contending with the other worker:
+# Inception's torch parity took 18-21 CPU-seconds with two threads and 11 with one. (XLA's own thread pool is not an
+# OpenMP pool and keeps its threads.) Set OMP_NUM_THREADS yourself to test with more.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # One persistent compilation cache for the session, shared with the subprocesses the tests start
 # (SIGTERM, the command line), which then load the programs this process compiled instead of
 # compiling them again. Set JAX_COMPILATION_CACHE_DIR to keep one across sessions.
