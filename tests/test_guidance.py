@@ -32,23 +32,26 @@ def test_scale_one_is_the_conditional_model_and_scale_zero_the_unconditional(pre
     x = _x_T(2, 16)
     t = jnp.arange(16, dtype=jnp.int32) * 60
     labels = jnp.arange(16, dtype=jnp.int32) % 2
-    cond = model(x, t, labels)
-    np.testing.assert_allclose(dj.guided(model, labels, 1.0, null_label=2)(x, t), cond, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(dj.guided(model, labels, 0.0, null_label=2)(x, t), gm.eps_fn(SCHED, prediction_type)(x, t),
-                               rtol=1e-5, atol=1e-5)
-    if prediction_type == "epsilon":  # label k is component k alone, in closed form
-        a = np.asarray(SCHED.alphas_cumprod)[np.asarray(t)][:, None]
-        ref = np.where(np.asarray(labels)[:, None] == 0, _component_eps(gm, 0, x, a), _component_eps(gm, 1, x, a))
-        np.testing.assert_allclose(cond, ref, rtol=1e-4, atol=1e-5)
-    # uncond + scale (cond - uncond), from one batched call of the model
     calls = []
 
     def counting(x, t, labels):
         calls.append(x.shape)
         return model(x, t, labels)
 
-    out = dj.guided(counting, labels, 2.5, null_label=2)(x, t)
-    unc = model(x, t, jnp.full((16,), 2))
+    @jax.jit
+    def outputs(x, t):  # every model output below in one program (op by op, each op would compile its own)
+        return (model(x, t, labels), dj.guided(model, labels, 1.0, null_label=2)(x, t),
+                dj.guided(model, labels, 0.0, null_label=2)(x, t), gm.eps_fn(SCHED, prediction_type)(x, t),
+                dj.guided(counting, labels, 2.5, null_label=2)(x, t), model(x, t, jnp.full((16,), 2)))
+
+    cond, one, zero, unconditional, out, unc = outputs(x, t)
+    np.testing.assert_allclose(one, cond, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(zero, unconditional, rtol=1e-5, atol=1e-5)
+    if prediction_type == "epsilon":  # label k is component k alone, in closed form
+        a = np.asarray(SCHED.alphas_cumprod)[np.asarray(t)][:, None]
+        ref = np.where(np.asarray(labels)[:, None] == 0, _component_eps(gm, 0, x, a), _component_eps(gm, 1, x, a))
+        np.testing.assert_allclose(cond, ref, rtol=1e-4, atol=1e-5)
+    # uncond + scale (cond - uncond), from one batched call of the model
     np.testing.assert_allclose(out, unc + 2.5 * (cond - unc), rtol=1e-5, atol=1e-5)
     assert calls == [(32, 2)]
 
