@@ -131,16 +131,20 @@ def test_a_student_that_outputs_the_target_reproduces_the_teachers_2s_step_sampl
 
 
 def test_consistency_boundary_is_exact():
-    x = jax.random.normal(jax.random.key(0), (8, 4, 4, 1)) * 3
-    junk = jax.random.normal(jax.random.key(1), (8, 4, 4, 1)) * 100
+    x = np.asarray(jax.random.normal(jax.random.key(0), (8, 4, 4, 1))) * 3
+    junk = np.asarray(jax.random.normal(jax.random.key(1), (8, 4, 4, 1))) * 100
+    # Each called as one jitted program (eager, each op would compile its own).
+    static = ("t_min", "sigma_data", "scaling")
+    output = jax.jit(dmath.consistency_output, static_argnames=static)
+    coefficients = jax.jit(dmath.consistency_coefficients, static_argnames=static)
     for t_min in (0, 7):
-        f = dmath.consistency_output(x, junk, jnp.full((8,), t_min), t_min=t_min, sigma_data=0.5, scaling=10.0)
-        np.testing.assert_array_equal(np.asarray(f), np.asarray(x))
-        c_skip, c_out = dmath.consistency_coefficients(t_min, t_min=t_min)
+        f = output(x, junk, np.full((8,), t_min, np.int32), t_min=t_min, sigma_data=0.5, scaling=10.0)
+        np.testing.assert_array_equal(np.asarray(f), x)
+        c_skip, c_out = coefficients(np.int32(t_min), t_min=t_min)
         assert float(c_skip) == 1.0 and float(c_out) == 0.0
     # Latent consistency models' coefficients (c_skip = s_d^2 / ((10 t)^2 + s_d^2), c_out = 10 t / sqrt(...)).
     t = np.array([1, 10, 500, 999])
-    c_skip, c_out = dmath.consistency_coefficients(t)
+    c_skip, c_out = coefficients(t)
     np.testing.assert_allclose(c_skip, 0.25 / ((10.0 * t) ** 2 + 0.25), rtol=1e-6)
     np.testing.assert_allclose(c_out, 10.0 * t / np.sqrt((10.0 * t) ** 2 + 0.25), rtol=1e-6)
 
@@ -165,11 +169,18 @@ def test_consistency_targets_are_the_papers_formulas_in_numpy():
     t_n, t_up, t_far = grid[n], grid[n + 1], grid[n + 2]
     x_up = (np.sqrt(ab(t_up))[:, None] * x0 + np.sqrt(1 - ab(t_up))[:, None] * noise)
     want = np_f(np_ddim(x_up, np_x0(x_up, ab(t_up)), ab(t_up), ab(t_n)), t_n)
-    xu = jnp.asarray(x_up, jnp.float32)
-    got = jax_f(dmath.ddim_to(xu, jax_x0(xu, t_up), SCHEDULE.alpha_bar(t_up), SCHEDULE.alpha_bar(t_n)), t_n)
+
+    @jax.jit  # both targets in float32, in one program (eager, each op would compile its own)
+    def ours(xu, xf):
+        got = jax_f(dmath.ddim_to(xu, jax_x0(xu, t_up), SCHEDULE.alpha_bar(t_up), SCHEDULE.alpha_bar(t_n)), t_n)
+        g_near, g_to = dmath.teacher_step_2m(jax_x0, xf, t_far, t_up, t_n, SCHEDULE.alpha_bar(t_far),
+                                             SCHEDULE.alpha_bar(t_up), SCHEDULE.alpha_bar(t_n))
+        return got, g_near, g_to, jax_f(g_to, t_n)
+
+    x_far = (np.sqrt(ab(t_far))[:, None] * x0 + np.sqrt(1 - ab(t_far))[:, None] * noise)
+    got, g_near, g_to, f_to = ours(x_up.astype(np.float32), x_far.astype(np.float32))
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=3e-5)
     # DPM-Solver++ (2M): a DDIM step t_far -> t_up, then the two-point step to t_n (Lu et al. 2022, Algorithm 2).
-    x_far = (np.sqrt(ab(t_far))[:, None] * x0 + np.sqrt(1 - ab(t_far))[:, None] * noise)
     d0 = np_x0(x_far, ab(t_far))
     x_near = np_ddim(x_far, d0, ab(t_far), ab(t_up))
     d1 = np_x0(x_near, ab(t_up))
@@ -179,12 +190,9 @@ def test_consistency_targets_are_the_papers_formulas_in_numpy():
     d = (1 + 1 / (2 * r)) * d1 - 1 / (2 * r) * d0
     x_to = (np.sqrt(1 - ab(t_n)) / np.sqrt(1 - ab(t_up)))[:, None] * x_near - (
         np.sqrt(ab(t_n)) * (np.exp(-h) - 1))[:, None] * d
-    xf = jnp.asarray(x_far, jnp.float32)
-    g_near, g_to = dmath.teacher_step_2m(jax_x0, xf, t_far, t_up, t_n, SCHEDULE.alpha_bar(t_far),
-                                         SCHEDULE.alpha_bar(t_up), SCHEDULE.alpha_bar(t_n))
     np.testing.assert_allclose(np.asarray(g_near), x_near, atol=3e-5)
     np.testing.assert_allclose(np.asarray(g_to), x_to, atol=5e-5)
-    np.testing.assert_allclose(np.asarray(jax_f(g_to, t_n)), np_f(x_to, t_n), atol=5e-5)
+    np.testing.assert_allclose(np.asarray(f_to), np_f(x_to, t_n), atol=5e-5)
 
 
 def test_metrics():
@@ -205,13 +213,18 @@ def test_consistency_sampling_is_denoise_then_renoise():
     key = jax.random.key(5)
     tau = np.array([250, 999])
     got = dmath.consistency_sample(f, SCHEDULE, x_T, tau, key)
-    x = f(x_T, jnp.full((64,), 999))
-    a = SCHEDULE.alpha_bar(250)
-    z = jax.random.normal(jax.random.fold_in(key, 1), x.shape)
-    want = f(jnp.sqrt(a) * x + jnp.sqrt(1 - a) * z, jnp.full((64,), 250))
+
+    @jax.jit  # the algorithm by hand, in one program (eager, each op would compile its own)
+    def by_hand(x_T, key):
+        x = f(x_T, jnp.full((64,), 999))
+        a = SCHEDULE.alpha_bar(250)
+        z = jax.random.normal(jax.random.fold_in(key, 1), x.shape)
+        return f(jnp.sqrt(a) * x + jnp.sqrt(1 - a) * z, jnp.full((64,), 250)), x
+
+    want, first = by_hand(x_T, key)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
     one = dmath.consistency_sample(f, SCHEDULE, x_T, tau[1:])
-    np.testing.assert_allclose(np.asarray(one), np.asarray(f(x_T, jnp.full((64,), 999))), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(one), np.asarray(first), atol=1e-6)
     with pytest.raises(ValueError, match="key"):
         dmath.consistency_sample(f, SCHEDULE, x_T, tau)
 
@@ -332,16 +345,14 @@ def test_consistency_run_exports_a_one_and_multistep_model(teacher, tmp_path):
     spec, params = loading.load(str(tmp_path / "cd"))
     assert spec.is_consistency and spec.prediction_type == "x0" and spec.distilled["steps"] == 2
     assert spec.distilled["network_prediction"] == "v" != t_spec.prediction_type  # the student's own output
-    # The boundary condition through the spec's eps_fn: f(x, t_min) = x exactly. (eps_fn is a pytree: one
-    # compiled call serves both models' functions below.)
+    # The boundary condition through the spec's eps_fn (the model's: spec.eps_fn of its params): f(x, t_min) = x
+    # exactly. (eps_fn is a pytree: one compiled call serves both checks below.)
     call = jax.jit(lambda f, x, t: f(x, t))
-    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
-    np.testing.assert_array_equal(np.asarray(call(spec.eps_fn(params), x, jnp.zeros((4,), jnp.int32))),
-                                  np.asarray(x))
     model = experiments.Model(spec, params, make_mesh(jax.devices()[:1]))
     x_T = experiments.latents(model, 0, 4, 0)
-    one = experiments.decode(model, x_T, 1, key=jax.random.key(1))
     f = model.eps_fn
+    np.testing.assert_array_equal(np.asarray(call(f, x_T, jnp.zeros((4,), jnp.int32))), np.asarray(x_T))
+    one = experiments.decode(model, x_T, 1, key=jax.random.key(1))
     np.testing.assert_allclose(np.asarray(one),
                                np.clip(np.asarray(call(f, x_T, jnp.full((4,), 99, jnp.int32))), -1, 1), atol=1e-6)
     two = experiments.decode(model, x_T, 2, key=jax.random.key(1))
