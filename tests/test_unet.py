@@ -45,7 +45,7 @@ def test_cifar10_param_count_is_ddpm_35_7m():
     assert count_params(param_shapes(UNet(**PRESETS["cifar10"]), 32)) == 35_746_307
 
 
-# One level, no attention but the middle block's: the tiny preset's blocks at a third of its compile time.
+# One level, no attention but the middle block's: the tiny preset's blocks at about half its compile time.
 SMALL = {**TINY, "ch_mult": (1,), "attn_resolutions": ()}
 
 
