@@ -219,16 +219,18 @@ def test_spec_null_label_rules_and_old_specs_load(cond_run):
 def test_spec_eps_fn_labels_guidance_and_the_null_label(cond_run):
     spec, params = labelled_params(cond_run)
     net = spec.build()
-    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
-    t = jnp.array([5, 50, 80, 99])
+    x = np.random.default_rng(0).standard_normal((4, 8, 8, 1)).astype(np.float32)
+    t = np.array([5, 50, 80, 99], np.int32)
     y = np.array([0, 3, 9, 3], np.int32)
-    direct = lambda labels: net.apply({"params": params}, x, t, labels)  # noqa: E731
-    np.testing.assert_array_equal(spec.eps_fn(params, y)(x, t), direct(y))
-    np.testing.assert_array_equal(spec.eps_fn(params)(x, t), direct(jnp.full((4,), 10)))  # None: unconditional
-    cond, uncond = direct(y), direct(jnp.full((4,), 10))
-    assert float(jnp.max(jnp.abs(cond - uncond))) > 1e-3
+    # Each network call is one jitted program (called eagerly, the UNet compiled a program per operation).
+    direct = jax.jit(lambda params, labels: net.apply({"params": params}, x, t, labels))
+    call = jax.jit(lambda eps_fn: eps_fn(x, t))  # eps_fn: a pytree (its params, labels and scale are leaves)
+    cond, uncond = np.asarray(direct(params, y)), np.asarray(direct(params, np.full((4,), 10, np.int32)))
+    np.testing.assert_array_equal(call(spec.eps_fn(params, y)), cond)
+    np.testing.assert_array_equal(call(spec.eps_fn(params)), uncond)  # None: unconditional
+    assert float(np.max(np.abs(cond - uncond))) > 1e-3
     for scale in (0.0, 1.0, 2.5):
-        np.testing.assert_allclose(spec.eps_fn(params, y, scale)(x, t), uncond + scale * (cond - uncond),
+        np.testing.assert_allclose(call(spec.eps_fn(params, y, scale)), uncond + scale * (cond - uncond),
                                    rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 10\)"):
         spec.eps_fn(params, np.array([10]))
