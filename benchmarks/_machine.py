@@ -80,6 +80,24 @@ def random_model(config_name: str, shrink=None) -> str:
     return models.save(os.path.join(scratch_dir(), config_name), spec, random_params(spec.param_shapes()))
 
 
+def random_state(run, mesh):
+    """``run``'s train state on ``mesh``, laid out as ``ddim_jax.training.init_state`` makes it, with random
+    params (and EMA) drawn on the host (``ddim_jax.nets.random_params``) and Adam's moments and the counters at
+    zero, as at step 0: a timing benchmark's state (speed does not depend on the weights), without compiling the
+    network's initialiser (about as costly as compiling its train step)."""
+    import jax
+    import numpy as np
+
+    from ddim_jax.nets import random_params
+    from ddim_jax.training.state import abstract_state
+
+    shapes = abstract_state(run, mesh)
+    host = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    params = random_params(shapes.params)
+    host = host.replace(params=params, ema_params=jax.tree.map(np.copy, params))
+    return jax.device_put(host, jax.tree.map(lambda s: s.sharding, shapes))
+
+
 def sampling_batch(model, num: int, largest: int) -> int:
     """The batch to draw ``num`` samples from ``model`` (a ``ddim_jax.experiments.Model``) in: ``largest``, or
     ``num`` if fewer, rounded up to a multiple of the model's devices (the sampler splits a batch over them)."""

@@ -9,7 +9,8 @@ The pixel rows: the same network on the images, and a cheaper pixel-space peer w
 latent step includes encoding the batch with the frozen autoencoder), the encoder's own share, XLA's
 temporaries for the step, and the seconds to draw a batch of samples with DDIM (the latent row includes
 decoding them). The autoencoder's weights are random, drawn on the host (``ddim_jax.nets.random_params``: speed
-does not depend on them), so this needs no trained run. The batch is placed on the training mesh exactly
+does not depend on them), so this needs no trained run; so are the denoiser's (``_machine.random_state``: no
+initialiser to compile). The batch is placed on the training mesh exactly
 as ``memory_plan`` describes it, so the calls and ``memory_plan`` share one compiled step instead of
 compiling the same program twice.
 ``--smoke``: the network with its first level only, without its cross-attention (the mid block's remains),
@@ -25,7 +26,7 @@ import time
 
 import jax
 import numpy as np
-from _machine import ROOT, scratch_dir
+from _machine import ROOT, random_state, scratch_dir
 
 sys.path.insert(0, str(ROOT))
 
@@ -56,7 +57,7 @@ def main(argv=None):
     from ddim_jax.parallel import BATCH_AXES, as_train_mesh, make_mesh
     from ddim_jax.training.run import resolve
     from ddim_jax.training.memory import memory_plan
-    from ddim_jax.training.state import init_state, make_train_step
+    from ddim_jax.training.state import make_train_step
 
     sample_mesh = make_mesh(jax.devices()[:1] if args.smoke else None)
     mesh = as_train_mesh(sample_mesh)  # the same devices, with the train step's axes
@@ -83,7 +84,7 @@ def main(argv=None):
         run = resolve(c, os.path.join(tmp, "unused"))
         frozen = jax.device_put(run.frozen, NamedSharding(mesh, P()))
         step = make_train_step(run, mesh)
-        state = init_state(run, mesh)
+        state = random_state(run, mesh)
         rng = np.random.default_rng(0)
         rowsharding = NamedSharding(mesh, P(None, BATCH_AXES))
         images = jax.device_put(rng.integers(0, 256, (1, args.batch, 32, 32, 1), dtype=np.uint8), rowsharding)

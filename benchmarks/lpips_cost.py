@@ -5,7 +5,8 @@ in the same process on the same devices.
     python benchmarks/lpips_cost.py [--batch 32] [--steps 10] [--image_size 32] [--smoke]
 
 The LPIPS weights are random arrays of VGG16's and the heads' shapes (speed does not depend on their
-values), so this needs no weights file. The two steps are timed in alternation. Per row: the median
+values), so this needs no weights file; the autoencoder's and the PatchGAN's are random too, drawn on the host
+(``_machine.random_state``: no initialiser to compile). The two steps are timed in alternation. Per row: the median
 seconds of one train step and XLA's temporaries for it. The batch is placed on the training mesh exactly
 as ``memory_plan`` describes it, so the calls reuse the step it compiles instead of compiling the same
 program again. ``--smoke``: one 16x16 image on one device, a one-level 8-channel autoencoder and a one-layer
@@ -20,7 +21,7 @@ import sys
 import jax
 import numpy as np
 
-from _machine import ROOT, interleaved
+from _machine import ROOT, interleaved, random_state
 
 sys.path.insert(0, str(ROOT))
 
@@ -49,7 +50,7 @@ def main(argv=None):
     from ddim_jax.parallel import BATCH_AXES, as_train_mesh, make_mesh
     from ddim_jax.training.memory import memory_plan
     from ddim_jax.training.run import build
-    from ddim_jax.training.state import init_state, make_train_step
+    from ddim_jax.training.state import make_train_step
 
     mesh = as_train_mesh(make_mesh(jax.devices()[:1] if args.smoke else None))
     rng = np.random.default_rng(0)
@@ -74,7 +75,7 @@ def main(argv=None):
             frozen = {"lpips": weights}
         frozen = jax.device_put(frozen, NamedSharding(mesh, P()))
         run = build(c)
-        step, states[name] = make_train_step(run, mesh), init_state(run, mesh)
+        step, states[name] = make_train_step(run, mesh), random_state(run, mesh)
         plans[name] = memory_plan(run, mesh, step).temporaries
 
         def run(name=name, step=step, frozen=frozen):

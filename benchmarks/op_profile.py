@@ -38,7 +38,7 @@ import tempfile
 import time
 
 import numpy as np
-from _machine import ROOT, git_revision, machine_description, tiny_unet
+from _machine import ROOT, git_revision, machine_description, random_state, tiny_unet
 
 sys.path.insert(0, str(ROOT))
 
@@ -122,7 +122,7 @@ def main(argv=None):
     from configs.paper import get_config
     from ddim_jax.parallel import BATCH_AXES, as_train_mesh, make_mesh
     from ddim_jax.training.run import build
-    from ddim_jax.training.state import cached_train_step, init_state
+    from ddim_jax.training.state import cached_train_step
 
     c = tiny_unet(get_config("cifar10")) if a.smoke else get_config("cifar10")
     c.training.batch_size = a.batch
@@ -132,7 +132,7 @@ def main(argv=None):
     images = jax.device_put(np.random.default_rng(0).integers(0, 256, (1, a.batch, size, size, 3), dtype=np.uint8),
                             NamedSharding(mesh, P(None, BATCH_AXES)))
     labels = jax.device_put(np.zeros((1, a.batch), np.int32), NamedSharding(mesh, P(None, BATCH_AXES)))
-    state = init_state(build(c), mesh)
+    state = random_state(build(c), mesh)  # random weights: the op times do not depend on them
     compiled = step.lower(state, images, labels, {}).compile()
     instrs, comps = parse_hlo(compiled.as_text())
     for _ in range(2):

@@ -3,8 +3,9 @@
 Ours: ``ddim_jax.training.make_train_step`` with ``configs/paper.py:cifar10`` (the paper's 35,746,307-parameter
 UNet, dropout 0.1, Adam lr 2e-4 with linear warmup, global-norm clipping at 1.0, EMA 0.9999, random
 horizontal flips, L_simple with uniform t and Gaussian noise) at ``training.batch_size = --batch`` on a
-1-device mesh (``ddim_jax.parallel.make_mesh``), ``steps_per_dispatch = 1``, the state from
-``training.init_state`` (the network: ``ddim_jax.training.run.build(config).spec.build()``), fed a fixed
+1-device mesh (``ddim_jax.parallel.make_mesh``), ``steps_per_dispatch = 1``, the state laid out as
+``training.init_state`` makes it with random weights drawn on the host (``_machine.random_state``: no
+initialiser to compile; the network: ``ddim_jax.training.run.build(config).spec.build()``), fed a fixed
 random uint8 batch of shape ``[1, B, 32, 32, 3]``. The step is compiled ahead of time (``lower().compile()``), so the
 compile time is reported on its own; XLA's cost analysis of that program gives the FLOPs per step.
 
@@ -41,7 +42,7 @@ import statistics
 import sys
 import time
 
-from _machine import git_revision, interleaved, machine_description, tiny_unet  # benchmarks/_machine.py
+from _machine import git_revision, interleaved, machine_description, random_state, tiny_unet  # benchmarks/_machine.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
@@ -174,7 +175,6 @@ def main(argv=None) -> None:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from ddim_jax import training
     from ddim_jax.convert import convert_diffusers
     from ddim_jax.diffusion import per_example_loss
     from ddim_jax.parallel import BATCH_AXES, as_train_mesh, make_mesh
@@ -206,7 +206,7 @@ def main(argv=None) -> None:
     run = build(config)
     spec = run.spec
     schedule = spec.make_schedule()
-    state = training.init_state(run, mesh)
+    state = random_state(run, mesh)
     res["params"] = count_params(state.params)
     images_np = np.random.default_rng(0).integers(0, 256, (1, B, size, size, ch), dtype=np.uint8)
     images = jax.device_put(images_np, NamedSharding(mesh, P(None, BATCH_AXES)))
@@ -286,7 +286,7 @@ def main(argv=None) -> None:
         tl = torch_loss(*targs, model_=ref_model)
         tl.backward()
         tg = {n: p.grad.numpy() for n, p in ref_model.named_parameters()}
-        jnorm = float(optax_norm(jg))
+        jnorm = float(np.sqrt(sum(float((np.asarray(g, np.float64) ** 2).sum()) for g in jax.tree.leaves(jg))))
         tnorm = float(np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in tg.values())))
         tl = float(tl.detach())
         res["check_loss_jax"], res["check_loss_torch"] = float(jl), tl
@@ -403,12 +403,6 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
-
-
-def optax_norm(tree):
-    import optax
-
-    return optax.tree.norm(tree)
 
 
 if __name__ == "__main__":
