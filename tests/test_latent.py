@@ -51,6 +51,13 @@ def ae_params(seed=0):
     return params
 
 
+@functools.partial(jax.jit, static_argnames="method")
+def ae_apply(params, x, method=None):
+    """The autoencoder called directly (the reference for the latent model's encoding and decoding), compiled:
+    one program per method and shape instead of an eager dispatch per operation."""
+    return AE.build().apply({"params": params}, x, method=method)
+
+
 def latent_spec(scale=0.5):
     return models.ModelSpec("cross_attention_unet", UNET, 4, 2, SCHEDULE, "epsilon", 10, 10, autoencoder=AE,
                             scale_factor=scale)
@@ -111,16 +118,20 @@ def test_latent_spec_refuses_inconsistent_fields(change, message):
 def test_encode_and_decode_are_the_autoencoder_with_the_scale():
     spec, params = latent_spec(0.25), {"autoencoder": ae_params()}
     net = AE.build()
-    x = jax.random.uniform(jax.random.key(0), (3, 8, 8, 1), minval=-1, maxval=1)
-    noise = jax.random.normal(jax.random.key(1), (3, 4, 4, 2))
-    mean, logvar = net.apply({"params": params["autoencoder"]}, x, method="encode")
-    np.testing.assert_allclose(spec.encode(params, x), 0.25 * mean, rtol=1e-6)
-    np.testing.assert_allclose(spec.encode(params, x, noise), 0.25 * (mean + jnp.exp(0.5 * logvar) * noise),
-                               rtol=1e-5, atol=1e-6)
-    z = jax.random.normal(jax.random.key(2), (3, 4, 4, 2))
-    np.testing.assert_allclose(spec.decode(params, z),
-                               net.apply({"params": params["autoencoder"]}, z / 0.25, method="decode"), rtol=1e-5,
-                               atol=1e-6)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (3, 8, 8, 1)).astype(np.float32)
+    noise, z = rng.standard_normal((2, 3, 4, 4, 2)).astype(np.float32)
+
+    @jax.jit  # the spec's calls and the autoencoder's own, in one program
+    def both(params, x, noise, z):
+        ae = {"params": params["autoencoder"]}
+        return (spec.encode(params, x), spec.encode(params, x, noise), spec.decode(params, z),
+                net.apply(ae, x, method="encode"), net.apply(ae, z / 0.25, method="decode"))
+
+    enc, enc_noise, dec, (mean, logvar), want_dec = both(params, x, noise, z)
+    np.testing.assert_allclose(enc, 0.25 * mean, rtol=1e-6)
+    np.testing.assert_allclose(enc_noise, 0.25 * (mean + np.exp(0.5 * logvar) * noise), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dec, want_dec, rtol=1e-5, atol=1e-6)
 
 
 def test_class_conditioned_unet_is_unet2dcondition_on_its_class_tokens():
@@ -156,8 +167,8 @@ def test_the_scale_factor_whitens_the_training_latents(run):
     assert json.loads((workdir / run_lib.RECORD_FILE).read_text())["scale_factor"] == scale
     # Independently: posterior samples (other noise) of the first 1024 training digits, through the autoencoder.
     x = load_digits("train")[0][:latent.SCALE_IMAGES].astype(np.float32) / 127.5 - 1.0
-    mean, logvar = AE.build().apply({"params": ae_params(0)}, x, method="encode")
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(jax.random.key(7), mean.shape)
+    mean, logvar = map(np.asarray, ae_apply(ae_params(0), x, method="encode"))
+    z = mean + np.exp(0.5 * logvar) * np.random.default_rng(7).standard_normal(mean.shape)
     assert abs(scale * float(np.std(np.asarray(z))) - 1.0) < 0.02
 
 
@@ -185,16 +196,21 @@ def test_latent_loss_is_the_pixel_loss_on_the_encoded_latents(run):
     pix = build(pixel_cfg).objective
     params = loading.load(workdir)[1]["denoiser"]  # the run's denoiser: any weights would do
     x = load_digits("train")[0][:4].astype(np.float32) / 127.5 - 1.0
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(4))
-    labels = jnp.array([1, 2, 3, 4])
-    # The run's latents, computed here with the autoencoder: a posterior sample (key fold 4) times the scale.
-    mean, logvar = AE.build().apply({"params": first.params}, x, method="encode")
-    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 4), (4, 4, 2)))(keys)
-    z = lat_run.record.scale_factor * (mean + jnp.exp(0.5 * logvar) * noise)
-    frozen = lat_run.frozen
-    want = jax.jit(lambda p, z: pix.loss(p, {}, z, labels, keys, 0, jax.random.key(0))[0])(params, z)
-    got = jax.jit(lambda p, f, x: lat.loss(p, f, x, labels, keys, 0, jax.random.key(0))[0])(params, frozen, x)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    labels = np.array([1, 2, 3, 4])
+
+    def keys():  # each example's key (traced inside the compiled calls below: no eager dispatches)
+        return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(4))
+
+    @jax.jit
+    def want(p, ae, x):
+        # The run's latents, computed here with the autoencoder: a posterior sample (key fold 4) times the scale.
+        mean, logvar = AE.build().apply({"params": ae}, x, method="encode")
+        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 4), (4, 4, 2)))(keys())
+        z = lat_run.record.scale_factor * (mean + jnp.exp(0.5 * logvar) * noise)
+        return pix.loss(p, {}, z, labels, keys(), 0, jax.random.key(0))[0]
+
+    got = jax.jit(lambda p, f, x: lat.loss(p, f, x, labels, keys(), 0, jax.random.key(0))[0])(params, lat_run.frozen, x)
+    np.testing.assert_allclose(got, want(params, first.params, x), rtol=1e-5)
 
 
 def test_resume_uses_the_runs_copy_when_the_named_autoencoder_changes(run, tmp_path):
@@ -231,7 +247,7 @@ def test_experiments_decode_to_images(run):
     assert model.clip_x0 is None and model.sample_shape == (4, 4, 2)
     imgs = ex.generate(model, 4, 4, 3, labels="all", guidance=2.0, progress=False)
     assert imgs.shape == (4, 8, 8, 1) and imgs.dtype == np.uint8
-    assert ex.sequence(model, 2, 3).shape == (2, 4, 8, 8, 1)
+    assert ex.sequence(model, 4, 3).shape == (4, 4, 8, 8, 1)  # the latents and final decode of generate's batch
 
 
 def test_sample_cli_reconstruction_names_the_autoencoder_row(run, tmp_path, capsys):
@@ -247,7 +263,7 @@ def test_sample_cli_reconstruction_names_the_autoencoder_row(run, tmp_path, caps
     # The autoencoder alone: image -> posterior mean -> image, computed here on the first 8 test digits.
     spec, params = loading.load(str(workdir))
     x = load_digits("test")[0][:8].astype(np.float32) / 127.5 - 1.0
-    rec = AE.build().apply({"params": params["autoencoder"]}, x)
+    rec = ae_apply(params["autoencoder"], x)
     want = float(np.mean((np.clip(np.asarray(rec), -1, 1) / 2 - x / 2) ** 2))
     assert errors["autoencoder"] == pytest.approx(want, rel=1e-4)
 

@@ -23,6 +23,7 @@ invalidated with the data or the autoencoder (``benchmarks/latent_cost.py`` meas
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -33,6 +34,7 @@ from ddim_jax.images import from_uint8
 
 COPY_DIR = "autoencoder"  # the run's copy of its frozen autoencoder
 SCALE_IMAGES = 1024  # training images whose latents give the scale factor
+_ENCODERS: dict = {}  # estimate_scale's compiled encoders by autoencoder architecture
 
 
 @dataclasses.dataclass
@@ -80,18 +82,12 @@ def resolve(config, workdir: str | None) -> FirstStage | None:
 def estimate_scale(first: FirstStage, source, *, num: int = SCALE_IMAGES, batch: int = 128) -> float:
     """1 / std of the latents of ``source``'s first ``num`` images (a KL autoencoder's posterior samples,
     drawn from a fixed key; a VQ autoencoder's latents before quantisation)."""
-    ae, params = first.spec, first.params
-    side, channels = ae.latent_shape
-
-    @jax.jit
-    def encode(x, key):
-        return ae.latents(params, x, jax.random.normal(key, (x.shape[0], side, side, channels)))
-
+    encode, params = _sampled_latents(first.spec), first.params
     n = min(num, len(source))
     total, total_sq, count = 0.0, 0.0, 0
     for i, start in enumerate(range(0, n, batch)):
         x = from_uint8(source.get(np.arange(start, min(start + batch, n))))
-        z = np.asarray(encode(x, jax.random.fold_in(jax.random.key(0), i)), np.float64)
+        z = np.asarray(encode(params, x, jax.random.fold_in(jax.random.key(0), i)), np.float64)
         total, total_sq, count = total + z.sum(), total_sq + np.square(z).sum(), count + z.size
     mean = total / count
     std = float(np.sqrt(max(total_sq / count - mean ** 2, 0.0)))
@@ -99,6 +95,18 @@ def estimate_scale(first: FirstStage, source, *, num: int = SCALE_IMAGES, batch:
         raise ValueError(f"the latents of {first.source} have standard deviation {std}: no scale factor can be "
                          "estimated; set latent.scale_factor")
     return 1.0 / std
+
+
+def _sampled_latents(ae: models.ModelSpec):
+    """``encode(params, x, key)``: the latents of images ``x`` with a posterior sample of noise from ``key``,
+    compiled once per autoencoder architecture (and batch shape) in a process, the parameters an argument
+    rather than constants built into the program."""
+    key = json.dumps(ae.architecture(), sort_keys=True)
+    if key not in _ENCODERS:
+        side, channels = ae.latent_shape
+        _ENCODERS[key] = jax.jit(
+            lambda params, x, k: ae.latents(params, x, jax.random.normal(k, (x.shape[0], side, side, channels))))
+    return _ENCODERS[key]
 
 
 def save_copy(workdir: str, first: FirstStage, scale: float) -> None:
