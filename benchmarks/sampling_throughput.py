@@ -139,15 +139,15 @@ def main(argv=None) -> None:
     model = UNet(**kwargs)
     prng = np.random.default_rng(1)
 
-    def _rand_leaf(path, s):
+    def _rand_leaf(path, s):  # float32 numpy arrays: no conversion program to compile per shape
         name = jax.tree_util.keystr(path)
         if name.endswith("['scale']"):  # GroupNorm scales around 1, biases small, kernels fan-in scaled
-            return jnp.asarray(1.0 + 0.02 * prng.standard_normal(s.shape), jnp.float32)
+            return (1.0 + 0.02 * prng.standard_normal(s.shape)).astype(np.float32)
         if len(s.shape) == 1:
-            return jnp.asarray(0.02 * prng.standard_normal(s.shape), jnp.float32)
-        return jnp.asarray(prng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1])), jnp.float32)
+            return (0.02 * prng.standard_normal(s.shape)).astype(np.float32)
+        return (prng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
 
-    params = jax.tree_util.tree_map_with_path(_rand_leaf, param_shapes(model, size))
+    params = jax.device_put(jax.tree_util.tree_map_with_path(_rand_leaf, param_shapes(model, size)))
     res["params"] = count_params(params)
     eps_fn = make_eps_fn(model, params)
     schedule = ddim_jax.make_schedule("linear", 1000)
