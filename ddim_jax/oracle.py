@@ -55,10 +55,8 @@ class GaussianMixture:
         return int(self.means.shape[1])
 
     def sample(self, key, n: int):
-        """``n`` draws from the mixture, ``[n, D]`` float32."""
-        kc, kn = jax.random.split(key)
-        k = jax.random.choice(kc, self.means.shape[0], (n,), p=jnp.asarray(self.weights))
-        return jnp.asarray(self.means)[k] + jnp.asarray(self.stds)[k] * jax.random.normal(kn, (n, self.dim))
+        """``n`` draws from the mixture, ``[n, D]`` float32 (one compiled program per ``n`` and shape)."""
+        return _sample_mixture(self.means, self.stds, self.weights, key, n)
 
     def mean(self):
         return self.weights @ self.means
@@ -103,6 +101,13 @@ class GaussianMixture:
             raise ValueError(f"null_label must be an integer outside [0, {K}) (the class labels); got {null_label!r}")
         return jax.tree_util.Partial(_CONDITIONAL_MODELS[prediction_type], self.means, self.stds, self.weights,
                                      schedule.alphas_cumprod, np.int32(null))
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _sample_mixture(means, stds, weights, key, n):
+    kc, kn = jax.random.split(key)
+    k = jax.random.choice(kc, means.shape[0], (n,), p=weights)
+    return means[k] + stds[k] * jax.random.normal(kn, (n, means.shape[1]))
 
 
 def mixture_posterior(means, stds, weights, x_t, a):
