@@ -142,18 +142,23 @@ def test_rescale():
     model = gm.conditional_eps_fn(SCHED, "v")
     x = _x_T(2, 8)
     t = jnp.full((8,), 700, jnp.int32)
-    cond = np.asarray(model(x, t, jnp.zeros(8, jnp.int32)))
-    g = np.asarray(dj.guided(model, 0, 4.0, null_label=2)(x, t))
+
+    @jax.jit
+    def outputs(x, t):  # the model outputs below in one program (op by op, each op would compile its own)
+        return (model(x, t, jnp.zeros(8, jnp.int32)), dj.guided(model, 0, 4.0, null_label=2)(x, t),
+                dj.guided(model, 0, 4.0, null_label=2, rescale=1.0)(x, t),
+                dj.guided(model, 0, 4.0, null_label=2, rescale=0.7)(x, t))
+
+    cond, g, rescaled, partly = map(np.asarray, outputs(x, t))
     full = g * cond.std(1, keepdims=True) / g.std(1, keepdims=True)
-    np.testing.assert_allclose(dj.guided(model, 0, 4.0, null_label=2, rescale=1.0)(x, t), full, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(dj.guided(model, 0, 4.0, null_label=2, rescale=0.7)(x, t), 0.7 * full + 0.3 * g,
-                               rtol=1e-4, atol=1e-5)
-    # 1-D data: the per-example std is 0, and the output is left as it is (finite)
+    np.testing.assert_allclose(rescaled, full, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(partly, 0.7 * full + 0.3 * g, rtol=1e-4, atol=1e-5)
+    # 1-D data: the per-example std is 0, and the output is left as it is (finite); each output its own program
     gm1 = dj.GaussianMixture(np.array([[-1.0], [1.0]]), 0.3)
     m1 = gm1.conditional_eps_fn(SCHED)
     x1 = _x_T(1, 8)
-    np.testing.assert_array_equal(dj.guided(m1, 0, 3.0, null_label=2, rescale=1.0)(x1, t),
-                                  dj.guided(m1, 0, 3.0, null_label=2)(x1, t))
+    np.testing.assert_array_equal(jax.jit(dj.guided(m1, 0, 3.0, null_label=2, rescale=1.0))(x1, t),
+                                  jax.jit(dj.guided(m1, 0, 3.0, null_label=2))(x1, t))
 
 
 def test_scale_labels_and_rescale_do_not_recompile():
