@@ -76,16 +76,16 @@ def test_a_disk_that_fills_during_a_save_gives_one_line_and_leaves_a_workdir_tha
     workdir = tmp_path / "run"
     # The session's compilation cache is read but not written (its entries are larger than the files may grow).
     env = dict(_env(), JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=str(1 << 62))
-    cmd = _command(workdir, "--config.training.num_steps=4")
+    cmd = _command(workdir, "--config.training.num_steps=1")  # its one step's checkpoint is the save that fails
     proc = subprocess.run([cmd[0], "-c", _FULL_DISK, *cmd[1:]], cwd=tmp_path, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=150)
     assert proc.returncode != 0
     _assert_one_error_line(proc.stdout, "File too large")
     assert not (workdir / "model").exists()  # nothing was exported from a checkpoint that never committed
     assert ckpt_lib.step_dirs(str(workdir)) == []
-    assert train(workdir, num_steps=4).steps_run == 4  # the next run starts, from step 0
-    # and removes what the failed save wrote (writes still in flight may outlive the failing run's cleanup)
-    assert os.listdir(workdir / "checkpoints") == ["4"]
+    assert train(workdir, num_steps=2).steps_run == 2  # the next run starts, from step 0
+    # and removes what the failed save of step 1 wrote (writes still in flight may outlive the failing run's cleanup)
+    assert os.listdir(workdir / "checkpoints") == ["2"]
 
 
 def test_the_model_is_exported_only_after_its_checkpoint_has_committed(tmp_path, monkeypatch):
