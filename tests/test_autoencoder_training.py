@@ -70,11 +70,12 @@ def _loss_terms(config, params, x0, keys):
 
     l1 = lambda ae: jnp.mean(jnp.abs(x0 - rec_of(ae)))  # noqa: E731
     adv = lambda ae: -jnp.mean(disc.apply({"params": params["discriminator"]}, rec_of(ae)))  # noqa: E731
-    g1 = jax.grad(l1)(params["autoencoder"])["decoder"]["conv_out"]["kernel"]
-    g2 = jax.grad(adv)(params["autoencoder"])["decoder"]["conv_out"]["kernel"]
+    l1_value, g1 = jax.value_and_grad(l1)(params["autoencoder"])
+    adv_value, g2 = jax.value_and_grad(adv)(params["autoencoder"])
+    g1, g2 = (g["decoder"]["conv_out"]["kernel"] for g in (g1, g2))
     weight = config.loss.disc_weight * jnp.linalg.norm(g1) / (jnp.linalg.norm(g2) + 1e-4)
     kl = jnp.mean(0.5 * jnp.sum(mean ** 2 + jnp.exp(logvar) - 1 - logvar, axis=(1, 2, 3)))
-    return l1(params["autoencoder"]), kl, adv(params["autoencoder"]), weight
+    return l1_value, kl, adv_value, weight
 
 
 def test_loss_terms_and_the_discriminator_switch():
@@ -82,13 +83,13 @@ def test_loss_terms_and_the_discriminator_switch():
     config.loss.disc_start = 5
     obj = build(config).objective
     params = random_params(jax.eval_shape(obj.init, jax.random.key(0)))  # any weights: no init to compile
-    x0 = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (4, 16, 16, 1)), jnp.float32)
+    x0 = np.random.default_rng(1).uniform(-1, 1, (4, 16, 16, 1)).astype(np.float32)
     keys = jax.random.split(jax.random.key(2), 4)
     # One device's loss, inside the mapped batch axes 'data' and 'fsdp' (the objective averages over them).
     value_and_grad = jax.jit(jax.vmap(jax.vmap(jax.value_and_grad(
         lambda p, step: obj.loss(p, {}, x0, None, keys, step, None), has_aux=True), (None, None), axis_name="fsdp",
         axis_size=1), (None, 0), axis_name="data"))
-    l1, kl, adv, weight = jax.jit(lambda p: _loss_terms(config, p, x0, keys))(params)
+    l1, kl, adv, weight = map(np.asarray, jax.jit(lambda p: _loss_terms(config, p, x0, keys))(params))
     pixels = 16 * 16
     for step in (4, 5):  # the discriminator's terms switch on at disc_start = 5
         (_, m), grads = jax.tree.map(lambda a: np.asarray(a)[0, 0], value_and_grad(params, np.array([step], np.int32)))

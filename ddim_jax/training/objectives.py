@@ -230,9 +230,16 @@ class Autoencoder:
         """The first ``n`` training images over their reconstructions (from the posterior mean)."""
         images = source.get(np.arange(min(n, len(source))))
         x = images.astype(np.float32) / 127.5 - 1.0
-        rec = np.asarray(jax.jit(lambda p, x: self.model.apply({"params": p}, x))(params, x))
+        rec = np.asarray(_reconstruct(self.model, params, x))
         rec = np.clip(np.round((rec + 1.0) * 127.5), 0, 255).astype(np.uint8)
         return np.concatenate([images, rec])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _reconstruct(model, params, x):
+    """An autoencoder's reconstructions (from the posterior mean), compiled once per network and batch shape
+    (a run's previews, and a resumed run's in the same process, reuse the program)."""
+    return model.apply({"params": params}, x)
 
 
 OBJECTIVES = {"diffusion": Diffusion, "autoencoder": Autoencoder}
