@@ -25,17 +25,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from test_cond_unet import _sd_folder  # noqa: E402  (the tiny SD folder: UNet with cross_attention_dim 16)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """torch on one thread: its OpenMP threads spin while they wait for each other, and with every core busy
-    (pytest's workers) two threads took many times the CPU of one for the same small forward passes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # SD 1.5's and SD 2.x's text_encoder/config.json (the fields a CLIPTextConfig reads).
 SD15_CONFIG = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": 49408,
                "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,

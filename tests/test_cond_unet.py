@@ -13,16 +13,6 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """torch on one thread: its OpenMP threads spin while they wait for each other, and with every core busy
-    (pytest's workers) two threads took many times the CPU of one for the same small forward passes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _diffusers_unet(arch):
     a = dict(arch)
     return diffusers.UNet2DConditionModel(

@@ -24,17 +24,6 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 from test_clip_text import _vocab_folder  # noqa: E402  (a tiny CLIP BPE vocabulary as a tokenizer/ folder)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """torch on one thread: its OpenMP threads spin while they wait for each other, and with every core busy
-    (pytest's workers) two threads took many times the CPU of one for the same small forward passes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SIDE, LAT, D = 16, 8, 16  # image side, latent side, text width
 UNET = dict(block_out_channels=(16,), down_block_types=("CrossAttnDownBlock2D",),
             up_block_types=("CrossAttnUpBlock2D",), layers_per_block=1, attention_head_dim=2, cross_attention_dim=D)

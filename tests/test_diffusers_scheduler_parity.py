@@ -14,17 +14,6 @@ from ddim_jax import loading, models
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """torch on one thread: its OpenMP threads spin while they wait for each other, and with every core busy
-    (pytest's workers) two threads took many times the CPU of one for the same small forward passes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SMALL = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
              down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
              attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,

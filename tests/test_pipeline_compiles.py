@@ -26,17 +26,6 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 from test_clip_text import _reference, _small_config, _vocab_folder  # noqa: E402  (a tiny CLIP and its BPE)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """torch on one thread: its OpenMP threads spin while they wait for each other, and with every core busy
-    (pytest's workers) two threads took many times the CPU of one for the same small forward passes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 PXLA = "jax._src.interpreters.pxla"  # the logger of "Compiling ..." records
 TRACE = "/jax/core/compile/jaxpr_trace_duration"
 COMPILE = "/jax/core/compile/backend_compile_duration"
