@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 
@@ -28,7 +29,6 @@ _COMPILE_FASTER = {"xla_cpu_use_fusion_emitters": "false", "xla_cpu_parallel_cod
 _missing = [f"--{k}={v}" for k, v in _COMPILE_FASTER.items() if k not in os.environ["XLA_FLAGS"]]
 if _missing:
     import subprocess
-    import sys
 
     _flags = " ".join([os.environ["XLA_FLAGS"], *_missing])
     if subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
@@ -71,6 +71,15 @@ def _session_dir(tmp_path_factory):
     """The session's own temporary directory, which pytest-xdist's workers share (each has its own below it)."""
     root = tmp_path_factory.getbasetemp()
     return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Puts torch's thread count back to OMP_NUM_THREADS after a test or benchmark that set its own."""
+    yield
+    torch, threads = sys.modules.get("torch"), os.environ["OMP_NUM_THREADS"].split(",")[0]
+    if torch is not None and threads.isdigit() and torch.get_num_threads() != int(threads):
+        torch.set_num_threads(int(threads))
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,6 @@ def _diffusers_model(config, seed=0):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(seed)
-    torch.set_num_threads(2)
     model = diffusers.UNet2DModel(**config).eval()
     with torch.no_grad():  # move every param (GroupNorm scales, zero biases) off its init value
         for p in model.parameters():

@@ -105,7 +105,6 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lora")
     torch.manual_seed(0)
-    torch.set_num_threads(1)  # tiny convolutions: threads only contend
     base = _diffusers_unet().eval()
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP)).eval()
     with torch.no_grad():  # random weights everywhere (diffusers zero-initialises some output layers)

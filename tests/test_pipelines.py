@@ -30,16 +30,6 @@ B, M, D, SIDE, LAT = 2, 77, 16, 16, 8  # batch, context tokens (CLIP's 77) and w
 S = 4  # sampling steps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """diffusers' pipelines on one thread: at these tiny sizes a second one only adds its waiting to the CPU time
-    (and contends with the other test processes)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _perturb(*modules):
     with torch.no_grad():  # diffusers zero-initialises some output layers: random weights everywhere
         for mod in modules:

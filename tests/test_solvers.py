@@ -33,7 +33,6 @@ def _far_mixture():
 def test_dpmpp_matches_diffusers_multistep_scheduler(order, S, spacing):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    torch.set_num_threads(1)
     # final_sigmas_type="zero": its last step goes to sigma = 0 (alpha-bar 1) and is first order,
     # like ours; diffusers' defaults, spelled out.
     sched = diffusers.DPMSolverMultistepScheduler(
@@ -69,7 +68,6 @@ def test_dpmpp_matches_diffusers_multistep_scheduler(order, S, spacing):
 def test_unipc_matches_diffusers_unipc_scheduler(S, spacing):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    torch.set_num_threads(1)
     sched = diffusers.UniPCMultistepScheduler(
         num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, solver_order=2,
         predict_x0=True, solver_type="bh2", lower_order_final=True, disable_corrector=[],
@@ -103,7 +101,6 @@ def _torch_model(model, torch):
 def test_dpmpp_2m_sde_matches_diffusers_with_the_same_noise(S, spacing):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    torch.set_num_threads(1)
     sched = diffusers.DPMSolverMultistepScheduler(
         num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
         algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,
@@ -158,7 +155,6 @@ def test_plms_matches_diffusers_pndm_scheduler(S, spacing, offset):
     # last step land on alpha-bar 1, like ours.
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    torch.set_num_threads(1)
     sched = diffusers.PNDMScheduler(
         num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, skip_prk_steps=True,
         set_alpha_to_one=True, timestep_spacing=spacing, steps_offset=offset)
