@@ -402,8 +402,8 @@ PARITY_ATOL = 1e-4  # features are O(1) here (checked below), so this is also ~1
 
 @pytest.fixture(scope="module")
 def inception_parity(tmp_path_factory):
-    """Random FID-Inception weights as a .pth file, and our features for the parity images (one JAX
-    compilation, shared by the parity tests)."""
+    """Random FID-Inception weights as a .pth file, and our features for the parity images (computed once,
+    shared by the parity tests)."""
     torch = pytest.importorskip("torch")
     reference = _minimal_torch_fid_inception()
     shapes = [(k, tuple(v.shape)) for k, v in reference.state_dict().items()]
