@@ -123,7 +123,7 @@ def cnn_reader():
 
     params, accuracy = digits_classifier.load_digits_classifier(verbose=False)
     net = digits_classifier.DigitsCNN()
-    apply = jax.jit(lambda p, x: jax.nn.softmax(net.apply({"params": p}, x)))  # one program, not an op's each
+    apply = jax.jit(lambda p, x: jax.nn.softmax(net.apply({"params": p}, x)))  # one compiled program, not one per op
     return lambda x: np.asarray(apply(params, x.astype(np.float32) / 255.0)), accuracy
 
 

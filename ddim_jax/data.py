@@ -183,11 +183,11 @@ def load_digits(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
 def _read_digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits as (pixels ``[1797, 64]`` in 0..16, labels), read from the file scikit-learn ships
     without importing scikit-learn, which costs every run on digits about a second; scikit-learn's own loader
-    where that file is not where scikit-learn keeps it."""
+    where that file is not where scikit-learn keeps it, or not the table it was."""
     spec = importlib.util.find_spec("sklearn")
     csv = pathlib.Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
-    if csv is not None and csv.is_file():
-        table = np.loadtxt(csv, delimiter=",")
+    table = np.loadtxt(csv, delimiter=",") if csv is not None and csv.is_file() else None
+    if table is not None and table.shape == (1797, 65):  # 8x8 pixels and the label
         return table[:, :-1], table[:, -1].astype(np.int32)
     from sklearn.datasets import load_digits as sk_load_digits
 

@@ -56,7 +56,7 @@ class GaussianMixture:
 
     def sample(self, key, n: int):
         """``n`` draws from the mixture, ``[n, D]`` float32 (one compiled program per ``n`` and shape)."""
-        return _sample_mixture(self.means, self.stds, self.weights, key, n)
+        return _sample_mixture(self.means, self.stds, self.weights, key, int(n))
 
     def mean(self):
         return self.weights @ self.means

@@ -226,10 +226,6 @@ def test_the_lora_file_loads_into_diffusers_and_back_into_ddim_jax(tmp_path):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("peft")
-    _lora_file_round_trip(torch, diffusers, tmp_path)
-
-
-def _lora_file_round_trip(torch, diffusers, tmp_path):
     torch.manual_seed(0)
     a = ARCH
     unet = diffusers.UNet2DConditionModel(

@@ -14,8 +14,8 @@ def test_oracle_is_the_posterior_mean_of_the_noise():
     gm = dj.GaussianMixture(np.array([[-0.6], [0.5]]), np.array([0.1, 0.2]), weights=np.array([0.3, 0.7]))
     a = 0.4
     n = 1_000_000
-    # The draws in one program each, then on the host (op by op, each jax op would compile a program of its own).
-    x0 = np.asarray(jax.jit(gm.sample, static_argnums=1)(jax.random.key(0), n))[:, 0]
+    # The draws on the device, then on the host (op by op, each jax op would compile a program of its own).
+    x0 = np.asarray(gm.sample(jax.random.key(0), n))[:, 0]
     eps = np.asarray(jax.random.normal(jax.random.key(1), (n, 1)))[:, 0]
     xt = np.float32(np.sqrt(a)) * x0 + np.float32(np.sqrt(1 - a)) * eps
     edges = np.linspace(-1.0, 1.0, 21)
@@ -47,7 +47,8 @@ def test_isotropic_fast_path_equals_the_general_formula():
 def test_mixture_moments_and_samples():
     gm = dj.GaussianMixture(np.array([[1.0, 0.0], [-1.0, 2.0]]), np.array([[0.1, 0.2], [0.3, 0.1]]),
                             weights=np.array([1.0, 3.0]))
-    x = np.asarray(jax.jit(gm.sample, static_argnums=1)(jax.random.key(0), 200_000))  # one program
+    x = np.asarray(gm.sample(jax.random.key(0), 200_000))
+    assert gm.sample(jax.random.key(0), jnp.int32(3)).shape == (3, 2)  # any integer n, a JAX scalar too
     np.testing.assert_allclose(x.mean(0), gm.mean(), atol=0.01)
     np.testing.assert_allclose(np.cov(x.T), gm.cov(), atol=0.01)
     with pytest.raises(ValueError, match=r"means must have shape \[K, D\]"):

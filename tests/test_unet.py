@@ -137,8 +137,10 @@ def test_timestep_embedding_formula():
 def test_tiny_forward_depends_on_x_and_t(tiny_params):
     model = UNet(**TINY)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
-    # The outputs are compared on the host (eager jax ops would compile a program each).
-    apply = lambda x, t: np.asarray(_apply(model, tiny_params, x, t))  # noqa: E731
+
+    def apply(x, t):  # the outputs are compared on the host (eager jax ops would compile a program each)
+        return np.asarray(_apply(model, tiny_params, x, t))
+
     out = apply(x, jnp.array([0, 999], jnp.int32))
     assert out.shape == x.shape and bool(np.all(np.isfinite(out)))
     out_same_t = apply(x, jnp.array([999, 999], jnp.int32))
